@@ -1,0 +1,3 @@
+//! Micro-batching: packing tokenized events into batches bounded by tokens and events.
+
+pub mod policy;

@@ -1,0 +1,9 @@
+//! scorestream: scores LLM conversations with a resident reward model.
+//!
+//! Data flows one way: source → event → prompt → batch → engine → sink, with acks flowing back.
+
+pub mod batch;
+pub mod engine;
+pub mod event;
+pub mod model;
+pub mod prompt;

@@ -1,0 +1,88 @@
+//! What the user chooses about the model: where it is, the numeric format, the devices,
+//! the length limit and how rewards are read. This is the `[model]` section of the worker
+//! config and the flags of `scorestream score`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::prompt::TruncationPolicy;
+
+/// Numeric format the model runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit floats everywhere: the reference format.
+    #[default]
+    F32,
+    /// bfloat16 weights and activations; norms and softmax in f32.
+    Bf16,
+    /// FP8 E4M3 linear layers with per-channel weight scales and per-token activation scales.
+    Fp8,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `[model]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOptions {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json, chat template).
+    pub path: PathBuf,
+    /// Numeric format: "f32", "bf16" or "fp8".
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Devices the decoder layers are split over, in order: "cpu", "cuda:0", ...
+    #[serde(default = "default_devices")]
+    pub devices: Vec<String>,
+    /// Longest templated conversation, in tokens.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// What to do with a conversation longer than `max_tokens`.
+    #[serde(default)]
+    pub truncation: TruncationPolicy,
+    /// For `*ForCausalLM` reward checkpoints: the row of `lm_head` that holds the reward head.
+    #[serde(default)]
+    pub reward_row: usize,
+    /// Weights of the scalar reward over the model's outputs (one per label). Defaults to the
+    /// Nemotron-4-340B-Reward weights for its 9 SteerLM labels, else the single output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribute_weights: Option<Vec<f32>>,
+}
+
+pub fn default_devices() -> Vec<String> {
+    vec!["cpu".to_owned()]
+}
+
+pub const fn default_max_tokens() -> usize {
+    4096
+}
+
+impl ModelOptions {
+    /// Options with every default, for the model at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            dtype: Dtype::default(),
+            devices: default_devices(),
+            max_tokens: default_max_tokens(),
+            truncation: TruncationPolicy::default(),
+            reward_row: 0,
+            attribute_weights: None,
+        }
+    }
+}
