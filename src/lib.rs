@@ -3,6 +3,8 @@
 //! Data flows one way: source → event → prompt → batch → engine → sink, with acks flowing back.
 
 pub mod batch;
+pub mod cli;
+pub mod commands;
 pub mod engine;
 pub mod event;
 pub mod model;

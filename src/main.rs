@@ -1,1 +1,25 @@
-fn main() {}
+//! The `scorestream` binary: parse the command line, start tracing, hand over to a command.
+
+use clap::Parser;
+use scorestream::cli::{Cli, Command};
+use scorestream::commands;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("SCORESTREAM_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Score(_args) => Err(anyhow::anyhow!("score: not wired yet")),
+        Command::Inspect(args) => commands::inspect::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,177 @@
-//! The resident engine: the model lives on its own OS thread and scores packed micro-batches.
+//! The resident engine: the model's stages live on their own OS threads, one per device, and
+//! score packed micro-batches handed over bounded channels.
+//!
+//! Guarantees: a batch's scores come back in the order of its sequences; stage `i + 1` works on
+//! batch `n` while stage `i` works on batch `n + 1` (capacity-1 channels, so at most one batch
+//! waits before each stage); a stage that fails or panics fails only its batch, with an error
+//! naming the stage, and later batches still run.
+
+mod loader;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::Score;
+use crate::model::packed::Packed;
+use crate::model::stage::{Activations, Stage, StageOutput};
+use crate::model::{ModelError, ModelOptions};
+
+pub use loader::{parse_device, plan, ModelInfo, Plan, StageInfo};
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot load the model from {path}: {source}")]
+    Load {
+        path: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error("stage {stage} (layers {layers}, {device}) failed: {source}")]
+    Stage {
+        stage: usize,
+        layers: String,
+        device: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error("stage {stage} ({device}) panicked: {message}")]
+    Panicked { stage: usize, device: String, message: String },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Job {
+    packed: Arc<Packed>,
+    input: Activations,
+    reply: oneshot::Sender<Result<Vec<Score>, EngineError>>,
+}
+
+/// A handle to the running engine; cheap to clone, usable from async and sync code.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Job>,
+    info: Arc<ModelInfo>,
+    busy_nanos: Arc<Vec<AtomicU64>>,
+}
+
+impl Engine {
+    /// Load the model (one stage per device) and start its threads. Blocks until every stage
+    /// has loaded or one has failed.
+    pub fn start(opts: &ModelOptions) -> Result<Self, EngineError> {
+        let (stages, info) = loader::load(opts)
+            .map_err(|source| EngineError::Load { path: opts.path.display().to_string(), source })?;
+        Ok(Self::from_stages(stages, info))
+    }
+
+    fn from_stages(stages: Vec<Stage>, info: ModelInfo) -> Self {
+        let busy_nanos: Arc<Vec<AtomicU64>> = Arc::new(stages.iter().map(|_| AtomicU64::new(0)).collect());
+        let (first_tx, mut rx) = mpsc::channel::<Job>(1);
+        let last = stages.len() - 1;
+        for (i, stage) in stages.into_iter().enumerate() {
+            let (next_tx, next_rx) = mpsc::channel::<Job>(1);
+            let (next_tx, stage_rx) = ((i < last).then_some(next_tx), std::mem::replace(&mut rx, next_rx));
+            let busy = busy_nanos.clone();
+            let device = info.stages[i].device.clone();
+            std::thread::Builder::new()
+                .name(format!("scorestream-stage-{i}"))
+                .spawn(move || stage_loop(i, &device, &stage, stage_rx, next_tx, &busy[i]))
+                .expect("spawning a thread only fails when the OS is out of resources");
+        }
+        Self { tx: first_tx, info: Arc::new(info), busy_nanos }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Seconds each stage has spent computing since start, for utilisation and bubble figures.
+    pub fn stage_busy_seconds(&self) -> Vec<f64> {
+        self.busy_nanos.iter().map(|n| n.load(Ordering::Relaxed) as f64 * 1e-9).collect()
+    }
+
+    /// Score a batch of token sequences; one score per sequence, in order.
+    pub async fn score(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Score>, EngineError> {
+        let (job, rx) = Self::job(batch);
+        self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// [`Engine::score`] for synchronous callers (not from inside an async runtime).
+    pub fn score_blocking(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Score>, EngineError> {
+        let (job, rx) = Self::job(batch);
+        self.tx.blocking_send(job).map_err(|_| EngineError::Stopped)?;
+        rx.blocking_recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    fn job(batch: Vec<Vec<u32>>) -> (Job, oneshot::Receiver<Result<Vec<Score>, EngineError>>) {
+        let (reply, rx) = oneshot::channel();
+        (Job { packed: Arc::new(Packed::new(&batch)), input: Activations::Tokens, reply }, rx)
+    }
+}
+
+/// The body of one stage's thread: run each job, pass hidden states on or reply with scores.
+/// Ends when the previous stage (or every engine handle) is gone.
+fn stage_loop(
+    index: usize,
+    device: &str,
+    stage: &Stage,
+    mut rx: mpsc::Receiver<Job>,
+    next: Option<mpsc::Sender<Job>>,
+    busy: &AtomicU64,
+) {
+    while let Some(job) = rx.blocking_recv() {
+        let Job { packed, input, reply } = job;
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.forward(&packed, input)));
+        busy.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let outcome = match result {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(source)) => Err(EngineError::Stage {
+                stage: index,
+                layers: format!("{:?}", stage.range),
+                device: device.to_owned(),
+                source,
+            }),
+            Err(panic) => Err(EngineError::Panicked {
+                stage: index,
+                device: device.to_owned(),
+                message: panic_message(&panic),
+            }),
+        };
+        match (outcome, &next) {
+            (Ok(StageOutput::Hidden(h)), Some(next)) => {
+                let job = Job { packed, input: Activations::Hidden(h), reply };
+                if next.blocking_send(job).is_err() {
+                    return;
+                }
+            }
+            (Ok(StageOutput::Scores(s)), _) => {
+                let _ = reply.send(Ok(s));
+            }
+            (Ok(StageOutput::Hidden(_)), None) => {
+                let _ = reply.send(Err(EngineError::Stage {
+                    stage: index,
+                    layers: format!("{:?}", stage.range),
+                    device: device.to_owned(),
+                    source: ModelError::weights("the last stage produced no scores", None),
+                }));
+            }
+            (Err(e), _) => {
+                // The caller may have gone away (shutdown): nothing to tell.
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}

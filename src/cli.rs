@@ -1,0 +1,96 @@
+//! The command line: `score`, `inspect`, `run`, `check-config`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::{Dtype, ModelOptions};
+use crate::prompt::TruncationPolicy;
+
+#[derive(Debug, Parser)]
+#[command(name = "scorestream", version, about = "Score LLM conversations with a resident reward model")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Score JSONL conversations from a file or stdin; one JSON line out per scored input.
+    Score(ScoreArgs),
+    /// Describe a model directory: architecture, parameters, head, labels, stages.
+    Inspect(InspectArgs),
+}
+
+/// Which model and how to run it (shared by the commands that load one).
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Numeric format.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// Devices to split the layers over, comma separated ("cpu,cpu" pipelines two CPU stages).
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<String>,
+    /// Longest templated conversation, in tokens.
+    #[arg(long, default_value_t = crate::model::options::default_max_tokens())]
+    pub max_tokens: usize,
+    /// What to do with longer conversations.
+    #[arg(long, value_enum, default_value_t = TruncationPolicy::DropOldestTurns)]
+    pub truncation: TruncationPolicy,
+    /// For *ForCausalLM reward checkpoints: the lm_head row holding the reward head.
+    #[arg(long, default_value_t = 0)]
+    pub reward_row: usize,
+    /// Weights of the scalar reward over the outputs, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub attribute_weights: Option<Vec<f32>>,
+}
+
+impl ModelArgs {
+    pub fn options(&self) -> ModelOptions {
+        ModelOptions {
+            path: self.model.clone(),
+            dtype: self.dtype,
+            devices: self.devices.clone(),
+            max_tokens: self.max_tokens,
+            truncation: self.truncation,
+            reward_row: self.reward_row,
+            attribute_weights: self.attribute_weights.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Input JSONL file, or "-" for stdin.
+    #[arg(long, default_value = "-")]
+    pub input: String,
+    /// Output JSONL file, or "-" for stdout.
+    #[arg(long, default_value = "-")]
+    pub output: String,
+    /// Where error records go (default: stderr).
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
+    /// Most tokens in one forward pass.
+    #[arg(long, default_value_t = 16_384)]
+    pub batch_tokens: usize,
+    /// Most conversations in one forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_events: usize,
+    /// Largest accepted input line, in bytes (0 = unlimited).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_line_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,152 @@
+//! Loading a model onto its devices: read the config, map the weights, split the layers into
+//! stages balanced by parameter bytes, and describe the result ([`ModelInfo`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::model::config::{ArchConfig, HeadKind};
+use crate::model::stage::{plan_stages, Stage};
+use crate::model::weights::{Vb, Weights};
+use crate::model::{Dtype, ModelError, ModelOptions};
+
+/// One stage of the loaded model.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageInfo {
+    pub device: String,
+    /// First layer and one past the last.
+    pub layers: (usize, usize),
+    /// Bytes of weights on disk for this stage.
+    pub weight_bytes: usize,
+}
+
+/// What `inspect` prints and what the worker labels its metrics with.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The model directory's name.
+    pub name: String,
+    pub architecture: String,
+    pub model_type: String,
+    pub num_parameters: u64,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub head: String,
+    pub labels: Vec<String>,
+    /// Weight dtypes found on disk (e.g. ["BF16"]).
+    pub stored_dtypes: Vec<String>,
+    pub dtype: Dtype,
+    pub max_tokens: usize,
+    pub max_position_embeddings: usize,
+    pub stages: Vec<StageInfo>,
+}
+
+/// Parse a device name: "cpu" or "cuda:N".
+pub fn parse_device(name: &str) -> Result<Device, ModelError> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        n if n.starts_with("cuda") => Err(ModelError::Device {
+            device: n.to_owned(),
+            message: "the CUDA engine is not available in this build (build with --features cuda)".to_owned(),
+        }),
+        n => Err(ModelError::Device { device: n.to_owned(), message: "expected \"cpu\" or \"cuda:N\"".to_owned() }),
+    }
+}
+
+fn compute_dtype(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 | Dtype::Fp8 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+/// Bytes on disk of every tensor under `prefix.`.
+fn bytes_under(w: &Weights, prefix: &str) -> usize {
+    w.names().filter(|n| n.starts_with(prefix)).map(|n| w.nbytes(n)).sum()
+}
+
+/// A model mapped and split into stages, not yet loaded: enough to describe it.
+pub struct Plan {
+    pub cfg: ArchConfig,
+    pub weights: Arc<Weights>,
+    pub devices: Vec<Device>,
+    pub ranges: Vec<std::ops::Range<usize>>,
+    pub info: ModelInfo,
+}
+
+/// Read the config and the safetensors headers and split the layers over `opts.devices`.
+pub fn plan(opts: &ModelOptions) -> Result<Plan, ModelError> {
+    let cfg = ArchConfig::from_dir(&opts.path)?;
+    let weights = Arc::new(Weights::open(&opts.path)?);
+    let names = if opts.devices.is_empty() { vec!["cpu".to_owned()] } else { opts.devices.clone() };
+    let devices = names.iter().map(|d| parse_device(d)).collect::<Result<Vec<_>, _>>()?;
+    let layer_bytes: Vec<usize> =
+        (0..cfg.num_layers).map(|i| bytes_under(&weights, &format!("model.layers.{i}."))).collect();
+    let embed = bytes_under(&weights, "model.embed_tokens.");
+    let tail = bytes_under(&weights, "model.norm.") + bytes_under(&weights, "score.");
+    let ranges = plan_stages(&layer_bytes, embed, tail, devices.len());
+    let stages = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let extra = if r.start == 0 { embed } else { 0 } + if r.end == cfg.num_layers { tail } else { 0 };
+            StageInfo {
+                device: names[i].clone(),
+                layers: (r.start, r.end),
+                weight_bytes: layer_bytes[r.clone()].iter().sum::<usize>() + extra,
+            }
+        })
+        .collect();
+    let info = describe(&opts.path, &cfg, &weights, opts, stages);
+    Ok(Plan { cfg, weights, devices, ranges, info })
+}
+
+/// Load the model described by `opts`, one stage per device.
+pub fn load(opts: &ModelOptions) -> Result<(Vec<Stage>, ModelInfo), ModelError> {
+    let plan = plan(opts)?;
+    if opts.dtype == Dtype::Fp8 {
+        return Err(ModelError::config("dtype", "fp8 is not available yet in this build"));
+    }
+    let stages = plan
+        .ranges
+        .iter()
+        .zip(&plan.devices)
+        .map(|(range, device)| {
+            let vb = Vb::new(plan.weights.clone(), compute_dtype(opts.dtype), device.clone());
+            Stage::load(&vb, &plan.cfg, range.clone(), opts.reward_row, opts.attribute_weights.as_deref())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((stages, plan.info))
+}
+
+fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, stages: Vec<StageInfo>) -> ModelInfo {
+    let mut stored: Vec<String> = w.names().filter_map(|n| w.info(n).ok()).map(|(_, d)| d).collect();
+    stored.sort();
+    stored.dedup();
+    let head = match cfg.head {
+        HeadKind::LmHeadRow { tied } => {
+            format!("lm_head row {}{}", opts.reward_row, if tied { " (tied to embed_tokens)" } else { "" })
+        }
+        HeadKind::Score => format!("score ({} outputs)", cfg.labels.len()),
+    };
+    ModelInfo {
+        name: path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| path.display().to_string()),
+        architecture: cfg.architecture.clone(),
+        model_type: cfg.model_type.clone(),
+        num_parameters: w.num_parameters(),
+        num_layers: cfg.num_layers,
+        hidden_size: cfg.hidden_size,
+        head,
+        labels: cfg.labels.clone(),
+        stored_dtypes: stored,
+        dtype: opts.dtype,
+        max_tokens: opts.max_tokens,
+        max_position_embeddings: cfg.max_position_embeddings,
+        stages,
+    }
+}
