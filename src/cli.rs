@@ -20,6 +20,10 @@ pub enum Command {
     Score(ScoreArgs),
     /// Describe a model directory: architecture, parameters, head, labels, stages.
     Inspect(InspectArgs),
+    /// Write an FP8 (compressed-tensors) copy of a checkpoint, shard by shard.
+    Quantize(QuantizeArgs),
+    /// Score the same conversations in two numeric formats and report their agreement.
+    Compare(CompareArgs),
 }
 
 /// Which model and how to run it (shared by the commands that load one).
@@ -90,6 +94,34 @@ pub struct ScoreArgs {
 pub struct InspectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Source Hugging Face model directory (bf16, f16 or f32 weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// First numeric format.
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    pub dtype_a: Dtype,
+    /// Second numeric format.
+    #[arg(long, value_enum, default_value_t = Dtype::Fp8)]
+    pub dtype_b: Dtype,
+    /// Input JSONL conversations.
+    #[arg(long)]
+    pub input: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

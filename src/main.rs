@@ -14,6 +14,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Score(_args) => Err(anyhow::anyhow!("score: not wired yet")),
         Command::Inspect(args) => commands::inspect::run(&args),
+        Command::Quantize(args) => commands::quantize::run(&args),
+        Command::Compare(_args) => Err(anyhow::anyhow!("compare: not wired yet")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -98,22 +98,23 @@ pub fn plan(opts: &ModelOptions) -> Result<Plan, ModelError> {
             }
         })
         .collect();
-    let info = describe(&opts.path, &cfg, &weights, opts, stages);
+    let mut info = describe(&opts.path, &cfg, &weights, opts, stages);
+    if cfg.quantization_config.is_some() && opts.dtype != Dtype::Fp8 {
+        tracing::info!(requested = %opts.dtype, "the checkpoint is FP8-quantized: linear layers run in fp8");
+        info.dtype = Dtype::Fp8;
+    }
     Ok(Plan { cfg, weights, devices, ranges, info })
 }
 
 /// Load the model described by `opts`, one stage per device.
 pub fn load(opts: &ModelOptions) -> Result<(Vec<Stage>, ModelInfo), ModelError> {
     let plan = plan(opts)?;
-    if opts.dtype == Dtype::Fp8 {
-        return Err(ModelError::config("dtype", "fp8 is not available yet in this build"));
-    }
     let stages = plan
         .ranges
         .iter()
         .zip(&plan.devices)
         .map(|(range, device)| {
-            let vb = Vb::new(plan.weights.clone(), compute_dtype(opts.dtype), device.clone());
+            let vb = Vb::new(plan.weights.clone(), compute_dtype(opts.dtype), device.clone()).with_fp8(opts.dtype == Dtype::Fp8);
             Stage::load(&vb, &plan.cfg, range.clone(), opts.reward_row, opts.attribute_weights.as_deref())
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, ArchConfig, NormKind};
+use super::fp8;
 use super::packed::Packed;
 use super::rope::{Rotary, RotaryTables};
 use super::weights::Vb;
@@ -15,24 +16,55 @@ type Result<T> = std::result::Result<T, ModelError>;
 /// Queries attended at once; bounds the `[heads, chunk, keys]` score matrix.
 const QUERY_CHUNK: usize = 512;
 
-/// `y = x Wᵀ + b` over `[tokens, in]`.
+/// How a linear layer treats its input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputQuant {
+    /// Full precision.
+    None,
+    /// FP8 E4M3 per token, scale from each token's amax (dynamic).
+    PerToken,
+    /// FP8 E4M3 with one static scale from the checkpoint (`input_scale`).
+    Static(f32),
+}
+
+/// `y = x Wᵀ + b` over `[tokens, in]`. In FP8 mode the weight holds its dequantized E4M3
+/// values (per-channel scales already applied) and the input is quantized before the product.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`
     weight: Tensor,
     /// `[out]`
     bias: Option<Tensor>,
+    input_quant: InputQuant,
 }
 
 impl Linear {
+    /// Load `weight` (and `bias`): a plain tensor, or an FP8 `weight` with `weight_scale`
+    /// (compressed-tensors) which is dequantized. With `vb.fp8` a plain weight is quantized
+    /// per output channel here, and inputs are quantized per token.
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        let stored_fp8 = vb.contains("weight_scale");
+        let weight = if stored_fp8 {
+            let q = vb.get_as((out_dim, in_dim), "weight", DType::F8E4M3)?;
+            let scale = vb.get_raw("weight_scale")?.to_dtype(DType::F32)?;
+            let scale = if scale.elem_count() == out_dim { scale.reshape((out_dim, 1))? } else { scale.flatten_all()?.max(0)? };
+            fp8::dequantize(&q, &scale)?
+        } else if vb.fp8 {
+            fp8::fake_quant_rows(&vb.get_as((out_dim, in_dim), "weight", DType::F32)?)?
+        } else {
+            vb.get((out_dim, in_dim), "weight")?
+        };
+        let input_quant = match (vb.fp8 || stored_fp8, vb.contains("input_scale")) {
+            (false, _) => InputQuant::None,
+            (true, false) => InputQuant::PerToken,
+            (true, true) => InputQuant::Static(vb.get_raw("input_scale")?.to_dtype(DType::F32)?.flatten_all()?.max(0)?.to_scalar()?),
+        };
+        Ok(Self { weight: weight.to_dtype(vb.dtype)?, bias, input_quant })
     }
 
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, input_quant: InputQuant::None }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -40,6 +72,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match self.input_quant {
+            InputQuant::None => x.clone(),
+            InputQuant::PerToken => fp8::fake_quant_rows(x)?.to_dtype(x.dtype())?,
+            InputQuant::Static(s) => {
+                let s = Tensor::new(&[s], x.device())?;
+                fp8::dequantize(&fp8::quantize_with_scale(x, &s)?, &s)?.to_dtype(x.dtype())?
+            }
+        };
         let y = x.matmul(&self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

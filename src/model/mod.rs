@@ -5,6 +5,7 @@
 //! paths that mirror the checkpoint's tensor names.
 
 pub mod config;
+pub mod fp8;
 pub mod head;
 pub mod layers;
 pub mod options;

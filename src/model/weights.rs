@@ -113,11 +113,18 @@ pub struct Vb {
     prefix: String,
     pub dtype: DType,
     pub device: Device,
+    /// Linear layers run in FP8 (quantized here when the checkpoint is not).
+    pub fp8: bool,
 }
 
 impl Vb {
     pub fn new(weights: Arc<Weights>, dtype: DType, device: Device) -> Self {
-        Self { weights, prefix: String::new(), dtype, device }
+        Self { weights, prefix: String::new(), dtype, device, fp8: false }
+    }
+
+    pub fn with_fp8(mut self, fp8: bool) -> Self {
+        self.fp8 = fp8;
+        self
     }
 
     /// The view one level down: `vb.pp("self_attn")`.
@@ -158,6 +165,11 @@ impl Vb {
             ));
         }
         Ok(t.to_dtype(dtype)?)
+    }
+
+    /// The tensor `name` as stored, any shape.
+    pub fn get_raw(&self, name: &str) -> Result<Tensor, ModelError> {
+        self.weights.load_raw(&self.path(name), &self.device)
     }
 
     /// `Some(tensor)` when present, `None` when absent.

@@ -1,0 +1,136 @@
+//! FP8 checkpoints and the stage pipeline: `scorestream quantize` output loads back and scores
+//! like quantize-at-load, quantizing a sharded checkpoint keeps peak memory near one shard, and a
+//! stage that fails mid-batch fails only that batch.
+
+mod common_fixtures;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use common_fixtures::{fixture_names, Reference};
+use scorestream::engine::{Engine, EngineError};
+use scorestream::model::{Dtype, ModelOptions};
+
+fn options(dir: &Path, dtype: Dtype, devices: &[&str]) -> ModelOptions {
+    let mut o = ModelOptions::new(dir);
+    o.dtype = dtype;
+    o.devices = devices.iter().map(|d| d.to_string()).collect();
+    o
+}
+
+fn rewards(engine: &Engine, ids: &[Vec<u32>]) -> Vec<f32> {
+    engine.score_blocking(ids.to_vec()).unwrap().into_iter().map(|s| s.reward).collect()
+}
+
+#[test]
+fn quantized_checkpoints_score_like_quantize_at_load() {
+    for name in fixture_names() {
+        let src = common_fixtures::dir(&name);
+        if src.join("config.json").exists() && std::fs::read_to_string(src.join("config.json")).unwrap().contains("quantization_config") {
+            continue; // already FP8
+        }
+        let ids: Vec<Vec<u32>> = Reference::load(&name).events.into_iter().map(|e| e.input_ids).collect();
+        let out = tempfile::tempdir().unwrap();
+        scorestream::commands::quantize::quantize_dir(&src, out.path()).unwrap();
+        let at_load = rewards(&Engine::start(&options(&src, Dtype::Fp8, &["cpu"])).unwrap(), &ids);
+        let written = Engine::start(&options(out.path(), Dtype::F32, &["cpu"])).unwrap();
+        assert_eq!(written.info().dtype, Dtype::Fp8, "{name}: an FP8 checkpoint runs in fp8");
+        let from_disk = rewards(&written, &ids);
+        for (a, b) in at_load.iter().zip(&from_disk) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{name}: {a} quantized at load vs {b} from disk");
+        }
+        let f32_rewards = rewards(&Engine::start(&options(&src, Dtype::F32, &["cpu"])).unwrap(), &ids);
+        assert_ne!(f32_rewards, at_load, "{name}: fp8 must actually quantize");
+    }
+}
+
+#[test]
+fn a_failing_stage_fails_its_batch_and_later_batches_run() {
+    let name = fixture_names().into_iter().next().expect("fixtures");
+    let ids: Vec<Vec<u32>> = Reference::load(&name).events.into_iter().map(|e| e.input_ids).collect();
+    let engine = Engine::start(&options(&common_fixtures::dir(&name), Dtype::F32, &["cpu", "cpu"])).unwrap();
+    let good = rewards(&engine, &ids[..1]);
+    let bad = engine.score_blocking(vec![ids[0].clone(), vec![u32::MAX]]).unwrap_err();
+    assert!(matches!(bad, EngineError::Stage { stage: 0, .. }), "{bad}");
+    assert!(bad.to_string().contains("outside the vocabulary"), "{bad}");
+    assert_eq!(rewards(&engine, &ids[..1]), good, "the engine keeps working after a failed batch");
+}
+
+/// A Llama-shaped bf16 checkpoint of `layers` layers, one shard per layer, with random weights.
+fn write_sharded_checkpoint(dir: &Path, layers: usize, hidden: usize, inter: usize) -> usize {
+    let dev = Device::Cpu;
+    let rand = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let mut weight_map = serde_json::Map::new();
+    let mut shard_bytes = 0;
+    for i in 0..layers + 1 {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        if i == layers {
+            tensors.insert("model.embed_tokens.weight".into(), rand(&[256, hidden]));
+            tensors.insert("model.norm.weight".into(), rand(&[hidden]));
+            tensors.insert("score.weight".into(), rand(&[1, hidden]));
+        } else {
+            let p = format!("model.layers.{i}");
+            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                tensors.insert(format!("{p}.self_attn.{n}.weight"), rand(&[hidden, hidden]));
+            }
+            for n in ["gate_proj", "up_proj"] {
+                tensors.insert(format!("{p}.mlp.{n}.weight"), rand(&[inter, hidden]));
+            }
+            tensors.insert(format!("{p}.mlp.down_proj.weight"), rand(&[hidden, inter]));
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                tensors.insert(format!("{p}.{n}.weight"), rand(&[hidden]));
+            }
+        }
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, layers + 1);
+        for k in tensors.keys() {
+            weight_map.insert(k.clone(), file.clone().into());
+        }
+        candle_core::safetensors::save(&tensors, dir.join(&file)).unwrap();
+        shard_bytes = shard_bytes.max(std::fs::metadata(dir.join(&file)).unwrap().len() as usize);
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForSequenceClassification"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": hidden / 64, "num_key_value_heads": hidden / 64, "vocab_size": 256,
+        "rms_norm_eps": 1e-5, "num_labels": 1, "pad_token_id": 0, "torch_dtype": "bfloat16"});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    shard_bytes
+}
+
+fn peak_rss_of_quantize(model: &Path, out: &Path) -> f64 {
+    let output = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["quantize", "--model"])
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mib = text.split("peak RSS ").nth(1).and_then(|t| t.split(' ').next()).and_then(|v| v.parse().ok());
+    mib.unwrap_or_else(|| panic!("no peak RSS in {text:?}"))
+}
+
+#[test]
+fn quantizing_a_sharded_checkpoint_holds_about_one_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (small, big) = (tmp.path().join("small"), tmp.path().join("big"));
+    std::fs::create_dir_all(&small).unwrap();
+    std::fs::create_dir_all(&big).unwrap();
+    write_sharded_checkpoint(&small, 1, 64, 128);
+    let shard = write_sharded_checkpoint(&big, 8, 768, 2048) as f64 / (1 << 20) as f64;
+    let total = shard * 8.0;
+    let baseline = peak_rss_of_quantize(&small, &tmp.path().join("small-fp8"));
+    let peak = peak_rss_of_quantize(&big, &tmp.path().join("big-fp8"));
+    let growth = peak - baseline;
+    println!("shard {shard:.1} MiB, checkpoint {total:.1} MiB, baseline {baseline:.1} MiB, peak {peak:.1} MiB");
+    assert!(growth < 3.0 * shard, "peak RSS grew {growth:.1} MiB for {shard:.1} MiB shards");
+    assert!(growth < total / 2.0, "peak RSS grew {growth:.1} MiB for a {total:.1} MiB checkpoint");
+    // And the result loads.
+    let engine = Engine::start(&options(&tmp.path().join("big-fp8"), Dtype::F32, &["cpu"])).unwrap();
+    assert_eq!(engine.score_blocking(vec![vec![1, 2, 3]]).unwrap().len(), 1);
+}
