@@ -94,6 +94,9 @@ pub struct ScoreArgs {
 pub struct InspectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Plan activation memory for batches of this many tokens.
+    #[arg(long, default_value_t = 16_384)]
+    pub batch_tokens: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -3,7 +3,7 @@
 use crate::cli::InspectArgs;
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
-    let plan = crate::engine::plan(&args.model.options())?;
+    let plan = crate::engine::plan(&args.model.options(), args.batch_tokens)?;
     let info = &plan.info;
     if args.json {
         println!("{}", serde_json::to_string_pretty(info)?);
@@ -20,11 +20,13 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     println!("token limit:    {} (max_position_embeddings {})", info.max_tokens, info.max_position_embeddings);
     for (i, s) in info.stages.iter().enumerate() {
         println!(
-            "stage {i}:        {} layers {}..{} ({:.1} MiB of weights on disk)",
+            "stage {i}:        {} layers {}..{}: {:.1} MiB of weights, ~{:.1} MiB of activations for {} batch tokens",
             s.device,
             s.layers.0,
             s.layers.1,
-            s.weight_bytes as f64 / (1 << 20) as f64
+            s.weight_bytes as f64 / (1 << 20) as f64,
+            s.activation_bytes as f64 / (1 << 20) as f64,
+            args.batch_tokens
         );
     }
     Ok(())

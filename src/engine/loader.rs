@@ -20,6 +20,8 @@ pub struct StageInfo {
     pub layers: (usize, usize),
     /// Bytes of weights on disk for this stage.
     pub weight_bytes: usize,
+    /// Peak bytes of activations for one batch of `max_batch_tokens` tokens (estimate).
+    pub activation_bytes: usize,
 }
 
 /// What `inspect` prints and what the worker labels its metrics with.
@@ -75,8 +77,19 @@ pub struct Plan {
     pub info: ModelInfo,
 }
 
-/// Read the config and the safetensors headers and split the layers over `opts.devices`.
-pub fn plan(opts: &ModelOptions) -> Result<Plan, ModelError> {
+/// Peak activation bytes of one layer for a batch of `tokens` tokens whose longest sequence has
+/// `max_len` tokens: the residual stream and its normalized copy, q/k/v, the attention output,
+/// the MLP's intermediate tensors, and one chunk of f32 attention scores.
+pub fn activation_bytes(cfg: &ArchConfig, dtype: Dtype, tokens: usize, max_len: usize) -> usize {
+    let b = compute_dtype(dtype).size_in_bytes();
+    let per_token = 3 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size;
+    let scores = cfg.num_heads * 512 * max_len.min(tokens) * 4;
+    tokens * per_token * b + scores
+}
+
+/// Read the config and the safetensors headers and split the layers over `opts.devices`;
+/// activation memory is planned for batches of `max_batch_tokens`.
+pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelError> {
     let cfg = ArchConfig::from_dir(&opts.path)?;
     let weights = Arc::new(Weights::open(&opts.path)?);
     let names = if opts.devices.is_empty() { vec!["cpu".to_owned()] } else { opts.devices.clone() };
@@ -95,6 +108,7 @@ pub fn plan(opts: &ModelOptions) -> Result<Plan, ModelError> {
                 device: names[i].clone(),
                 layers: (r.start, r.end),
                 weight_bytes: layer_bytes[r.clone()].iter().sum::<usize>() + extra,
+                activation_bytes: activation_bytes(&cfg, opts.dtype, max_batch_tokens, opts.max_tokens),
             }
         })
         .collect();
@@ -107,8 +121,18 @@ pub fn plan(opts: &ModelOptions) -> Result<Plan, ModelError> {
 }
 
 /// Load the model described by `opts`, one stage per device.
-pub fn load(opts: &ModelOptions) -> Result<(Vec<Stage>, ModelInfo), ModelError> {
-    let plan = plan(opts)?;
+pub fn load(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<Stage>, ModelInfo), ModelError> {
+    let plan = plan(opts, max_batch_tokens)?;
+    for (i, s) in plan.info.stages.iter().enumerate() {
+        tracing::info!(
+            stage = i,
+            device = %s.device,
+            layers = ?(s.layers.0..s.layers.1),
+            weight_mib = s.weight_bytes >> 20,
+            activation_mib = s.activation_bytes >> 20,
+            "planned stage"
+        );
+    }
     let stages = plan
         .ranges
         .iter()

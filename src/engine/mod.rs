@@ -6,7 +6,9 @@
 //! waits before each stage); a stage that fails or panics fails only its batch, with an error
 //! naming the stage, and later batches still run.
 
+pub mod cuda;
 mod loader;
+pub mod reference;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,7 +64,12 @@ impl Engine {
     /// Load the model (one stage per device) and start its threads. Blocks until every stage
     /// has loaded or one has failed.
     pub fn start(opts: &ModelOptions) -> Result<Self, EngineError> {
-        let (stages, info) = loader::load(opts)
+        Self::start_for_batches(opts, crate::batch::policy::BatchLimits::default().max_tokens)
+    }
+
+    /// [`Engine::start`], planning activation memory for batches of `max_batch_tokens`.
+    pub fn start_for_batches(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Self, EngineError> {
+        let (stages, info) = loader::load(opts, max_batch_tokens)
             .map_err(|source| EngineError::Load { path: opts.path.display().to_string(), source })?;
         Ok(Self::from_stages(stages, info))
     }

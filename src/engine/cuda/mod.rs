@@ -1,0 +1,67 @@
+//! The CUDA engine: FP8 GEMMs through cuBLASLt and fused kernels (`kernels/*.cu`) compiled at
+//! start-up by NVRTC for the device's own architecture. Everything that touches the GPU is
+//! behind the `cuda` feature and loads `libcuda`, `libnvrtc` and `libcublasLt` dynamically,
+//! after probing for them, so one binary serves CPU and GPU machines. The buffer planner and
+//! the attention tile schedule are plain Rust, compiled and tested without the feature.
+
+pub mod plan;
+
+#[cfg(feature = "cuda")]
+pub mod compile;
+#[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod gemm;
+#[cfg(feature = "cuda")]
+pub mod layer;
+#[cfg(feature = "cuda")]
+pub mod probe;
+
+#[cfg(feature = "cuda")]
+pub use error::CudaError;
+
+#[cfg(feature = "cuda")]
+mod error {
+    /// Errors of the CUDA engine.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CudaError {
+        #[error("CUDA library {library} cannot be loaded ({hint})")]
+        MissingLibrary { library: &'static str, hint: String },
+        #[error("GPU {name} has compute capability {major}.{minor}; the FP8 engine needs sm_90 (Hopper) or newer")]
+        UnsupportedGpu { name: String, major: i32, minor: i32 },
+        #[error("CUDA driver call failed: {context}: {source}")]
+        Driver {
+            context: String,
+            #[source]
+            source: cudarc::driver::DriverError,
+        },
+        #[error("NVRTC could not compile the kernels for {arch}: {log}")]
+        Compile { arch: String, log: String },
+        #[error("kernel cache {path}: {source}")]
+        Cache {
+            path: String,
+            #[source]
+            source: std::io::Error,
+        },
+        #[error("cuBLASLt {context}: {source}")]
+        Blas {
+            context: String,
+            #[source]
+            source: cudarc::cublaslt::result::CublasError,
+        },
+        #[error("{0}")]
+        Shape(String),
+    }
+
+    impl CudaError {
+        pub(crate) fn driver(context: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+            let context = context.into();
+            move |source| Self::Driver { context, source }
+        }
+
+        pub(crate) fn blas(context: impl Into<String>) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> Self {
+            let context = context.into();
+            move |source| Self::Blas { context, source }
+        }
+    }
+}

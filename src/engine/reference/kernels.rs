@@ -1,0 +1,233 @@
+//! References of the memory-bound kernels: norms (+ residual add, + per-token FP8), rotary,
+//! MLP activations (+ FP8), residual add, the per-channel-scale epilogue, row gather, and the
+//! FP8 GEMM itself (E4M3 × E4M3 with f32 accumulation, scaled per token and per channel).
+
+use super::bf16r;
+use super::fp8;
+
+/// The norm a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+    /// Nemotron's LayerNorm1P: `weight` is given as `weight + 1`, with a bias.
+    LayerNorm1P,
+}
+
+/// The MLP activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// `silu(gate) · up`, input `[tokens, 2·inter]` (gate | up).
+    SwiGlu,
+    /// `gelu_tanh(gate) · up`, same layout.
+    GeGlu,
+    /// `relu(up)²`, input `[tokens, inter]`.
+    Relu2,
+}
+
+/// `norm_bf16` kernels: when `res` is given, `x += res` first (x is updated, bf16). Returns the
+/// normalized rows `[tokens, hidden]` (bf16-exact).
+pub fn norm(
+    kind: NormKind,
+    x: &mut [f32],
+    res: Option<&[f32]>,
+    w: &[f32],
+    b: Option<&[f32]>,
+    eps: f32,
+    hidden: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for (t, (row, out)) in x.chunks_mut(hidden).zip(y.chunks_mut(hidden)).enumerate() {
+        if let Some(res) = res {
+            for (v, r) in row.iter_mut().zip(&res[t * hidden..(t + 1) * hidden]) {
+                *v = bf16r(*v + r);
+            }
+        }
+        let n = hidden as f32;
+        match kind {
+            NormKind::Rms => {
+                let var = row.iter().map(|v| v * v).sum::<f32>() / n;
+                let d = (var + eps).sqrt();
+                for ((o, v), w) in out.iter_mut().zip(row.iter()).zip(w) {
+                    *o = bf16r(bf16r(v / d) * bf16r(*w));
+                }
+            }
+            NormKind::LayerNorm1P => {
+                let mean = row.iter().sum::<f32>() / n;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let d = (var + eps).sqrt();
+                for (i, (o, v)) in out.iter_mut().zip(row.iter()).enumerate() {
+                    let mut r = bf16r((v - mean) / d * w[i]);
+                    if let Some(b) = b {
+                        r = bf16r(r + bf16r(b[i]));
+                    }
+                    *o = r;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// `rotary_bf16`: rotate the first `heads` heads of each row of `x: [tokens, row_stride]` in
+/// place, first `rot_dim` dims of each head, rotate_half layout.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary(
+    x: &mut [f32],
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    row_stride: usize,
+    rot_dim: usize,
+    positions: &[u32],
+    inv_freq: &[f32],
+) {
+    let half = rot_dim / 2;
+    for t in 0..tokens {
+        for h in 0..heads {
+            let p = &mut x[t * row_stride + h * head_dim..][..head_dim];
+            for i in 0..half {
+                let angle = positions[t] as f32 * inv_freq[i];
+                let (c, s) = (bf16r(angle.cos()), bf16r(angle.sin()));
+                let (x1, x2) = (p[i], p[i + half]);
+                p[i] = bf16r(bf16r(x1 * c) - bf16r(x2 * s));
+                p[i + half] = bf16r(bf16r(x2 * c) + bf16r(x1 * s));
+            }
+        }
+    }
+}
+
+/// `*_quant_bf16` activations: `[tokens, inter]` bf16-exact (quantize with `fp8::quantize_rows`).
+pub fn activation(act: Act, input: &[f32], inter: usize) -> Vec<f32> {
+    let width = if act == Act::Relu2 { inter } else { 2 * inter };
+    input
+        .chunks(width)
+        .flat_map(|row| {
+            (0..inter).map(move |i| match act {
+                Act::Relu2 => {
+                    let u = row[i].max(0.0);
+                    bf16r(u * u)
+                }
+                Act::SwiGlu => {
+                    let g = row[i];
+                    bf16r(bf16r(g / bf16r(1.0 + bf16r((-g).exp()))) * row[inter + i])
+                }
+                Act::GeGlu => {
+                    let g = row[i];
+                    let a = 0.5 * g * (1.0 + (0.797_884_6 * g * (1.0 + 0.044715 * g * g)).tanh());
+                    bf16r(bf16r(a) * row[inter + i])
+                }
+            })
+        })
+        .collect()
+}
+
+/// `add_bf16`: `a = bf16(a + b)`.
+pub fn add(a: &mut [f32], b: &[f32]) {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a = bf16r(*a + b);
+    }
+}
+
+/// `scale_epilogue_bf16`: `y = bf16(bf16(y · rs[t] · cs[n]) + bias[n])` in place.
+pub fn scale_epilogue(y: &mut [f32], cols: usize, row_scale: &[f32], col_scale: &[f32], bias: Option<&[f32]>) {
+    for (t, row) in y.chunks_mut(cols).enumerate() {
+        for (n, v) in row.iter_mut().enumerate() {
+            let mut r = bf16r(*v * (row_scale[t] * col_scale[n]));
+            if let Some(b) = bias {
+                r = bf16r(r + bf16r(b[n]));
+            }
+            *v = r;
+        }
+    }
+}
+
+/// `gather_rows_bf16`: `dst[m] = src[idx[m]]`, zeros for an index past the end.
+pub fn gather_rows(src: &[f32], cols: usize, idx: &[u32]) -> Vec<f32> {
+    let rows = src.len() / cols.max(1);
+    idx.iter()
+        .flat_map(|&i| {
+            let i = i as usize;
+            (0..cols).map(move |c| if i < rows { src[i * cols + c] } else { 0.0 })
+        })
+        .collect()
+}
+
+/// The FP8 GEMM: `y[t, n] = bf16(Σ_k e4m3(a[t, k]) · e4m3(w[n, k]) · a_scale[t] · w_scale[n])`,
+/// `a: [tokens, k]` and `w: [n, k]` as E4M3 bytes. f32 accumulation (the GPU's order of the
+/// sums differs; compare with a relative tolerance).
+pub fn fp8_gemm(a: &[u8], a_scale: &[f32], w: &[u8], w_scale: &[f32], k: usize) -> Vec<f32> {
+    let wf: Vec<f32> = w.iter().map(|&b| fp8::e4m3_to_f32(b)).collect();
+    let n = w_scale.len();
+    let mut y = Vec::with_capacity(a_scale.len() * n);
+    for (t, row) in a.chunks(k).enumerate() {
+        let af: Vec<f32> = row.iter().map(|&b| fp8::e4m3_to_f32(b)).collect();
+        for (j, wrow) in wf.chunks(k).enumerate() {
+            let dot: f32 = af.iter().zip(wrow).map(|(x, y)| x * y).sum();
+            y.push(bf16r(dot * a_scale[t] * w_scale[j]));
+        }
+    }
+    y
+}
+
+/// `‖a − b‖ / ‖b‖` in f64; NaN anywhere gives infinity.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    if den == 0.0 {
+        return if num == 0.0 { 0.0 } else { f64::INFINITY };
+    }
+    (num / den).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_adds_the_residual_and_normalizes() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        let res = vec![1.0, 0.0, 1.0, 0.0];
+        let y = norm(NormKind::Rms, &mut x, Some(&res), &[1.0, 2.0], None, 0.0, 2);
+        assert_eq!(x, vec![2.0, 2.0, 4.0, 4.0]);
+        // rms of (2, 2) is 2: (1, 1) · w.
+        assert_eq!(y, vec![1.0, 2.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn layernorm1p_centers_scales_and_shifts() {
+        let mut x = vec![1.0, 3.0];
+        let y = norm(NormKind::LayerNorm1P, &mut x, None, &[1.0, 1.0], Some(&[0.5, 0.5]), 0.0, 2);
+        assert_eq!(y, vec![-0.5, 1.5]);
+    }
+
+    #[test]
+    fn rotary_turns_pairs_and_leaves_the_partial_tail() {
+        // One token at position 1, one head of 6 dims, rot_dim 4, inv_freq (π/2, 0).
+        let mut x = vec![1.0, 1.0, 0.0, 0.0, 7.0, 9.0];
+        rotary(&mut x, 1, 1, 6, 6, 4, &[1], &[std::f32::consts::FRAC_PI_2, 0.0]);
+        // Pair (x0, x2) = (1, 0) turns by 90° → (≈0, 1); pair (x1, x3) has angle 0.
+        assert!(x[0].abs() < 1e-6 && x[2] == 1.0);
+        assert_eq!((x[1], x[3], x[4], x[5]), (1.0, 0.0, 7.0, 9.0));
+    }
+
+    #[test]
+    fn activations_follow_their_formulas() {
+        let relu2 = activation(Act::Relu2, &[-1.0, 3.0], 2);
+        assert_eq!(relu2, vec![0.0, 9.0]);
+        let swiglu = activation(Act::SwiGlu, &[0.0, 2.0, 5.0, 1.0], 2);
+        assert_eq!(swiglu[0], 0.0);
+        assert!((swiglu[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-2);
+    }
+
+    #[test]
+    fn fp8_gemm_applies_both_scales() {
+        let a = [fp8::e4m3_from_f32(2.0), fp8::e4m3_from_f32(1.0)];
+        let w = [fp8::e4m3_from_f32(3.0), fp8::e4m3_from_f32(4.0)];
+        assert_eq!(fp8_gemm(&a, &[0.5], &w, &[2.0], 2), vec![10.0]);
+        assert_eq!(gather_rows(&[1.0, 2.0, 3.0, 4.0], 2, &[1, 9]), vec![3.0, 4.0, 0.0, 0.0]);
+        assert!(rel_err(&[1.0, f32::NAN], &[1.0, 1.0]).is_infinite());
+    }
+}
