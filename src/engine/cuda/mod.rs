@@ -16,6 +16,8 @@ pub mod gemm;
 pub mod layer;
 #[cfg(feature = "cuda")]
 pub mod probe;
+#[cfg(feature = "cuda")]
+pub mod stage;
 
 #[cfg(feature = "cuda")]
 pub use error::CudaError;
@@ -51,6 +53,10 @@ mod error {
         },
         #[error("{0}")]
         Shape(String),
+        #[error("model: {0}")]
+        Model(#[source] crate::model::ModelError),
+        #[error("{0} is not supported by the CUDA engine yet")]
+        Unsupported(String),
     }
 
     impl CudaError {

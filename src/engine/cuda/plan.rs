@@ -238,9 +238,8 @@ mod tests {
         let mut covered = vec![0; 200];
         for [s, q] in &tiles {
             let (start, end) = (cu[*s as usize] as usize, cu[*s as usize + 1] as usize);
-            for i in start + *q as usize..(start + *q as usize + ATTN_QUERY_TILE).min(end) {
-                covered[i] += 1;
-            }
+            let first = start + *q as usize;
+            covered[first..(first + ATTN_QUERY_TILE).min(end)].iter_mut().for_each(|c| *c += 1);
         }
         assert!(covered.iter().all(|&c| c == 1));
         assert!(tiles.len() <= max_tiles(200, 3));

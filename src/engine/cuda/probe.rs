@@ -54,3 +54,25 @@ pub fn require(libs: &[Library]) -> Result<(), CudaError> {
     }
     Ok(())
 }
+
+extern "C" {
+    fn dlopen(filename: *const std::ffi::c_char, flag: std::ffi::c_int) -> *mut std::ffi::c_void;
+}
+
+/// Load the CUDA libraries found in `dir` (e.g. the pip wheels' `nvidia/cu13/lib`) by full
+/// path, so that the by-name loads cudarc does later find them even though `dir` is not on
+/// `LD_LIBRARY_PATH`. Returns the libraries loaded.
+pub fn preload_from(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    const RTLD_NOW: std::ffi::c_int = 2;
+    const RTLD_GLOBAL: std::ffi::c_int = 0x100;
+    let mut loaded = Vec::new();
+    for name in ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13", "libcublasLt.so.13", "libcublas.so.13"] {
+        let path = dir.join(name);
+        let Some(c) = path.to_str().and_then(|s| std::ffi::CString::new(s).ok()) else { continue };
+        // SAFETY: dlopen with a valid C string; the handle is kept for the process's life.
+        if path.is_file() && !unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) }.is_null() {
+            loaded.push(path);
+        }
+    }
+    loaded
+}

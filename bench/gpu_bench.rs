@@ -1,0 +1,392 @@
+//! GPU check and benchmark (`--features cuda`), run by scripts/gpu_check.sh on a Hopper GPU:
+//!   gpu_bench check          every kernel vs its CPU reference (src/engine/reference) on fresh
+//!                            random inputs, outputs poisoned with 0xFF (NaN) first
+//!   gpu_bench gemm           cuBLASLt FP8 GEMM ceiling (8192³, and the 70B layer shapes)
+//!   gpu_bench layers         the layer loop at the Llama-3.1-70B shape, 4k/16k/64k-token
+//!                            batches of 512–4096-token sequences, as many layers as fit
+//!   gpu_bench parity DIR     each fixture under DIR (a model dir with reference.json): the CUDA
+//!                            stage (FP8) vs the CPU stage in FP8 emulation and in f32
+//! Each prints one JSON object per line (`{"kind": ...}`) for the script's table.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use half::bf16;
+use scorestream::engine::cuda::device::GpuDevice;
+use scorestream::engine::cuda::gemm::{Fp8Gemm, ScaleMode};
+use scorestream::engine::cuda::layer::{forward, LayerConfig, LayerWeights, Workspace};
+use scorestream::engine::cuda::plan::{attention_tiles, LayerShape};
+use scorestream::engine::cuda::probe::preload_from;
+use scorestream::engine::reference::attention::{attention, AttnShape};
+use scorestream::engine::reference::{fp8, kernels as r};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// bf16-exact values uniform in ±amp.
+    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| bf16::from_f32((2.0 * self.next() - 1.0) * amp).to_f32()).collect()
+    }
+}
+
+fn to_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+fn from_bits(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+}
+
+struct Check<'a> {
+    dev: &'a GpuDevice,
+    failed: bool,
+}
+
+impl Check<'_> {
+    fn upload_bf16(&self, v: &[f32]) -> Result<scorestream::engine::cuda::device::DeviceBuf> {
+        let b = self.dev.alloc(v.len() * 2)?;
+        self.dev.upload(b.ptr, &to_bits(v))?;
+        Ok(b)
+    }
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<scorestream::engine::cuda::device::DeviceBuf> {
+        let b = self.dev.alloc(std::mem::size_of_val(v))?;
+        self.dev.upload(b.ptr, v)?;
+        Ok(b)
+    }
+    fn poisoned(&self, bytes: usize) -> Result<scorestream::engine::cuda::device::DeviceBuf> {
+        let b = self.dev.alloc(bytes)?;
+        self.dev.fill_bytes(b.ptr, bytes, 0xFF)?;
+        Ok(b)
+    }
+    fn bf16_out(&self, ptr: u64, n: usize) -> Result<Vec<f32>> {
+        Ok(from_bits(&self.dev.download::<u16>(ptr, n)?))
+    }
+    fn report(&mut self, name: &str, err: f64, tol: f64) {
+        let ok = err <= tol;
+        self.failed |= !ok;
+        println!(r#"{{"kind":"check","kernel":"{name}","rel_err":{err:.3e},"tol":{tol:.0e},"pass":{ok}}}"#);
+    }
+    /// Dequantized FP8 rows vs the reference's, and the scales.
+    fn fp8_err(&self, q: u64, s: u64, rows: usize, cols: usize, want: &[f32]) -> Result<f64> {
+        let (wq, ws) = fp8::quantize_rows(want, cols);
+        let got = fp8::dequantize_rows(&self.dev.download::<u8>(q, rows * cols)?, &self.dev.download::<f32>(s, rows)?, cols);
+        Ok(r::rel_err(&got, &fp8::dequantize_rows(&wq, &ws, cols)))
+    }
+}
+
+fn check(dev: &GpuDevice) -> Result<bool> {
+    let mut c = Check { dev, failed: false };
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
+    let mut rng = Rng(seed);
+    let (t, hd) = (67usize, 1000usize);
+    // Norms (+ residual, + FP8), both kinds.
+    for ln in [false, true] {
+        let (x, res, w, b) = (rng.vec(t * hd, 3.0), rng.vec(t * hd, 1.0), rng.vec(hd, 1.5), rng.vec(hd, 0.5));
+        let (dx, dr, dw, db) = (c.upload_bf16(&x)?, c.upload_bf16(&res)?, c.upload(&w)?, c.upload(&b)?);
+        let (y, q, s) = (c.poisoned(t * hd * 2)?, c.poisoned(t * hd)?, c.poisoned(t * 4)?);
+        dev.norm(ln, dx.ptr, dr.ptr, dw.ptr, if ln { db.ptr } else { 0 }, 1e-5, t, hd, y.ptr, q.ptr, s.ptr)?;
+        let kind = if ln { r::NormKind::LayerNorm1P } else { r::NormKind::Rms };
+        let mut xr = x.clone();
+        let want = r::norm(kind, &mut xr, Some(&res), &w, ln.then_some(b.as_slice()), 1e-5, hd);
+        let name = if ln { "layernorm1p_bf16" } else { "rmsnorm_bf16" };
+        c.report(&format!("{name}/residual"), r::rel_err(&c.bf16_out(dx.ptr, t * hd)?, &xr), 1e-2);
+        c.report(&format!("{name}/y"), r::rel_err(&c.bf16_out(y.ptr, t * hd)?, &want), 1e-2);
+        let e = c.fp8_err(q.ptr, s.ptr, t, hd, &want)?;
+        c.report(&format!("{name}/fp8"), e, 7e-2);
+    }
+    // Rotary, partial (rot_dim 64 of head_dim 128) and full, over q and k heads of a QKV row.
+    for rot in [64usize, 128] {
+        let (heads, d, stride) = (6usize, 128usize, 8 * 128usize);
+        let x = rng.vec(t * stride, 2.0);
+        let pos: Vec<u32> = (0..t as u32).map(|i| (i * 977) % 70000).collect();
+        let inv = scorestream::model::rope::inv_freq(500_000.0, rot, &scorestream::model::config::RopeScaling::None);
+        let (dx, dp, di) = (c.upload_bf16(&x)?, c.upload(&pos)?, c.upload(&inv)?);
+        dev.rotary(dx.ptr, t, heads, d, stride, rot, dp.ptr, di.ptr)?;
+        let mut want = x.clone();
+        r::rotary(&mut want, t, heads, d, stride, rot, &pos, &inv);
+        c.report(&format!("rotary_bf16/rot{rot}"), r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
+    }
+    // Activations + FP8.
+    for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
+        let inter = 3000usize;
+        let width = if act == r::Act::Relu2 { inter } else { 2 * inter };
+        let x = rng.vec(t * width, 4.0);
+        let dx = c.upload_bf16(&x)?;
+        let (y, q, s) = (c.poisoned(t * inter * 2)?, c.poisoned(t * inter)?, c.poisoned(t * 4)?);
+        dev.act_quant(kernel, dx.ptr, t, inter, y.ptr, q.ptr, s.ptr)?;
+        let want = r::activation(act, &x, inter);
+        c.report(&format!("{kernel}/y"), r::rel_err(&c.bf16_out(y.ptr, t * inter)?, &want), 1e-2);
+        let e = c.fp8_err(q.ptr, s.ptr, t, inter, &want)?;
+        c.report(&format!("{kernel}/fp8"), e, 7e-2);
+    }
+    check_small(&mut c, &mut rng, t)?;
+    check_attention(&mut c, &mut rng)?;
+    check_gemm(&mut c, &mut rng)?;
+    Ok(!c.failed)
+}
+
+fn check_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
+    let dev = c.dev;
+    let n = 777usize;
+    let (a, b) = (rng.vec(t * n, 3.0), rng.vec(t * n, 3.0));
+    let (da, db) = (c.upload_bf16(&a)?, c.upload_bf16(&b)?);
+    dev.add(da.ptr, db.ptr, t * n)?;
+    let mut want = a.clone();
+    r::add(&mut want, &b);
+    c.report("add_bf16", r::rel_err(&c.bf16_out(da.ptr, t * n)?, &want), 1e-2);
+    let (q, s) = (c.poisoned(t * n)?, c.poisoned(t * 4)?);
+    dev.quant_rows(db.ptr, t, n, q.ptr, s.ptr)?;
+    let e = c.fp8_err(q.ptr, s.ptr, t, n, &b)?;
+    c.report("quant_rows_bf16", e, 7e-2);
+    let (rs, cs, bias) = (rng.vec(t, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+    let (drs, dcs, dbias) = (c.upload(&rs)?, c.upload(&cs)?, c.upload(&bias)?);
+    let y = c.upload_bf16(&a)?;
+    dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr)?;
+    let mut want = a.clone();
+    r::scale_epilogue(&mut want, n, &rs, &cs, Some(&bias));
+    c.report("scale_epilogue_bf16", r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    let idx: Vec<u32> = vec![3, 0, (t - 1) as u32, 5];
+    let (di, dst) = (c.upload(&idx)?, c.poisoned(idx.len() * n * 2)?);
+    dev.gather_rows(da.ptr, t, n, di.ptr, idx.len(), dst.ptr)?;
+    let mut a_now = a.clone();
+    r::add(&mut a_now, &b);
+    let want = r::gather_rows(&a_now, n, &idx);
+    c.report("gather_rows_bf16", r::rel_err(&c.bf16_out(dst.ptr, idx.len() * n)?, &want), 1e-2);
+    Ok(())
+}
+
+fn check_attention(c: &mut Check, rng: &mut Rng) -> Result<()> {
+    let dev = c.dev;
+    for (d, window) in [(128usize, 0usize), (16, 0), (32, 0), (64, 0), (192, 0), (128, 100)] {
+        let (heads, kv) = (8usize, 2usize);
+        let stride = (heads + 2 * kv) * d;
+        let lens = [1u32, 300, 64, 129, 517];
+        let mut cu = vec![0u32];
+        for l in lens {
+            cu.push(cu.last().copied().unwrap_or(0) + l);
+        }
+        let tokens = *cu.last().unwrap_or(&0) as usize;
+        let qkv = rng.vec(tokens * stride, 2.0);
+        let tiles: Vec<i32> = attention_tiles(&cu).into_iter().flatten().collect();
+        let cu_i: Vec<i32> = cu.iter().map(|&v| v as i32).collect();
+        let (dq, dt, dc) = (c.upload_bf16(&qkv)?, c.upload(&tiles)?, c.upload(&cu_i)?);
+        let out = c.poisoned(tokens * heads * d * 2)?;
+        dev.attention(dq.ptr, out.ptr, dt.ptr, tiles.len() / 2, dc.ptr, stride, heads, kv, d, window)?;
+        let s = AttnShape { heads, kv_heads: kv, head_dim: d, qkv_stride: stride, softmax_scale: 1.0 / (d as f32).sqrt(), window };
+        let want = attention(&qkv, &cu, &s);
+        c.report(&format!("attention_varlen_d{d}_bf16/window{window}"), r::rel_err(&c.bf16_out(out.ptr, want.len())?, &want), 1e-2);
+    }
+    Ok(())
+}
+
+fn check_gemm(c: &mut Check, rng: &mut Rng) -> Result<()> {
+    let dev = c.dev;
+    let (t, n, k) = (96usize, 320usize, 1024usize);
+    let codes = |rng: &mut Rng, len: usize| -> Vec<u8> { (0..len).map(|_| fp8::e4m3_from_f32((2.0 * rng.next() - 1.0) * 448.0)).collect() };
+    let (a, w) = (codes(rng, t * k), codes(rng, n * k));
+    let positive = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| x.abs() + 1e-3).collect() };
+    let (asc, wsc) = (positive(rng.vec(t, 0.01)), positive(rng.vec(n, 0.01)));
+    let want = r::fp8_gemm(&a, &asc, &w, &wsc, k);
+    let (da, dw, das, dws) = (c.upload(&a)?, c.upload(&w)?, c.upload(&asc)?, c.upload(&wsc)?);
+    let mut gemm = Fp8Gemm::new(dev)?;
+    for prefer in [true, false] {
+        gemm.prefer_outer_vector = prefer;
+        let y = c.poisoned(t * n * 2)?;
+        let mode = gemm.matmul(dev, da.ptr, das.ptr, dw.ptr, dws.ptr, y.ptr, 0, t, n, k)?;
+        c.report(&format!("fp8_gemm/{mode:?}"), r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    }
+    Ok(())
+}
+
+fn time_ms(dev: &GpuDevice, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let (start, stop) = (dev.ctx.new_event(None)?, dev.ctx.new_event(None)?);
+    for _ in 0..2 {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        start.record(&dev.stream)?;
+        f()?;
+        stop.record(&dev.stream)?;
+        stop.synchronize()?;
+        times.push(f64::from(start.elapsed_ms(&stop)?));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[reps / 2])
+}
+
+fn gemm_bench(dev: &GpuDevice) -> Result<()> {
+    let shape = LayerShape::LLAMA_70B;
+    let mut shapes = vec![("square", 8192usize, 8192usize, 8192usize)];
+    for (name, (o, i)) in ["qkv", "o", "gate_up", "down"].iter().zip(shape.linears()) {
+        shapes.push((name, 16384, o, i));
+    }
+    let mut gemm = Fp8Gemm::new(dev)?;
+    for (name, m, n, k) in shapes {
+        let (a, w, y) = (dev.alloc(m * k)?, dev.alloc(n * k)?, dev.alloc(m * n * 2)?);
+        let (asc, wsc) = (dev.alloc(m * 4)?, dev.alloc(n * 4)?);
+        dev.fill_uniform(true, a.ptr, m * k, 1, 448.0)?;
+        dev.fill_uniform(true, w.ptr, n * k, 2, 448.0)?;
+        dev.upload(asc.ptr, &vec![1e-3f32; m])?;
+        dev.upload(wsc.ptr, &vec![1e-3f32; n])?;
+        for fast in [false, true] {
+            for prefer in [true, false] {
+                gemm.fast_accum = fast;
+                gemm.prefer_outer_vector = prefer;
+                let mut mode = ScaleMode::Epilogue;
+                let ms = time_ms(dev, 20, || {
+                    mode = gemm.matmul(dev, a.ptr, asc.ptr, w.ptr, wsc.ptr, y.ptr, 0, m, n, k)?;
+                    Ok(())
+                })?;
+                let tflops = 2.0 * (m * n * k) as f64 / ms / 1e9;
+                println!(r#"{{"kind":"gemm","shape":"{name}","m":{m},"n":{n},"k":{k},"fast_accum":{fast},"mode":"{mode:?}","ms":{ms:.4},"tflops":{tflops:.1}}}"#);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn batch(tokens: usize, rng: &mut Rng) -> Vec<u32> {
+    let mut cu = vec![0u32];
+    let mut left = tokens;
+    while left > 0 {
+        let len = (512 + (rng.next() * 3585.0) as usize).min(left);
+        left -= len;
+        cu.push((tokens - left) as u32);
+    }
+    cu
+}
+
+fn layers_bench(dev: &GpuDevice, max_layers: usize) -> Result<()> {
+    let shape = LayerShape::LLAMA_70B;
+    let batches = [4096usize, 16384, 65536];
+    let max_tokens = *batches.iter().max().unwrap_or(&65536);
+    let inv = scorestream::model::rope::inv_freq(
+        500_000.0,
+        shape.head_dim,
+        &scorestream::model::config::RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max: 8192.0 },
+    );
+    let mut ws = Workspace::new(dev, &shape, max_tokens, max_tokens / 512 + 1, &inv)?;
+    let (free, _) = dev.ctx.mem_get_info()?;
+    let fit = free.saturating_sub(3 << 30) / shape.fp8_layer_bytes();
+    let n_layers = fit.min(max_layers).max(1);
+    let layers = (0..n_layers).map(|i| LayerWeights::random(dev, &shape, 1000 + i as u64)).collect::<Result<Vec<_>, _>>()?;
+    let mut gemm = Fp8Gemm::new(dev)?;
+    let cfg = LayerConfig::llama(shape);
+    let mut rng = Rng(12345);
+    for tokens in batches {
+        let cu = batch(tokens, &mut rng);
+        ws.set_batch(dev, &cu)?;
+        dev.fill_uniform(false, ws.at(ws.plan.x), tokens * shape.hidden, 7, 1.0)?;
+        let ms = time_ms(dev, 5, || {
+            for (i, w) in layers.iter().enumerate() {
+                forward(dev, &mut gemm, &cfg, w, &ws, i > 0)?;
+            }
+            Ok(())
+        })?;
+        let x = dev.download::<u16>(ws.at(ws.plan.h), 4096)?;
+        let nan = from_bits(&x).iter().any(|v| !v.is_finite());
+        let per_layer = ms / n_layers as f64;
+        let flops: f64 = shape.linear_flops_per_token() * tokens as f64
+            + cu.windows(2).map(|w| shape.attention_flops((w[1] - w[0]) as usize)).sum::<f64>();
+        let tflops = flops / per_layer / 1e9;
+        let tok_s_80 = tokens as f64 / (per_layer * 80.0 / 1e3);
+        println!(r#"{{"kind":"layers","tokens":{tokens},"seqs":{},"layers":{n_layers},"ms_per_layer":{per_layer:.3},"tflops":{tflops:.1},"tokens_per_s_80_layers":{tok_s_80:.0},"nan":{nan}}}"#, cu.len() - 1);
+    }
+    Ok(())
+}
+
+/// The CUDA stage against the CPU stage on each committed fixture, same packed batch.
+fn parity(fixtures: &std::path::Path) -> Result<bool> {
+    use scorestream::engine::cuda::stage::CudaStage;
+    use scorestream::model::packed::Packed;
+    use scorestream::model::stage::{Activations, Stage, StageOutput};
+    use scorestream::model::weights::{Vb, Weights};
+    let mut ok = true;
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    dirs.sort();
+    for dir in dirs.into_iter().filter(|d| d.join("reference.json").is_file()) {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+        let seqs: Vec<Vec<u32>> = reference["events"]
+            .as_array()
+            .map(|evs| evs.iter().filter_map(|e| serde_json::from_value(e["input_ids"].clone()).ok()).collect())
+            .unwrap_or_default();
+        let cfg = scorestream::model::ArchConfig::from_dir(&dir)?;
+        let weights = std::sync::Arc::new(Weights::open(&dir)?);
+        let packed = Packed::new(&seqs);
+        let n = cfg.num_layers;
+        let cpu = |dtype, fp8: bool| -> Result<Vec<f32>> {
+            let vb = Vb::new(weights.clone(), dtype, candle_core::Device::Cpu).with_fp8(fp8);
+            match Stage::load(&vb, &cfg, 0..n, 0, None)?.forward(&packed, Activations::Tokens)? {
+                StageOutput::Scores(s) => Ok(s.iter().map(|s| s.reward).collect()),
+                StageOutput::Hidden(_) => bail!("the CPU stage returned no scores"),
+            }
+        };
+        let gpu = match CudaStage::load(0, &Vb::new(weights.clone(), candle_core::DType::F32, candle_core::Device::Cpu), &cfg, 0..n, 0, None, packed.num_tokens().max(1), seqs.len().max(1)) {
+            Ok(mut stage) => match stage.forward(&packed, Activations::Tokens)? {
+                StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
+                StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
+            },
+            Err(e) => {
+                println!(r#"{{"kind":"parity","fixture":"{name}","skipped":"{}"}}"#, e.to_string().replace('"', "'"));
+                continue;
+            }
+        };
+        // bf16 activations + FP8 linears is the GPU's own arithmetic; the CPU engine's `fp8`
+        // dtype keeps activations in f32; plain f32 is the reference model.
+        let (bf16, f32) = (candle_core::DType::BF16, candle_core::DType::F32);
+        for (label, want) in [("cpu_fp8_bf16", cpu(bf16, true)?), ("cpu_fp8_f32", cpu(f32, true)?), ("cpu_f32", cpu(f32, false)?)] {
+            let diff = gpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let nan = gpu.iter().any(|v| !v.is_finite());
+            // FP8 vs its own CPU emulation should agree to accumulation order; vs f32 it is informational.
+            let pass = !nan && (label != "cpu_fp8_bf16" || diff <= 2e-2 * scale + 1e-3);
+            ok &= pass;
+            println!(r#"{{"kind":"parity","fixture":"{name}","against":"{label}","seqs":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#, seqs.len());
+        }
+    }
+    Ok(ok)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let cmd = args.get(1).map(String::as_str).unwrap_or("all");
+    if let Some(dir) = std::env::var_os("SCORESTREAM_NVRTC_LIB") {
+        preload_from(&PathBuf::from(dir));
+    }
+    let cache = scorestream::engine::cuda::compile::default_cache_dir();
+    let dev = GpuDevice::open(0, &cache)?;
+    println!(r#"{{"kind":"device","name":"{}","arch":"{}","sms":{}}}"#, dev.name, dev.arch, dev.sm_count);
+    let max_layers: usize = std::env::var("GPU_BENCH_MAX_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(80);
+    match cmd {
+        "check" => {
+            if !check(&dev)? {
+                bail!("some kernels differ from their CPU reference");
+            }
+        }
+        "gemm" => gemm_bench(&dev)?,
+        "parity" => {
+            drop(dev);
+            let dir = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("tests/fixtures"));
+            if !parity(&dir)? {
+                bail!("the CUDA stage differs from the CPU stage");
+            }
+        }
+        "layers" => layers_bench(&dev, max_layers)?,
+        "all" => {
+            let ok = check(&dev)?;
+            gemm_bench(&dev)?;
+            layers_bench(&dev, max_layers)?;
+            if !ok {
+                bail!("some kernels differ from their CPU reference");
+            }
+        }
+        other => bail!("unknown command {other}: check | gemm | layers | parity [DIR] | all"),
+    }
+    Ok(())
+}

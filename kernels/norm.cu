@@ -1,0 +1,75 @@
+// RMSNorm and Nemotron's LayerNorm1P over each token's row, optionally adding the residual
+// first (x += res, written back: the residual stream), and writing the normalized row as bf16
+// and/or quantized per token to E4M3 (+ one f32 scale per token).
+// One block per token row; the row lives in dynamic shared memory (hidden * 2 bytes).
+//
+// CPU mirror (src/engine/reference): RMS: y = bf16(bf16(x / sqrt(mean(x²) + eps)) * w);
+// LayerNorm1P: y = bf16(bf16((x - mean) / sqrt(var + eps) * w) + bf16(b)) with w = weight + 1.
+
+template <bool LN1P>
+__device__ void norm_body(
+    bf16* x,          // [tokens, hidden] residual stream; updated in place when res != null
+    const bf16* res,  // [tokens, hidden] or null
+    const float* w,   // [hidden] (LayerNorm1P: weight + 1 already)
+    const float* b,   // [hidden] or null (LayerNorm1P bias)
+    float eps, int hidden,
+    bf16* y,          // [tokens, hidden] or null
+    fp8* q,           // [tokens, hidden] or null
+    float* q_scale    // [tokens] or null
+) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* row = reinterpret_cast<bf16*>(smem_raw);
+    __shared__ float red[32];
+    const size_t base = (size_t)blockIdx.x * hidden;
+
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = bf(x[base + i]);
+        if (res) {
+            v = bfr(v + bf(res[base + i]));
+            x[base + i] = to_bf(v);
+        }
+        row[i] = to_bf(v);
+        sum += LN1P ? v : v * v;
+    }
+    sum = block_reduce<false>(sum, red);
+    float mean = 0.0f, var;
+    if (LN1P) {
+        mean = sum / hidden;
+        float c2 = 0.0f;
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            float c = bf(row[i]) - mean;
+            c2 += c * c;
+        }
+        var = block_reduce<false>(c2, red) / hidden;
+    } else {
+        var = sum / hidden;
+    }
+    const float denom = sqrtf(var + eps);
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v;
+        if (LN1P) {
+            v = bfr((bf(row[i]) - mean) / denom * w[i]);
+            if (b) v = bfr(v + bfr(b[i]));
+        } else {
+            v = bfr(bfr(bf(row[i]) / denom) * bfr(w[i]));
+        }
+        row[i] = to_bf(v);
+        if (y) y[base + i] = to_bf(v);
+        amax = fmaxf(amax, fabsf(v));
+    }
+    if (!q) return;
+    amax = block_reduce<true>(amax, red);
+    quantize_row(row, hidden, amax, q + base, q_scale + blockIdx.x);
+}
+
+extern "C" __global__ void rmsnorm_bf16(bf16* x, const bf16* res, const float* w, float eps, int hidden,
+                                        bf16* y, fp8* q, float* q_scale) {
+    norm_body<false>(x, res, w, nullptr, eps, hidden, y, q, q_scale);
+}
+
+extern "C" __global__ void layernorm1p_bf16(bf16* x, const bf16* res, const float* w, const float* b, float eps,
+                                            int hidden, bf16* y, fp8* q, float* q_scale) {
+    norm_body<true>(x, res, w, b, eps, hidden, y, q, q_scale);
+}

@@ -1,0 +1,230 @@
+//! FP8 GEMMs through cuBLASLt's raw API: `y [tokens, n] (bf16) = x [tokens, k] (E4M3) ·
+//! w [n, k]ᵀ (E4M3)`, f32 accumulation, scaled per token (`x_scale`) and per output channel
+//! (`w_scale`). Per-channel scales use cuBLASLt's outer-vector scale mode when the library
+//! offers an algorithm for it; otherwise the GEMM runs unscaled and `scale_epilogue_bf16`
+//! applies both vectors (bf16 keeps its relative precision, so only one extra rounding).
+//!
+//! Layout: cuBLASLt is column-major and FP8 wants "TN". Row-major `w [n, k]` is a column-major
+//! `[k, n]`, used transposed as A (m = n); row-major `x [tokens, k]` is column-major
+//! `[k, tokens]`, used as B; column-major D `[n, tokens]` is row-major `y [tokens, n]`.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+
+use super::device::{DeviceBuf, GpuDevice};
+use super::CudaError;
+
+type Result<T> = std::result::Result<T, CudaError>;
+
+/// Workspace for cuBLASLt (32 MiB is NVIDIA's advice for Hopper).
+pub const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Cached GEMM plans before the cache is emptied.
+const MAX_PLANS: usize = 512;
+
+/// `cublasOperation_t` values (an `int32` attribute; the enum lives in cuBLAS, not cuBLASLt).
+const CUBLAS_OP_N: i32 = 0;
+const CUBLAS_OP_T: i32 = 1;
+
+/// How the per-token and per-channel scales were applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScaleMode {
+    /// By cuBLASLt (`CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F` on A and B).
+    OuterVector,
+    /// By the fused epilogue kernel after an unscaled GEMM.
+    Epilogue,
+}
+
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3], // A, B, D (C = D)
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// A cuBLASLt handle, its workspace and the plans for the shapes seen so far.
+pub struct Fp8Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: DeviceBuf,
+    /// Use Hopper's fast FP8 accumulation (no periodic promotion to full f32).
+    pub fast_accum: bool,
+    /// Try outer-vector scales first; off forces the epilogue path.
+    pub prefer_outer_vector: bool,
+    plans: HashMap<(usize, usize, usize, ScaleMode, bool), Plan>,
+}
+
+// SAFETY: the handle and descriptors are used from one thread at a time (the stage's thread).
+unsafe impl Send for Fp8Gemm {}
+
+impl Fp8Gemm {
+    pub fn new(dev: &GpuDevice) -> Result<Self> {
+        dev.ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
+        let handle = lt::create_handle().map_err(CudaError::blas("create handle"))?;
+        let workspace = dev.alloc(WORKSPACE_BYTES)?;
+        Ok(Self { handle, workspace, fast_accum: false, prefer_outer_vector: true, plans: HashMap::new() })
+    }
+
+    /// `y = x · wᵀ` scaled; returns how the scales were applied. `bias` (f32 `[n]`, or 0) is
+    /// added by the epilogue, which then also applies the scales.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&mut self, dev: &GpuDevice, x: u64, x_scale: u64, w: u64, w_scale: u64, y: u64, bias: u64,
+                  tokens: usize, n: usize, k: usize) -> Result<ScaleMode> {
+        if tokens == 0 {
+            return Ok(ScaleMode::OuterVector);
+        }
+        // A bias needs the epilogue anyway: let it apply the scales too.
+        let mode = if self.prefer_outer_vector && bias == 0 && self.plan(tokens, n, k, ScaleMode::OuterVector).is_ok() {
+            ScaleMode::OuterVector
+        } else {
+            self.plan(tokens, n, k, ScaleMode::Epilogue)?;
+            ScaleMode::Epilogue
+        };
+        if let Err(e) = self.launch(dev, x, x_scale, w, w_scale, y, tokens, n, k, mode) {
+            if mode == ScaleMode::Epilogue {
+                return Err(e);
+            }
+            // The heuristic offered an outer-vector algorithm the library then refused: use the
+            // epilogue from now on.
+            tracing::warn!(error = %e, "cuBLASLt refused outer-vector FP8 scales; using the epilogue kernel");
+            self.prefer_outer_vector = false;
+            return self.matmul(dev, x, x_scale, w, w_scale, y, bias, tokens, n, k);
+        }
+        if mode == ScaleMode::Epilogue {
+            dev.scale_epilogue(y, tokens, n, x_scale, w_scale, bias)?;
+        }
+        Ok(mode)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(&self, dev: &GpuDevice, x: u64, x_scale: u64, w: u64, w_scale: u64, y: u64, tokens: usize, n: usize, k: usize,
+              mode: ScaleMode) -> Result<()> {
+        let plan = &self.plans[&(tokens, n, k, mode, self.fast_accum)];
+        if mode == ScaleMode::OuterVector {
+            set_attr(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale)?;
+            set_attr(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale)?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let stream = dev.stream.cu_stream() as sys::cudaStream_t;
+        // SAFETY: descriptors from `plan`, device pointers sized by the caller for these shapes.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                w as *const c_void,
+                plan.layouts[0],
+                x as *const c_void,
+                plan.layouts[1],
+                y as *const c_void,
+                plan.layouts[2],
+                y as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                self.workspace.ptr as *mut c_void,
+                WORKSPACE_BYTES,
+                stream,
+            )
+        }
+        .map_err(CudaError::blas(format!("FP8 matmul {tokens}x{n}x{k} ({mode:?})")))
+    }
+
+    /// Build (once) the descriptors and pick an algorithm for this shape and mode.
+    fn plan(&mut self, tokens: usize, n: usize, k: usize, mode: ScaleMode) -> Result<()> {
+        let key = (tokens, n, k, mode, self.fast_accum);
+        if self.plans.contains_key(&key) {
+            return Ok(());
+        }
+        // Token counts vary per batch: bound the cache rather than keep every shape seen.
+        if self.plans.len() >= MAX_PLANS {
+            for plan in self.plans.values() {
+                destroy_plan(plan);
+            }
+            self.plans.clear();
+        }
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+            .map_err(CudaError::blas("matmul descriptor"))?;
+        let mut plan = Plan { desc, layouts: [std::ptr::null_mut(); 3], algo: unsafe { std::mem::zeroed() } };
+        let result = (|| {
+            set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
+            set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
+            set_attr(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &i8::from(self.fast_accum))?;
+            if mode == ScaleMode::OuterVector {
+                let outer = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+            }
+            let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
+            plan.layouts[0] = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).map_err(CudaError::blas("layout A"))?;
+            plan.layouts[1] =
+                lt::create_matrix_layout(e4m3, k as u64, tokens as u64, k as i64).map_err(CudaError::blas("layout B"))?;
+            plan.layouts[2] = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, n as u64, tokens as u64, n as i64)
+                .map_err(CudaError::blas("layout D"))?;
+            let pref = lt::create_matmul_pref().map_err(CudaError::blas("preference"))?;
+            let ws = WORKSPACE_BYTES;
+            // SAFETY: valid preference descriptor; value is a usize as the attribute requires.
+            let heuristic = unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws as *const usize).cast(),
+                    std::mem::size_of::<usize>(),
+                )
+                .and_then(|_| {
+                    lt::get_matmul_algo_heuristic(
+                        self.handle,
+                        desc,
+                        plan.layouts[0],
+                        plan.layouts[1],
+                        plan.layouts[2],
+                        plan.layouts[2],
+                        pref,
+                    )
+                })
+            };
+            // SAFETY: created above, destroyed once.
+            let _ = unsafe { lt::destroy_matmul_pref(pref) };
+            plan.algo = heuristic.map_err(CudaError::blas(format!("no FP8 algorithm for {tokens}x{n}x{k} ({mode:?})")))?.algo;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.plans.insert(key, plan);
+                Ok(())
+            }
+            Err(e) => {
+                destroy_plan(&plan);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn set_attr<T>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescAttributes_t, value: &T) -> Result<()> {
+    // SAFETY: `value` is the type the attribute expects (callers pass enum, i8 or pointer).
+    unsafe { lt::set_matmul_desc_attribute(desc, attr, (value as *const T).cast(), std::mem::size_of::<T>()) }
+        .map_err(CudaError::blas(format!("set {attr:?}")))
+}
+
+fn destroy_plan(plan: &Plan) {
+    // SAFETY: each descriptor was created once by `plan` and is destroyed once; nulls skipped.
+    unsafe {
+        for l in plan.layouts.iter().filter(|l| !l.is_null()) {
+            let _ = lt::destroy_matrix_layout(*l);
+        }
+        let _ = lt::destroy_matmul_desc(plan.desc);
+    }
+}
+
+impl Drop for Fp8Gemm {
+    fn drop(&mut self) {
+        for plan in self.plans.values() {
+            destroy_plan(plan);
+        }
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
