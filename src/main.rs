@@ -12,10 +12,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Score(_args) => Err(anyhow::anyhow!("score: not wired yet")),
+        Command::Score(args) => commands::score::run(&args),
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Quantize(args) => commands::quantize::run(&args),
-        Command::Compare(_args) => Err(anyhow::anyhow!("compare: not wired yet")),
+        Command::Compare(args) => commands::compare::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

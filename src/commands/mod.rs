@@ -1,6 +1,6 @@
 //! Command implementations behind the CLI.
 
-// pub mod compare; (enabled once crate::prompt::Prompter lands)
+pub mod compare;
 pub mod inspect;
 pub mod quantize;
-// pub mod score; (enabled once crate::prompt::Prompter lands)
+pub mod score;

@@ -17,7 +17,10 @@ const MIN_AMAX: f64 = 1e-12;
 /// with `x ≈ q · scale`.
 pub fn quantize_rows(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let x = x.to_dtype(DType::F32)?;
-    let scale = (x.abs()?.max_keepdim(D::Minus1)?.clamp(MIN_AMAX, f64::MAX)? / E4M3_MAX)?;
+    // Divide (not multiply by 1/448, which `Tensor / f64` does): the scale must round exactly as
+    // `amax / 448` does everywhere else.
+    let amax = x.abs()?.max_keepdim(D::Minus1)?.clamp(MIN_AMAX, f64::MAX)?;
+    let scale = amax.broadcast_div(&Tensor::new(E4M3_MAX as f32, x.device())?)?;
     let q = quantize_with_scale(&x, &scale)?;
     Ok((q, scale))
 }

@@ -1,0 +1,157 @@
+//! `scorestream score` end to end: the committed conversations through chat template,
+//! tokenizer and model give transformers' rewards, in input order; bad lines become error
+//! records of the right kind and the run goes on; truncation and the length limit.
+
+mod common_fixtures;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common_fixtures::{fixture_names, Reference};
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    out: Vec<Value>,
+    errors: Vec<Value>,
+}
+
+fn score(model: &str, input: &[u8], extra: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let errors = dir.path().join("errors.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model"])
+        .arg(common_fixtures::dir(model))
+        .args(["--input", "-", "--output", "-", "--errors"])
+        .arg(&errors)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let lines = |s: &str| s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        out: lines(&String::from_utf8_lossy(&output.stdout)),
+        errors: std::fs::read_to_string(&errors).map(|s| lines(&s)).unwrap_or_default(),
+    }
+}
+
+fn conversations() -> Vec<u8> {
+    std::fs::read(common_fixtures::root().join("conversations.jsonl")).unwrap()
+}
+
+#[test]
+fn every_fixture_scores_its_conversations_like_transformers() {
+    for name in fixture_names().into_iter().filter(|n| n != "arith") {
+        let reference = Reference::load(&name);
+        let expected: HashMap<&str, &common_fixtures::RefEvent> = reference.events.iter().map(|e| (e.id.as_str(), e)).collect();
+        let run = score(&name, &conversations(), &[]);
+        assert_eq!(run.code, 0);
+        assert!(run.errors.is_empty(), "{name}: {:?}", run.errors);
+        let ids: Vec<&str> = run.out.iter().map(|o| o["id"].as_str().unwrap()).collect();
+        let want: Vec<&str> = reference.events.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, want, "{name}: outputs in input order");
+        for o in &run.out {
+            let r = expected[o["id"].as_str().unwrap()];
+            let reward = o["reward"].as_f64().unwrap() as f32;
+            assert!((reward - r.reward).abs() <= 1e-4 * r.reward.abs().max(1.0), "{name}/{}: {reward} vs {}", r.id, r.reward);
+            assert_eq!(o["tokens"].as_u64().unwrap() as usize, r.input_ids.len(), "{name}/{}", r.id);
+            assert_eq!(o["truncated"], Value::Bool(false));
+            assert_eq!(o["attributes"].is_object(), r.logits.len() > 1, "{name}/{}: attributes only for several outputs", r.id);
+            assert_eq!(o["model"], Value::String(name.clone()));
+        }
+    }
+}
+
+#[test]
+fn bad_lines_become_error_records_and_the_run_goes_on() {
+    let good = r#"{"id":"ok-1","messages":[{"role":"user","content":"What is 2+2?"},{"role":"assistant","content":"4"}],"metadata":{"k":[1,2]}}"#;
+    let mut input = Vec::new();
+    let bad: [(&[u8], &str); 6] = [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe\n", "invalid_utf8"),
+        (br#"{"id":"s","messages":"nope"}"#, "schema"),
+        (br#"{"id":"u","messages":[{"role":"assistant","content":"hi"},{"role":"user","content":"q"}]}"#, "invalid_conversation"),
+        (br#"{"id":"e","messages":[{"role":"user","content":"q"},{"role":"assistant","content":"  "}]}"#, "invalid_conversation"),
+        (br#"{"id":"x","messages":[],"extra":1}"#, "schema"),
+    ];
+    for (line, _) in &bad {
+        input.extend_from_slice(good.as_bytes());
+        input.push(b'\n');
+        input.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+        input.push(b'\n');
+    }
+    input.extend_from_slice(good.replace("ok-1", "ok-last").as_bytes());
+    let run = score("arith", &input, &[]);
+    assert_eq!(run.code, 0, "bad input never fails the run");
+    assert_eq!(run.out.len(), bad.len() + 1);
+    assert_eq!(run.out.last().unwrap()["id"], "ok-last");
+    assert_eq!(run.out[0]["metadata"], serde_json::json!({"k": [1, 2]}), "metadata passes through");
+    let kinds: Vec<&str> = run.errors.iter().map(|e| e["error"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, bad.iter().map(|(_, k)| *k).collect::<Vec<_>>());
+    let lines: Vec<u64> = run.errors.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, vec![2, 4, 6, 8, 10, 12], "error records carry their input line");
+    assert_eq!(run.errors[2]["id"], "s", "the id is kept when the payload has one");
+    assert!(run.errors.iter().all(|e| !e["error"]["message"].as_str().unwrap().is_empty()));
+}
+
+fn long_conversation(turns: usize) -> String {
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "Answer with a number."})];
+    for i in 0..turns {
+        messages.push(serde_json::json!({"role": "user", "content": format!("What is {}+{}?", i % 10, (i + 3) % 10)}));
+        messages.push(serde_json::json!({"role": "assistant", "content": format!("{}", i % 10 + (i + 3) % 10)}));
+    }
+    serde_json::json!({"id": "long", "messages": messages}).to_string()
+}
+
+#[test]
+fn long_conversations_drop_their_oldest_turns_or_are_rejected() {
+    let input = format!("{}\n", long_conversation(40));
+    let full = score("arith", input.as_bytes(), &["--max-tokens", "100000"]);
+    let full_tokens = full.out[0]["tokens"].as_u64().unwrap();
+    assert_eq!(full.out[0]["truncated"], false);
+    let limit = (full_tokens / 3).to_string();
+    let cut = score("arith", input.as_bytes(), &["--max-tokens", &limit]);
+    assert_eq!(cut.out.len(), 1, "{:?}", cut.errors);
+    assert_eq!(cut.out[0]["truncated"], true);
+    let tokens = cut.out[0]["tokens"].as_u64().unwrap();
+    assert!(tokens <= full_tokens / 3 && tokens > full_tokens / 6, "kept {tokens} of {full_tokens} within {limit}");
+    let rejected = score("arith", input.as_bytes(), &["--max-tokens", &limit, "--truncation", "reject"]);
+    assert!(rejected.out.is_empty());
+    assert_eq!(rejected.errors[0]["error"]["kind"], "too_long");
+    let tiny = score("arith", input.as_bytes(), &["--max-tokens", "5"]);
+    assert_eq!(tiny.errors[0]["error"]["kind"], "too_long", "the final exchange alone does not fit");
+}
+
+#[test]
+fn the_trained_fixture_prefers_correct_answers() {
+    let input = std::fs::read(common_fixtures::dir("arith").join("conversations.jsonl")).unwrap();
+    let run = score("arith", &input, &[]);
+    let reward: HashMap<String, f64> =
+        run.out.iter().map(|o| (o["id"].as_str().unwrap().to_owned(), o["reward"].as_f64().unwrap())).collect();
+    let (mut right, mut pairs) = (0, 0);
+    for (id, good) in reward.iter().filter(|(id, _)| id.ends_with("-good")) {
+        if let Some(bad) = reward.get(&id.replace("-good", "-bad")) {
+            pairs += 1;
+            right += usize::from(good > bad);
+        }
+    }
+    assert!(pairs >= 20, "expected good/bad pairs, found {pairs}");
+    assert!(right as f64 / pairs as f64 >= 0.9, "{right}/{pairs} pairs ranked correctly");
+}
+
+#[test]
+fn a_missing_model_is_an_error_of_the_run() {
+    let output = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model", "/nonexistent/model", "--input", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/model"));
+}
