@@ -20,7 +20,7 @@ import shutil
 import sys
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
                           MistralForSequenceClassification, NemotronConfig, NemotronForSequenceClassification,
@@ -47,9 +47,20 @@ def conversations():
         return [json.loads(l) for l in f if l.strip()]
 
 
-def train_tokenizer(specials, corpus, vocab=400):
+# Pre-tokenizer patterns of the real Qwen2 and Llama-3 tokenizer.json files (transformers 5
+# rebuilds Qwen2's from its tokenizer class, so the fixture must carry the real one).
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def train_tokenizer(specials, corpus, vocab=400, pattern=None):
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -224,8 +235,9 @@ def random_fixtures():
     qwen_sp = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     mistral_sp = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
     nemo_sp = ["<unk>", "<s>", "</s>", "<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]
+    patterns = {"llama": LLAMA3_PATTERN, "qwen": QWEN_PATTERN}
     for k, sp in {"llama": llama_sp, "qwen": qwen_sp, "mistral": mistral_sp, "nemo": nemo_sp}.items():
-        TOKENIZERS[k] = train_tokenizer(sp, corpus)
+        TOKENIZERS[k] = train_tokenizer(sp, corpus, pattern=patterns.get(k))
     V = 400
     pad_llama = TOKENIZERS["llama"].token_to_id("<|pad|>")
     llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
