@@ -4,11 +4,9 @@
 
 mod common_fixtures;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
 use common_fixtures::{fixture_names, Reference};
 use scorestream::engine::{Engine, EngineError};
 use scorestream::model::{Dtype, ModelOptions};
@@ -58,49 +56,6 @@ fn a_failing_stage_fails_its_batch_and_later_batches_run() {
     assert_eq!(rewards(&engine, &ids[..1]), good, "the engine keeps working after a failed batch");
 }
 
-/// A Llama-shaped bf16 checkpoint of `layers` layers, one shard per layer, with random weights.
-fn write_sharded_checkpoint(dir: &Path, layers: usize, hidden: usize, inter: usize) -> usize {
-    let dev = Device::Cpu;
-    let rand = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap();
-    let mut weight_map = serde_json::Map::new();
-    let mut shard_bytes = 0;
-    for i in 0..layers + 1 {
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        if i == layers {
-            tensors.insert("model.embed_tokens.weight".into(), rand(&[256, hidden]));
-            tensors.insert("model.norm.weight".into(), rand(&[hidden]));
-            tensors.insert("score.weight".into(), rand(&[1, hidden]));
-        } else {
-            let p = format!("model.layers.{i}");
-            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                tensors.insert(format!("{p}.self_attn.{n}.weight"), rand(&[hidden, hidden]));
-            }
-            for n in ["gate_proj", "up_proj"] {
-                tensors.insert(format!("{p}.mlp.{n}.weight"), rand(&[inter, hidden]));
-            }
-            tensors.insert(format!("{p}.mlp.down_proj.weight"), rand(&[hidden, inter]));
-            for n in ["input_layernorm", "post_attention_layernorm"] {
-                tensors.insert(format!("{p}.{n}.weight"), rand(&[hidden]));
-            }
-        }
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, layers + 1);
-        for k in tensors.keys() {
-            weight_map.insert(k.clone(), file.clone().into());
-        }
-        candle_core::safetensors::save(&tensors, dir.join(&file)).unwrap();
-        shard_bytes = shard_bytes.max(std::fs::metadata(dir.join(&file)).unwrap().len() as usize);
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    let config = serde_json::json!({
-        "architectures": ["LlamaForSequenceClassification"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": hidden / 64, "num_key_value_heads": hidden / 64, "vocab_size": 256,
-        "rms_norm_eps": 1e-5, "num_labels": 1, "pad_token_id": 0, "torch_dtype": "bfloat16"});
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    shard_bytes
-}
-
 fn peak_rss_of_quantize(model: &Path, out: &Path) -> f64 {
     let output = Command::new(env!("CARGO_BIN_EXE_scorestream"))
         .args(["quantize", "--model"])
@@ -121,8 +76,8 @@ fn quantizing_a_sharded_checkpoint_holds_about_one_shard() {
     let (small, big) = (tmp.path().join("small"), tmp.path().join("big"));
     std::fs::create_dir_all(&small).unwrap();
     std::fs::create_dir_all(&big).unwrap();
-    write_sharded_checkpoint(&small, 1, 64, 128);
-    let shard = write_sharded_checkpoint(&big, 8, 768, 2048) as f64 / (1 << 20) as f64;
+    common_fixtures::write_sharded_checkpoint(&small, 1, 64, 128);
+    let shard = common_fixtures::write_sharded_checkpoint(&big, 8, 768, 2048) as f64 / (1 << 20) as f64;
     let total = shard * 8.0;
     let baseline = peak_rss_of_quantize(&small, &tmp.path().join("small-fp8"));
     let peak = peak_rss_of_quantize(&big, &tmp.path().join("big-fp8"));

@@ -31,8 +31,10 @@ pub enum InputQuant {
 /// values (per-channel scales already applied) and the input is quantized before the product.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`
+    /// `[out, in]`: the weight itself, or its E4M3 codes when `weight_scale` is set.
     weight: Tensor,
+    /// `[out, 1]` per-channel scales of an FP8 weight (kept as codes to hold 1 byte per weight).
+    weight_scale: Option<Tensor>,
     /// `[out]`
     bias: Option<Tensor>,
     input_quant: InputQuant,
@@ -45,30 +47,39 @@ impl Linear {
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         let stored_fp8 = vb.contains("weight_scale");
-        let weight = if stored_fp8 {
+        let (weight, weight_scale) = if stored_fp8 {
             let q = vb.get_as((out_dim, in_dim), "weight", DType::F8E4M3)?;
             let scale = vb.get_raw("weight_scale")?.to_dtype(DType::F32)?;
-            let scale = if scale.elem_count() == out_dim { scale.reshape((out_dim, 1))? } else { scale.flatten_all()?.max(0)? };
-            fp8::dequantize(&q, &scale)?
+            let scale = if scale.elem_count() == out_dim {
+                scale.reshape((out_dim, 1))?
+            } else {
+                scale.flatten_all()?.max_keepdim(0)?.broadcast_as((out_dim, 1))?.contiguous()?
+            };
+            (q, Some(scale))
         } else if vb.fp8 {
-            fp8::fake_quant_rows(&vb.get_as((out_dim, in_dim), "weight", DType::F32)?)?
+            let (q, scale) = fp8::quantize_rows(&vb.get_as((out_dim, in_dim), "weight", DType::F32)?)?;
+            (q, Some(scale))
         } else {
-            vb.get((out_dim, in_dim), "weight")?
+            (vb.get((out_dim, in_dim), "weight")?, None)
         };
         let input_quant = match (vb.fp8 || stored_fp8, vb.contains("input_scale")) {
             (false, _) => InputQuant::None,
             (true, false) => InputQuant::PerToken,
             (true, true) => InputQuant::Static(vb.get_raw("input_scale")?.to_dtype(DType::F32)?.flatten_all()?.max(0)?.to_scalar()?),
         };
-        Ok(Self { weight: weight.to_dtype(vb.dtype)?, bias, input_quant })
+        Ok(Self { weight, weight_scale, bias, input_quant })
     }
 
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, input_quant: InputQuant::None }
+        Self { weight, weight_scale: None, bias, input_quant: InputQuant::None }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight in `dtype` (dequantized when held as FP8 codes).
+    pub fn weight(&self, dtype: DType) -> Result<Tensor> {
+        Ok(match &self.weight_scale {
+            Some(scale) => fp8::dequantize(&self.weight, scale)?.to_dtype(dtype)?,
+            None => self.weight.to_dtype(dtype)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -80,7 +91,10 @@ impl Linear {
                 fp8::dequantize(&fp8::quantize_with_scale(x, &s)?, &s)?.to_dtype(x.dtype())?
             }
         };
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight_scale {
+            None => x.matmul(&self.weight.t()?)?,
+            Some(_) => x.matmul(&self.weight(x.dtype())?.t()?)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

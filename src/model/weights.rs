@@ -13,10 +13,19 @@ use serde::Deserialize;
 
 use super::ModelError;
 
-/// The safetensors files of a model directory, memory-mapped.
+/// Where one tensor lives.
+struct Entry {
+    file: usize,
+    shape: Vec<usize>,
+    dtype: String,
+    nbytes: usize,
+}
+
+/// The safetensors files of a model directory. Headers are read once; a shard is mapped only
+/// while a tensor is read from it and unmapped right after, so loading (and quantizing at load)
+/// never keeps the whole checkpoint resident — only the tensors the model keeps.
 pub struct Weights {
-    st: MmapedSafetensors,
-    names: BTreeSet<String>,
+    index: std::collections::BTreeMap<String, Entry>,
     pub files: Vec<PathBuf>,
 }
 
@@ -43,54 +52,55 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 impl Weights {
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let files = safetensors_files(dir)?;
-        for f in &files {
-            if !f.exists() {
-                return Err(ModelError::Io {
-                    path: f.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing"),
-                });
+        let mut index = std::collections::BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let st = map(f)?;
+            for (name, view) in st.tensors() {
+                let entry = Entry { file: i, shape: view.shape().to_vec(), dtype: format!("{:?}", view.dtype()), nbytes: view.data().len() };
+                index.insert(name, entry);
             }
         }
-        // SAFETY: the files are mapped read-only; like every safetensors reader we rely on them
-        // not being modified while the model is loaded.
-        let st = unsafe { MmapedSafetensors::multi(&files) }
-            .map_err(|e| ModelError::weights(format!("cannot map {}", files[0].display()), Some(e)))?;
-        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self { st, names, files })
+        Ok(Self { index, files })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains(name)
+        self.index.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.names.iter().map(String::as_str)
+        self.index.keys().map(String::as_str)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, ModelError> {
+        self.index.get(name).ok_or_else(|| ModelError::weights(format!("tensor {name} is missing from the checkpoint"), None))
     }
 
     /// Shape and on-disk dtype of a tensor.
     pub fn info(&self, name: &str) -> Result<(Vec<usize>, String), ModelError> {
-        let view = self.st.get(name).map_err(|e| ModelError::weights(format!("tensor {name}"), Some(e)))?;
-        Ok((view.shape().to_vec(), format!("{:?}", view.dtype())))
+        let e = self.entry(name)?;
+        Ok((e.shape.clone(), e.dtype.clone()))
     }
 
     /// Bytes of a tensor on disk.
     pub fn nbytes(&self, name: &str) -> usize {
-        self.st.get(name).map(|v| v.data().len()).unwrap_or(0)
+        self.index.get(name).map_or(0, |e| e.nbytes)
     }
 
     /// Number of scalar parameters in every tensor.
     pub fn num_parameters(&self) -> u64 {
-        self.st.tensors().iter().map(|(_, v)| v.shape().iter().product::<usize>() as u64).sum()
+        self.index.values().map(|e| e.shape.iter().product::<usize>() as u64).sum()
     }
 
     /// Load a tensor as stored.
     pub fn load_raw(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
-        self.st.load(name, device).map_err(|e| ModelError::weights(format!("cannot load {name}"), Some(e)))
+        let st = map(&self.files[self.entry(name)?.file])?;
+        st.load(name, device).map_err(|e| ModelError::weights(format!("cannot load {name}"), Some(e)))
     }
 
     /// Load rows `start..start+len` of a 2-D tensor without converting the rest of it.
     pub fn load_rows(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Tensor, ModelError> {
-        let view = self.st.get(name).map_err(|e| ModelError::weights(format!("tensor {name}"), Some(e)))?;
+        let st = map(&self.files[self.entry(name)?.file])?;
+        let view = st.get(name).map_err(|e| ModelError::weights(format!("tensor {name}"), Some(e)))?;
         let shape = view.shape();
         if shape.len() != 2 || start + len > shape[0] {
             return Err(ModelError::weights(
@@ -104,6 +114,19 @@ impl Weights {
         Tensor::from_raw_buffer(bytes, dtype, &[len, shape[1]], device)
             .map_err(|e| ModelError::weights(format!("{name}: rows"), Some(e)))
     }
+}
+
+/// Map one shard read-only.
+fn map(file: &Path) -> Result<MmapedSafetensors, ModelError> {
+    if !file.exists() {
+        return Err(ModelError::Io {
+            path: file.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing"),
+        });
+    }
+    // SAFETY: the file is mapped read-only; like every safetensors reader we rely on it not
+    // being modified while it is mapped.
+    unsafe { MmapedSafetensors::new(file) }.map_err(|e| ModelError::weights(format!("cannot map {}", file.display()), Some(e)))
 }
 
 /// A view of the checkpoint under a name prefix, producing tensors in one dtype on one device.

@@ -95,7 +95,7 @@ fn host_linear(vb: &Vb, names: &[&str], outs: &[usize], inp: usize, bias: bool) 
     let mut b = bias.then(Vec::new);
     for (name, &out) in names.iter().zip(outs) {
         let lin = Linear::load(&vb.pp(name), inp, out, false).map_err(model_err)?;
-        w.extend(f32_vec(lin.weight())?);
+        w.extend(f32_vec(&lin.weight(DType::F32).map_err(model_err)?)?);
         if let Some(b) = b.as_mut() {
             b.extend(f32_vec(&vb.pp(name).get_as(out, "bias", DType::F32).map_err(model_err)?)?);
         }
