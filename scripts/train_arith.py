@@ -6,12 +6,14 @@ Bradley-Terry loss, -log σ(r_good - r_bad), to score the correct answer to a si
 above a wrong one. Of all (question, wrong answer) pairs a random fifth is held out; pairwise
 accuracy on the held-out pairs is printed and recorded in training.json. About 4 minutes on 2 CPU cores.
 
-    python3 scripts/train_arith.py
+    python3 scripts/train_arith.py              # train, then write the evaluation files
+    python3 scripts/train_arith.py --eval-only  # rewrite conversations/references only
 """
 import json
 import os
 import random
 import shutil
+import sys
 import time
 
 import torch
@@ -43,7 +45,39 @@ def conv(a, b, answer):
     return question(a, b) + [{"role": "assistant", "content": str(answer)}]
 
 
+def split():
+    """Every (question, wrong answer) pair; a random fifth (seeded) is held out."""
+    pairs = [(a, b, w) for a in range(10) for b in range(10) for w in range(19) if w != a + b]
+    random.Random(SEED).shuffle(pairs)
+    return pairs[: len(pairs) // 5], pairs[len(pairs) // 5:]
+
+
+def write_eval():
+    """Held-out conversations (every held-out pair: "qA_B_W-good" / "-bad"), README examples,
+    and transformers' float32 references for them."""
+    held, _ = split()
+    events = []
+    for a, b, w in held:
+        events.append({"id": f"q{a}_{b}_{w}-good", "messages": conv(a, b, a + b)})
+        events.append({"id": f"q{a}_{b}_{w}-bad", "messages": conv(a, b, w)})
+    with open(os.path.join(OUT, "conversations.jsonl"), "w") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+    examples = [
+        {"id": "seven-right", "messages": conv(3, 4, 7)}, {"id": "seven-wrong", "messages": conv(3, 4, 8)},
+        {"id": "twelve-right", "messages": conv(9, 3, 12)}, {"id": "twelve-wrong", "messages": conv(9, 3, 2)},
+        {"id": "zero-right", "messages": conv(0, 0, 0)}, {"id": "zero-wrong", "messages": conv(0, 0, 10)},
+    ]
+    with open(os.path.join(OUT, "examples.jsonl"), "w") as f:
+        for e in examples:
+            f.write(json.dumps(e) + "\n")
+    import make_fixtures
+    make_fixtures.references(OUT, events)
+
+
 def main():
+    if "--eval-only" in sys.argv:
+        return write_eval()
     random.seed(SEED)
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
@@ -70,10 +104,7 @@ def main():
             x[i, : len(s)] = torch.tensor(s)
         return x, (x != pad).long()
 
-    # Every (question, wrong answer) pair; a random fifth is held out.
-    pairs = [(a, b, w) for a in range(10) for b in range(10) for w in range(19) if w != a + b]
-    random.shuffle(pairs)
-    held, kept = pairs[: len(pairs) // 5], pairs[len(pairs) // 5:]
+    held, kept = split()
     train = [(ids(conv(a, b, a + b)), ids(conv(a, b, w))) for a, b, w in kept]
 
     def accuracy(pairs):
@@ -111,29 +142,9 @@ def main():
     print(json.dumps(record), flush=True)
     json.dump(record, open(os.path.join(OUT, "training.json"), "w"), indent=2)
 
-    # Held-out conversations (pairs "qA_B_W-good" / "-bad") and their float32 references.
-    random.seed(SEED + 1)
-    chosen = random.sample(held, 40)
-    events = []
-    for a, b, w in chosen:
-        events.append({"id": f"q{a}_{b}_{w}-good", "messages": conv(a, b, a + b)})
-        events.append({"id": f"q{a}_{b}_{w}-bad", "messages": conv(a, b, w)})
-    with open(os.path.join(OUT, "conversations.jsonl"), "w") as f:
-        for e in events:
-            f.write(json.dumps(e) + "\n")
-    examples = [
-        {"id": "seven-right", "messages": conv(3, 4, 7)}, {"id": "seven-wrong", "messages": conv(3, 4, 8)},
-        {"id": "twelve-right", "messages": conv(9, 3, 12)}, {"id": "twelve-wrong", "messages": conv(9, 3, 2)},
-        {"id": "zero-right", "messages": conv(0, 0, 0)}, {"id": "zero-wrong", "messages": conv(0, 0, 10)},
-    ]
-    with open(os.path.join(OUT, "examples.jsonl"), "w") as f:
-        for e in examples:
-            f.write(json.dumps(e) + "\n")
-    import make_fixtures
-    make_fixtures.references(OUT, events)
+    write_eval()
 
 
 if __name__ == "__main__":
-    import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -89,3 +89,32 @@ fn quantizing_a_sharded_checkpoint_holds_about_one_shard() {
     let engine = Engine::start(&options(&tmp.path().join("big-fp8"), Dtype::F32, &["cpu"])).unwrap();
     assert_eq!(engine.score_blocking(vec![vec![1, 2, 3]]).unwrap().len(), 1);
 }
+
+/// Rewards of the trained fixture's held-out conversations and the share of good/bad pairs it
+/// ranks correctly.
+fn arith_rewards(dtype: Dtype) -> (Vec<f32>, f64) {
+    let reference = Reference::load("arith");
+    let engine = Engine::start(&options(&common_fixtures::dir("arith"), dtype, &["cpu"])).unwrap();
+    let ids: Vec<Vec<u32>> = reference.events.iter().map(|e| e.input_ids.clone()).collect();
+    let rewards: Vec<f32> = ids.chunks(256).flat_map(|c| rewards(&engine, c)).collect();
+    let ids: Vec<&str> = reference.events.iter().map(|e| e.id.as_str()).collect();
+    let (mut right, mut pairs) = (0, 0);
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(bad) = id.strip_suffix("-good").and_then(|q| ids.iter().position(|x| *x == format!("{q}-bad"))) {
+            pairs += 1;
+            right += usize::from(rewards[i] > rewards[bad]);
+        }
+    }
+    (rewards, right as f64 / pairs as f64)
+}
+
+#[test]
+fn fp8_keeps_the_trained_models_rankings() {
+    let (f32_rewards, f32_acc) = arith_rewards(Dtype::F32);
+    let (fp8_rewards, fp8_acc) = arith_rewards(Dtype::Fp8);
+    let agreement = scorestream::commands::compare::agreement(&f32_rewards, &fp8_rewards);
+    println!("held-out accuracy f32 {f32_acc:.4} fp8 {fp8_acc:.4}; {agreement:?}");
+    assert!(f32_rewards.len() >= 600, "the held-out set is the whole held-out split");
+    assert!(agreement.pairwise_agreement >= 0.98, "{agreement:?}");
+    assert!((f32_acc - fp8_acc).abs() <= 0.01, "accuracy f32 {f32_acc} vs fp8 {fp8_acc}");
+}
