@@ -47,7 +47,9 @@ fn conversations() -> Vec<u8> {
 
 #[test]
 fn every_fixture_scores_its_conversations_like_transformers() {
-    for name in fixture_names().into_iter().filter(|n| n != "arith") {
+    // The FP8 checkpoint is held to the FP8 emulation in model_parity.rs, not to 1e-4.
+    let fp8 = |n: &str| std::fs::read_to_string(common_fixtures::dir(n).join("config.json")).is_ok_and(|c| c.contains("quantization_config"));
+    for name in fixture_names().into_iter().filter(|n| n != "arith" && !fp8(n)) {
         let reference = Reference::load(&name);
         let expected: HashMap<&str, &common_fixtures::RefEvent> = reference.events.iter().map(|e| (e.id.as_str(), e)).collect();
         let run = score(&name, &conversations(), &[]);
