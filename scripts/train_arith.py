@@ -64,9 +64,10 @@ def write_eval():
         for e in events:
             f.write(json.dumps(e) + "\n")
     examples = [
-        {"id": "seven-right", "messages": conv(3, 4, 7)}, {"id": "seven-wrong", "messages": conv(3, 4, 8)},
-        {"id": "twelve-right", "messages": conv(9, 3, 12)}, {"id": "twelve-wrong", "messages": conv(9, 3, 2)},
-        {"id": "zero-right", "messages": conv(0, 0, 0)}, {"id": "zero-wrong", "messages": conv(0, 0, 10)},
+        {"id": "2+5-right", "messages": conv(2, 5, 7)}, {"id": "2+5-wrong", "messages": conv(2, 5, 9)},
+        {"id": "9+3-right", "messages": conv(9, 3, 12)}, {"id": "9+3-wrong", "messages": conv(9, 3, 2)},
+        {"id": "6+7-right", "messages": conv(6, 7, 13)}, {"id": "6+7-off-by-one", "messages": conv(6, 7, 14)},
+        {"id": "0+0-right", "messages": conv(0, 0, 0)}, {"id": "0+0-wrong", "messages": conv(0, 0, 10)},
     ]
     with open(os.path.join(OUT, "examples.jsonl"), "w") as f:
         for e in examples:
