@@ -24,6 +24,17 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Score the same conversations in two numeric formats and report their agreement.
     Compare(CompareArgs),
+    /// Run the streaming worker described by a config file.
+    Run(ConfigArgs),
+    /// Validate a worker config file without starting anything.
+    CheckConfig(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Worker config (TOML); any key can be overridden by SCORESTREAM__<SECTION>__<KEY>.
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 /// Which model and how to run it (shared by the commands that load one).

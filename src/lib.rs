@@ -8,6 +8,7 @@ pub mod commands;
 pub mod engine;
 pub mod event;
 pub mod model;
+pub mod nats;
 pub mod prompt;
 pub mod app;
 pub mod config;

@@ -16,6 +16,10 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Quantize(args) => commands::quantize::run(&args),
         Command::Compare(args) => commands::compare::run(&args),
+        Command::Run(a) => scorestream::app::run_command(&a.config).map_err(Into::into),
+        Command::CheckConfig(a) => scorestream::config::check_config(&a.config)
+            .map(|_| println!("{}: ok", a.config.display()))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

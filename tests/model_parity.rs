@@ -109,6 +109,10 @@ fn fp8_matches_the_pytorch_emulation_of_the_same_scheme() {
             // is held to its own measured spread on top of the 5e-3 bound.
             let (reward, spread) = (want["reward"].as_f64().unwrap() as f32, want["spread"].as_f64().unwrap_or(0.0) as f32);
             let tol = 5e-3 * reward.abs().max(1.0) + 2.0 * spread;
+            if std::env::var_os("FP8_DEBUG").is_some() {
+                println!("{name}/{}: fp8 {got} vs emulation {reward} (spread {spread}) f32 {} {}", ev.id, ev.reward, if (got - reward).abs() <= tol { "" } else { "OUT" });
+                continue;
+            }
             assert!((got - reward).abs() <= tol, "{name}/{}: fp8 {got} vs emulation {reward} (spread {spread})", ev.id);
         }
     }

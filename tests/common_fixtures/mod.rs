@@ -99,4 +99,3 @@ pub fn write_sharded_checkpoint(dir: &Path, layers: usize, hidden: usize, inter:
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     shard_bytes
 }
-

@@ -1,0 +1,241 @@
+//! `scorestream run`: load the config, start the HTTP endpoints,
+//! load and warm up the model, open the source and sinks, run the pipeline, and shut down on
+//! SIGTERM/SIGINT.
+//!
+//! Shutdown: the first signal stops fetching; everything in flight is scored, published,
+//! confirmed and acked, then the worker exits 0. If that takes longer than `shutdown_timeout`
+//! the worker exits with an error, leaving unacked inputs for redelivery. A second signal exits
+//! at once (status 130).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError, Delivery, SinkConfig};
+use crate::engine::{Engine, EngineError};
+use crate::event::{EventError, InputEvent, Message, Role};
+use crate::http::{HttpError, Readiness};
+use crate::metrics::{Metrics, MetricsError};
+use crate::model::ModelOptions;
+use crate::pipeline::{Parts, PipelineError, Preparer, Settings};
+use crate::prompt::{PromptError, Prompter, TruncationPolicy};
+use crate::sink::{SinkContext, SinkError};
+use crate::source::{SourceContext, SourceError};
+
+/// Errors that stop the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("cannot load the tokenizer and chat template")]
+    Prompt(#[source] PromptError),
+    #[error(transparent)]
+    Engine(Box<EngineError>),
+    #[error("the warm-up batch failed: {0}")]
+    WarmUp(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("shutdown did not finish within {0:?}; unacknowledged inputs will be redelivered")]
+    ShutdownTimeout(std::time::Duration),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot install the signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// `scorestream run --config FILE`: load the config, run the worker on its own runtime, and
+/// return when it has drained. Blocking reads that cannot be cancelled (stdin) are abandoned
+/// rather than waited for.
+pub fn run_command(path: &Path) -> Result<(), AppError> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("scorestream-worker")
+        .build()
+        .map_err(AppError::Runtime)?;
+    let result = runtime.block_on(run(config));
+    runtime.shutdown_background();
+    result
+}
+
+/// The prompt stage over the model's tokenizer and chat template.
+struct PromptPreparer {
+    prompter: Prompter,
+    max_tokens: usize,
+    policy: TruncationPolicy,
+}
+
+impl Preparer for PromptPreparer {
+    fn prepare(&self, event: &InputEvent) -> Result<(Vec<u32>, bool), EventError> {
+        let p = self.prompter.prepare(&event.messages, self.max_tokens, self.policy)?;
+        Ok((p.ids, p.truncated))
+    }
+}
+
+/// `scorestream run --config FILE` (after [`Config::load`]).
+pub async fn run(config: Config) -> Result<(), AppError> {
+    tracing::info!(?config, "starting");
+    let metrics = Arc::new(Metrics::new()?);
+    let readiness = Arc::new(Readiness::default());
+    let (stop_tx, stop) = watch::channel(false);
+    let (http_stop_tx, http_stop) = watch::channel(false);
+    spawn_signal_handler(stop_tx)?;
+    let (addr, http) = crate::http::serve(config.http.listen, metrics.clone(), readiness.clone(), http_stop).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+
+    // A signal during a long model load ends the worker right away: nothing is in flight yet.
+    let mut early_stop = stop.clone();
+    let (preparer, engine) = tokio::select! {
+        loaded = load_model(&config.model) => loaded?,
+        _ = early_stop.wait_for(|s| *s) => {
+            tracing::info!("stopped while loading the model");
+            return Ok(());
+        }
+    };
+    readiness.set_model_loaded();
+    let info = engine.info();
+    metrics.set_model_info(&info.name, config.model.dtype.as_str(), &config.model.devices);
+    spawn_stage_busy_updates(engine.clone(), metrics.clone());
+    warm_up(&preparer, &engine).await?;
+    readiness.set_warmed_up();
+    tracing::info!(model = %info.name, "model loaded and warmed up");
+
+    let parts = open_parts(&config, preparer, engine, metrics.clone()).await?;
+    readiness.set_source(parts.source.connected());
+    let settings = Settings {
+        limits: config.batch.limits(),
+        max_wait: config.batch.max_wait,
+        max_inflight_events: config.batch.max_inflight_events,
+        max_payload_bytes: config.batch.max_payload_bytes,
+    };
+    let result = run_until_drained(parts, settings, stop, config.shutdown_timeout).await;
+    let _ = http_stop_tx.send(true);
+    let _ = http.await;
+    result
+}
+
+async fn run_until_drained(
+    parts: Parts,
+    settings: Settings,
+    stop: watch::Receiver<bool>,
+    timeout: std::time::Duration,
+) -> Result<(), AppError> {
+    let pipeline = crate::pipeline::run(parts, settings, stop.clone());
+    tokio::pin!(pipeline);
+    let mut stop = stop;
+    let deadline = async move {
+        let _ = stop.wait_for(|s| *s).await;
+        tracing::info!(?timeout, "stopping: draining what is in flight");
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        r = &mut pipeline => Ok(r?),
+        () = deadline => Err(AppError::ShutdownTimeout(timeout)),
+    }
+}
+
+async fn load_model(opts: &ModelOptions) -> Result<(Arc<dyn Preparer>, Engine), AppError> {
+    let opts = opts.clone();
+    let loaded = tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+        let prompter = Prompter::load(&opts.path).map_err(AppError::Prompt)?;
+        let engine = Engine::start(&opts).map_err(|e| AppError::Engine(Box::new(e)))?;
+        let preparer: Arc<dyn Preparer> =
+            Arc::new(PromptPreparer { prompter, max_tokens: opts.max_tokens, policy: opts.truncation });
+        Ok((preparer, engine))
+    })
+    .await
+    .map_err(|e| AppError::WarmUp(format!("the model loader panicked: {e}")))?;
+    loaded
+}
+
+/// One small batch through the whole model, so the first real batch does not pay for lazy
+/// initialisation, and `/readyz` only turns ready once scoring works.
+async fn warm_up(preparer: &Arc<dyn Preparer>, engine: &Engine) -> Result<(), AppError> {
+    let event = InputEvent {
+        id: "warm-up".into(),
+        messages: vec![
+            Message { role: Role::User, content: "Hello.".into() },
+            Message { role: Role::Assistant, content: "Hello! How can I help?".into() },
+        ],
+        metadata: None,
+    };
+    let (ids, _) = preparer.prepare(&event).map_err(|e| AppError::WarmUp(e.to_string()))?;
+    engine.score(vec![ids]).await.map_err(|e| AppError::WarmUp(e.to_string()))?;
+    Ok(())
+}
+
+async fn open_parts(
+    config: &Config,
+    preparer: Arc<dyn Preparer>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+) -> Result<Parts, AppError> {
+    let sctx = SourceContext { metrics: metrics.clone(), max_inflight_events: config.batch.max_inflight_events };
+    let kctx = SinkContext { metrics: metrics.clone() };
+    if matches!(&config.sink, SinkConfig::Kafka(k) if k.delivery == Delivery::ExactlyOnce) {
+        return Err(SinkError::Open {
+            kind: "kafka",
+            message: "delivery = \"exactly_once\" is not available in this build".into(),
+            source: None,
+        }
+        .into());
+    }
+    let source = crate::source::open(&config.source, sctx).await?;
+    let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
+    let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
+    Ok(Parts {
+        source,
+        source_kind: config.source.kind(),
+        preparer,
+        scorer: Arc::new(engine),
+        sink,
+        dead_letter,
+        commit: None,
+        metrics,
+    })
+}
+
+/// Keep `scorestream_stage_busy_seconds_total` in step with the engine, once a second.
+fn spawn_stage_busy_updates(engine: Engine, metrics: Arc<Metrics>) {
+    let devices: Vec<String> = engine.info().stages.iter().map(|s| s.device.clone()).collect();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            metrics.update_stage_busy(&engine.stage_busy_seconds(), &devices);
+        }
+    });
+}
+
+/// First SIGTERM/SIGINT: set `stop`. Second: exit at once.
+fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<(), AppError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    tokio::spawn(async move {
+        let mut signals = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            signals += 1;
+            if signals > 1 {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+            tracing::info!("signal received: stopping");
+            let _ = stop.send(true);
+        }
+    });
+    Ok(())
+}

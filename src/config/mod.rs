@@ -1,0 +1,299 @@
+//! The worker's configuration: one serde tree read from a TOML file, overlaid with
+//! `SCORESTREAM__<SECTION>__<KEY>` environment variables, then validated.
+//!
+//! Unknown keys are rejected everywhere; every default lives in this module (or beside its
+//! section type); secrets are redacted by `Debug`, so `tracing::info!(?config)` is safe.
+
+pub mod brokers;
+mod env;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use brokers::{
+    Delivery, FileSinkConfig, FileSourceConfig, KafkaOptions, KafkaSinkConfig, KafkaSourceConfig, NatsSinkConfig,
+    NatsSourceConfig, NatsTls, OptionFileError, Secret, SinkConfig, SourceConfig,
+};
+pub use env::{apply_env, ENV_PREFIX};
+
+use crate::batch::policy::BatchLimits;
+use crate::model::ModelOptions;
+
+/// Errors of loading or validating a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin} is not valid TOML: {source}")]
+    Syntax {
+        origin: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {source}")]
+    Schema {
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config: {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+/// The whole worker config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The reward model and how to run it.
+    pub model: ModelOptions,
+    /// Micro-batching and flow control.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Where input events come from.
+    pub source: SourceConfig,
+    /// Where scored events go.
+    pub sink: SinkConfig,
+    /// Where events that cannot be scored go, with the reason and the original payload.
+    pub dead_letter: SinkConfig,
+    /// The metrics and health endpoint.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// After SIGTERM/SIGINT, how long the worker may take to finish, publish and acknowledge
+    /// what it has in flight before it exits anyway. Keep the pod's termination grace period
+    /// above it.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+/// The `[batch]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most tokens in one forward pass (sum over its conversations).
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Most conversations in one forward pass.
+    #[serde(default = "default_max_batch_events")]
+    pub max_batch_events: usize,
+    /// How long a partial batch waits for more events before it is scored anyway.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Most events consumed but not yet acknowledged; at the bound the worker stops fetching.
+    /// Also bounds the duplicates a crash can cause.
+    #[serde(default = "default_max_inflight_events")]
+    pub max_inflight_events: usize,
+    /// Largest accepted payload in bytes; larger ones are dead-lettered as `oversized`.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: default_max_batch_tokens(),
+            max_batch_events: default_max_batch_events(),
+            max_wait: default_max_wait(),
+            max_inflight_events: default_max_inflight_events(),
+            max_payload_bytes: default_max_payload_bytes(),
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn limits(&self) -> BatchLimits {
+        BatchLimits { max_tokens: self.max_batch_tokens, max_events: self.max_batch_events }
+    }
+}
+
+/// The `[http]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_max_batch_tokens() -> usize {
+    16_384
+}
+const fn default_max_batch_events() -> usize {
+    256
+}
+fn default_max_wait() -> Duration {
+    Duration::from_millis(20)
+}
+const fn default_max_inflight_events() -> usize {
+    1024
+}
+const fn default_max_payload_bytes() -> usize {
+    1024 * 1024
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+impl Config {
+    /// Read `path`, overlay the process environment, validate.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parse TOML text, overlay the given `(name, value)` variables, validate.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut tree: toml::Table =
+            text.parse().map_err(|e| ConfigError::Syntax { origin: origin.to_owned(), source: Box::new(e) })?;
+        apply_env(&mut tree, vars)?;
+        let config: Config =
+            toml::Value::Table(tree).try_into().map_err(|e| ConfigError::Schema { source: Box::new(e) })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks serde cannot express. Does not touch the network or the model directory.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.batch;
+        positive("batch.max_batch_tokens", b.max_batch_tokens)?;
+        positive("batch.max_batch_events", b.max_batch_events)?;
+        positive("batch.max_inflight_events", b.max_inflight_events)?;
+        positive("model.max_tokens", self.model.max_tokens)?;
+        if self.model.devices.is_empty() {
+            return invalid("model.devices", "at least one device is needed");
+        }
+        for d in &self.model.devices {
+            // Syntax only: whether this build and machine can run CUDA is checked at `run`, so
+            // check-config works as a pre-deploy check from any build.
+            let cuda_index = d.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
+            if d != "cpu" && cuda_index != Some(true) {
+                return invalid("model.devices", &format!("{d:?} is not \"cpu\" or \"cuda:N\""));
+            }
+        }
+        if self.shutdown_timeout.is_zero() {
+            return invalid("shutdown_timeout", "must be above zero");
+        }
+        validate_source(&self.source)?;
+        validate_sink("sink", &self.sink)?;
+        validate_sink("dead_letter", &self.dead_letter)?;
+        self.validate_exactly_once()
+    }
+
+    fn validate_exactly_once(&self) -> Result<(), ConfigError> {
+        let SinkConfig::Kafka(sink) = &self.sink else { return Ok(()) };
+        if sink.delivery != Delivery::ExactlyOnce {
+            return Ok(());
+        }
+        match (&self.source, &self.dead_letter) {
+            (SourceConfig::Kafka(src), SinkConfig::Kafka(dl))
+                if src.brokers == sink.brokers && dl.brokers == sink.brokers =>
+            {
+                Ok(())
+            }
+            _ => invalid(
+                "sink.delivery",
+                "exactly_once needs a kafka source and a kafka dead_letter on the sink's brokers",
+            ),
+        }
+    }
+}
+
+fn validate_source(s: &SourceConfig) -> Result<(), ConfigError> {
+    match s {
+        SourceConfig::Kafka(k) => {
+            non_empty("source.brokers", &k.brokers)?;
+            non_empty("source.group_id", &k.group_id)?;
+            if k.topics.is_empty() || k.topics.iter().any(|t| t.is_empty()) {
+                return invalid("source.topics", "list at least one non-empty topic");
+            }
+            Ok(())
+        }
+        SourceConfig::Nats(n) => {
+            non_empty("source.url", &n.url)?;
+            non_empty("source.stream", &n.stream)?;
+            non_empty("source.subject", &n.subject)?;
+            non_empty("source.durable", &n.durable)?;
+            if n.ack_wait < Duration::from_secs(1) {
+                return invalid("source.ack_wait", "must be at least 1s");
+            }
+            nats_auth("source", n.token.is_some(), n.user.is_some(), n.password.is_some(), n.credentials_file.is_some())
+        }
+        SourceConfig::File(f) => non_empty("source.path", &f.path.to_string_lossy()),
+    }
+}
+
+fn validate_sink(section: &str, s: &SinkConfig) -> Result<(), ConfigError> {
+    let f = |name: &str| format!("{section}.{name}");
+    match s {
+        SinkConfig::Kafka(k) => {
+            non_empty(&f("brokers"), &k.brokers)?;
+            non_empty(&f("topic"), &k.topic)?;
+            if section == "dead_letter" && k.delivery == Delivery::ExactlyOnce {
+                return invalid(&f("delivery"), "set delivery on [sink]; the dead letters follow it");
+            }
+            Ok(())
+        }
+        SinkConfig::Nats(n) => {
+            non_empty(&f("url"), &n.url)?;
+            non_empty(&f("subject"), &n.subject)?;
+            nats_auth(section, n.token.is_some(), n.user.is_some(), n.password.is_some(), n.credentials_file.is_some())
+        }
+        SinkConfig::File(file) => non_empty(&f("path"), &file.path.to_string_lossy()),
+    }
+}
+
+fn nats_auth(section: &str, token: bool, user: bool, password: bool, creds: bool) -> Result<(), ConfigError> {
+    let field = &format!("{section}.user");
+    if user != password {
+        return invalid(field, "user and password go together");
+    }
+    if [token, user, creds].iter().filter(|x| **x).count() > 1 {
+        return invalid(field, "choose one of token, user/password, credentials_file");
+    }
+    Ok(())
+}
+
+fn positive(field: &str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return invalid(field, "must be above zero");
+    }
+    Ok(())
+}
+
+fn non_empty(field: &str, v: &str) -> Result<(), ConfigError> {
+    if v.trim().is_empty() {
+        return invalid(field, "must not be empty");
+    }
+    Ok(())
+}
+
+fn invalid<T>(field: &str, message: &str) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid { field: field.to_owned(), message: message.to_owned() })
+}
+
+/// `scorestream check-config --config FILE`: load, overlay the environment and validate, without
+/// opening any connection or the model. Returns the config for printing.
+pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
+    Config::load(path)
+}

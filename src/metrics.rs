@@ -1,0 +1,197 @@
+//! Every metric the worker exports, declared once, registered in one [`Registry`].
+//!
+//! Label values come from bounded sets: `source` is a source type, `reason` an
+//! [`ErrorKind`](crate::event::ErrorKind) wire name, `attribute` a model label (or "reward"),
+//! `topic`/`partition` the assigned Kafka partitions.
+
+use prometheus::{
+    exponential_buckets, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::event::ErrorKind;
+
+/// Errors of the metrics registry.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot register metric: {0}")]
+    Register(#[source] prometheus::Error),
+    #[error("cannot encode metrics: {0}")]
+    Encode(#[source] prometheus::Error),
+}
+
+/// The worker's metrics. Create one per worker and share it (`Arc<Metrics>`).
+pub struct Metrics {
+    registry: Registry,
+    /// Records read from the source, by source type.
+    pub events_consumed: IntCounterVec,
+    /// Events whose score was published and acknowledged.
+    pub events_scored: IntCounter,
+    /// Events dead-lettered, by reason (an `ErrorKind` wire name).
+    pub events_failed: IntCounterVec,
+    /// Tokens of scored events (after templating and truncation).
+    pub tokens_scored: IntCounter,
+    /// Conversations per forward pass.
+    pub batch_events: Histogram,
+    /// Tokens per forward pass.
+    pub batch_tokens: Histogram,
+    /// Time of one forward pass, as seen by the worker.
+    pub forward_seconds: Histogram,
+    /// From consuming an event to its output's broker acknowledgement.
+    pub event_latency_seconds: Histogram,
+    /// Events consumed and not yet acknowledged.
+    pub inflight_events: IntGauge,
+    /// Kafka consumer lag per assigned partition (high watermark minus position).
+    pub consumer_lag: IntGaugeVec,
+    /// Published rewards, by attribute ("reward" is the scalar reward).
+    pub reward: HistogramVec,
+    /// Always 1; labels describe the loaded model.
+    pub model_info: IntGaugeVec,
+    /// Seconds each engine stage spent computing; its rate is the stage's utilisation.
+    pub stage_busy_seconds: CounterVec,
+}
+
+/// Every metric name, for tests and dashboards.
+pub const NAMES: [&str; 13] = [
+    "scorestream_events_consumed_total",
+    "scorestream_events_scored_total",
+    "scorestream_events_failed_total",
+    "scorestream_tokens_scored_total",
+    "scorestream_batch_events",
+    "scorestream_batch_tokens",
+    "scorestream_forward_seconds",
+    "scorestream_event_latency_seconds",
+    "scorestream_inflight_events",
+    "scorestream_consumer_lag",
+    "scorestream_reward",
+    "scorestream_model_info",
+    "scorestream_stage_busy_seconds_total",
+];
+
+fn hist(name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, MetricsError> {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).map_err(MetricsError::Register)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let r = |e| MetricsError::Register(e);
+        let seconds = exponential_buckets(0.001, 2.0, 16).map_err(r)?;
+        let sizes = exponential_buckets(1.0, 2.0, 12).map_err(r)?;
+        let tokens = exponential_buckets(16.0, 2.0, 14).map_err(r)?;
+        let rewards: Vec<f64> = (-20..=20).map(|i| f64::from(i) * 0.5).collect();
+        let m = Self {
+            registry: Registry::new(),
+            events_consumed: IntCounterVec::new(Opts::new(NAMES[0], "Records read from the source."), &["source"])
+                .map_err(r)?,
+            events_scored: IntCounter::new(NAMES[1], "Events whose score was published and acknowledged.")
+                .map_err(r)?,
+            events_failed: IntCounterVec::new(Opts::new(NAMES[2], "Events dead-lettered, by reason."), &["reason"])
+                .map_err(r)?,
+            tokens_scored: IntCounter::new(NAMES[3], "Tokens of scored events.").map_err(r)?,
+            batch_events: hist(NAMES[4], "Conversations per forward pass.", sizes)?,
+            batch_tokens: hist(NAMES[5], "Tokens per forward pass.", tokens)?,
+            forward_seconds: hist(NAMES[6], "Time of one forward pass.", seconds.clone())?,
+            event_latency_seconds: hist(NAMES[7], "Consume to publish acknowledgement.", seconds)?,
+            inflight_events: IntGauge::new(NAMES[8], "Events consumed and not yet acknowledged.").map_err(r)?,
+            consumer_lag: IntGaugeVec::new(
+                Opts::new(NAMES[9], "Kafka consumer lag per assigned partition."),
+                &["topic", "partition"],
+            )
+            .map_err(r)?,
+            reward: HistogramVec::new(
+                HistogramOpts::new(NAMES[10], "Published rewards, by attribute.").buckets(rewards),
+                &["attribute"],
+            )
+            .map_err(r)?,
+            model_info: IntGaugeVec::new(
+                Opts::new(NAMES[11], "The loaded model (always 1)."),
+                &["model", "dtype", "device"],
+            )
+            .map_err(r)?,
+            stage_busy_seconds: CounterVec::new(
+                Opts::new(NAMES[12], "Seconds each engine stage spent computing."),
+                &["stage", "device"],
+            )
+            .map_err(r)?,
+        };
+        m.register_all()?;
+        for kind in ErrorKind::ALL {
+            m.events_failed.with_label_values(&[kind.as_str()]);
+        }
+        Ok(m)
+    }
+
+    fn register_all(&self) -> Result<(), MetricsError> {
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+            Box::new(self.events_consumed.clone()),
+            Box::new(self.events_scored.clone()),
+            Box::new(self.events_failed.clone()),
+            Box::new(self.tokens_scored.clone()),
+            Box::new(self.batch_events.clone()),
+            Box::new(self.batch_tokens.clone()),
+            Box::new(self.forward_seconds.clone()),
+            Box::new(self.event_latency_seconds.clone()),
+            Box::new(self.inflight_events.clone()),
+            Box::new(self.consumer_lag.clone()),
+            Box::new(self.reward.clone()),
+            Box::new(self.model_info.clone()),
+            Box::new(self.stage_busy_seconds.clone()),
+        ];
+        for c in collectors {
+            self.registry.register(c).map_err(MetricsError::Register)?;
+        }
+        Ok(())
+    }
+
+    /// Record the loaded model: one `scorestream_model_info` series per device.
+    pub fn set_model_info(&self, model: &str, dtype: &str, devices: &[String]) {
+        for device in devices {
+            self.model_info.with_label_values(&[model, dtype, device]).set(1);
+        }
+    }
+
+    /// Bring `scorestream_stage_busy_seconds_total` up to the engine's totals (`busy[i]` for
+    /// stage `i` on `devices[i]`). Totals only grow, so the counter advances by the difference.
+    pub fn update_stage_busy(&self, busy: &[f64], devices: &[String]) {
+        for (i, (total, device)) in busy.iter().zip(devices).enumerate() {
+            let c = self.stage_busy_seconds.with_label_values(&[i.to_string().as_str(), device.as_str()]);
+            let delta = total - c.get();
+            if delta > 0.0 {
+                c.inc_by(delta);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).map_err(MetricsError::Encode)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_every_name() {
+        let m = Metrics::new().unwrap();
+        m.events_consumed.with_label_values(&["file"]).inc();
+        m.consumer_lag.with_label_values(&["t", "0"]).set(3);
+        m.reward.with_label_values(&["reward"]).observe(0.5);
+        m.set_model_info("arith", "f32", &["cpu".to_owned()]);
+        m.update_stage_busy(&[1.5], &["cpu".to_owned()]);
+        m.update_stage_busy(&[2.0], &["cpu".to_owned()]);
+        assert_eq!(m.stage_busy_seconds.with_label_values(&["0", "cpu"]).get(), 2.0);
+        let text = m.render().unwrap();
+        for name in NAMES {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains("scorestream_events_failed_total{reason=\"too_long\"} 0"));
+    }
+}

@@ -1,0 +1,188 @@
+//! The streaming pipeline between a source and the sinks, one bounded stage per task:
+//!
+//! fetch (holds an in-flight permit per record) → prepare (decode, template, tokenize; its own
+//! OS thread) → batcher (`crate::batch::actor`) → score (the engine, in batch order) → publish
+//! (sinks, in input order) → ack (after the broker's confirmation).
+//!
+//! Guarantees: every fetched record ends scored or dead-lettered, and is acked only after that
+//! output is confirmed (at-least-once); outputs are published in input order; at most
+//! `max_inflight_events` records are between fetch and ack, so memory stays bounded.
+
+mod publish;
+mod stages;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::batch::actor::Weighted;
+use crate::batch::policy::BatchLimits;
+use crate::event::{EventError, InputEvent, Score};
+use crate::metrics::Metrics;
+use crate::sink::{BatchCommit, Sink};
+use crate::source::{AckHandle, Origin, Source, SourceError};
+
+pub use publish::{dead_letter_payload, scored_payload};
+
+/// Errors that stop the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("pipeline task failed: {0}")]
+    Task(String),
+}
+
+/// Turns a parsed event into model input (the prompt stage).
+pub trait Preparer: Send + Sync + 'static {
+    /// Token ids and whether the conversation was truncated; `too_long`/`template` errors.
+    fn prepare(&self, event: &InputEvent) -> Result<(Vec<u32>, bool), EventError>;
+}
+
+/// Scores batches of token sequences (the engine).
+pub trait Scorer: Send + Sync + 'static {
+    /// One score per sequence, in order; the error text ends up in the dead letters.
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>>;
+    /// Name published in each scored event.
+    fn model_name(&self) -> String;
+    /// Batches worth keeping in flight at once (the engine's pipeline depth).
+    fn depth(&self) -> usize;
+}
+
+impl Scorer for crate::engine::Engine {
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+        let engine = self.clone();
+        Box::pin(async move { engine.score(batch).await.map_err(|e| e.to_string()) })
+    }
+    fn model_name(&self) -> String {
+        self.info().name.clone()
+    }
+    fn depth(&self) -> usize {
+        self.info().stages.len().max(1)
+    }
+}
+
+/// A record between fetch and ack. Its permit (and the in-flight gauge) is released when it is
+/// dropped, i.e. after its ack, or when the worker gives up on it at shutdown.
+pub struct InFlight {
+    pub origin: Origin,
+    pub key: Option<Bytes>,
+    pub headers: Vec<(String, Bytes)>,
+    pub payload: Bytes,
+    pub ack: AckHandle,
+    pub consumed: Instant,
+    _permit: Permit,
+}
+
+struct Permit {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.metrics.inflight_events.dec();
+    }
+}
+
+/// What the prepare stage made of a record.
+pub enum Verdict {
+    Ready { event: InputEvent, ids: Vec<u32>, truncated: bool },
+    Failed(EventError),
+}
+
+/// A prepared record on its way to the batcher.
+pub struct Work {
+    pub input: InFlight,
+    pub verdict: Verdict,
+}
+
+impl Weighted for Work {
+    fn tokens(&self) -> usize {
+        match &self.verdict {
+            Verdict::Ready { ids, .. } => ids.len(),
+            Verdict::Failed(_) => 0,
+        }
+    }
+}
+
+/// The final result for one record.
+pub enum Outcome {
+    Scored { event: InputEvent, score: Score, tokens: usize, truncated: bool },
+    Failed(EventError),
+}
+
+/// Everything the pipeline runs with.
+pub struct Parts {
+    pub source: Box<dyn Source>,
+    pub source_kind: &'static str,
+    pub preparer: Arc<dyn Preparer>,
+    pub scorer: Arc<dyn Scorer>,
+    pub sink: Arc<dyn Sink>,
+    pub dead_letter: Arc<dyn Sink>,
+    /// Exactly-once hook; `None` for at-least-once.
+    pub commit: Option<Arc<dyn BatchCommit>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Flow-control settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: BatchLimits,
+    pub max_wait: Duration,
+    pub max_inflight_events: usize,
+    pub max_payload_bytes: usize,
+}
+
+/// Run until the source ends or `stop` turns true; then drain: everything fetched is scored,
+/// published, confirmed and acked, the sinks flushed and the source closed.
+pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, commit, metrics } = parts;
+    let permits = Arc::new(Semaphore::new(settings.max_inflight_events));
+    let lane = settings.limits.max_events.max(1);
+    let (fetch_tx, fetch_rx) = mpsc::channel::<InFlight>(lane);
+    let (work_tx, work_rx) = mpsc::channel::<Work>(lane);
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Work>>(1);
+    let (done_tx, done_rx) = mpsc::channel::<Vec<(InFlight, Outcome)>>(1);
+
+    let fetch = tokio::spawn(stages::fetch(source, source_kind, permits, metrics.clone(), fetch_tx, stop));
+    let max_payload = settings.max_payload_bytes;
+    let prepare = std::thread::Builder::new()
+        .name("scorestream-prepare".into())
+        .spawn(move || stages::prepare(&*preparer, max_payload, fetch_rx, work_tx))
+        .map_err(|e| PipelineError::Task(format!("cannot start the prepare thread: {e}")))?;
+    let batcher = tokio::spawn(crate::batch::actor::run(work_rx, batch_tx, settings.limits, settings.max_wait));
+    let score = tokio::spawn(stages::score(scorer.clone(), metrics.clone(), batch_rx, done_tx));
+    let publisher = publish::Publisher {
+        sink: sink.clone(),
+        dead_letter: dead_letter.clone(),
+        commit,
+        metrics,
+        model: scorer.model_name(),
+    };
+    let publish = tokio::spawn(publisher.run(done_rx));
+
+    let source = fetch.await.map_err(|e| PipelineError::Task(e.to_string()))?;
+    let joined = tokio::task::spawn_blocking(move || prepare.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        return Err(PipelineError::Task("the prepare thread panicked".into()));
+    }
+    for (name, task) in [("batcher", batcher), ("score", score), ("publish", publish)] {
+        task.await.map_err(|e| PipelineError::Task(format!("{name}: {e}")))?;
+    }
+    if let Err(e) = sink.flush().await {
+        tracing::warn!(error = %e, "flushing the sink failed");
+    }
+    if let Err(e) = dead_letter.flush().await {
+        tracing::warn!(error = %e, "flushing the dead-letter sink failed");
+    }
+    let (source, fetch_result) = source;
+    source.close().await?;
+    fetch_result
+}
+
+#[cfg(test)]
+mod tests;

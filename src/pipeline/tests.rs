@@ -1,0 +1,314 @@
+//! The pipeline over the real file source and sinks, with plain-data prompt and score
+//! stages (the model's own tests live with the engine).
+use super::*;
+use crate::config::FileSinkConfig;
+use crate::event::ErrorKind;
+use crate::sink::file::FileSink;
+use crate::sink::SinkContext;
+use crate::source::file::FileSource;
+
+/// One token per byte of the last message; `too_long` past 40 tokens.
+struct Bytewise;
+impl Preparer for Bytewise {
+    fn prepare(&self, event: &InputEvent) -> Result<(Vec<u32>, bool), EventError> {
+        let ids: Vec<u32> =
+            event.messages.last().map(|m| m.content.bytes().map(u32::from).collect()).unwrap_or_default();
+        if ids.len() > 40 {
+            return Err(EventError::new(ErrorKind::TooLong, "too long"));
+        }
+        Ok((ids, false))
+    }
+}
+
+/// Reward = number of tokens.
+struct Length;
+impl Scorer for Length {
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+        Box::pin(
+            async move { Ok(batch.iter().map(|s| Score { reward: s.len() as f32, attributes: Vec::new() }).collect()) },
+        )
+    }
+    fn model_name(&self) -> String {
+        "length".into()
+    }
+    fn depth(&self) -> usize {
+        2
+    }
+}
+
+fn line(id: usize, answer: &str) -> String {
+    format!(
+        r#"{{"id":"e{id}","messages":[{{"role":"user","content":"q"}},{{"role":"assistant","content":"{answer}"}}]}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_input_ends_scored_or_dead_lettered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut input = String::new();
+    for i in 0..500 {
+        match i % 50 {
+            7 => input.push_str("{not json\n"),
+            8 => input.push_str(&format!("{}\n", line(i, &"x".repeat(60)))),
+            _ => input.push_str(&format!("{}\n", line(i, &"a".repeat(1 + i % 30)))),
+        }
+    }
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = SinkContext { metrics: metrics.clone() };
+    let out = dir.path().join("out.jsonl");
+    let dl = dir.path().join("dl.jsonl");
+    let reader: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> = Box::new(std::io::Cursor::new(input.into_bytes()));
+    let parts = Parts {
+        source: Box::new(FileSource::from_reader(reader, "in".into())),
+        source_kind: "file",
+        preparer: Arc::new(Bytewise),
+        scorer: Arc::new(Length),
+        sink: Arc::new(FileSink::open(&FileSinkConfig { path: out.clone() }, ctx.clone()).await.unwrap()),
+        dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dl.clone() }, ctx).await.unwrap()),
+        commit: None,
+        metrics: metrics.clone(),
+    };
+    let settings = Settings {
+        limits: BatchLimits { max_tokens: 64, max_events: 8 },
+        max_wait: Duration::from_millis(5),
+        max_inflight_events: 16,
+        max_payload_bytes: 1 << 20,
+    };
+    let (_stop_tx, stop) = watch::channel(false);
+    run(parts, settings, stop).await.unwrap();
+
+    let scored: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let dead: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(scored.len() + dead.len(), 500);
+    assert_eq!(dead.len(), 20);
+    let ids: Vec<usize> = scored.iter().map(|v| v["id"].as_str().unwrap()[1..].parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "scored events out of input order");
+    for v in &scored {
+        let i: usize = v["id"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(v["reward"].as_f64().unwrap(), (1 + i % 30) as f64);
+    }
+    let kinds: Vec<&str> = dead.iter().map(|v| v["error"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "invalid_json").count(), 10);
+    assert_eq!(kinds.iter().filter(|k| **k == "too_long").count(), 10);
+    assert_eq!(metrics.events_scored.get(), 480);
+    assert_eq!(metrics.events_failed.with_label_values(&["too_long"]).get(), 10);
+    assert_eq!(metrics.events_consumed.with_label_values(&["file"]).get(), 500);
+    assert_eq!(metrics.inflight_events.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_drains_what_was_fetched_from_an_open_stream() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = SinkContext { metrics: metrics.clone() };
+    let out = dir.path().join("out.jsonl");
+    let (mut writer, reader) = tokio::io::duplex(1 << 16);
+    let parts = Parts {
+        source: Box::new(FileSource::from_reader(Box::new(tokio::io::BufReader::new(reader)), "in".into())),
+        source_kind: "file",
+        preparer: Arc::new(Bytewise),
+        scorer: Arc::new(Length),
+        sink: Arc::new(FileSink::open(&FileSinkConfig { path: out.clone() }, ctx.clone()).await.unwrap()),
+        dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("dl") }, ctx).await.unwrap()),
+        commit: None,
+        metrics: metrics.clone(),
+    };
+    let settings = Settings {
+        limits: BatchLimits { max_tokens: 64, max_events: 4 },
+        max_wait: Duration::from_millis(5),
+        max_inflight_events: 8,
+        max_payload_bytes: 1 << 20,
+    };
+    let (stop_tx, stop) = watch::channel(false);
+    let worker = tokio::spawn(run(parts, settings, stop));
+    for i in 0..50 {
+        writer.write_all(format!("{}\n", line(i, "abc")).as_bytes()).await.unwrap();
+    }
+    while metrics.events_scored.get() < 50 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The stream stays open: only the stop signal ends the run.
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker).await.unwrap().unwrap().unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 50);
+    assert_eq!(metrics.inflight_events.get(), 0);
+    drop(writer);
+}
+
+/// A sink that takes every message and confirms none until told to: the broker is stuck.
+struct Stuck(watch::Receiver<bool>, std::sync::Mutex<Vec<String>>);
+impl Sink for Stuck {
+    fn publish(
+        &self,
+        msg: crate::sink::Outgoing,
+    ) -> BoxFuture<'_, Result<crate::sink::Confirmation, crate::sink::SinkError>> {
+        self.1.lock().unwrap().push(format!("publish {}", msg.dedup_id));
+        let mut go = self.0.clone();
+        Box::pin(async move {
+            let c: crate::sink::Confirmation = Box::pin(async move {
+                let _ = go.wait_for(|g| *g).await;
+                Ok(())
+            });
+            Ok(c)
+        })
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), crate::sink::SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn endless(n: usize) -> Box<dyn Source> {
+    let text: String = (0..n).map(|i| format!("{}\n", line(i, "ab"))).collect();
+    Box::new(FileSource::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "in".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetching_stops_at_the_inflight_bound() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (go_tx, go) = watch::channel(false);
+    let sink: Arc<dyn Sink> = Arc::new(Stuck(go.clone(), Default::default()));
+    let parts = Parts {
+        source: endless(1000),
+        source_kind: "file",
+        preparer: Arc::new(Bytewise),
+        scorer: Arc::new(Length),
+        sink: sink.clone(),
+        dead_letter: sink,
+        commit: None,
+        metrics: metrics.clone(),
+    };
+    let settings = Settings {
+        limits: BatchLimits { max_tokens: 64, max_events: 4 },
+        max_wait: Duration::from_millis(1),
+        max_inflight_events: 10,
+        max_payload_bytes: 1 << 20,
+    };
+    let (_stop_tx, stop) = watch::channel(false);
+    let worker = tokio::spawn(run(parts, settings, stop));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(metrics.events_consumed.with_label_values(&["file"]).get(), 10);
+    assert_eq!(metrics.inflight_events.get(), 10);
+    go_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), worker).await.unwrap().unwrap().unwrap();
+    assert_eq!(metrics.events_scored.get(), 1000);
+}
+
+/// Records the exactly-once call sequence.
+struct Txn(Arc<std::sync::Mutex<Vec<String>>>, std::sync::atomic::AtomicBool);
+impl BatchCommit for Txn {
+    fn begin(&self) -> BoxFuture<'_, Result<(), crate::sink::SinkError>> {
+        self.0.lock().unwrap().push("begin".into());
+        Box::pin(async { Ok(()) })
+    }
+    fn commit<'a>(&'a self, inputs: &'a [Origin]) -> BoxFuture<'a, Result<(), crate::sink::SinkError>> {
+        self.0.lock().unwrap().push(format!("commit {}", inputs.len()));
+        // The first commit fails: the batch must be aborted and redone.
+        let fail = !self.1.swap(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if fail {
+                return Err(crate::sink::SinkError::Transaction {
+                    kind: "test",
+                    message: "fenced".into(),
+                    source: None,
+                });
+            }
+            Ok(())
+        })
+    }
+    fn abort(&self) -> BoxFuture<'_, Result<(), crate::sink::SinkError>> {
+        self.0.lock().unwrap().push("abort".into());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_commits_each_batch_and_retries_after_abort() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (_go_tx, go) = watch::channel(true);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::new(Stuck(go, Default::default()));
+    let parts = Parts {
+        source: endless(3),
+        source_kind: "file",
+        preparer: Arc::new(Bytewise),
+        scorer: Arc::new(Length),
+        sink: sink.clone(),
+        dead_letter: sink.clone(),
+        commit: Some(Arc::new(Txn(log.clone(), Default::default()))),
+        metrics: metrics.clone(),
+    };
+    let settings = Settings {
+        limits: BatchLimits { max_tokens: 64, max_events: 8 },
+        max_wait: Duration::from_millis(50),
+        max_inflight_events: 8,
+        max_payload_bytes: 1 << 20,
+    };
+    let (_stop_tx, stop) = watch::channel(false);
+    run(parts, settings, stop).await.unwrap();
+    assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 3"]);
+    assert_eq!(sink.1.lock().unwrap().len(), 6, "the batch is published again after the abort");
+    assert_eq!(metrics.events_scored.get(), 3);
+}
+
+/// Arbitrary lines: bytes, JSON shapes of every kind, near-miss events.
+fn any_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let json = proptest::arbitrary::any::<u32>().prop_map(|n| match n % 6 {
+        0 => format!(
+            r#"{{"id":"j{n}","messages":[{{"role":"user","content":"x"}},{{"role":"assistant","content":"y"}}]}}"#
+        ),
+        1 => format!(r#"{{"id":{n},"messages":[]}}"#),
+        2 => format!(r#"[{n}, {{"a": null}}]"#),
+        3 => format!(
+            r#"{{"id":"j{n}","messages":[{{"role":"assistant","content":"{}"}}]}}"#,
+            "z".repeat(n as usize % 80)
+        ),
+        4 => format!("{}{}", "{\"a\":".repeat(n as usize % 300), "1"),
+        _ => format!(r#"{{"id":"j{n}","messages":"nope","metadata":{{"k":[1,2]}}}}"#),
+    });
+    prop_oneof![json.prop_map(String::into_bytes), proptest::collection::vec(any::<u8>(), 1..200)].prop_map(|mut l| {
+        l.retain(|b| *b != b'\n');
+        l.push(b'x');
+        l
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    #[test]
+    fn arbitrary_input_always_ends_scored_or_dead_lettered(lines in proptest::collection::vec(any_line(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let sent = lines.len();
+        let (scored, dead) = rt.block_on(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Arc::new(Metrics::new().unwrap());
+            let ctx = SinkContext { metrics: metrics.clone() };
+            let mut text = lines.join(&b'\n');
+            text.push(b'\n');
+            let parts = Parts {
+                source: Box::new(FileSource::from_reader(Box::new(std::io::Cursor::new(text)), "in".into())),
+                source_kind: "file",
+                preparer: Arc::new(Bytewise),
+                scorer: Arc::new(Length),
+                sink: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("o") }, ctx.clone()).await.unwrap()),
+                dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("d") }, ctx).await.unwrap()),
+                commit: None,
+                metrics: metrics.clone(),
+            };
+            let settings = Settings {
+                limits: BatchLimits { max_tokens: 64, max_events: 4 },
+                max_wait: Duration::from_millis(1),
+                max_inflight_events: 8,
+                max_payload_bytes: 150,
+            };
+            let (_stop_tx, stop) = watch::channel(false);
+            run(parts, settings, stop).await.unwrap();
+            let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+            (read("o").lines().count(), read("d").lines().count())
+        });
+        proptest::prop_assert_eq!(scored + dead, sent);
+    }
+}

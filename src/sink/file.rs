@@ -1,0 +1,121 @@
+//! The `file` sink: one JSON line per message to a file or stdout, for local runs.
+//!
+//! A writer task owns the file and writes messages in publish order; it flushes whenever its
+//! queue runs empty, and a message is confirmed once the flush that covers it succeeded.
+
+use std::path::Path;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Confirmation, Outgoing, Sink, SinkContext, SinkError};
+use crate::config::FileSinkConfig;
+
+/// Queue depth between the pipeline and the writer task.
+const QUEUE: usize = 1024;
+
+enum Job {
+    Write(bytes::Bytes, oneshot::Sender<Result<(), String>>),
+    Flush(oneshot::Sender<Result<(), String>>),
+}
+
+/// Writes JSON lines through a writer task.
+pub struct FileSink {
+    tx: mpsc::Sender<Job>,
+    path: String,
+}
+
+impl FileSink {
+    pub async fn open(config: &FileSinkConfig, _ctx: SinkContext) -> Result<Self, SinkError> {
+        let path = config.path.display().to_string();
+        let out: Box<dyn AsyncWrite + Send + Unpin> = if config.path == Path::new("-") {
+            Box::new(tokio::io::stdout())
+        } else {
+            let file = tokio::fs::File::create(&config.path)
+                .await
+                .map_err(|source| SinkError::Io { path: path.clone(), source })?;
+            Box::new(file)
+        };
+        Ok(Self::from_writer(out, path))
+    }
+
+    /// A sink over any writer.
+    pub fn from_writer(out: Box<dyn AsyncWrite + Send + Unpin>, path: String) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(writer(BufWriter::with_capacity(1 << 16, out), rx));
+        Self { tx, path }
+    }
+
+    fn stopped(&self) -> SinkError {
+        SinkError::Publish { kind: "file", message: format!("the writer of {} has stopped", self.path), source: None }
+    }
+}
+
+/// Write jobs in order; flush when the queue is empty, then confirm what the flush covered.
+async fn writer(mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>, mut rx: mpsc::Receiver<Job>) {
+    let mut waiting: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut failed: Option<String> = None;
+    while let Some(job) = rx.recv().await {
+        let mut next = Some(job);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Write(line, done) => {
+                    if failed.is_none() {
+                        let res = async {
+                            out.write_all(&line).await?;
+                            out.write_all(b"\n").await
+                        }
+                        .await;
+                        failed = res.err().map(|e| e.to_string());
+                    }
+                    waiting.push(done);
+                }
+                Job::Flush(done) => waiting.push(done),
+            }
+            next = rx.try_recv().ok();
+        }
+        if failed.is_none() {
+            failed = out.flush().await.err().map(|e| e.to_string());
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(failed.clone().map_or(Ok(()), Err));
+        }
+    }
+}
+
+impl Sink for FileSink {
+    fn publish(&self, msg: Outgoing) -> BoxFuture<'_, Result<Confirmation, SinkError>> {
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            self.tx.send(Job::Write(msg.payload, done)).await.map_err(|_| self.stopped())?;
+            let path = self.path.clone();
+            let confirmation: Confirmation = Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(message)) => {
+                        Err(SinkError::Publish { kind: "file", message: format!("{path}: {message}"), source: None })
+                    }
+                    Err(_) => Err(SinkError::Publish {
+                        kind: "file",
+                        message: format!("the writer of {path} has stopped"),
+                        source: None,
+                    }),
+                }
+            });
+            Ok(confirmation)
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            self.tx.send(Job::Flush(done)).await.map_err(|_| self.stopped())?;
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(message)) => Err(SinkError::Publish { kind: "file", message, source: None }),
+                Err(_) => Err(self.stopped()),
+            }
+        })
+    }
+}

@@ -1,0 +1,143 @@
+//! Sinks: where scored events and dead letters are published, and how publishes are confirmed.
+//!
+//! Publishing is two steps so that order and throughput do not fight: [`Sink::publish`]
+//! enqueues a message (awaiting it only waits for room in the client's queue) and returns a
+//! [`Confirmation`] that resolves when the broker has acknowledged the message (Kafka delivery
+//! report, JetStream PubAck, file written and flushed). The pipeline calls `publish` for the
+//! outputs of one partition/stream in input order and awaits the enqueue before the next call,
+//! so a sink that keeps its enqueue order (idempotent Kafka producer, one NATS connection)
+//! publishes them in input order. Confirmations are awaited concurrently.
+
+pub mod file;
+pub mod nats;
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::config::SinkConfig;
+use crate::metrics::Metrics;
+use crate::source::Origin;
+
+/// Errors of a sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The sink could not be opened (bad address, credentials, missing topic or stream).
+    #[error("cannot open the {kind} sink: {message}")]
+    Open {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A message could not be enqueued or was not acknowledged by the broker. The pipeline
+    /// retries the publish.
+    #[error("the {kind} sink could not publish: {message}")]
+    Publish {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A transaction step (exactly-once) failed; the batch is aborted and retried.
+    #[error("the {kind} sink transaction failed: {message}")]
+    Transaction {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What an outgoing message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    Scored,
+    DeadLetter,
+}
+
+impl OutputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Scored => "scored",
+            OutputKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Kafka key: the input's key, else the event id (None when neither is known).
+    pub key: Option<Bytes>,
+    /// The input's headers, in order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The JSON line (without a trailing newline).
+    pub payload: Bytes,
+    /// Stable id derived from the input ([`Origin::dedup_id`] plus the kind): the same on every
+    /// redelivery of the input, so a de-duplicating broker (JetStream `Nats-Msg-Id`) drops
+    /// replays.
+    pub dedup_id: String,
+    pub kind: OutputKind,
+    /// The input this message answers (for logs and exactly-once offset bookkeeping).
+    pub origin: Origin,
+}
+
+/// Resolves when the broker has acknowledged one message.
+pub type Confirmation = BoxFuture<'static, Result<(), SinkError>>;
+
+/// A publisher of outgoing messages. Shared by the pipeline's publish and retry paths.
+pub trait Sink: Send + Sync {
+    /// Enqueue `msg`; the returned future resolves once it is enqueued (in call order), with
+    /// the [`Confirmation`] of its delivery.
+    fn publish(&self, msg: Outgoing) -> BoxFuture<'_, Result<Confirmation, SinkError>>;
+
+    /// Deliver everything enqueued (shutdown). Resolves when all confirmations are in.
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+}
+
+/// Exactly-once hook (Kafka `delivery = "exactly_once"`): one producer transaction per unit of
+/// work. The pipeline calls, for each unit (a scored batch, or a group of dead letters):
+/// `begin`, then `publish` for every output of the unit on the sink(s) that share this
+/// transaction, awaits every confirmation, then `commit` with the origins of the unit's inputs
+/// (the implementation sends their next offsets with `send_offsets_to_transaction` and commits).
+/// On any error it calls `abort` and retries the unit from `begin`. Acks of the unit's records
+/// are called after `commit` (they may be no-ops).
+pub trait BatchCommit: Send + Sync {
+    fn begin(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+    fn commit<'a>(&'a self, inputs: &'a [Origin]) -> BoxFuture<'a, Result<(), SinkError>>;
+    fn abort(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+}
+
+/// What sinks get from the worker at start.
+#[derive(Clone)]
+pub struct SinkContext {
+    pub metrics: Arc<Metrics>,
+}
+
+/// Open the sink chosen in the config (used for both `[sink]` and `[dead_letter]`).
+pub async fn open(config: &SinkConfig, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
+    match config {
+        SinkConfig::File(c) => Ok(Arc::new(file::FileSink::open(c, ctx).await?)),
+        SinkConfig::Kafka(_) => Err(not_built("kafka")),
+        SinkConfig::Nats(c) => Ok(Arc::new(nats::NatsSink::open(c, ctx).await?)),
+    }
+}
+
+fn not_built(kind: &'static str) -> SinkError {
+    SinkError::Open { kind, message: "this sink is not available in this build".into(), source: None }
+}
+
+impl fmt::Display for OutputKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,207 @@
+//! Sources: where input records come from, and how they are acknowledged.
+//!
+//! Delivery contract (at-least-once, after rust-rdkafka's `at_least_once.rs` and Vector's
+//! ordered finalizer): the pipeline acknowledges a [`Record`] through its [`AckHandle`] only
+//! after the record's scored or dead-lettered copy has been confirmed by the sink. A record whose
+//! handle is dropped without [`AckHandle::ack`] was not processed: the source must not mark it
+//! done (it is redelivered after a restart, a rebalance or the broker's ack timeout).
+//!
+//! Acks complete out of order (different partitions, retried publishes). A source whose broker
+//! tracks a single position per partition (Kafka) must advance the stored position only over the
+//! contiguous prefix of acknowledged records of that partition.
+
+pub mod file;
+pub mod nats;
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::config::SourceConfig;
+use crate::metrics::Metrics;
+
+/// Errors of a source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source could not be opened (bad address, credentials, missing stream or file).
+    #[error("cannot open the {kind} source: {message}")]
+    Open {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Reading failed in a way the source cannot recover from by itself.
+    #[error("the {kind} source failed: {message}")]
+    Fatal {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Acknowledging or committing failed.
+    #[error("the {kind} source could not acknowledge: {message}")]
+    Ack {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a record was read from. Used for the dead-letter `source` object, the sink's
+/// de-duplication id and the ordering lane.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    Nats {
+        stream: String,
+        sequence: u64,
+    },
+    /// `line` counts from 1.
+    File {
+        path: String,
+        line: u64,
+    },
+}
+
+impl Origin {
+    /// The dead-letter `source` object: `{topic, partition, offset}`, `{stream, sequence}` or
+    /// `{file, line}`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Origin::Kafka { topic, partition, offset } => {
+                json!({"topic": topic, "partition": partition, "offset": offset})
+            }
+            Origin::Nats { stream, sequence } => json!({"stream": stream, "sequence": sequence}),
+            Origin::File { path, line } => json!({"file": path, "line": line}),
+        }
+    }
+
+    /// A stable id of this input, the same on every redelivery: sinks that de-duplicate
+    /// (JetStream `Nats-Msg-Id`) derive the output's id from it.
+    pub fn dedup_id(&self) -> String {
+        match self {
+            Origin::Kafka { topic, partition, offset } => format!("kafka:{topic}:{partition}:{offset}"),
+            Origin::Nats { stream, sequence } => format!("nats:{stream}:{sequence}"),
+            Origin::File { path, line } => format!("file:{path}:{line}"),
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.dedup_id())
+    }
+}
+
+/// How a source learns that a record is done. Implemented by each source; the pipeline only
+/// sees [`AckHandle`].
+pub trait Ack: Send + 'static {
+    /// The record's output is confirmed: mark it done (Kafka: offset done, stored once the
+    /// partition's prefix is contiguous; JetStream: `+ACK`). Resolves when the source has taken
+    /// the ack (for JetStream, when the ack was sent); it must not wait for other records.
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// The acknowledgement of one record. Drop it without calling [`AckHandle::ack`] to leave the
+/// record unprocessed (it will be redelivered).
+pub struct AckHandle(Box<dyn Ack>);
+
+impl AckHandle {
+    pub fn new(ack: impl Ack) -> Self {
+        Self(Box::new(ack))
+    }
+
+    /// A handle whose ack does nothing (file source, exactly-once Kafka where positions are
+    /// committed inside the producer transaction).
+    pub fn noop() -> Self {
+        struct Noop;
+        impl Ack for Noop {
+            fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+                Box::pin(async { Ok(()) })
+            }
+        }
+        Self::new(Noop)
+    }
+
+    pub async fn ack(self) -> Result<(), SourceError> {
+        self.0.ack().await
+    }
+}
+
+impl fmt::Debug for AckHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AckHandle")
+    }
+}
+
+/// One input record.
+#[derive(Debug)]
+pub struct Record {
+    /// The raw payload (parsed by `InputEvent::parse`).
+    pub payload: Bytes,
+    /// Kafka message key; `None` elsewhere.
+    pub key: Option<Bytes>,
+    /// Broker headers, carried over to the output in order.
+    pub headers: Vec<(String, Bytes)>,
+    pub origin: Origin,
+    pub ack: AckHandle,
+}
+
+/// A source of records. The pipeline owns it in one task that calls [`Source::next`] while it
+/// holds an in-flight permit; to stop fetching (backpressure or shutdown) it simply stops
+/// calling `next`. Records already handed out stay valid and may be acked until [`Source::close`].
+///
+/// A source whose broker redelivers records that stay unacknowledged for a while (JetStream
+/// `ack_wait`) keeps them alive itself, e.g. a timer sending in-progress acks for every record
+/// handed out and neither acked nor dropped: a batch may take longer than the ack timeout.
+pub trait Source: Send {
+    /// The next record. `None` means the input has ended (end of a file); broker sources
+    /// never end. Transient broker trouble is retried inside (and shown by
+    /// [`Source::connected`]); an `Err` is fatal and stops the worker.
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Record, SourceError>>>;
+
+    /// Whether the source is connected to its broker (`/readyz`). A file source is always
+    /// connected.
+    fn connected(&self) -> watch::Receiver<bool>;
+
+    /// Called once at shutdown, after every in-flight record was acked or dropped: flush acks
+    /// and commit stored positions (Kafka: synchronous commit), then leave the group.
+    fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// What sources get from the worker at start.
+#[derive(Clone)]
+pub struct SourceContext {
+    pub metrics: Arc<Metrics>,
+    /// The worker's in-flight bound: a source may size its prefetch by it.
+    pub max_inflight_events: usize,
+}
+
+/// Open the source chosen in the config.
+pub async fn open(config: &SourceConfig, ctx: SourceContext) -> Result<Box<dyn Source>, SourceError> {
+    match config {
+        SourceConfig::File(c) => Ok(Box::new(file::FileSource::open(c, ctx).await?)),
+        SourceConfig::Kafka(_) => Err(not_built("kafka")),
+        SourceConfig::Nats(c) => Ok(Box::new(nats::NatsSource::open(c, ctx).await?)),
+    }
+}
+
+fn not_built(kind: &'static str) -> SourceError {
+    SourceError::Open { kind, message: "this source is not available in this build".into(), source: None }
+}

@@ -1,0 +1,147 @@
+//! The example configs parse and validate; the environment overrides any key; mistakes are
+//! reported with the field that is wrong; secrets never show in a logged config.
+
+use std::path::Path;
+use std::time::Duration;
+
+use scorestream::config::{Config, ConfigError, Delivery, SinkConfig, SourceConfig};
+
+fn example(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn parse(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let vars = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+    Config::from_toml_with_env(text, "test", vars)
+}
+
+#[test]
+fn every_example_config_parses_and_validates() {
+    let file = parse(&example("file.toml"), &[]).unwrap();
+    assert!(matches!(file.source, SourceConfig::File(_)));
+    assert_eq!(file.model.path, Path::new("tests/fixtures/arith"));
+    assert_eq!(file.batch.max_wait, Duration::from_millis(20));
+
+    let kafka = parse(&example("kafka.toml"), &[]).unwrap();
+    let SourceConfig::Kafka(k) = &kafka.source else { panic!("kafka source expected") };
+    assert_eq!(k.topics, vec!["conversations".to_owned()]);
+    assert!(matches!(&kafka.sink, SinkConfig::Kafka(s) if s.delivery == Delivery::AtLeastOnce));
+
+    let nats = parse(&example("nats.toml"), &[]).unwrap();
+    let SourceConfig::Nats(n) = &nats.source else { panic!("nats source expected") };
+    assert_eq!((n.subject.as_str(), n.ack_wait), ("conversations.in", Duration::from_secs(30)));
+}
+
+#[test]
+fn defaults_fill_what_is_left_out() {
+    let c = parse(
+        r#"
+        [model]
+        path = "m"
+        [source]
+        type = "file"
+        path = "-"
+        [sink]
+        type = "file"
+        path = "-"
+        [dead_letter]
+        type = "file"
+        path = "dl.jsonl"
+        "#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.batch.max_batch_tokens, 16_384);
+    assert_eq!(c.batch.max_batch_events, 256);
+    assert_eq!(c.batch.max_inflight_events, 1024);
+    assert_eq!(c.batch.max_payload_bytes, 1 << 20);
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.http.listen.port(), 9090);
+    assert_eq!(c.model.devices, vec!["cpu".to_owned()]);
+}
+
+#[test]
+fn environment_overrides_any_key() {
+    let c = parse(
+        &example("kafka.toml"),
+        &[
+            ("SCORESTREAM__BATCH__MAX_BATCH_EVENTS", "32"),
+            ("SCORESTREAM__BATCH__MAX_WAIT", "5ms"),
+            ("SCORESTREAM__SHUTDOWN_TIMEOUT", "2m"),
+            ("SCORESTREAM__SOURCE__GROUP_ID", "other"),
+            ("SCORESTREAM__SOURCE__OPTIONS__SASL.PASSWORD", "hunter2"),
+            ("SCORESTREAM__SINK__DELIVERY", "exactly_once"),
+            ("SCORESTREAM__MODEL__DEVICES", r#"["cpu", "cpu"]"#),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.batch.max_batch_events, 32);
+    assert_eq!(c.batch.max_wait, Duration::from_millis(5));
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(120));
+    assert_eq!(c.model.devices.len(), 2);
+    let SourceConfig::Kafka(k) = &c.source else { panic!() };
+    assert_eq!(k.group_id, "other");
+    assert_eq!(k.options.0["sasl.password"], "hunter2");
+    assert!(matches!(&c.sink, SinkConfig::Kafka(s) if s.delivery == Delivery::ExactlyOnce));
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "a secret was shown: {shown}");
+}
+
+#[test]
+fn nats_secrets_are_redacted() {
+    let c = parse(
+        &example("nats.toml"),
+        &[("SCORESTREAM__SOURCE__USER", "worker"), ("SCORESTREAM__SOURCE__PASSWORD", "pa55word")],
+    )
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(shown.contains("worker") && !shown.contains("pa55word"), "{shown}");
+    // A secret that reads as a TOML number stays the same text.
+    let c = parse(&example("nats.toml"), &[("SCORESTREAM__SINK__TOKEN", "123456")]).unwrap();
+    let SinkConfig::Nats(n) = &c.sink else { panic!("nats sink expected") };
+    assert_eq!(n.token.as_ref().map(|t| t.expose()), Some("123456"));
+}
+
+fn error_of(text: &str, vars: &[(&str, &str)]) -> String {
+    parse(text, vars).unwrap_err().to_string()
+}
+
+#[test]
+fn mistakes_are_reported_with_the_field() {
+    let file = example("file.toml");
+    let unknown = error_of(&file.replace("[batch]", "[batch]\nmax_batch_size = 3"), &[]);
+    assert!(unknown.contains("unknown field `max_batch_size`"), "{unknown}");
+    let unknown_source = error_of(&example("nats.toml").replace("durable =", "durabel = \"x\"\ndurable ="), &[]);
+    assert!(unknown_source.contains("durabel"), "{unknown_source}");
+    let zero = error_of(&file, &[("SCORESTREAM__BATCH__MAX_BATCH_EVENTS", "0")]);
+    assert!(zero.contains("batch.max_batch_events"), "{zero}");
+    let duration = error_of(&file, &[("SCORESTREAM__BATCH__MAX_WAIT", "soon")]);
+    assert!(duration.contains("max_wait") || duration.contains("soon"), "{duration}");
+    let kind = error_of(&file, &[("SCORESTREAM__SOURCE__TYPE", "redis")]);
+    assert!(kind.contains("redis"), "{kind}");
+    let device = error_of(&file, &[("SCORESTREAM__MODEL__DEVICES", r#"["tpu:0"]"#)]);
+    assert!(device.contains("model.devices"), "{device}");
+    let eos = error_of(
+        &example("kafka.toml").replace("delivery = \"at_least_once\"", "delivery = \"exactly_once\"").replace(
+            "[dead_letter]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"conversations.dead\"",
+            "[dead_letter]\ntype = \"file\"\npath = \"dl.jsonl\"",
+        ),
+        &[],
+    );
+    assert!(eos.contains("sink.delivery"), "{eos}");
+    let auth = error_of(&example("nats.toml"), &[("SCORESTREAM__SOURCE__USER", "worker")]);
+    assert!(auth.contains("source.user"), "{auth}");
+    let syntax = error_of("[model\npath=", &[]);
+    assert!(syntax.contains("not valid TOML"), "{syntax}");
+}
+
+#[test]
+fn check_config_reads_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, example("nats.toml")).unwrap();
+    scorestream::config::check_config(&path).unwrap();
+    let missing = scorestream::config::check_config(&dir.path().join("nope.toml")).unwrap_err();
+    assert!(missing.to_string().contains("nope.toml"));
+}
