@@ -1,0 +1,205 @@
+//! `scorestream run` against a real nats-server with JetStream (Debian's 2.9 package, started
+//! here on loopback): every input lands scored or dead-lettered, rewards equal
+//! `scorestream score`, every input is acked, SIGTERM exits 0; wrong credentials fail clearly.
+
+mod common_fixtures;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, stream};
+use futures::StreamExt;
+use serde_json::Value;
+
+/// A nats-server with JetStream in a temporary directory; killed on drop.
+struct NatsServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn start(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = dir.path().join("nats.conf");
+        let store = dir.path().join("js");
+        std::fs::write(
+            &conf,
+            format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra_config}\n", store.display()),
+        )
+        .unwrap();
+        let child = match Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("nats-server could not start ({e}); install Debian's nats-server package"),
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, url: &str, auth: &str, port: u16) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+        shutdown_timeout = "20s"
+        [model]
+        path = "{model}"
+        [batch]
+        max_batch_events = 32
+        max_wait = "5ms"
+        max_inflight_events = 64
+        [source]
+        type = "nats"
+        url = "{url}"
+        stream = "CONV"
+        subject = "conv.in"
+        durable = "scorestream"
+        ack_wait = "3s"
+        {auth}
+        [sink]
+        type = "nats"
+        url = "{url}"
+        subject = "conv.scored"
+        {auth}
+        [dead_letter]
+        type = "nats"
+        url = "{url}"
+        subject = "conv.dead"
+        {auth}
+        [http]
+        listen = "127.0.0.1:{port}"
+        "#,
+        model = common_fixtures::dir("arith").display(),
+    );
+    let path = dir.join("worker.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn setup_streams(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
+        js.get_or_create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() })
+            .await
+            .unwrap();
+    }
+    js
+}
+
+/// Every message of a stream, in order.
+async fn read_all(js: &jetstream::Context, name: &str) -> Vec<Value> {
+    let mut s = js.get_stream(name).await.unwrap();
+    let n = s.info().await.unwrap().state.messages as usize;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n);
+    let mut out = Vec::new();
+    while let Some(m) = msgs.next().await {
+        out.push(serde_json::from_slice(&m.unwrap().payload).unwrap());
+    }
+    out
+}
+
+async fn count(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_input_is_scored_or_dead_lettered_and_acked() {
+    let server = NatsServer::start("");
+    let js = setup_streams(&server.url()).await;
+    let convs = std::fs::read_to_string(common_fixtures::dir("arith").join("conversations.jsonl")).unwrap();
+    let good: Vec<&str> = convs.lines().take(300).collect();
+    for line in &good {
+        js.publish("conv.in", line.as_bytes().to_vec().into()).await.unwrap().await.unwrap();
+    }
+    let bad: [(&[u8], &str); 3] = [(b"{oops", "invalid_json"), (b"\xff\xfe", "invalid_utf8"), (br#"{"id":"e","messages":[]}"#, "invalid_conversation")];
+    for (payload, _) in &bad {
+        js.publish("conv.in", payload.to_vec().into()).await.unwrap().await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = write_config(dir.path(), &server.url(), "", port);
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).stderr(Stdio::null()).spawn().unwrap();
+    let sent = (good.len() + bad.len()) as u64;
+    let start = Instant::now();
+    while count(&js, "SCORED").await + count(&js, "DEAD").await < sent {
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited early");
+        assert!(start.elapsed() < Duration::from_secs(180), "timed out: not every input was published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Rewards equal `scorestream score` on the same events.
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, good.join("\n")).unwrap();
+    let scored = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model"])
+        .arg(common_fixtures::dir("arith"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    let reference: HashMap<String, f64> = String::from_utf8_lossy(&scored.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["reward"].as_f64().unwrap()))
+        .collect();
+    let out = read_all(&js, "SCORED").await;
+    assert_eq!(out.len(), good.len());
+    let ids: Vec<&str> = out.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    let want: Vec<String> = good.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>(), "one stream: outputs in input order");
+    for o in &out {
+        let id = o["id"].as_str().unwrap();
+        assert!((o["reward"].as_f64().unwrap() - reference[id]).abs() < 1e-5, "{id}");
+    }
+    let dead = read_all(&js, "DEAD").await;
+    let kinds: Vec<&str> = dead.iter().map(|d| d["error"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, bad.iter().map(|(_, k)| *k).collect::<Vec<_>>());
+    assert!(dead.iter().all(|d| d["source"]["stream"] == "CONV" && d["source"]["sequence"].as_u64().unwrap() > 0));
+    // SIGTERM: drains and exits 0; then nothing is left unacknowledged.
+    assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    let mut consumer: jetstream::consumer::PullConsumer = js.get_stream("CONV").await.unwrap().get_consumer("scorestream").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "every input acked");
+}
+
+#[test]
+fn wrong_credentials_fail_with_a_clear_error() {
+    let server = NatsServer::start("authorization { user: scorer, password: right }");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url(), "user = \"scorer\"\n        password = \"wrong\"", 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("nats") && err.contains("authorization"), "{err}");
+}
