@@ -152,8 +152,9 @@ def fake_quant_rows(x):
 def to_fp8_emulation(model, noise=None):
     """Quantize every projection's weight per output channel and its input per token, in place.
 
-    With `noise` (a torch.Generator), inputs get a 2e-7 relative perturbation before quantizing:
-    the size of the summation-order differences between two correct implementations. Running a
+    With `noise` (a torch.Generator), inputs get a 1e-6 relative perturbation before quantizing:
+    the size of the float32 differences between two correct implementations after a few layers
+    (summation order, exp/rsqrt rounding). Running a
     few perturbed passes measures how far the emulation itself moves under such differences."""
     hooks = []
     for name, mod in model.named_modules():
@@ -164,7 +165,7 @@ def to_fp8_emulation(model, noise=None):
                 hooks.append(mod.register_forward_pre_hook(lambda m, args: (fake_quant_rows(args[0]),)))
             else:
                 hooks.append(mod.register_forward_pre_hook(
-                    lambda m, args: (fake_quant_rows(args[0] * (1 + 2e-7 * torch.randn(args[0].shape, generator=noise))),)))
+                    lambda m, args: (fake_quant_rows(args[0] * (1 + 1e-6 * torch.randn(args[0].shape, generator=noise))),)))
     return hooks
 
 
@@ -191,9 +192,9 @@ def references(d, events, nemo=False):
         logits, reward = run(model, cfg, ids)
         out["events"].append({"id": ev["id"], "input_ids": ids, "logits": logits, "reward": reward})
     out["fp8"] = {"scheme": "e4m3 per-channel weights, per-token activations, scale=amax/448, RNE saturating",
-                  "spread": "max-min of the reward over 4 passes with 2e-7 input perturbations", "events": []}
+                  "spread": "max-min of the reward over 6 passes with 1e-6 relative input perturbations", "events": []}
     perturbed = []
-    for seed in range(4):
+    for seed in range(6):
         m = cls.from_pretrained(d, dtype=torch.float32).eval()
         to_fp8_emulation(m, noise=torch.Generator().manual_seed(seed))
         perturbed.append(m)
