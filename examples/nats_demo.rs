@@ -73,7 +73,17 @@ async fn main() -> anyhow::Result<()> {
             model.display()
         ),
     )?;
-    let worker = Command::new(scorestream_binary()).args(["run", "--config"]).arg(&config).stderr(Stdio::null()).spawn();
+    // Under `cargo run`, run the worker through cargo too so that it is built and current
+    // (cargo execs the binary, so signals reach the worker itself).
+    let mut cmd = match std::env::var_os("CARGO") {
+        Some(cargo) => {
+            let mut c = Command::new(cargo);
+            c.args(["run", "--release", "--quiet", "--bin", "scorestream", "--manifest-path"]).arg(root.join("Cargo.toml")).arg("--");
+            c
+        }
+        None => Command::new(scorestream_binary()),
+    };
+    let worker = cmd.args(["run", "--config"]).arg(&config).stderr(Stdio::null()).spawn();
     let mut worker = Guard(worker.context("cannot start scorestream (build it with `cargo build --release`)")?);
 
     let mut scored = js.get_stream("SCORED").await?;
@@ -81,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
         if let Some(status) = worker.0.try_wait()? {
             bail!("the worker exited early: {status}");
         }
-        if start.elapsed() > Duration::from_secs(120) {
+        if start.elapsed() > Duration::from_secs(900) {
             bail!("timed out waiting for scores");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
