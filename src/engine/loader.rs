@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use serde::Serialize;
 
+use super::AnyStage;
 use crate::model::config::{ArchConfig, HeadKind};
 use crate::model::stage::{plan_stages, Stage};
 use crate::model::weights::{Vb, Weights};
@@ -44,15 +45,28 @@ pub struct ModelInfo {
     pub stages: Vec<StageInfo>,
 }
 
-/// Parse a device name: "cpu" or "cuda:N".
-pub fn parse_device(name: &str) -> Result<Device, ModelError> {
+/// Where a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// GPU ordinal (the CUDA engine, feature `cuda`).
+    Cuda(usize),
+}
+
+/// Parse a device name: "cpu" or "cuda:N" ("cuda" = "cuda:0").
+pub fn parse_device(name: &str) -> Result<DeviceSpec, ModelError> {
+    let bad = |message: &str| ModelError::Device { device: name.to_owned(), message: message.to_owned() };
     match name {
-        "cpu" => Ok(Device::Cpu),
-        n if n.starts_with("cuda") => Err(ModelError::Device {
-            device: n.to_owned(),
-            message: "the CUDA engine is not available in this build (build with --features cuda)".to_owned(),
-        }),
-        n => Err(ModelError::Device { device: n.to_owned(), message: "expected \"cpu\" or \"cuda:N\"".to_owned() }),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let ordinal = n.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| bad("expected cuda:N"))?;
+            if cfg!(feature = "cuda") {
+                Ok(DeviceSpec::Cuda(ordinal))
+            } else {
+                Err(bad("the CUDA engine is not available in this build (build with --features cuda)"))
+            }
+        }
+        _ => Err(bad("expected \"cpu\" or \"cuda:N\"")),
     }
 }
 
@@ -72,7 +86,7 @@ fn bytes_under(w: &Weights, prefix: &str) -> usize {
 pub struct Plan {
     pub cfg: ArchConfig,
     pub weights: Arc<Weights>,
-    pub devices: Vec<Device>,
+    pub devices: Vec<DeviceSpec>,
     pub ranges: Vec<std::ops::Range<usize>>,
     pub info: ModelInfo,
 }
@@ -120,8 +134,11 @@ pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelE
     Ok(Plan { cfg, weights, devices, ranges, info })
 }
 
-/// Load the model described by `opts`, one stage per device.
-pub fn load(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<Stage>, ModelInfo), ModelError> {
+/// Loads one stage; run on the stage's own thread (a GPU context belongs to its thread).
+pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
+
+/// Plan the model described by `opts` and return one loader per stage.
+pub fn loaders(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
     let plan = plan(opts, max_batch_tokens)?;
     for (i, s) in plan.info.stages.iter().enumerate() {
         tracing::info!(
@@ -133,16 +150,47 @@ pub fn load(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<Stage>,
             "planned stage"
         );
     }
-    let stages = plan
+    let cfg = std::sync::Arc::new(plan.cfg);
+    let loaders = plan
         .ranges
         .iter()
         .zip(&plan.devices)
-        .map(|(range, device)| {
-            let vb = Vb::new(plan.weights.clone(), compute_dtype(opts.dtype), device.clone()).with_fp8(opts.dtype == Dtype::Fp8);
-            Stage::load(&vb, &plan.cfg, range.clone(), opts.reward_row, opts.attribute_weights.as_deref())
+        .map(|(range, &device)| {
+            let (cfg, weights, range, opts) = (cfg.clone(), plan.weights.clone(), range.clone(), opts.clone());
+            Box::new(move || load_stage(device, weights, &cfg, range, &opts, max_batch_tokens)) as StageLoader
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((stages, plan.info))
+        .collect();
+    Ok((loaders, plan.info))
+}
+
+fn load_stage(
+    device: DeviceSpec,
+    weights: Arc<Weights>,
+    cfg: &ArchConfig,
+    range: std::ops::Range<usize>,
+    opts: &ModelOptions,
+    max_batch_tokens: usize,
+) -> Result<AnyStage, ModelError> {
+    let attr = opts.attribute_weights.as_deref();
+    match device {
+        DeviceSpec::Cpu => {
+            let vb = Vb::new(weights, compute_dtype(opts.dtype), Device::Cpu).with_fp8(opts.dtype == Dtype::Fp8);
+            Ok(AnyStage::Cpu(Stage::load(&vb, cfg, range, opts.reward_row, attr)?))
+        }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(ordinal) => {
+            let vb = Vb::new(weights, DType::F32, Device::Cpu);
+            let max_seqs = crate::batch::policy::BatchLimits::default().max_events.max(max_batch_tokens / 64);
+            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, max_batch_tokens, max_seqs)
+                .map(|s| AnyStage::Cuda(Box::new(s)))
+                .map_err(|e| ModelError::Backend { device: format!("cuda:{ordinal}"), source: Box::new(e) })
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(ordinal) => {
+            let _ = max_batch_tokens;
+            Err(ModelError::Device { device: format!("cuda:{ordinal}"), message: "not built with --features cuda".into() })
+        }
+    }
 }
 
 fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, stages: Vec<StageInfo>) -> ModelInfo {

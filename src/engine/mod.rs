@@ -21,7 +21,7 @@ use crate::model::packed::Packed;
 use crate::model::stage::{Activations, Stage, StageOutput};
 use crate::model::{ModelError, ModelOptions};
 
-pub use loader::{parse_device, plan, ModelInfo, Plan, StageInfo};
+pub use loader::{parse_device, plan, DeviceSpec, ModelInfo, Plan, StageInfo};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,28 @@ pub enum EngineError {
     Stopped,
 }
 
+/// A stage on its device: the candle CPU stage or the CUDA stage.
+pub enum AnyStage {
+    Cpu(Stage),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::stage::CudaStage>),
+}
+
+impl AnyStage {
+    fn forward(&mut self, packed: &Packed, input: Activations, device: &str) -> Result<StageOutput, ModelError> {
+        match self {
+            AnyStage::Cpu(s) => {
+                let _ = device;
+                s.forward(packed, input)
+            }
+            #[cfg(feature = "cuda")]
+            AnyStage::Cuda(s) => s
+                .forward(packed, input)
+                .map_err(|e| ModelError::Backend { device: device.to_owned(), source: Box::new(e) }),
+        }
+    }
+}
+
 struct Job {
     packed: Arc<Packed>,
     input: Activations,
@@ -67,28 +89,45 @@ impl Engine {
         Self::start_for_batches(opts, crate::batch::policy::BatchLimits::default().max_tokens)
     }
 
-    /// [`Engine::start`], planning activation memory for batches of `max_batch_tokens`.
+    /// [`Engine::start`], planning activation memory for batches of `max_batch_tokens`. Each
+    /// stage is loaded on its own thread, which then runs it (a GPU context stays on the thread
+    /// that made it).
     pub fn start_for_batches(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Self, EngineError> {
-        let (stages, info) = loader::load(opts, max_batch_tokens)
-            .map_err(|source| EngineError::Load { path: opts.path.display().to_string(), source })?;
-        Ok(Self::from_stages(stages, info))
-    }
-
-    fn from_stages(stages: Vec<Stage>, info: ModelInfo) -> Self {
-        let busy_nanos: Arc<Vec<AtomicU64>> = Arc::new(stages.iter().map(|_| AtomicU64::new(0)).collect());
+        let load_err = |source| EngineError::Load { path: opts.path.display().to_string(), source };
+        let (loaders, info) = loader::loaders(opts, max_batch_tokens).map_err(load_err)?;
+        let busy_nanos: Arc<Vec<AtomicU64>> = Arc::new(loaders.iter().map(|_| AtomicU64::new(0)).collect());
         let (first_tx, mut rx) = mpsc::channel::<Job>(1);
-        let last = stages.len() - 1;
-        for (i, stage) in stages.into_iter().enumerate() {
+        let last = loaders.len() - 1;
+        let mut loaded = Vec::with_capacity(loaders.len());
+        for (i, load) in loaders.into_iter().enumerate() {
             let (next_tx, next_rx) = mpsc::channel::<Job>(1);
             let (next_tx, stage_rx) = ((i < last).then_some(next_tx), std::mem::replace(&mut rx, next_rx));
             let busy = busy_nanos.clone();
             let device = info.stages[i].device.clone();
+            let layers = format!("{:?}", info.stages[i].layers.0..info.stages[i].layers.1);
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(format!("scorestream-stage-{i}"))
-                .spawn(move || stage_loop(i, &device, &stage, stage_rx, next_tx, &busy[i]))
+                .spawn(move || match load() {
+                    Ok(mut stage) => {
+                        let _ = ready_tx.send(Ok(()));
+                        stage_loop(i, &device, &layers, &mut stage, stage_rx, next_tx, &busy[i]);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                })
                 .expect("spawning a thread only fails when the OS is out of resources");
+            loaded.push(ready_rx);
         }
-        Self { tx: first_tx, info: Arc::new(info), busy_nanos }
+        for ready in loaded {
+            // A stage thread that died before reporting is a load failure too.
+            ready
+                .recv()
+                .unwrap_or_else(|_| Err(ModelError::weights("a stage thread stopped while loading", None)))
+                .map_err(load_err)?;
+        }
+        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -125,7 +164,8 @@ impl Engine {
 fn stage_loop(
     index: usize,
     device: &str,
-    stage: &Stage,
+    layers: &str,
+    stage: &mut AnyStage,
     mut rx: mpsc::Receiver<Job>,
     next: Option<mpsc::Sender<Job>>,
     busy: &AtomicU64,
@@ -133,13 +173,13 @@ fn stage_loop(
     while let Some(job) = rx.blocking_recv() {
         let Job { packed, input, reply } = job;
         let started = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.forward(&packed, input)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.forward(&packed, input, device)));
         busy.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let outcome = match result {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(source)) => Err(EngineError::Stage {
                 stage: index,
-                layers: format!("{:?}", stage.range),
+                layers: layers.to_owned(),
                 device: device.to_owned(),
                 source,
             }),
@@ -162,7 +202,7 @@ fn stage_loop(
             (Ok(StageOutput::Hidden(_)), None) => {
                 let _ = reply.send(Err(EngineError::Stage {
                     stage: index,
-                    layers: format!("{:?}", stage.range),
+                    layers: layers.to_owned(),
                     device: device.to_owned(),
                     source: ModelError::weights("the last stage produced no scores", None),
                 }));

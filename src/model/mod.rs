@@ -44,6 +44,12 @@ pub enum ModelError {
     },
     #[error("device {device:?}: {message}")]
     Device { device: String, message: String },
+    #[error("device {device:?}: {source}")]
+    Backend {
+        device: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
