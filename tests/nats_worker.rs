@@ -284,3 +284,59 @@ async fn kill_9_mid_stream_loses_nothing_and_replays_are_deduplicated() {
     // is bounded by what was in flight at each kill.
     assert!(duplicates <= 3 * 64, "{duplicates} duplicates");
 }
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for ca in ["ca", "other-ca"] {
+        run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem"), "-days", "1", "-subj", &format!("/CN={ca}")]);
+    }
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext.cnf"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let server = NatsServer::start(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\nauthorization {{ user: scorer, password: s3cret }}",
+        p("server.pem"),
+        p("server.key")
+    ));
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password("scorer".into(), "s3cret".into())
+        .add_root_certificates(certs.path().join("ca.pem"))
+        .require_tls(true)
+        .connect(server.url())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
+        js.get_or_create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() }).await.unwrap();
+    }
+    let events = events(20);
+    publish_all(&js, &events.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = |ca: &str| format!("user = \"scorer\"\n        password = \"s3cret\"\n        tls = {{ ca_file = \"{}\" }}", p(ca));
+    let mut worker = spawn_worker(&write_config(dir.path(), &server.url(), &auth("ca.pem"), 0));
+    let start = Instant::now();
+    while count(&js, "SCORED").await < 20 {
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited early");
+        assert!(start.elapsed() < Duration::from_secs(120), "timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());
+    assert!(worker.wait().unwrap().success());
+    // A CA that did not sign the server's certificate: refused, with a TLS error.
+    let config = write_config(dir.path(), &server.url(), &auth("other-ca.pem"), 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("nats") && (err.contains("tls") || err.contains("certificate")), "{err}");
+}
