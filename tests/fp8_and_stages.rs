@@ -118,3 +118,22 @@ fn fp8_keeps_the_trained_models_rankings() {
     assert!(agreement.pairwise_agreement >= 0.98, "{agreement:?}");
     assert!((f32_acc - fp8_acc).abs() <= 0.01, "accuracy f32 {f32_acc} vs fp8 {fp8_acc}");
 }
+
+#[test]
+fn the_compare_command_reports_agreement_between_formats() {
+    let model = common_fixtures::dir("arith");
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["compare", "--model"])
+        .arg(&model)
+        .args(["--dtype-a", "f32", "--dtype-b", "fp8", "--json", "--input"])
+        .arg(model.join("conversations.jsonl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["events"], 720);
+    assert!(r["max_abs_diff"].as_f64().unwrap() > 0.0, "fp8 differs from f32");
+    assert!(r["mean_abs_diff"].as_f64().unwrap() <= r["max_abs_diff"].as_f64().unwrap());
+    assert!(r["spearman"].as_f64().unwrap() > 0.99);
+    assert!(r["pairwise_agreement"].as_f64().unwrap() >= 0.98);
+}
