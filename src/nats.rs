@@ -19,6 +19,22 @@ pub struct Connection<'a> {
     pub tls: Option<&'a NatsTls>,
 }
 
+/// The [`Connection`] of a NATS source or sink config (both carry the same connection fields;
+/// their serde structs stay separate because `deny_unknown_fields` cannot see through `flatten`).
+macro_rules! connection_of {
+    ($c:expr) => {
+        $crate::nats::Connection {
+            url: &$c.url,
+            credentials_file: $c.credentials_file.as_ref(),
+            token: $c.token.as_ref(),
+            user: $c.user.as_deref(),
+            password: $c.password.as_ref(),
+            tls: $c.tls.as_ref(),
+        }
+    };
+}
+pub(crate) use connection_of;
+
 /// A connection failure, with the server's or the client library's reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

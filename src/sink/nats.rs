@@ -9,7 +9,7 @@ use futures::FutureExt;
 
 use super::{Confirmation, Outgoing, Sink, SinkContext, SinkError};
 use crate::config::brokers::NatsSinkConfig;
-use crate::nats::{connect, Connection};
+use crate::nats::{connect, connection_of};
 
 const KIND: &str = "nats";
 
@@ -24,14 +24,7 @@ fn err(message: impl Into<String>, source: impl std::error::Error + Send + Sync 
 
 impl NatsSink {
     pub async fn open(c: &NatsSinkConfig, _ctx: SinkContext) -> Result<Self, SinkError> {
-        let conn = Connection {
-            url: &c.url,
-            credentials_file: c.credentials_file.as_ref(),
-            token: c.token.as_ref(),
-            user: c.user.as_deref(),
-            password: c.password.as_ref(),
-            tls: c.tls.as_ref(),
-        };
+        let conn = connection_of!(c);
         let client = connect(&conn, "scorestream-sink").await.map_err(|e| SinkError::Open {
             kind: KIND,
             message: e.to_string(),

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::NatsSourceConfig;
-use crate::nats::{connect, Connection};
+use crate::nats::{connect, connection_of};
 
 const KIND: &str = "nats";
 
@@ -41,14 +41,7 @@ pub struct NatsSource {
 
 impl NatsSource {
     pub async fn open(c: &NatsSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
-        let conn = Connection {
-            url: &c.url,
-            credentials_file: c.credentials_file.as_ref(),
-            token: c.token.as_ref(),
-            user: c.user.as_deref(),
-            password: c.password.as_ref(),
-            tls: c.tls.as_ref(),
-        };
+        let conn = connection_of!(c);
         let client = connect(&conn, "scorestream-source").await.map_err(|e| open_err(e.to_string(), e))?;
         let js = jetstream::new(client.clone());
         let stream = js
