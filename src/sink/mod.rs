@@ -9,6 +9,7 @@
 //! publishes them in input order. Confirmations are awaited concurrently.
 
 pub mod file;
+pub mod kafka;
 pub mod nats;
 
 use std::fmt;
@@ -127,13 +128,9 @@ pub struct SinkContext {
 pub async fn open(config: &SinkConfig, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
     match config {
         SinkConfig::File(c) => Ok(Arc::new(file::FileSink::open(c, ctx).await?)),
-        SinkConfig::Kafka(_) => Err(not_built("kafka")),
+        SinkConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaSink::open(c, ctx)?)),
         SinkConfig::Nats(c) => Ok(Arc::new(nats::NatsSink::open(c, ctx).await?)),
     }
-}
-
-fn not_built(kind: &'static str) -> SinkError {
-    SinkError::Open { kind, message: "this sink is not available in this build".into(), source: None }
 }
 
 impl fmt::Display for OutputKind {
