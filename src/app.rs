@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigError, Delivery, SinkConfig};
+use crate::config::{Config, ConfigError, Delivery, SinkConfig, SourceConfig};
 use crate::engine::{Engine, EngineError};
 use crate::event::{EventError, InputEvent, Message, Role};
 use crate::http::{HttpError, Readiness};
@@ -181,17 +181,21 @@ async fn open_parts(
 ) -> Result<Parts, AppError> {
     let sctx = SourceContext { metrics: metrics.clone(), max_inflight_events: config.batch.max_inflight_events };
     let kctx = SinkContext { metrics: metrics.clone() };
-    if matches!(&config.sink, SinkConfig::Kafka(k) if k.delivery == Delivery::ExactlyOnce) {
-        return Err(SinkError::Open {
-            kind: "kafka",
-            message: "delivery = \"exactly_once\" is not available in this build".into(),
-            source: None,
+    let (source, sink, dead_letter, commit) = match (&config.source, &config.sink, &config.dead_letter) {
+        // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
+        (SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) if out.delivery == Delivery::ExactlyOnce => {
+            let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
+            let (sink, dead_letter, commit) =
+                crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
+            (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit))
         }
-        .into());
-    }
-    let source = crate::source::open(&config.source, sctx).await?;
-    let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
-    let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
+        _ => {
+            let source = crate::source::open(&config.source, sctx).await?;
+            let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
+            let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
+            (source, sink, dead_letter, None)
+        }
+    };
     Ok(Parts {
         source,
         source_kind: config.source.kind(),
@@ -199,7 +203,7 @@ async fn open_parts(
         scorer: Arc::new(engine),
         sink,
         dead_letter,
-        commit: None,
+        commit,
         metrics,
     })
 }

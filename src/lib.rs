@@ -13,6 +13,7 @@ pub mod prompt;
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod sink;

@@ -49,10 +49,12 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// Seconds each engine stage spent computing; its rate is the stage's utilisation.
     pub stage_busy_seconds: CounterVec,
+    /// Kafka exactly-once: producer transactions, by outcome ("committed", "aborted").
+    pub kafka_transactions: IntCounterVec,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 13] = [
+pub const NAMES: [&str; 14] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -66,6 +68,7 @@ pub const NAMES: [&str; 13] = [
     "scorestream_reward",
     "scorestream_model_info",
     "scorestream_stage_busy_seconds_total",
+    "scorestream_kafka_transactions_total",
 ];
 
 fn hist(name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, MetricsError> {
@@ -113,16 +116,24 @@ impl Metrics {
                 &["stage", "device"],
             )
             .map_err(r)?,
+            kafka_transactions: IntCounterVec::new(
+                Opts::new(NAMES[13], "Kafka exactly-once producer transactions, by outcome."),
+                &["outcome"],
+            )
+            .map_err(r)?,
         };
         m.register_all()?;
         for kind in ErrorKind::ALL {
             m.events_failed.with_label_values(&[kind.as_str()]);
         }
+        for outcome in ["committed", "aborted"] {
+            m.kafka_transactions.with_label_values(&[outcome]);
+        }
         Ok(m)
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -136,6 +147,7 @@ impl Metrics {
             Box::new(self.reward.clone()),
             Box::new(self.model_info.clone()),
             Box::new(self.stage_busy_seconds.clone()),
+            Box::new(self.kafka_transactions.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;

@@ -1,12 +1,22 @@
 //! `scorestream run` against librdkafka's mock cluster (`rdkafka::mocking`, a real Kafka
-//! protocol peer on loopback): every input lands scored or dead-lettered, per-key (so
-//! per-partition) order is kept, keys and headers carry over, rewards equal `scorestream score`,
-//! SIGTERM exits 0 and the group's committed offsets cover every input.
+//! protocol peer on loopback, living in this test process while the worker runs as a child
+//! process that can be killed):
+//! - 10k events: every input lands scored or dead-lettered, per-key (so per-partition) order is
+//!   kept, keys and headers carry over, rewards equal `scorestream score`, SIGTERM exits 0 and
+//!   the group's committed offsets cover every input;
+//! - kill -9 mid-stream, several times: nothing lost, duplicates within the in-flight bound;
+//! - `delivery = "exactly_once"`: outputs and offsets go through producer transactions, and a
+//!   transaction the broker refuses is aborted and retried. The mock cluster does not hide
+//!   aborted transactions from read-committed readers, so this checks the call sequence and the
+//!   abort handling, not the isolation itself;
+//! - a client configured for TLS through the pass-through options fails at start, clearly.
 
 mod common_fixtures;
 
-use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -16,93 +26,248 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
-fn consume_all(bootstrap: &str, topic: &str, n: usize, within: Duration) -> Vec<(Option<String>, Value, Vec<(String, String)>)> {
+/// The worker tests each run a model on both cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PARTITIONS: i32 = 4;
+const INFLIGHT: usize = 256;
+
+/// One output read back: key, JSON payload, headers.
+type Output = (Option<String>, Value, Vec<(String, String)>);
+
+/// Everything in `topic` up to its current end, every partition from the beginning, without a
+/// consumer group.
+fn read_topic(bootstrap: &str, topic: &str) -> Vec<Output> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("reader-{topic}"))
-        .set("auto.offset.reset", "earliest")
+        .set("group.id", "reader")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let start = Instant::now();
+    let timeout = Duration::from_secs(10);
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..PARTITIONS {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).unwrap();
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            ends.insert(p, high);
+        }
+    }
+    if ends.is_empty() {
+        return Vec::new();
+    }
+    consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    while out.len() < n && start.elapsed() < within {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-            let headers = m
-                .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
-                .unwrap_or_default();
-            out.push((key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(), headers));
+    let start = Instant::now();
+    while !ends.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "reading {topic} timed out");
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            if ends.get(&m.partition()).is_some_and(|&end| m.offset() < end) {
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
+                    })
+                    .unwrap_or_default();
+                out.push((key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(), headers));
+            }
+        }
+        // Done with a partition once its position reached the end seen at the start (control
+        // records of transactions take offsets too, so count positions, not messages).
+        for e in consumer.position().unwrap().elements() {
+            if let (Offset::Offset(pos), Some(&end)) = (e.offset(), ends.get(&e.partition())) {
+                if pos >= end {
+                    ends.remove(&e.partition());
+                }
+            }
         }
     }
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_input_is_scored_in_order_and_committed() {
-    let cluster = MockCluster::new(3).unwrap();
-    for topic in ["conv-in", "conv-scored", "conv-dead"] {
-        cluster.create_topic(topic, 4, 1).unwrap();
+/// Read `topic` until `done` holds for its contents; the worker must stay alive meanwhile.
+async fn wait_for(bootstrap: &str, topic: &str, worker: &mut Child, within: Duration, done: impl Fn(&[Output]) -> bool) -> Vec<Output> {
+    let start = Instant::now();
+    loop {
+        let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+        let outputs = tokio::task::spawn_blocking(move || read_topic(&b, &t)).await.unwrap();
+        if done(&outputs) {
+            return outputs;
+        }
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited early");
+        assert!(start.elapsed() < within, "timed out waiting on {topic}: {} messages", outputs.len());
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let bootstrap = cluster.bootstrap_servers();
+}
+
+fn unique_ids(outputs: &[Output]) -> HashSet<&str> {
+    outputs.iter().filter_map(|(_, v, _)| v["id"].as_str()).collect()
+}
+
+/// `n` events with unique ids `e0..`, keyed by one of 8 users (so one partition per user).
+fn keyed_events(n: usize) -> Vec<(String, String)> {
     let convs = std::fs::read_to_string(common_fixtures::dir("arith").join("conversations.jsonl")).unwrap();
     let base: Vec<Value> = convs.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let n = 2_000;
-    let events: Vec<(String, String)> = (0..n)
+    (0..n)
         .map(|i| {
             let mut v = base[i % base.len()].clone();
             v["id"] = Value::String(format!("e{i}"));
             (format!("user-{}", i % 8), v.to_string())
         })
-        .collect();
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
-    for (key, payload) in &events {
-        let headers = OwnedHeaders::new().insert(Header { key: "trace", value: Some(key.as_bytes()) });
-        producer.send(FutureRecord::to("conv-in").key(key).payload(payload).headers(headers), Duration::from_secs(5)).await.unwrap();
+        .collect()
+}
+
+fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+    let cluster = MockCluster::new(3).unwrap();
+    for topic in ["conv-in", "conv-scored", "conv-dead"] {
+        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
+    let bootstrap = cluster.bootstrap_servers();
+    (cluster, bootstrap)
+}
+
+async fn produce(bootstrap: &str, events: &[(String, String)]) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "5").create().unwrap();
+    for chunk in events.chunks(1000) {
+        let sends = chunk.iter().map(|(key, payload)| {
+            let headers = OwnedHeaders::new().insert(Header { key: "trace", value: Some(key.as_bytes()) });
+            producer.send(FutureRecord::to("conv-in").key(key).payload(payload).headers(headers), Duration::from_secs(5))
+        });
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+    }
+}
+
+/// The worker's config; `sink_extra` goes into `[sink]`.
+fn write_config(dir: &Path, bootstrap: &str, sink_extra: &str) -> PathBuf {
+    let config = dir.join("worker.toml");
+    let text = format!(
+        r#"
+        [model]
+        path = "{model}"
+        [batch]
+        max_batch_events = 64
+        max_wait = "5ms"
+        max_inflight_events = {INFLIGHT}
+        [source]
+        type = "kafka"
+        brokers = "{bootstrap}"
+        topics = ["conv-in"]
+        group_id = "scorestream"
+        # A killed member leaves the group after 6 s instead of librdkafka's default 45 s.
+        options = {{ "auto.commit.interval.ms" = "100", "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
+        [sink]
+        type = "kafka"
+        brokers = "{bootstrap}"
+        topic = "conv-scored"
+        {sink_extra}
+        [dead_letter]
+        type = "kafka"
+        brokers = "{bootstrap}"
+        topic = "conv-dead"
+        "#,
+        model = common_fixtures::dir("arith").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn spawn(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("SCORESTREAM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(mut worker: Child) {
+    assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());
+    assert!(worker.wait().unwrap().success(), "exit 0 after SIGTERM");
+}
+
+/// The group's committed offsets of the input topic, per partition.
+fn committed(bootstrap: &str) -> Vec<Offset> {
+    let group: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", "scorestream").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("conv-in", p);
+    }
+    let committed = group.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    committed.elements().iter().map(|e| e.offset()).collect()
+}
+
+/// The group's committed offsets of the input topic, summed over partitions.
+fn committed_total(bootstrap: &str) -> i64 {
+    committed(bootstrap)
+        .into_iter()
+        .enumerate()
+        .map(|(p, offset)| match offset {
+            Offset::Offset(o) => o,
+            other => panic!("partition {p} has no committed offset: {other:?}"),
+        })
+        .sum()
+}
+
+/// One metric's value from the worker's /metrics on `port`.
+fn metric(port: u16, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{body}"))
+}
+
+/// Rewards of `scorestream score` on the same events, by id.
+fn reference_rewards(dir: &Path, events: &[(String, String)]) -> HashMap<String, f64> {
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, events.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>().join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model"])
+        .arg(common_fixtures::dir("arith"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["reward"].as_f64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_input_is_scored_in_order_and_committed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_cluster, bootstrap) = cluster();
+    let n = 10_000;
+    let events = keyed_events(n);
+    produce(&bootstrap, &events).await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
     producer.send(FutureRecord::to("conv-in").key("user-0").payload("{broken"), Duration::from_secs(5)).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("worker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-            [model]
-            path = "{model}"
-            [batch]
-            max_batch_events = 64
-            max_wait = "5ms"
-            max_inflight_events = 256
-            [source]
-            type = "kafka"
-            brokers = "{bootstrap}"
-            topics = ["conv-in"]
-            group_id = "scorestream"
-            options = {{ "auto.commit.interval.ms" = "200" }}
-            [sink]
-            type = "kafka"
-            brokers = "{bootstrap}"
-            topic = "conv-scored"
-            [dead_letter]
-            type = "kafka"
-            brokers = "{bootstrap}"
-            topic = "conv-dead"
-            "#,
-            model = common_fixtures::dir("arith").display()
-        ),
-    )
-    .unwrap();
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).stderr(Stdio::null()).spawn().unwrap();
-    let (b1, b2) = (bootstrap.clone(), bootstrap.clone());
-    let scored = tokio::task::spawn_blocking(move || consume_all(&b1, "conv-scored", n, Duration::from_secs(240))).await.unwrap();
-    let dead = tokio::task::spawn_blocking(move || consume_all(&b2, "conv-dead", 1, Duration::from_secs(30))).await.unwrap();
-    assert!(worker.try_wait().unwrap().is_none(), "the worker is still running");
-    assert_eq!(scored.len(), n, "every good input scored");
+    let config = write_config(dir.path(), &bootstrap, "");
+    let mut worker = spawn(&config, &dir.path().join("worker.log"));
+    let scored = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(600), |o| o.len() >= n).await;
+    let dead = wait_for(&bootstrap, "conv-dead", &mut worker, Duration::from_secs(30), |o| !o.is_empty()).await;
+    assert_eq!(scored.len(), n, "every good input scored once");
+    assert_eq!(unique_ids(&scored).len(), n);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1["error"]["kind"], "invalid_json");
+    assert_eq!(dead[0].1["payload"], "{broken");
     assert_eq!(dead[0].1["source"]["topic"], "conv-in");
 
     // Keys and headers carry over; per key (one input partition) the outputs keep input order.
@@ -112,40 +277,138 @@ async fn every_input_is_scored_in_order_and_committed() {
         assert!(headers.contains(&("trace".to_owned(), key.clone())), "{headers:?}");
         per_key.entry(key).or_default().push(v["id"].as_str().unwrap()[1..].parse().unwrap());
     }
+    assert_eq!(per_key.len(), 8);
     for (key, ids) in &per_key {
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{key}: outputs out of input order");
     }
-    // Rewards equal `scorestream score` on the same events.
-    let input = dir.path().join("in.jsonl");
-    std::fs::write(&input, events.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>().join("\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["score", "--model"]).arg(common_fixtures::dir("arith")).arg("--input").arg(&input).output().unwrap();
-    let reference: HashMap<String, f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["reward"].as_f64().unwrap()))
-        .collect();
+    let reference = reference_rewards(dir.path(), &events);
     for (_, v, _) in &scored {
         let id = v["id"].as_str().unwrap();
         assert!((v["reward"].as_f64().unwrap() - reference[id]).abs() <= 1e-5 * reference[id].abs().max(1.0), "{id}");
     }
 
-    // SIGTERM: exit 0 with every input's offset committed.
-    assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());
-    assert!(worker.wait().unwrap().success());
-    let group: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "scorestream").create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..4 {
-        tpl.add_partition("conv-in", p);
+    // SIGTERM: exit 0 with every message of the input topic (n good + 1 bad) committed.
+    terminate(worker);
+    assert_eq!(committed_total(&bootstrap) as usize, n + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_the_inflight_bound() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_cluster, bootstrap) = cluster();
+    let n = 4_000;
+    produce(&bootstrap, &keyed_events(n)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &bootstrap, "");
+    let log = dir.path().join("worker.log");
+    let kills = 3;
+    let mut at_kill = Vec::new();
+    for round in 0..kills {
+        let mut worker = spawn(&config, &log);
+        let target = 800 * (round + 1);
+        wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| unique_ids(o).len() >= target).await;
+        worker.kill().unwrap(); // SIGKILL: no drain, no final commit
+        worker.wait().unwrap();
+        let (b, t) = (bootstrap.clone(), "conv-scored");
+        at_kill.push(tokio::task::spawn_blocking(move || unique_ids(&read_topic(&b, t)).len()).await.unwrap());
     }
-    let committed = group.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    // Every message of the input topic (n good + 1 bad) is below a committed offset.
-    let total: i64 = committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            other => panic!("partition {} has no committed offset: {other:?}", e.partition()),
-        })
-        .sum();
-    assert_eq!(total as usize, n + 1);
+    assert!(at_kill.iter().all(|&scored| scored < n), "killed mid-stream: {at_kill:?} of {n} scored at each kill");
+    let mut worker = spawn(&config, &log);
+    let outputs = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| unique_ids(o).len() >= n).await;
+    terminate(worker);
+
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (_, v, _) in &outputs {
+        *seen.entry(v["id"].as_str().unwrap()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), n, "every input scored");
+    let duplicates: usize = seen.values().map(|c| c - 1).sum();
+    println!("{kills} kills ({at_kill:?} scored at each): {} outputs for {n} inputs, {duplicates} duplicates", outputs.len());
+    // Replayed per kill: what was in flight (at most max_inflight_events) plus what was acked
+    // but not yet committed (auto-commit every 100 ms, less than another in-flight window of
+    // output on this machine).
+    assert!(duplicates <= kills * 2 * INFLIGHT, "{duplicates} duplicates for {kills} kills");
+    assert_eq!(committed_total(&bootstrap) as usize, n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_commits_offsets_in_transactions_and_retries_refused_ones() {
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::types::RDKafkaRespErr;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (cluster, bootstrap) = cluster();
+    let n = 2_000;
+    produce(&bootstrap, &keyed_events(n)).await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    producer.send(FutureRecord::to("conv-in").key("user-0").payload("{broken"), Duration::from_secs(5)).await.unwrap();
+    // The broker refuses the worker's first transactions (an abortable error): each must be
+    // aborted and its batch retried in a new transaction.
+    let refused = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3];
+    cluster.request_errors(RDKafkaApiKey::AddPartitionsToTxn, &refused);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &bootstrap, r#"delivery = "exactly_once"
+        transactional_id = "scorestream-test""#);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[http]\nlisten = \"127.0.0.1:{port}\"\n")).unwrap();
+    let log = dir.path().join("worker.log");
+    let mut worker = spawn(&config, &log);
+    let scored = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| unique_ids(o).len() >= n).await;
+    let dead = wait_for(&bootstrap, "conv-dead", &mut worker, Duration::from_secs(30), |o| !o.is_empty()).await;
+    let committed_txns = metric(port, r#"scorestream_kafka_transactions_total{outcome="committed"}"#);
+    let aborted_txns = metric(port, r#"scorestream_kafka_transactions_total{outcome="aborted"}"#);
+    terminate(worker);
+    println!("{committed_txns} transactions committed, {aborted_txns} aborted");
+
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("exactly-once: transactions initialised"), "{log}");
+    assert!(log.contains("transaction failed; aborting and retrying the batch"), "the refused transactions were aborted: {log}");
+    assert_eq!(unique_ids(&scored).len(), n);
+    assert!(dead.iter().all(|d| d.1["error"]["kind"] == "invalid_json" && d.1["payload"] == "{broken"), "{dead:?}");
+    // Every batch committed in a transaction (at most 64 events each), refused ones aborted.
+    assert!(committed_txns >= (n / 64) as f64, "{committed_txns} transactions for {n} events");
+    assert!(aborted_txns >= 1.0);
+    // The consumer itself committed nothing (auto-commit off, no commit at shutdown): offsets go
+    // only through send_offsets_to_transaction, which the mock accepts without storing.
+    assert!(committed(&bootstrap).iter().all(|o| *o == Offset::Invalid), "{:?}", committed(&bootstrap));
+}
+
+/// `scorestream run` with `extra` in the source's options must exit non-zero within `within`,
+/// its error mentioning each of `expected`.
+fn assert_fails_to_start(bootstrap: &str, extra: &str, expected: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), bootstrap, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(r#""heartbeat.interval.ms" = "1000""#, &format!(r#""heartbeat.interval.ms" = "1000", {extra}"#));
+    std::fs::write(&config, text).unwrap();
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(start.elapsed() < Duration::from_secs(90), "took {:?}", start.elapsed());
+    let last = stderr.lines().rev().find(|l| l.starts_with("error:")).unwrap_or_default();
+    for e in expected {
+        assert!(last.contains(e), "{e:?} not in {last:?}");
+    }
+}
+
+#[test]
+fn a_client_with_wrong_tls_or_sasl_options_fails_at_start_naming_the_cause() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_cluster, bootstrap) = cluster();
+    // TLS towards a plaintext listener: the handshake fails; the error names the brokers and
+    // librdkafka's reason.
+    assert_fails_to_start(&bootstrap, r#""security.protocol" = "SSL""#, &["cannot reach the Kafka brokers at", &bootstrap, "SSL"]);
+    // A CA file that does not exist.
+    assert_fails_to_start(
+        &bootstrap,
+        r#""security.protocol" = "SSL", "ssl.ca.location" = "/nonexistent/ca.pem""#,
+        &["invalid librdkafka configuration", "ssl.ca.location"],
+    );
+    // A SASL mechanism librdkafka does not know.
+    assert_fails_to_start(
+        &bootstrap,
+        r#""security.protocol" = "SASL_PLAINTEXT", "sasl.mechanisms" = "NOPE""#,
+        &["invalid librdkafka configuration", "NOPE"],
+    );
 }

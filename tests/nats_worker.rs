@@ -159,15 +159,30 @@ async fn count(js: &jetstream::Context, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_is_scored_or_dead_lettered_and_acked() {
-    let server = NatsServer::start("");
+    // Room for a 10 MB input and its dead letter (the server's default limit is 1 MB).
+    let server = NatsServer::start("max_payload: 16MB");
     let js = setup_streams(&server.url()).await;
     let events = events(10_000);
     let good: Vec<&str> = events.iter().map(String::as_str).collect();
-    publish_all(&js, &good).await;
-    let bad: [(&[u8], &str); 3] = [(b"{oops", "invalid_json"), (b"\xff\xfe", "invalid_utf8"), (br#"{"id":"e","messages":[]}"#, "invalid_conversation")];
+    let huge = format!(
+        r#"{{"id":"huge","messages":[{{"role":"user","content":"{}"}},{{"role":"assistant","content":"4"}}]}}"#,
+        "2+2 ".repeat(10 << 18)
+    );
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bad: [(&[u8], &str); 5] = [
+        (b"{oops", "invalid_json"),
+        (b"\xff\xfe", "invalid_utf8"),
+        (br#"{"id":"e","messages":[]}"#, "invalid_conversation"),
+        (huge.as_bytes(), "oversized"),
+        (deep.as_bytes(), "invalid_json"),
+    ];
+    // Bad inputs in the middle of the good ones: good events keep flowing around them.
+    let (first, second) = good.split_at(good.len() / 2);
+    publish_all(&js, first).await;
     for (payload, _) in &bad {
         js.publish("conv.in", payload.to_vec().into()).await.unwrap().await.unwrap();
     }
+    publish_all(&js, second).await;
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = write_config(dir.path(), &server.url(), "", port);
@@ -207,6 +222,8 @@ async fn every_input_is_scored_or_dead_lettered_and_acked() {
     let dead = read_all(&js, "DEAD").await;
     let kinds: Vec<&str> = dead.iter().map(|d| d["error"]["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, bad.iter().map(|(_, k)| *k).collect::<Vec<_>>());
+    assert_eq!(dead[3]["payload"].as_str().unwrap().len(), huge.len(), "the 10 MB payload is kept whole");
+    assert_eq!(dead[4]["payload"].as_str().unwrap(), deep);
     assert!(dead.iter().all(|d| d["source"]["stream"] == "CONV" && d["source"]["sequence"].as_u64().unwrap() > 0));
     // SIGTERM: drains and exits 0; then nothing is left unacknowledged.
     assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());

@@ -185,13 +185,19 @@ impl Publisher {
         let origins: Vec<Origin> = msgs.iter().map(|m| m.origin.clone()).collect();
         let mut delay = FIRST_BACKOFF;
         while let Err(e) = self.try_transaction(commit.as_ref(), &msgs, &origins).await {
+            exit_if_fatal(&e);
             tracing::warn!(error = %e, "transaction failed; aborting and retrying the batch");
-            if let Err(e) = commit.abort().await {
-                tracing::warn!(error = %e, "abort failed");
+            match commit.abort().await {
+                Ok(()) => self.metrics.kafka_transactions.with_label_values(&["aborted"]).inc(),
+                Err(e) => {
+                    exit_if_fatal(&e);
+                    tracing::warn!(error = %e, "abort failed");
+                }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_BACKOFF);
         }
+        self.metrics.kafka_transactions.with_label_values(&["committed"]).inc();
         for done in dones {
             self.finish(done).await;
         }
@@ -210,6 +216,23 @@ impl Publisher {
         }
         futures::future::try_join_all(confirmations).await?;
         commit.commit(origins).await
+    }
+}
+
+/// A fatal sink error (a fenced transactional producer) leaves nothing to retry: stop the
+/// process at once. Nothing of the current batch was committed, so its inputs are re-read from
+/// the last committed offsets after the restart.
+fn exit_if_fatal(e: &SinkError) {
+    if matches!(e, SinkError::Fatal { .. }) {
+        let mut chain = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            chain = format!("{chain}: {s}");
+            source = s.source();
+        }
+        tracing::error!(error = %chain, "fatal sink error: exiting");
+        eprintln!("error: {chain}");
+        std::process::exit(1);
     }
 }
 

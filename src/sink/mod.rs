@@ -50,6 +50,15 @@ pub enum SinkError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The sink cannot go on (a fenced transactional producer): the worker stops, and inputs
+    /// not yet committed are re-read by whoever owns them next.
+    #[error("the {kind} sink failed for good: {message}")]
+    Fatal {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,
@@ -128,7 +137,7 @@ pub struct SinkContext {
 pub async fn open(config: &SinkConfig, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
     match config {
         SinkConfig::File(c) => Ok(Arc::new(file::FileSink::open(c, ctx).await?)),
-        SinkConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaSink::open(c, ctx)?)),
+        SinkConfig::Kafka(c) => Ok(Arc::new(kafka::KafkaSink::open(c, ctx).await?)),
         SinkConfig::Nats(c) => Ok(Arc::new(nats::NatsSink::open(c, ctx).await?)),
     }
 }

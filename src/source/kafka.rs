@@ -9,6 +9,10 @@
 //! late ack for a revoked partition stores nothing: the new owner re-reads from the last stored
 //! offset (duplicates possible, losses not). Caveat: a crash replays everything consumed since
 //! the last commit, bounded by the in-flight limit plus `auto.commit.interval.ms` of traffic.
+//!
+//! Exactly-once (`KafkaSource::open_transactional`): auto-commit is off and acks do nothing;
+//! the sink commits each batch's input offsets inside its producer transaction, with this
+//! consumer's group metadata ([`KafkaSource::group_metadata`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -16,14 +20,15 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Statistics};
 use tokio::sync::watch;
 
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::KafkaSourceConfig;
+use crate::kafka::{check_reachable, client_config, LastError};
 use crate::metrics::Metrics;
 
 const KIND: &str = "kafka";
@@ -56,14 +61,23 @@ impl PartitionTracker {
 
 type Trackers = Arc<Mutex<HashMap<(String, i32), PartitionTracker>>>;
 
-/// Rebalance and statistics callbacks.
+/// Rebalance, statistics and error callbacks.
 pub struct Context {
     trackers: Trackers,
     metrics: Arc<Metrics>,
     generation: std::sync::atomic::AtomicU64,
+    last_error: LastError,
 }
 
 impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.last_error.record(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        self.last_error.log(level, facility, message);
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
@@ -99,36 +113,65 @@ pub struct KafkaSource {
     consumer: Arc<StreamConsumer<Context>>,
     trackers: Trackers,
     connected: watch::Receiver<bool>,
+    /// Exactly-once: offsets are committed by the sink's transactions, not here.
+    transactional: bool,
 }
 
 impl KafkaSource {
-    pub fn open(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
-        let options = c.options.resolve(&c.option_files).map_err(|e| open_err(e.to_string(), e))?;
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &c.brokers)
-            .set("group.id", &c.group_id)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("statistics.interval.ms", c.lag_interval.as_millis().max(100).to_string());
-        for (k, v) in &options {
-            config.set(k, v);
-        }
+    /// At-least-once: offsets stored as inputs are acked, committed by librdkafka.
+    pub async fn open(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
+        Self::open_with(c, ctx, false).await
+    }
+
+    /// Exactly-once: nothing is committed by the consumer; see [`KafkaSource::group_metadata`].
+    pub async fn open_transactional(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
+        Self::open_with(c, ctx, true).await
+    }
+
+    async fn open_with(c: &KafkaSourceConfig, ctx: SourceContext, transactional: bool) -> Result<Self, SourceError> {
+        let lag_interval = c.lag_interval.as_millis().max(100).to_string();
+        let defaults = [
+            ("group.id", c.group_id.as_str()),
+            ("enable.auto.commit", if transactional { "false" } else { "true" }),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            // Outputs of aborted transactions (of an upstream exactly-once producer) are skipped.
+            ("isolation.level", "read_committed"),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+            ("statistics.interval.ms", lag_interval.as_str()),
+        ];
+        let config = client_config(&c.brokers, &defaults, &c.options, &c.option_files).map_err(open_err)?;
+        let (probe, brokers) = (config.clone(), c.brokers.clone());
+        tokio::task::spawn_blocking(move || check_reachable(&probe, &brokers, &[]))
+            .await
+            .map_err(|e| SourceError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
+            .map_err(open_err)?;
         let trackers: Trackers = Arc::default();
-        let context = Context { trackers: trackers.clone(), metrics: ctx.metrics.clone(), generation: 0.into() };
+        let context =
+            Context { trackers: trackers.clone(), metrics: ctx.metrics.clone(), generation: 0.into(), last_error: LastError::default() };
         let consumer: StreamConsumer<Context> =
-            config.create_with_context(context).map_err(|e| open_err("cannot create the Kafka consumer", e))?;
+            config.create_with_context(context).map_err(|e| open_err(crate::kafka::ClientError::Create(e)))?;
+        let consumer = Arc::new(consumer);
         let topics: Vec<&str> = c.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(|e| open_err(format!("cannot subscribe to {topics:?}"), e))?;
+        consumer.subscribe(&topics).map_err(|e| SourceError::Open {
+            kind: KIND,
+            message: format!("cannot subscribe to {topics:?}"),
+            source: Some(Box::new(e)),
+        })?;
         let (_tx, connected) = watch::channel(true);
-        Ok(Self { consumer: Arc::new(consumer), trackers, connected })
+        Ok(Self { consumer, trackers, connected, transactional })
+    }
+
+    /// The consumer's current group metadata (member id and generation), for
+    /// `send_offsets_to_transaction`; `None` before the consumer has joined its group.
+    pub fn group_metadata(&self) -> Arc<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync> {
+        let consumer = self.consumer.clone();
+        Arc::new(move || consumer.group_metadata())
     }
 }
 
-fn open_err(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> SourceError {
-    SourceError::Open { kind: KIND, message: message.into(), source: Some(Box::new(source)) }
+fn open_err(e: crate::kafka::ClientError) -> SourceError {
+    SourceError::Open { kind: KIND, message: e.to_string(), source: e.into_source() }
 }
 
 struct KafkaAck {
@@ -177,11 +220,23 @@ impl Source for KafkaSource {
                     }
                 };
                 let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
-                let generation = {
-                    let Ok(mut trackers) = self.trackers.lock() else { continue };
-                    let t = trackers.entry((topic.clone(), partition)).or_default();
-                    t.pending.insert(offset, false);
-                    t.generation
+                let ack = if self.transactional {
+                    AckHandle::noop()
+                } else {
+                    let generation = {
+                        let Ok(mut trackers) = self.trackers.lock() else { continue };
+                        let t = trackers.entry((topic.clone(), partition)).or_default();
+                        t.pending.insert(offset, false);
+                        t.generation
+                    };
+                    AckHandle::new(KafkaAck {
+                        consumer: self.consumer.clone(),
+                        trackers: self.trackers.clone(),
+                        topic: topic.clone(),
+                        partition,
+                        offset,
+                        generation,
+                    })
                 };
                 let headers = msg
                     .headers()
@@ -191,15 +246,8 @@ impl Source for KafkaSource {
                     payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
                     key: msg.key().map(Bytes::copy_from_slice),
                     headers,
-                    origin: Origin::Kafka { topic: topic.clone(), partition, offset },
-                    ack: AckHandle::new(KafkaAck {
-                        consumer: self.consumer.clone(),
-                        trackers: self.trackers.clone(),
-                        topic,
-                        partition,
-                        offset,
-                        generation,
-                    }),
+                    origin: Origin::Kafka { topic, partition, offset },
+                    ack,
                 };
                 return Some(Ok(record));
             }
@@ -213,6 +261,9 @@ impl Source for KafkaSource {
 
     fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
         async move {
+            if self.transactional {
+                return Ok(());
+            }
             let consumer = self.consumer.clone();
             tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
                 .await

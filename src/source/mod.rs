@@ -198,7 +198,7 @@ pub struct SourceContext {
 pub async fn open(config: &SourceConfig, ctx: SourceContext) -> Result<Box<dyn Source>, SourceError> {
     match config {
         SourceConfig::File(c) => Ok(Box::new(file::FileSource::open(c, ctx).await?)),
-        SourceConfig::Kafka(c) => Ok(Box::new(kafka::KafkaSource::open(c, ctx)?)),
+        SourceConfig::Kafka(c) => Ok(Box::new(kafka::KafkaSource::open(c, ctx).await?)),
         SourceConfig::Nats(c) => Ok(Box::new(nats::NatsSource::open(c, ctx).await?)),
     }
 }

@@ -1,0 +1,188 @@
+//! Kafka clients shared by the source and the sinks: the worker's own librdkafka settings with
+//! the user's pass-through options on top, the start-up reachability check, and the broker
+//! errors librdkafka reports only through its error callback (TLS handshake, SASL
+//! authentication), kept so that a failed start says why.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::KafkaError;
+
+use crate::config::brokers::KafkaOptions;
+
+/// How long a starting worker waits for the brokers to answer a metadata request.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why a Kafka client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Options(String),
+    #[error("invalid librdkafka configuration")]
+    Create(#[source] KafkaError),
+    #[error("cannot reach the Kafka brokers at {brokers} within {timeout:?}{reason}")]
+    Unreachable {
+        brokers: String,
+        timeout: Duration,
+        /// ": <last broker error>" when librdkafka reported one (TLS, SASL, refused).
+        reason: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic {topic} is not on the Kafka brokers at {brokers} ({message})")]
+    Topic { topic: String, brokers: String, message: String },
+}
+
+impl ClientError {
+    /// The underlying client error, for an error that already shows this one's message.
+    pub fn into_source(self) -> Option<Box<dyn std::error::Error + Send + Sync>> {
+        match self {
+            ClientError::Create(e) | ClientError::Unreachable { source: e, .. } => Some(Box::new(e)),
+            ClientError::Options(_) | ClientError::Topic { .. } => None,
+        }
+    }
+}
+
+/// Remembers the last broker-level error librdkafka reported (its error callback).
+#[derive(Debug, Default)]
+pub struct LastError(Mutex<Option<String>>);
+
+impl LastError {
+    /// Keep `reason`; "all brokers down" only when nothing more specific was seen (it follows
+    /// the TLS or authentication failure that caused it).
+    pub fn record(&self, error: &KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        let summary = error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown);
+        if let Ok(mut last) = self.0.lock() {
+            if !(summary && last.is_some()) {
+                *last = Some(if reason.is_empty() { error.to_string() } else { reason.to_owned() });
+            }
+        }
+    }
+
+    /// A librdkafka log line: forwarded to tracing; errors (a failed TLS handshake or SASL
+    /// authentication is only logged) are kept as the last error.
+    pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}");
+                if let Ok(mut last) = self.0.lock() {
+                    *last = Some(message.to_owned());
+                }
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|l| l.clone())
+    }
+}
+
+/// A client context that only keeps the last broker error (producers; keep a clone of the
+/// `Arc`, the producer does not give its context back).
+#[derive(Debug, Default)]
+pub struct ErrorContext {
+    pub last_error: std::sync::Arc<LastError>,
+}
+
+impl ClientContext for ErrorContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.last_error.record(&error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.last_error.log(level, facility, message);
+    }
+}
+
+/// The start-up probe produces nothing.
+impl ProducerContext for ErrorContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// `bootstrap.servers`, the worker's `defaults`, then the user's options (from the config and
+/// from `option_files`), so a pass-through option always wins.
+pub fn client_config(
+    brokers: &str,
+    defaults: &[(&str, &str)],
+    options: &KafkaOptions,
+    option_files: &BTreeMap<String, PathBuf>,
+) -> Result<ClientConfig, ClientError> {
+    let options = options.resolve(option_files).map_err(|e| ClientError::Options(e.to_string()))?;
+    let mut config = ClientConfig::new();
+    // rust-rdkafka takes the level from the `log` crate, which this binary does not use.
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
+    for (k, v) in &options {
+        config.set(k, v);
+    }
+    Ok(config)
+}
+
+/// Ask the brokers for each of `topics`' metadata (the cluster's when `topics` is empty) with a
+/// short-lived client of the same `config`, so that a worker with a wrong address, TLS setting
+/// or credentials, or a missing topic, fails at start naming the broker's error. The client
+/// serves its own event queue meanwhile: librdkafka reports TLS and SASL failures only as log
+/// lines and error events there. Blocking: call it from a blocking thread.
+pub fn check_reachable(config: &ClientConfig, brokers: &str, topics: &[&str]) -> Result<(), ClientError> {
+    let mut config = config.clone();
+    // Errors only: the consumer's settings would each warn "ignored" on this producer.
+    config.set_log_level(RDKafkaLogLevel::Error);
+    let context = ErrorContext::default();
+    let last_error = context.last_error.clone();
+    let probe: BaseProducer<ErrorContext> = config.create_with_context(context).map_err(ClientError::Create)?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let all: [Option<&str>; 1] = [None];
+    let wanted: Vec<Option<&str>> = if topics.is_empty() { all.to_vec() } else { topics.iter().map(|t| Some(*t)).collect() };
+    for topic in wanted {
+        let metadata = loop {
+            match probe.client().fetch_metadata(topic, Duration::from_secs(1)) {
+                Ok(m) => break m,
+                Err(source) => {
+                    probe.poll(Duration::ZERO);
+                    if Instant::now() >= deadline {
+                        return Err(ClientError::Unreachable {
+                            brokers: brokers.to_owned(),
+                            timeout: STARTUP_TIMEOUT,
+                            reason: last_error.get().map(|r| format!(": {r}")).unwrap_or_default(),
+                            source,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        let Some(topic) = topic else { continue };
+        let found = metadata.topics().iter().find(|t| t.name() == topic);
+        let problem = match found {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => continue,
+            Some(t) => t.error().map(|e| format!("{:?}", rdkafka::error::RDKafkaErrorCode::from(e))).unwrap_or("no partitions".into()),
+            None => "not found".into(),
+        };
+        return Err(ClientError::Topic { topic: topic.to_owned(), brokers: brokers.to_owned(), message: problem });
+    }
+    Ok(())
+}
+
+/// The default `transactional.id`: `scorestream-<hostname>` (the pod name on Kubernetes).
+pub fn default_transactional_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("scorestream-{host}")
+}
