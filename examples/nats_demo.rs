@@ -6,26 +6,15 @@
 //! `cargo run --release --example nats_demo`
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use async_nats::jetstream::{self, consumer::DeliverPolicy, stream};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 
-/// Kills the process when dropped, so nothing outlives the demo.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+mod common;
+use common::{free_port, start_nats, Guard};
 
 fn scorestream_binary() -> PathBuf {
     // The example lives next to the binary in target/<profile>/examples/.
@@ -37,24 +26,8 @@ fn scorestream_binary() -> PathBuf {
 async fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir()?;
-    let (nats_port, http_port) = (free_port()?, free_port()?);
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(&conf, format!("listen: 127.0.0.1:{nats_port}\njetstream {{ store_dir: \"{}\" }}\n", dir.path().join("js").display()))?;
-    let server = Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
-    let _server = Guard(server.context("cannot start nats-server: install it with `apt-get install nats-server`")?);
-    let url = format!("nats://127.0.0.1:{nats_port}");
-    let start = Instant::now();
-    let client = loop {
-        match async_nats::connect(&url).await {
-            Ok(c) => break c,
-            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => bail!("nats-server did not come up: {e}"),
-        }
-    };
-    let js = jetstream::new(client);
-    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
-        js.get_or_create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() }).await?;
-    }
+    let http_port = free_port()?;
+    let (_server, url, js) = start_nats(dir.path()).await?;
     let examples = std::fs::read_to_string(root.join("tests/fixtures/arith/examples.jsonl"))?;
     let n = examples.lines().filter(|l| !l.trim().is_empty()).count();
     for line in examples.lines().filter(|l| !l.trim().is_empty()) {
@@ -87,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let mut worker = Guard(worker.context("cannot start scorestream (build it with `cargo build --release`)")?);
 
     let mut scored = js.get_stream("SCORED").await?;
+    let start = Instant::now();
     while scored.info().await?.state.messages < n as u64 {
         if let Some(status) = worker.0.try_wait()? {
             bail!("the worker exited early: {status}");

@@ -22,13 +22,13 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use async_nats::jetstream::{self, consumer::DeliverPolicy, stream};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -37,6 +37,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
+
+mod common;
+use common::{free_port, start_nats, Guard};
 
 #[derive(Parser)]
 #[command(about = "End-to-end streaming benchmark of `scorestream run` (NATS JetStream, Kafka mock cluster)")]
@@ -59,16 +62,6 @@ enum Which {
 /// Partitions of each Kafka topic (outputs keep per-partition order; 8 keys spread over them).
 const KAFKA_PARTITIONS: i32 = 4;
 
-/// Kills the process when dropped, so nothing outlives the benchmark.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Sets its flag when dropped, so that a blocking reader thread stops.
 struct Cancel(Arc<AtomicBool>);
 
@@ -76,10 +69,6 @@ impl Drop for Cancel {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The worker binary next to this example (target/<profile>/examples/ → target/<profile>/).
@@ -316,32 +305,8 @@ fn read_within(n: usize) -> Duration {
 async fn bench_nats(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Result<Run> {
     let n = lines.len();
     let dir = tempfile::tempdir()?;
-    let (nats_port, http_port) = (free_port()?, free_port()?);
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!("listen: 127.0.0.1:{nats_port}\njetstream {{ store_dir: \"{}\" }}\n", dir.path().join("js").display()),
-    )?;
-    let server = Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
-    let _server = Guard(server.context("cannot start nats-server: install it with `apt-get install nats-server`")?);
-    let url = format!("nats://127.0.0.1:{nats_port}");
-    let start = Instant::now();
-    let client = loop {
-        match async_nats::connect(&url).await {
-            Ok(c) => break c,
-            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => bail!("nats-server did not come up: {e}"),
-        }
-    };
-    let js = jetstream::new(client);
-    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
-        js.get_or_create_stream(stream::Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            ..Default::default()
-        })
-        .await?;
-    }
+    let http_port = free_port()?;
+    let (_server, url, js) = start_nats(dir.path()).await?;
     // Publish the backlog, waiting for every PubAck a window at a time.
     for chunk in lines.chunks(500) {
         let mut acks = Vec::with_capacity(chunk.len());

@@ -1,7 +1,8 @@
 //! `scorestream run` against librdkafka's mock cluster (`rdkafka::mocking`, a real Kafka
 //! protocol peer on loopback, living in this test process while the worker runs as a child
 //! process that can be killed):
-//! - 10k events: every input lands scored or dead-lettered, per-key (so per-partition) order is
+//! - 10k events, on the mock cluster and on tansu (a real Kafka-protocol broker, when installed;
+//!   required under CI): every input lands scored or dead-lettered, per-key (so per-partition) order is
 //!   kept, keys and headers carry over, rewards equal `scorestream score`, SIGTERM exits 0 and
 //!   the group's committed offsets cover every input;
 //! - kill -9 mid-stream, several times: nothing lost, duplicates within the in-flight bound;
@@ -229,30 +230,79 @@ fn metric(port: u16, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in /metrics:\n{body}"))
 }
 
-/// Rewards of `scorestream score` on the same events, by id.
-fn reference_rewards(dir: &Path, events: &[(String, String)]) -> HashMap<String, f64> {
-    let input = dir.join("in.jsonl");
-    std::fs::write(&input, events.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>().join("\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_scorestream"))
-        .args(["score", "--model"])
-        .arg(common_fixtures::dir("arith"))
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["reward"].as_f64().unwrap()))
-        .collect()
+/// A tansu broker (a real Kafka-protocol broker, memory storage) on loopback with the test
+/// topics; `None` when tansu is not installed outside CI (`.ci/run` installs it).
+struct Tansu {
+    child: Child,
+    bootstrap: String,
+}
+
+impl Tansu {
+    async fn start() -> Option<Self> {
+        let cargo_bin = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .map(|c| c.join("bin/tansu"));
+        let exe = ["tansu".into()].into_iter().chain(cargo_bin).find(|p: &PathBuf| Command::new(p).arg("--help").output().is_ok());
+        let Some(exe) = exe else {
+            assert!(std::env::var_os("CI").is_none(), "tansu is missing: .ci/run installs it with cargo install");
+            eprintln!("tansu is not installed: skipping (see .ci/run)");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(exe)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let bootstrap = format!("127.0.0.1:{port}");
+        // tansu does not create topics on demand.
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+        let topics: Vec<rdkafka::admin::NewTopic> = ["conv-in", "conv-scored", "conv-dead"]
+            .iter()
+            .map(|t| rdkafka::admin::NewTopic::new(t, PARTITIONS, rdkafka::admin::TopicReplication::Fixed(1)))
+            .collect();
+        for r in admin.create_topics(&topics, &rdkafka::admin::AdminOptions::new()).await.unwrap() {
+            r.unwrap();
+        }
+        Some(Self { child, bootstrap })
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_is_scored_in_order_and_committed() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (_cluster, bootstrap) = cluster();
-    let n = 10_000;
+    end_to_end(&bootstrap, 10_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_input_is_scored_in_order_and_committed_on_tansu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(tansu) = Tansu::start().await else { return };
+    end_to_end(&tansu.bootstrap, 10_000).await;
+}
+
+/// `n` good events and one broken one through a worker: every input scored or dead-lettered,
+/// keys, headers and per-partition order kept, rewards equal `scorestream score`, SIGTERM exits
+/// 0 with every input's offset committed.
+async fn end_to_end(bootstrap: &str, n: usize) {
+    let bootstrap = bootstrap.to_owned();
     let events = keyed_events(n);
     produce(&bootstrap, &events).await;
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
@@ -281,7 +331,7 @@ async fn every_input_is_scored_in_order_and_committed() {
     for (key, ids) in &per_key {
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{key}: outputs out of input order");
     }
-    let reference = reference_rewards(dir.path(), &events);
+    let reference = common_fixtures::score_cli_rewards(dir.path(), &events.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>());
     for (_, v, _) in &scored {
         let id = v["id"].as_str().unwrap();
         assert!((v["reward"].as_f64().unwrap() - reference[id]).abs() <= 1e-5 * reference[id].abs().max(1.0), "{id}");

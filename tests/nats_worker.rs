@@ -4,7 +4,6 @@
 
 mod common_fixtures;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,21 +194,8 @@ async fn every_input_is_scored_or_dead_lettered_and_acked() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Rewards equal `scorestream score` on the same events.
-    let input = dir.path().join("in.jsonl");
-    std::fs::write(&input, good.join("\n")).unwrap();
     assert_eq!(good.len(), 10_000);
-    let scored = Command::new(env!("CARGO_BIN_EXE_scorestream"))
-        .args(["score", "--model"])
-        .arg(common_fixtures::dir("arith"))
-        .arg("--input")
-        .arg(&input)
-        .output()
-        .unwrap();
-    let reference: HashMap<String, f64> = String::from_utf8_lossy(&scored.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["reward"].as_f64().unwrap()))
-        .collect();
+    let reference = common_fixtures::score_cli_rewards(dir.path(), &good);
     let out = read_all(&js, "SCORED").await;
     assert_eq!(out.len(), good.len());
     let ids: Vec<&str> = out.iter().map(|o| o["id"].as_str().unwrap()).collect();

@@ -237,7 +237,7 @@ mod tests {
         let got: Vec<(String, i32, Offset)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition(), e.offset())).collect();
         assert_eq!(
             got,
-            vec![("a".into(), 0, Offset::Offset(8)), ("a".into(), 1, Offset::Offset(10)), ("b".into(), 0, Offset::Offset(1))]
+            vec![("a".into(), 0, Offset::Offset(8)), ("a".into(), 1, Offset::Offset(10)), ("b".into(), 0, Offset::Offset(2))]
         );
     }
 }

@@ -99,3 +99,23 @@ pub fn write_sharded_checkpoint(dir: &Path, layers: usize, hidden: usize, inter:
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     shard_bytes
 }
+
+/// Rewards by event id from `scorestream score` on the trained `arith` fixture for the JSON
+/// lines `events` (written to `work/in.jsonl`): what a worker must publish for the same events.
+pub fn score_cli_rewards(work: &Path, events: &[&str]) -> HashMap<String, f64> {
+    let input = work.join("in.jsonl");
+    std::fs::write(&input, events.join("\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model"])
+        .arg(dir("arith"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["reward"].as_f64().unwrap()))
+        .collect()
+}
