@@ -15,9 +15,11 @@ use scorestream::engine::Engine;
 use scorestream::model::{Dtype, ModelOptions};
 
 fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this once as a smoke test.
+    let benchmarking = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut model = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/arith"));
-    let (mut dtype, mut repeat) = (Dtype::F32, 64usize);
+    let (mut dtype, mut repeat) = (Dtype::F32, if benchmarking { 64usize } else { 1 });
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {

@@ -10,7 +10,8 @@
 //!   transaction the broker refuses is aborted and retried. The mock cluster does not hide
 //!   aborted transactions from read-committed readers, so this checks the call sequence and the
 //!   abort handling, not the isolation itself;
-//! - a client configured for TLS through the pass-through options fails at start, clearly.
+//! - a client configured for TLS through the pass-through options fails at start, clearly, and
+//!   so does a SCRAM login with wrong credentials on tansu with authentication on.
 
 mod common_fixtures;
 
@@ -36,36 +37,37 @@ const INFLIGHT: usize = 256;
 /// One output read back: key, JSON payload, headers.
 type Output = (Option<String>, Value, Vec<(String, String)>);
 
-/// Everything in `topic` up to its current end, every partition from the beginning, without a
-/// consumer group.
-fn read_topic(bootstrap: &str, topic: &str) -> Vec<Output> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for p in 0..PARTITIONS {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).unwrap();
-        if high > low {
+/// Reads a topic from the beginning, every partition, without a consumer group. It does not
+/// trust high watermarks (tansu's count record batches, not records): a read is complete once
+/// nothing new arrived for a while.
+struct Reader {
+    consumer: BaseConsumer,
+    out: Vec<Output>,
+}
+
+impl Reader {
+    fn new(bootstrap: &str, topic: &str) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
             tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-            ends.insert(p, high);
         }
+        consumer.assign(&tpl).unwrap();
+        Self { consumer, out: Vec::new() }
     }
-    if ends.is_empty() {
-        return Vec::new();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    while !ends.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(60), "reading {topic} timed out");
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            let m = m.unwrap();
-            if ends.get(&m.partition()).is_some_and(|&end| m.offset() < end) {
+
+    /// Read until no message arrived for `idle`, or for at most `max`.
+    fn drain(&mut self, idle: Duration, max: Duration) {
+        let start = Instant::now();
+        let mut last = start;
+        while last.elapsed() < idle && start.elapsed() < max {
+            if let Some(m) = self.consumer.poll(Duration::from_millis(50)) {
+                let m = m.unwrap();
                 let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
                 let headers = m
                     .headers()
@@ -73,34 +75,47 @@ fn read_topic(bootstrap: &str, topic: &str) -> Vec<Output> {
                         h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
                     })
                     .unwrap_or_default();
-                out.push((key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(), headers));
-            }
-        }
-        // Done with a partition once its position reached the end seen at the start (control
-        // records of transactions take offsets too, so count positions, not messages).
-        for e in consumer.position().unwrap().elements() {
-            if let (Offset::Offset(pos), Some(&end)) = (e.offset(), ends.get(&e.partition())) {
-                if pos >= end {
-                    ends.remove(&e.partition());
-                }
+                self.out.push((key, serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(), headers));
+                last = Instant::now();
             }
         }
     }
-    out
+}
+
+/// Everything in `topic` now.
+fn read_topic(bootstrap: &str, topic: &str) -> Vec<Output> {
+    let mut reader = Reader::new(bootstrap, topic);
+    reader.drain(Duration::from_secs(2), Duration::MAX);
+    reader.out
 }
 
 /// Read `topic` until `done` holds for its contents; the worker must stay alive meanwhile.
-async fn wait_for(bootstrap: &str, topic: &str, worker: &mut Child, within: Duration, done: impl Fn(&[Output]) -> bool) -> Vec<Output> {
+async fn wait_for(
+    bootstrap: &str,
+    topic: &str,
+    worker: &mut Worker,
+    within: Duration,
+    done: impl Fn(&[Output]) -> bool + Send + 'static,
+) -> Vec<Output> {
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
     let start = Instant::now();
+    let reader = tokio::task::spawn_blocking(move || Reader::new(&bootstrap, &topic)).await.unwrap();
+    let mut state = (reader, done);
     loop {
-        let (b, t) = (bootstrap.to_owned(), topic.to_owned());
-        let outputs = tokio::task::spawn_blocking(move || read_topic(&b, &t)).await.unwrap();
-        if done(&outputs) {
-            return outputs;
+        let (next, finished) = tokio::task::spawn_blocking(move || {
+            let (mut reader, done) = state;
+            reader.drain(Duration::from_millis(500), Duration::from_millis(500));
+            let finished = done(&reader.out);
+            ((reader, done), finished)
+        })
+        .await
+        .unwrap();
+        state = next;
+        if finished {
+            return state.0.out;
         }
-        assert!(worker.try_wait().unwrap().is_none(), "the worker exited early");
-        assert!(start.elapsed() < within, "timed out waiting on {topic}: {} messages", outputs.len());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited early");
+        assert!(start.elapsed() < within, "timed out waiting: {} messages", state.0.out.len());
     }
 }
 
@@ -143,8 +158,8 @@ async fn produce(bootstrap: &str, events: &[(String, String)]) {
     }
 }
 
-/// The worker's config; `sink_extra` goes into `[sink]`.
-fn write_config(dir: &Path, bootstrap: &str, sink_extra: &str) -> PathBuf {
+/// The worker's config; `sink_extra` goes into `[sink]`; /metrics on `http_port` (0: any).
+fn write_config(dir: &Path, bootstrap: &str, sink_extra: &str, http_port: u16) -> PathBuf {
     let config = dir.join("worker.toml");
     let text = format!(
         r#"
@@ -170,6 +185,8 @@ fn write_config(dir: &Path, bootstrap: &str, sink_extra: &str) -> PathBuf {
         type = "kafka"
         brokers = "{bootstrap}"
         topic = "conv-dead"
+        [http]
+        listen = "127.0.0.1:{http_port}"
         "#,
         model = common_fixtures::dir("arith").display()
     );
@@ -177,21 +194,32 @@ fn write_config(dir: &Path, bootstrap: &str, sink_extra: &str) -> PathBuf {
     config
 }
 
-fn spawn(config: &Path, log: &Path) -> Child {
+/// A worker process, killed if the test fails before stopping it.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(config: &Path, log: &Path) -> Worker {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_scorestream"))
+    let child = Command::new(env!("CARGO_BIN_EXE_scorestream"))
         .args(["run", "--config"])
         .arg(config)
         .env("SCORESTREAM_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Worker(child)
 }
 
-fn terminate(mut worker: Child) {
-    assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());
-    assert!(worker.wait().unwrap().success(), "exit 0 after SIGTERM");
+fn terminate(mut worker: Worker) {
+    assert!(Command::new("kill").args(["-TERM", &worker.0.id().to_string()]).status().unwrap().success());
+    assert!(worker.0.wait().unwrap().success(), "exit 0 after SIGTERM");
 }
 
 /// The group's committed offsets of the input topic, per partition.
@@ -238,7 +266,9 @@ struct Tansu {
 }
 
 impl Tansu {
-    async fn start() -> Option<Self> {
+    /// With `authenticate`, clients must log in (SASL SCRAM); no user exists, and no topic is
+    /// created.
+    async fn start(authenticate: bool) -> Option<Self> {
         let cargo_bin = std::env::var_os("CARGO_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -251,8 +281,12 @@ impl Tansu {
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let mut args = vec!["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"];
+        if authenticate {
+            args.push("--authentication");
+        }
         let child = Command::new(exe)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -263,6 +297,9 @@ impl Tansu {
             std::thread::sleep(Duration::from_millis(100));
         }
         let bootstrap = format!("127.0.0.1:{port}");
+        if authenticate {
+            return Some(Self { child, bootstrap });
+        }
         // tansu does not create topics on demand.
         let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
@@ -294,7 +331,7 @@ async fn every_input_is_scored_in_order_and_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_is_scored_in_order_and_committed_on_tansu() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(tansu) = Tansu::start().await else { return };
+    let Some(tansu) = Tansu::start(false).await else { return };
     end_to_end(&tansu.bootstrap, 10_000).await;
 }
 
@@ -309,10 +346,10 @@ async fn end_to_end(bootstrap: &str, n: usize) {
     producer.send(FutureRecord::to("conv-in").key("user-0").payload("{broken"), Duration::from_secs(5)).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &bootstrap, "");
+    let config = write_config(dir.path(), &bootstrap, "", 0);
     let mut worker = spawn(&config, &dir.path().join("worker.log"));
-    let scored = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(600), |o| o.len() >= n).await;
-    let dead = wait_for(&bootstrap, "conv-dead", &mut worker, Duration::from_secs(30), |o| !o.is_empty()).await;
+    let scored = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(600), move |o| o.len() >= n).await;
+    let dead = wait_for(&bootstrap, "conv-dead", &mut worker, Duration::from_secs(30), move |o| !o.is_empty()).await;
     assert_eq!(scored.len(), n, "every good input scored once");
     assert_eq!(unique_ids(&scored).len(), n);
     assert_eq!(dead.len(), 1);
@@ -349,22 +386,22 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_the_inflight
     let n = 4_000;
     produce(&bootstrap, &keyed_events(n)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &bootstrap, "");
+    let config = write_config(dir.path(), &bootstrap, "", 0);
     let log = dir.path().join("worker.log");
     let kills = 3;
     let mut at_kill = Vec::new();
     for round in 0..kills {
         let mut worker = spawn(&config, &log);
         let target = 800 * (round + 1);
-        wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| unique_ids(o).len() >= target).await;
-        worker.kill().unwrap(); // SIGKILL: no drain, no final commit
-        worker.wait().unwrap();
+        wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), move |o| unique_ids(o).len() >= target).await;
+        worker.0.kill().unwrap(); // SIGKILL: no drain, no final commit
+        worker.0.wait().unwrap();
         let (b, t) = (bootstrap.clone(), "conv-scored");
         at_kill.push(tokio::task::spawn_blocking(move || unique_ids(&read_topic(&b, t)).len()).await.unwrap());
     }
     assert!(at_kill.iter().all(|&scored| scored < n), "killed mid-stream: {at_kill:?} of {n} scored at each kill");
     let mut worker = spawn(&config, &log);
-    let outputs = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| unique_ids(o).len() >= n).await;
+    let outputs = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), move |o| unique_ids(o).len() >= n).await;
     terminate(worker);
 
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -397,15 +434,13 @@ async fn exactly_once_commits_offsets_in_transactions_and_retries_refused_ones()
     cluster.request_errors(RDKafkaApiKey::AddPartitionsToTxn, &refused);
 
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &bootstrap, r#"delivery = "exactly_once"
-        transactional_id = "scorestream-test""#);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\n[http]\nlisten = \"127.0.0.1:{port}\"\n")).unwrap();
+    let config = write_config(dir.path(), &bootstrap, r#"delivery = "exactly_once"
+        transactional_id = "scorestream-test""#, port);
     let log = dir.path().join("worker.log");
     let mut worker = spawn(&config, &log);
-    let scored = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| unique_ids(o).len() >= n).await;
-    let dead = wait_for(&bootstrap, "conv-dead", &mut worker, Duration::from_secs(30), |o| !o.is_empty()).await;
+    let scored = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), move |o| unique_ids(o).len() >= n).await;
+    let dead = wait_for(&bootstrap, "conv-dead", &mut worker, Duration::from_secs(30), move |o| !o.is_empty()).await;
     let committed_txns = metric(port, r#"scorestream_kafka_transactions_total{outcome="committed"}"#);
     let aborted_txns = metric(port, r#"scorestream_kafka_transactions_total{outcome="aborted"}"#);
     terminate(worker);
@@ -428,7 +463,7 @@ async fn exactly_once_commits_offsets_in_transactions_and_retries_refused_ones()
 /// its error mentioning each of `expected`.
 fn assert_fails_to_start(bootstrap: &str, extra: &str, expected: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), bootstrap, "");
+    let config = write_config(dir.path(), bootstrap, "", 0);
     let text = std::fs::read_to_string(&config).unwrap().replace(r#""heartbeat.interval.ms" = "1000""#, &format!(r#""heartbeat.interval.ms" = "1000", {extra}"#));
     std::fs::write(&config, text).unwrap();
     let start = Instant::now();
@@ -460,5 +495,17 @@ fn a_client_with_wrong_tls_or_sasl_options_fails_at_start_naming_the_cause() {
         &bootstrap,
         r#""security.protocol" = "SASL_PLAINTEXT", "sasl.mechanisms" = "NOPE""#,
         &["invalid librdkafka configuration", "NOPE"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_with_wrong_credentials_fails_at_start_on_tansu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(tansu) = Tansu::start(true).await else { return };
+    // A real broker that authenticates: SCRAM login with credentials it does not know.
+    assert_fails_to_start(
+        &tansu.bootstrap,
+        r#""security.protocol" = "SASL_PLAINTEXT", "sasl.mechanisms" = "SCRAM-SHA-512", "sasl.username" = "scorer", "sasl.password" = "wrong""#,
+        &["cannot reach the Kafka brokers at", "SASL authentication error", "SCRAM authentication failed"],
     );
 }
