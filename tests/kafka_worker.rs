@@ -509,3 +509,42 @@ async fn sasl_with_wrong_credentials_fails_at_start_on_tansu() {
         &["cannot reach the Kafka brokers at", "SASL authentication error", "SCRAM authentication failed"],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_0_and_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_cluster, bootstrap) = cluster();
+    let n = 4_000;
+    produce(&bootstrap, &keyed_events(n)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &bootstrap, "", 0);
+    let log = dir.path().join("worker.log");
+
+    // SIGTERM while the backlog is being scored: the worker drains what it holds, commits and
+    // exits 0; the next worker goes on from there.
+    let mut worker = spawn(&config, &log);
+    wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| o.len() >= 1_000).await;
+    let stopped = Instant::now();
+    terminate(worker);
+    println!("drained and exited 0 in {:?}", stopped.elapsed());
+    let (b, t) = (bootstrap.clone(), "conv-scored");
+    let at_stop = tokio::task::spawn_blocking(move || read_topic(&b, t).len()).await.unwrap();
+    assert!(at_stop < n, "stopped mid-stream: {at_stop} of {n} scored");
+
+    let mut worker = spawn(&config, &log);
+    let outputs = wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), move |o| unique_ids(o).len() >= n).await;
+    terminate(worker);
+    assert_eq!(outputs.len(), n, "every input scored exactly once across the restart ({at_stop} before it)");
+    assert_eq!(committed_total(&bootstrap) as usize, n);
+
+    // A second signal exits at once (status 130), without draining: sent while the worker is
+    // busy with a new backlog.
+    produce(&bootstrap, &keyed_events(n)).await;
+    let mut worker = spawn(&config, &log);
+    wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), move |o| o.len() >= n + 500).await;
+    for _ in 0..2 {
+        assert!(Command::new("kill").args(["-TERM", &worker.0.id().to_string()]).status().unwrap().success());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(worker.0.wait().unwrap().code(), Some(130));
+}

@@ -343,3 +343,15 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("nats") && (err.contains("tls") || err.contains("certificate")), "{err}");
 }
+
+#[test]
+fn a_wrong_token_fails_with_a_clear_error() {
+    let server = NatsServer::start("authorization { token: \"s3cret\" }");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url(), "token = \"wrong\"", 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("nats") && err.contains("authorization"), "{err}");
+    assert!(!err.contains("wrong"), "the token is never printed: {err}");
+}
