@@ -379,15 +379,29 @@ async fn end_to_end(bootstrap: &str, n: usize) {
     assert_eq!(committed_total(&bootstrap) as usize, n + 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_the_inflight_bound() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (_cluster, bootstrap) = cluster();
-    let n = 4_000;
+/// A mock cluster holding `n` keyed events, and a worker config for it.
+struct Backlog {
+    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    bootstrap: String,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+async fn backlog(n: usize) -> Backlog {
+    let (cluster, bootstrap) = cluster();
     produce(&bootstrap, &keyed_events(n)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &bootstrap, "", 0);
     let log = dir.path().join("worker.log");
+    Backlog { _cluster: cluster, bootstrap, _dir: dir, config, log }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_duplicates_stay_within_the_inflight_bound() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 4_000;
+    let Backlog { _cluster, bootstrap, _dir, config, log } = backlog(n).await;
     let kills = 3;
     let mut at_kill = Vec::new();
     for round in 0..kills {
@@ -513,12 +527,8 @@ async fn sasl_with_wrong_credentials_fails_at_start_on_tansu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_0_and_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (_cluster, bootstrap) = cluster();
     let n = 4_000;
-    produce(&bootstrap, &keyed_events(n)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &bootstrap, "", 0);
-    let log = dir.path().join("worker.log");
+    let Backlog { _cluster, bootstrap, _dir, config, log } = backlog(n).await;
 
     // SIGTERM while the backlog is being scored: the worker drains what it holds, commits and
     // exits 0; the next worker goes on from there.
