@@ -68,22 +68,30 @@ impl LastError {
     /// A librdkafka log line: forwarded to tracing; errors (a failed TLS handshake or SASL
     /// authentication is only logged) are kept as the last error.
     pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility, "{message}");
-                if let Ok(mut last) = self.0.lock() {
-                    *last = Some(message.to_owned());
-                }
+        if log_line(level, facility, message) {
+            if let Ok(mut last) = self.0.lock() {
+                *last = Some(message.to_owned());
             }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
         }
     }
 
     pub fn get(&self) -> Option<String> {
         self.0.lock().ok().and_then(|l| l.clone())
     }
+}
+
+/// Forward a librdkafka log line to tracing; true for errors.
+pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", facility, "{message}");
+            return true;
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
+    false
 }
 
 /// A client context that only keeps the last broker error (producers; keep a clone of the

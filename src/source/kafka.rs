@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::KafkaSourceConfig;
-use crate::kafka::{check_reachable, client_config, LastError};
+use crate::kafka::{check_reachable, client_config};
 use crate::metrics::Metrics;
 
 const KIND: &str = "kafka";
@@ -66,16 +66,15 @@ pub struct Context {
     trackers: Trackers,
     metrics: Arc<Metrics>,
     generation: std::sync::atomic::AtomicU64,
-    last_error: LastError,
 }
 
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.last_error.record(&error, reason);
+        tracing::warn!(%error, reason, "Kafka consumer error");
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.last_error.log(level, facility, message);
+        crate::kafka::log_line(level, facility, message);
     }
 
     fn stats(&self, stats: Statistics) {
@@ -147,8 +146,7 @@ impl KafkaSource {
             .map_err(|e| SourceError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
             .map_err(open_err)?;
         let trackers: Trackers = Arc::default();
-        let context =
-            Context { trackers: trackers.clone(), metrics: ctx.metrics.clone(), generation: 0.into(), last_error: LastError::default() };
+        let context = Context { trackers: trackers.clone(), metrics: ctx.metrics.clone(), generation: 0.into() };
         let consumer: StreamConsumer<Context> =
             config.create_with_context(context).map_err(|e| open_err(crate::kafka::ClientError::Create(e)))?;
         let consumer = Arc::new(consumer);
