@@ -1,6 +1,6 @@
 //! `scorestream run` against librdkafka's mock cluster (`rdkafka::mocking`, a real Kafka
-//! protocol peer on loopback, living in this test process while the worker runs as a child
-//! process that can be killed):
+//! protocol peer on loopback, in this test process, or for the crash and SIGTERM tests in a
+//! process of its own; the worker is always a child process):
 //! - 10k events, on the mock cluster and on tansu (a real Kafka-protocol broker, when installed;
 //!   required under CI): every input lands scored or dead-lettered, per-key (so per-partition) order is
 //!   kept, keys and headers carry over, rewards equal `scorestream score`, SIGTERM exits 0 and
@@ -379,9 +379,58 @@ async fn end_to_end(bootstrap: &str, n: usize) {
     assert_eq!(committed_total(&bootstrap) as usize, n + 1);
 }
 
-/// A mock cluster holding `n` keyed events, and a worker config for it.
+/// The mock cluster in a process of its own (this test binary again, running
+/// [`mock_cluster_process`]), so that a crash test kills the worker only.
+struct MockProcess {
+    child: Child,
+    bootstrap: String,
+}
+
+const MOCK_PROCESS: &str = "SCORESTREAM_TEST_MOCK_CLUSTER_PROCESS";
+
+impl MockProcess {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "mock_cluster_process", "--nocapture", "--test-threads=1"])
+            .env(MOCK_PROCESS, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let bootstrap = lines
+            .map_while(Result::ok)
+            .find_map(|l| l.split_once("bootstrap: ").map(|(_, servers)| servers.to_owned()))
+            .expect("the mock cluster process printed its bootstrap servers");
+        Self { child, bootstrap }
+    }
+}
+
+/// The body of [`MockProcess`]: a mock cluster with the test topics that serves until killed.
+#[test]
+#[ignore = "run by the crash and SIGTERM tests as their broker's process"]
+fn mock_cluster_process() {
+    if std::env::var_os(MOCK_PROCESS).is_none() {
+        return;
+    }
+    let (_cluster, bootstrap) = cluster();
+    println!("bootstrap: {bootstrap}");
+    loop {
+        std::thread::park();
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A mock cluster (in its own process) holding `n` keyed events, and a worker config for it.
 struct Backlog {
-    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    _cluster: MockProcess,
     bootstrap: String,
     _dir: tempfile::TempDir,
     config: PathBuf,
@@ -389,7 +438,8 @@ struct Backlog {
 }
 
 async fn backlog(n: usize) -> Backlog {
-    let (cluster, bootstrap) = cluster();
+    let cluster = MockProcess::start();
+    let bootstrap = cluster.bootstrap.clone();
     produce(&bootstrap, &keyed_events(n)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &bootstrap, "", 0);
