@@ -225,15 +225,22 @@ async fn every_input_is_scored_or_dead_lettered_and_acked() {
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "every input acked");
 }
 
-#[test]
-fn wrong_credentials_fail_with_a_clear_error() {
-    let server = NatsServer::start("authorization { user: scorer, password: right }");
+/// A worker with `auth` against a server with `server_auth` fails at start, saying the NATS
+/// server refused the authorization, and never prints the secret `secret`.
+fn assert_refused(server_auth: &str, auth: &str, secret: &str) {
+    let server = NatsServer::start(server_auth);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &server.url(), "user = \"scorer\"\n        password = \"wrong\"", 0);
+    let config = write_config(dir.path(), &server.url(), auth, 0);
     let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("nats") && err.contains("authorization"), "{err}");
+    assert!(!err.contains(secret), "the secret is never printed: {err}");
+}
+
+#[test]
+fn wrong_credentials_fail_with_a_clear_error() {
+    assert_refused("authorization { user: scorer, password: right }", "user = \"scorer\"\n        password = \"n0tright\"", "n0tright");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,12 +353,5 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
 
 #[test]
 fn a_wrong_token_fails_with_a_clear_error() {
-    let server = NatsServer::start("authorization { token: \"s3cret\" }");
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &server.url(), "token = \"wrong\"", 0);
-    let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(err.contains("nats") && err.contains("authorization"), "{err}");
-    assert!(!err.contains("wrong"), "the token is never printed: {err}");
+    assert_refused("authorization { token: \"s3cret\" }", "token = \"n0tright\"", "n0tright");
 }
