@@ -302,6 +302,37 @@ fn read_within(n: usize) -> Duration {
     Duration::from_secs(120) + Duration::from_millis(100) * n as u32
 }
 
+/// Run the worker on `brokers_toml` from its readiness until `reader` has seen all `n` scored
+/// events, read its metrics and stop it. The dead-letter count is left for the caller.
+#[allow(clippy::too_many_arguments)]
+async fn run_worker(
+    broker: &'static str,
+    root: &Path,
+    bin: &Path,
+    dir: &Path,
+    brokers_toml: &str,
+    http_port: u16,
+    n: usize,
+    mut reader: tokio::task::JoinHandle<anyhow::Result<Seen>>,
+) -> anyhow::Result<Run> {
+    let config = write_worker_config(dir, root, brokers_toml, http_port)?;
+    let mut worker = Worker::spawn(bin, &config, http_port, dir)?;
+    let ready = worker.wait_ready(Duration::from_secs(600)).await?;
+    let seen = tokio::time::timeout(read_within(n), wait_reader(&mut worker, &mut reader))
+        .await
+        .map_err(|_| anyhow::anyhow!("{broker}: not all {n} scored events arrived within {:?}", read_within(n)))??;
+    let metrics = worker.metrics_after(n).await?;
+    worker.stop().await?;
+    Ok(Run {
+        broker,
+        events: n,
+        wall: seen.last.saturating_duration_since(ready),
+        first_output: seen.first.saturating_duration_since(ready),
+        metrics,
+        dead_lettered: 0,
+    })
+}
+
 async fn bench_nats(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Result<Run> {
     let n = lines.len();
     let dir = tempfile::tempdir()?;
@@ -328,7 +359,7 @@ async fn bench_nats(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Result
             ..Default::default()
         })
         .await?;
-    let mut reader = tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let mut msgs = consumer.messages().await?;
         let (mut seen, mut first) = (HashSet::with_capacity(n), None);
         while seen.len() < n {
@@ -344,23 +375,10 @@ async fn bench_nats(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Result
          [sink]\ntype = \"nats\"\nurl = \"{url}\"\nsubject = \"conv.scored\"\n\
          [dead_letter]\ntype = \"nats\"\nurl = \"{url}\"\nsubject = \"conv.dead\"\n"
     );
-    let config = write_worker_config(dir.path(), root, &brokers_toml, http_port)?;
-    let mut worker = Worker::spawn(bin, &config, http_port, dir.path())?;
-    let ready = worker.wait_ready(Duration::from_secs(600)).await?;
-    let seen = tokio::time::timeout(read_within(n), wait_reader(&mut worker, &mut reader))
-        .await
-        .map_err(|_| anyhow::anyhow!("nats: not all {n} scored events arrived within {:?}", read_within(n)))??;
-    let metrics = worker.metrics_after(n).await?;
-    worker.stop().await?;
+    let mut run = run_worker("nats", root, bin, dir.path(), &brokers_toml, http_port, n, reader).await?;
     let dead_lettered = js.get_stream("DEAD").await?.info().await?.state.messages;
-    Ok(Run {
-        broker: "nats",
-        events: n,
-        wall: seen.last.saturating_duration_since(ready),
-        first_output: seen.first.saturating_duration_since(ready),
-        metrics,
-        dead_lettered,
-    })
+    run.dead_lettered = dead_lettered;
+    Ok(run)
 }
 
 async fn bench_kafka(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Result<Run> {
@@ -406,7 +424,7 @@ async fn bench_kafka(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Resul
     reader_consumer.assign(&tpl)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let cancelled = cancel.clone();
-    let mut reader = tokio::task::spawn_blocking(move || {
+    let reader = tokio::task::spawn_blocking(move || {
         let (mut seen, mut first) = (HashSet::with_capacity(n), None);
         while seen.len() < n {
             if cancelled.load(Ordering::Relaxed) {
@@ -428,14 +446,7 @@ async fn bench_kafka(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Resul
          [sink]\ntype = \"kafka\"\nbrokers = \"{bootstrap}\"\ntopic = \"conv-scored\"\n\
          [dead_letter]\ntype = \"kafka\"\nbrokers = \"{bootstrap}\"\ntopic = \"conv-dead\"\n"
     );
-    let config = write_worker_config(dir.path(), root, &brokers_toml, http_port)?;
-    let mut worker = Worker::spawn(bin, &config, http_port, dir.path())?;
-    let ready = worker.wait_ready(Duration::from_secs(600)).await?;
-    let seen = tokio::time::timeout(read_within(n), wait_reader(&mut worker, &mut reader))
-        .await
-        .map_err(|_| anyhow::anyhow!("kafka: not all {n} scored events arrived within {:?}", read_within(n)))??;
-    let metrics = worker.metrics_after(n).await?;
-    worker.stop().await?;
+    let mut run = run_worker("kafka", root, bin, dir.path(), &brokers_toml, http_port, n, reader).await?;
     // Dead letters: the sum of the dead-letter partitions' watermark spans.
     let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
     let mut dead_lettered = 0;
@@ -443,14 +454,8 @@ async fn bench_kafka(root: &Path, bin: &Path, lines: &[String]) -> anyhow::Resul
         let (low, high) = probe.fetch_watermarks("conv-dead", p, Duration::from_secs(10))?;
         dead_lettered += (high - low).max(0) as u64;
     }
-    Ok(Run {
-        broker: "kafka",
-        events: n,
-        wall: seen.last.saturating_duration_since(ready),
-        first_output: seen.first.saturating_duration_since(ready),
-        metrics,
-        dead_lettered,
-    })
+    run.dead_lettered = dead_lettered;
+    Ok(run)
 }
 
 /// The `id` of a scored event.

@@ -152,8 +152,7 @@ pub fn check_reachable(config: &ClientConfig, brokers: &str, topics: &[&str]) ->
     let last_error = context.last_error.clone();
     let probe: BaseProducer<ErrorContext> = config.create_with_context(context).map_err(ClientError::Create)?;
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let all: [Option<&str>; 1] = [None];
-    let wanted: Vec<Option<&str>> = if topics.is_empty() { all.to_vec() } else { topics.iter().map(|t| Some(*t)).collect() };
+    let wanted: Vec<Option<&str>> = if topics.is_empty() { vec![None] } else { topics.iter().map(|t| Some(*t)).collect() };
     for topic in wanted {
         let metadata = loop {
             match probe.client().fetch_metadata(topic, Duration::from_secs(1)) {
