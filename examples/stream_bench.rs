@@ -249,12 +249,23 @@ struct WorkerMetrics {
 
 impl WorkerMetrics {
     fn parse(text: &str) -> anyhow::Result<Self> {
+        // The sum over every series of `name` (e.g. each `delivery` of the scored events).
         let get = |name: &str| -> anyhow::Result<f64> {
-            text.lines()
-                .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .next()
-                .and_then(|v| v.trim().parse().ok())
-                .with_context(|| format!("/metrics has no {name}"))
+            let values: Vec<f64> = text
+                .lines()
+                .filter_map(|l| {
+                    let rest = l.strip_prefix(name)?;
+                    let value = match rest.strip_prefix('{') {
+                        Some(labelled) => labelled.split_once("} ")?.1,
+                        None => rest.strip_prefix(' ')?,
+                    };
+                    value.trim().parse().ok()
+                })
+                .collect();
+            if values.is_empty() {
+                anyhow::bail!("/metrics has no {name}");
+            }
+            Ok(values.iter().sum())
         };
         Ok(Self {
             scored: get("scorestream_events_scored_total")?,

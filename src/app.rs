@@ -15,7 +15,8 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigError, Delivery, SinkConfig, SourceConfig};
 use crate::engine::{Engine, EngineError};
 use crate::event::{EventError, InputEvent, Message, Role};
-use crate::http::{HttpError, Readiness};
+use crate::health::Liveness;
+use crate::http::{Endpoints, HttpError, Readiness};
 use crate::metrics::{Metrics, MetricsError};
 use crate::model::ModelOptions;
 use crate::pipeline::{Parts, PipelineError, Preparer, Settings};
@@ -86,10 +87,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(?config, "starting");
     let metrics = Arc::new(Metrics::new()?);
     let readiness = Arc::new(Readiness::default());
+    let liveness = Arc::new(Liveness::default());
     let (stop_tx, stop) = watch::channel(false);
     let (http_stop_tx, http_stop) = watch::channel(false);
     spawn_signal_handler(stop_tx)?;
-    let (addr, http) = crate::http::serve(config.http.listen, metrics.clone(), readiness.clone(), http_stop).await?;
+    let endpoints = Endpoints { metrics: metrics.clone(), readiness: readiness.clone(), liveness: liveness.clone() };
+    let (addr, http) = crate::http::serve(&config.http, endpoints, http_stop).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
     // A signal during a long model load ends the worker right away: nothing is in flight yet.
@@ -109,12 +112,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     readiness.set_warmed_up();
     tracing::info!(model = %info.name, "model loaded and warmed up");
 
-    let parts = open_parts(&config, preparer, engine, metrics.clone()).await?;
+    let parts = open_parts(&config, preparer, engine, metrics.clone(), liveness).await?;
     readiness.set_source(parts.source.connected());
     let settings = Settings {
         limits: config.batch.limits(),
         max_wait: config.batch.max_wait,
         max_inflight_events: config.batch.max_inflight_events,
+        max_inflight_bytes: config.batch.max_inflight_bytes,
         max_payload_bytes: config.batch.max_payload_bytes,
     };
     let result = run_until_drained(parts, settings, stop, config.shutdown_timeout).await;
@@ -178,8 +182,13 @@ async fn open_parts(
     preparer: Arc<dyn Preparer>,
     engine: Engine,
     metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
 ) -> Result<Parts, AppError> {
-    let sctx = SourceContext { metrics: metrics.clone(), max_inflight_events: config.batch.max_inflight_events };
+    let sctx = SourceContext {
+        metrics: metrics.clone(),
+        max_inflight_events: config.batch.max_inflight_events,
+        max_inflight_bytes: config.batch.max_inflight_bytes,
+    };
     let kctx = SinkContext { metrics: metrics.clone() };
     let (source, sink, dead_letter, commit) = match (&config.source, &config.sink, &config.dead_letter) {
         // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
@@ -205,6 +214,7 @@ async fn open_parts(
         dead_letter,
         commit,
         metrics,
+        liveness,
     })
 }
 

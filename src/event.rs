@@ -27,11 +27,13 @@ pub enum ErrorKind {
     Template,
     /// The model failed on the batch holding this event.
     Model,
+    /// The sink refused the event's output for good (e.g. larger than the broker's limit).
+    Publish,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values.
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::InvalidUtf8,
         ErrorKind::InvalidJson,
         ErrorKind::Schema,
@@ -40,6 +42,7 @@ impl ErrorKind {
         ErrorKind::Oversized,
         ErrorKind::Template,
         ErrorKind::Model,
+        ErrorKind::Publish,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Oversized => "oversized",
             ErrorKind::Template => "template",
             ErrorKind::Model => "model",
+            ErrorKind::Publish => "publish",
         }
     }
 }

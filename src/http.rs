@@ -1,16 +1,20 @@
-//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the process answers), `/readyz`
-//! (model loaded, warm-up batch done, source connected; 503 with the missing parts otherwise).
+//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the pipeline makes progress: 503
+//! when events wait and none finished within the stall timeout), `/readyz` (model loaded,
+//! warm-up batch done, source connected; 503 with the missing parts otherwise).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
+use crate::config::HttpConfig;
+use crate::health::Liveness;
 use crate::metrics::Metrics;
 
 /// Errors of the HTTP server.
@@ -67,32 +71,95 @@ impl Readiness {
 struct AppState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    liveness: Arc<Liveness>,
+    stall_timeout: Duration,
 }
 
-/// Bind `addr` and serve until `stop` turns true. Returns the bound address (port 0 picks one)
-/// and the server task.
+/// What the endpoints report on.
+pub struct Endpoints {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub liveness: Arc<Liveness>,
+}
+
+/// Bind `config.listen` and serve until `stop` turns true. Returns the bound address (port 0
+/// picks one) and the server task.
+///
+/// The accept loop bounds what clients can hold: at most `max_connections` open connections (one
+/// more is accepted and closed at once, so the listen queue never fills with file descriptors),
+/// and a connection that has not sent a complete request header within `header_timeout` is
+/// closed, also when it idles between keep-alive requests.
 pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-    mut stop: watch::Receiver<bool>,
+    config: &HttpConfig,
+    endpoints: Endpoints,
+    stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
+    let addr = config.listen;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
+    let Endpoints { metrics, readiness, liveness } = endpoints;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, readiness });
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
+        .with_state(AppState { metrics, readiness, liveness, stall_timeout: config.stall_timeout });
+    let limits = Limits { max_connections: config.max_connections.max(1), header_timeout: config.header_timeout };
+    Ok((bound, tokio::spawn(accept_loop(listener, app, limits, stop))))
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// A connection lives at most this long, whatever it does (a backstop against clients that
+/// trickle a request body or read the response slowly).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, limits: Limits, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            a = listener.accept() => a,
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::warn!(error = %e, "the HTTP server stopped");
-        }
-    });
-    Ok((bound, task))
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "the HTTP listener cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(max = limits.max_connections, "HTTP connection limit reached: closing a new connection");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection closed"),
+                Ok(Ok(())) | Err(_) => {}
+            }
+        });
+    }
+    connections.abort_all();
+}
+
+async fn healthz(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.liveness.check(s.metrics.inflight_events.get(), s.stall_timeout) {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> (StatusCode, [(&'static str, &'static str); 1], String) {

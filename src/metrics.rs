@@ -25,8 +25,9 @@ pub struct Metrics {
     registry: Registry,
     /// Records read from the source, by source type.
     pub events_consumed: IntCounterVec,
-    /// Events whose score was published and acknowledged.
-    pub events_scored: IntCounter,
+    /// Events whose score was published and acknowledged, by delivery: "first", "replay" (the
+    /// broker redelivered the input: JetStream's delivery count), "unknown" (Kafka cannot tell).
+    pub events_scored: IntCounterVec,
     /// Events dead-lettered, by reason (an `ErrorKind` wire name).
     pub events_failed: IntCounterVec,
     /// Tokens of scored events (after templating and truncation).
@@ -51,10 +52,17 @@ pub struct Metrics {
     pub stage_busy_seconds: CounterVec,
     /// Kafka exactly-once: producer transactions, by outcome ("committed", "aborted").
     pub kafka_transactions: IntCounterVec,
+    /// Publishes retried after a transient error, by output ("scored", "dead_letter").
+    pub publish_retries: IntCounterVec,
+    /// Messages the broker refused for good (too large, invalid), by output.
+    pub publish_rejected: IntCounterVec,
+    /// First publishes of an output that a de-duplicating broker reported as duplicates: an id
+    /// collision, the output may be lost.
+    pub dedup_collisions: IntCounter,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 17] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -69,7 +77,23 @@ pub const NAMES: [&str; 14] = [
     "scorestream_model_info",
     "scorestream_stage_busy_seconds_total",
     "scorestream_kafka_transactions_total",
+    "scorestream_publish_retries_total",
+    "scorestream_publish_rejected_total",
+    "scorestream_dedup_collisions_total",
 ];
+
+/// The `delivery` label values of `scorestream_events_scored_total`.
+pub const DELIVERIES: [&str; 3] = ["first", "replay", "unknown"];
+
+/// The `delivery` label of an input that was (`Some(true)`), was not, or may have been
+/// (`None`) delivered before.
+pub fn delivery_label(redelivered: Option<bool>) -> &'static str {
+    match redelivered {
+        Some(false) => DELIVERIES[0],
+        Some(true) => DELIVERIES[1],
+        None => DELIVERIES[2],
+    }
+}
 
 fn hist(name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, MetricsError> {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).map_err(MetricsError::Register)
@@ -86,8 +110,11 @@ impl Metrics {
             registry: Registry::new(),
             events_consumed: IntCounterVec::new(Opts::new(NAMES[0], "Records read from the source."), &["source"])
                 .map_err(r)?,
-            events_scored: IntCounter::new(NAMES[1], "Events whose score was published and acknowledged.")
-                .map_err(r)?,
+            events_scored: IntCounterVec::new(
+                Opts::new(NAMES[1], "Events whose score was published and acknowledged, by delivery."),
+                &["delivery"],
+            )
+            .map_err(r)?,
             events_failed: IntCounterVec::new(Opts::new(NAMES[2], "Events dead-lettered, by reason."), &["reason"])
                 .map_err(r)?,
             tokens_scored: IntCounter::new(NAMES[3], "Tokens of scored events.").map_err(r)?,
@@ -121,6 +148,21 @@ impl Metrics {
                 &["outcome"],
             )
             .map_err(r)?,
+            publish_retries: IntCounterVec::new(
+                Opts::new(NAMES[14], "Publishes retried after a transient error, by output."),
+                &["output"],
+            )
+            .map_err(r)?,
+            publish_rejected: IntCounterVec::new(
+                Opts::new(NAMES[15], "Messages the broker refused for good (too large, invalid), by output."),
+                &["output"],
+            )
+            .map_err(r)?,
+            dedup_collisions: IntCounter::new(
+                NAMES[16],
+                "First publishes reported as duplicates by a de-duplicating broker (id collisions).",
+            )
+            .map_err(r)?,
         };
         m.register_all()?;
         for kind in ErrorKind::ALL {
@@ -129,11 +171,18 @@ impl Metrics {
         for outcome in ["committed", "aborted"] {
             m.kafka_transactions.with_label_values(&[outcome]);
         }
+        for delivery in DELIVERIES {
+            m.events_scored.with_label_values(&[delivery]);
+        }
+        for output in ["scored", "dead_letter"] {
+            m.publish_retries.with_label_values(&[output]);
+            m.publish_rejected.with_label_values(&[output]);
+        }
         Ok(m)
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -148,6 +197,9 @@ impl Metrics {
             Box::new(self.model_info.clone()),
             Box::new(self.stage_busy_seconds.clone()),
             Box::new(self.kafka_transactions.clone()),
+            Box::new(self.publish_retries.clone()),
+            Box::new(self.publish_rejected.clone()),
+            Box::new(self.dedup_collisions.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;
@@ -172,6 +224,11 @@ impl Metrics {
                 c.inc_by(delta);
             }
         }
+    }
+
+    /// Events scored, whatever their delivery.
+    pub fn events_scored_total(&self) -> u64 {
+        DELIVERIES.iter().map(|d| self.events_scored.with_label_values(&[d]).get()).sum()
     }
 
     /// The Prometheus text exposition of every metric.

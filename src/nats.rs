@@ -90,6 +90,68 @@ pub async fn connect(c: &Connection<'_>, name: &str) -> Result<async_nats::Clien
     Ok(client)
 }
 
+/// Credentials written into a NATS URL: `nats://user:password@host` or `nats://token@host`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UrlCredentials {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+/// Split the credentials out of a NATS URL (or a comma-separated list of server URLs), so that
+/// the URL can be logged and the credentials used as the explicit user/password or token. The
+/// same credentials must be given for every server of a list. `Err` names what is wrong without
+/// echoing the credentials.
+pub fn split_url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>), String> {
+    let mut found: Option<UrlCredentials> = None;
+    let mut servers = Vec::new();
+    for server in url.split(',') {
+        let (scheme, rest) = server.split_once("://").map_or(("", server), |(s, r)| (s, r));
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        let (clean, creds) = match authority.rsplit_once('@') {
+            None => (authority, None),
+            Some((userinfo, host)) => {
+                let creds = match userinfo.split_once(':') {
+                    Some((user, password)) => {
+                        UrlCredentials::UserPassword { user: percent_decode(user), password: percent_decode(password) }
+                    }
+                    None => UrlCredentials::Token(percent_decode(userinfo)),
+                };
+                (host, Some(creds))
+            }
+        };
+        match (&found, creds) {
+            (_, None) => {}
+            (None, Some(c)) => found = Some(c),
+            (Some(f), Some(c)) if *f == c => {}
+            (Some(_), Some(_)) => return Err("the servers of the url list carry different credentials".into()),
+        }
+        servers.push(if scheme.is_empty() { format!("{clean}{path}") } else { format!("{scheme}://{clean}{path}") });
+    }
+    Ok((servers.join(","), found))
+}
+
+/// `%XX` escapes of a URL's user info (an `@` or `:` inside a password is written `%40`, `%3A`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn at_least_2_9(version: &str) -> bool {
     let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
@@ -98,6 +160,21 @@ fn at_least_2_9(version: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::{split_url_credentials, UrlCredentials};
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (url, c) = split_url_credentials("nats://alice:p%40ss:w@127.0.0.1:4222").unwrap();
+        assert_eq!(url, "nats://127.0.0.1:4222");
+        assert_eq!(c, Some(UrlCredentials::UserPassword { user: "alice".into(), password: "p@ss:w".into() }));
+        let (url, c) = split_url_credentials("tls://s3cr3t@a:4222,tls://s3cr3t@b:4222").unwrap();
+        assert_eq!(url, "tls://a:4222,tls://b:4222");
+        assert_eq!(c, Some(UrlCredentials::Token("s3cr3t".into())));
+        assert_eq!(split_url_credentials("nats://h:4222").unwrap(), ("nats://h:4222".into(), None));
+        let e = split_url_credentials("nats://a:x@h1,nats://b:y@h2").unwrap_err();
+        assert!(!e.contains(":x") && !e.contains(":y"), "{e}");
+    }
+
     #[test]
     fn version_check() {
         assert!(super::at_least_2_9("2.9.10"));

@@ -206,7 +206,7 @@ fn sigterm_drains_counts_and_exits_zero() {
         "the metrics to count every input",
         || {
             let t = scrape(port);
-            metric(&t, "scorestream_events_scored_total") + failed_of(&t) == sent as f64
+            metric(&t, "scorestream_events_scored_total{delivery=\"first\"}") + failed_of(&t) == sent as f64
         },
         &mut child,
     );
@@ -214,7 +214,7 @@ fn sigterm_drains_counts_and_exits_zero() {
     assert_eq!(metric(&text, "scorestream_events_consumed_total{source=\"file\"}"), sent as f64);
     let failed = failed_of(&text);
     assert!(failed >= (bad.len() + 1) as f64, "{failed} dead letters");
-    assert_eq!(metric(&text, "scorestream_events_scored_total") + failed, sent as f64);
+    assert_eq!(metric(&text, "scorestream_events_scored_total{delivery=\"first\"}") + failed, sent as f64);
     assert_eq!(metric(&text, "scorestream_inflight_events"), 0.0);
 
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();

@@ -93,6 +93,11 @@ pub struct BatchConfig {
     /// Largest accepted payload in bytes; larger ones are dead-lettered as `oversized`.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// Most payload bytes consumed but not yet acknowledged (beside `max_inflight_events`, so a
+    /// burst of large events cannot exhaust memory); at the bound the worker stops fetching. One
+    /// event larger than the bound is still let through on its own.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for BatchConfig {
@@ -103,6 +108,7 @@ impl Default for BatchConfig {
             max_wait: default_max_wait(),
             max_inflight_events: default_max_inflight_events(),
             max_payload_bytes: default_max_payload_bytes(),
+            max_inflight_bytes: default_max_inflight_bytes(),
         }
     }
 }
@@ -120,11 +126,27 @@ pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// `/healthz` fails (503) when events are in flight and none has finished for this long: a
+    /// publish retried without end, a stuck engine. Keep it above the slowest batch.
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// A connection that has not sent a complete request header within this time (also while it
+    /// idles between keep-alive requests) is closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Most open HTTP connections; a connection beyond it is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_listen() }
+        Self {
+            listen: default_listen(),
+            stall_timeout: default_stall_timeout(),
+            header_timeout: default_header_timeout(),
+            max_connections: default_max_connections(),
+        }
     }
 }
 
@@ -145,6 +167,18 @@ const fn default_max_inflight_events() -> usize {
 }
 const fn default_max_payload_bytes() -> usize {
     1024 * 1024
+}
+const fn default_max_inflight_bytes() -> usize {
+    256 * 1024 * 1024
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+const fn default_max_connections() -> usize {
+    128
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
@@ -167,8 +201,9 @@ impl Config {
         let mut tree: toml::Table =
             text.parse().map_err(|e| ConfigError::Syntax { origin: origin.to_owned(), source: Box::new(e) })?;
         apply_env(&mut tree, vars)?;
-        let config: Config =
+        let mut config: Config =
             toml::Value::Table(tree).try_into().map_err(|e| ConfigError::Schema { source: Box::new(e) })?;
+        config.take_url_credentials()?;
         config.validate()?;
         Ok(config)
     }
@@ -179,6 +214,8 @@ impl Config {
         positive("batch.max_batch_tokens", b.max_batch_tokens)?;
         positive("batch.max_batch_events", b.max_batch_events)?;
         positive("batch.max_inflight_events", b.max_inflight_events)?;
+        positive("batch.max_inflight_bytes", b.max_inflight_bytes)?;
+        positive("http.max_connections", self.http.max_connections)?;
         positive("model.max_tokens", self.model.max_tokens)?;
         if self.model.devices.is_empty() {
             return invalid("model.devices", "at least one device is needed");
@@ -198,6 +235,20 @@ impl Config {
         validate_sink("sink", &self.sink)?;
         validate_sink("dead_letter", &self.dead_letter)?;
         self.validate_exactly_once()
+    }
+
+    /// Move credentials written into a NATS URL into the section's user/password or token, so
+    /// that the URL can be logged and the credentials are used.
+    fn take_url_credentials(&mut self) -> Result<(), ConfigError> {
+        if let SourceConfig::Nats(n) = &mut self.source {
+            take_url_credentials("source", &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
+        }
+        for (section, sink) in [("sink", &mut self.sink), ("dead_letter", &mut self.dead_letter)] {
+            if let SinkConfig::Nats(n) = sink {
+                take_url_credentials(section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
+            }
+        }
+        Ok(())
     }
 
     fn validate_exactly_once(&self) -> Result<(), ConfigError> {
@@ -261,6 +312,30 @@ fn validate_sink(section: &str, s: &SinkConfig) -> Result<(), ConfigError> {
         }
         SinkConfig::File(file) => non_empty(&f("path"), &file.path.to_string_lossy()),
     }
+}
+
+fn take_url_credentials(
+    section: &str,
+    url: &mut String,
+    user: &mut Option<String>,
+    password: &mut Option<Secret>,
+    token: &mut Option<Secret>,
+) -> Result<(), ConfigError> {
+    let field = format!("{section}.url");
+    let (clean, creds) = crate::nats::split_url_credentials(url).map_err(|m| ConfigError::Invalid { field: field.clone(), message: m })?;
+    let Some(creds) = creds else { return Ok(()) };
+    *url = clean;
+    if user.is_some() || password.is_some() || token.is_some() {
+        return invalid(&field, "carries credentials while the section sets user/password or token too: give them once");
+    }
+    match creds {
+        crate::nats::UrlCredentials::UserPassword { user: u, password: p } => {
+            *user = Some(u);
+            *password = Some(Secret(p));
+        }
+        crate::nats::UrlCredentials::Token(t) => *token = Some(Secret(t)),
+    }
+    Ok(())
 }
 
 fn nats_auth(section: &str, token: bool, user: bool, password: bool, creds: bool) -> Result<(), ConfigError> {

@@ -6,8 +6,11 @@
 //!
 //! Guarantees: every fetched record ends scored or dead-lettered, and is acked only after that
 //! output is confirmed (at-least-once); outputs are published in input order; at most
-//! `max_inflight_events` records are between fetch and ack, so memory stays bounded.
+//! `max_inflight_events` records and `max_inflight_bytes` payload bytes are between fetch and
+//! ack, so memory stays bounded. A fatal sink error stops fetching, drains what it can and ends
+//! the run with that error.
 
+mod dead_letter;
 mod publish;
 mod stages;
 
@@ -21,17 +24,21 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::batch::actor::Weighted;
 use crate::batch::policy::BatchLimits;
 use crate::event::{EventError, InputEvent, Score};
+use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::sink::{BatchCommit, Sink};
+use crate::sink::{BatchCommit, Sink, SinkError};
 use crate::source::{AckHandle, Origin, Source, SourceError};
 
-pub use publish::{dead_letter_payload, scored_payload};
+pub use dead_letter::{dead_letter_payload, scored_payload};
 
 /// Errors that stop the pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// A sink failed for good (a fenced transactional producer).
+    #[error(transparent)]
+    Sink(#[from] SinkError),
     #[error("pipeline task failed: {0}")]
     Task(String),
 }
@@ -79,6 +86,7 @@ pub struct InFlight {
 
 struct Permit {
     _permit: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
 }
 
@@ -126,6 +134,8 @@ pub struct Parts {
     /// Exactly-once hook; `None` for at-least-once.
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
+    /// Where the publish stage reports progress (`/healthz`).
+    pub liveness: Arc<Liveness>,
 }
 
 /// Flow-control settings.
@@ -134,21 +144,24 @@ pub struct Settings {
     pub limits: BatchLimits,
     pub max_wait: Duration,
     pub max_inflight_events: usize,
+    pub max_inflight_bytes: usize,
     pub max_payload_bytes: usize,
 }
 
 /// Run until the source ends or `stop` turns true; then drain: everything fetched is scored,
-/// published, confirmed and acked, the sinks flushed and the source closed.
+/// published, confirmed and acked, the sinks flushed and the source closed. A fatal sink error
+/// stops fetching too; the run then ends with that error after the same orderly close.
 pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
-    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, commit, metrics } = parts;
-    let permits = Arc::new(Semaphore::new(settings.max_inflight_events));
+    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, commit, metrics, liveness } = parts;
+    let limits = Limits::new(&settings);
     let lane = settings.limits.max_events.max(1);
     let (fetch_tx, fetch_rx) = mpsc::channel::<InFlight>(lane);
     let (work_tx, work_rx) = mpsc::channel::<Work>(lane);
     let (batch_tx, batch_rx) = mpsc::channel::<Vec<Work>>(1);
     let (done_tx, done_rx) = mpsc::channel::<Vec<(InFlight, Outcome)>>(1);
+    let (abort_tx, abort) = watch::channel(false);
 
-    let fetch = tokio::spawn(stages::fetch(source, source_kind, permits, metrics.clone(), fetch_tx, stop));
+    let fetch = tokio::spawn(stages::fetch(source, source_kind, limits, metrics.clone(), fetch_tx, stop, abort));
     let max_payload = settings.max_payload_bytes;
     let prepare = std::thread::Builder::new()
         .name("scorestream-prepare".into())
@@ -161,7 +174,9 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         dead_letter: dead_letter.clone(),
         commit,
         metrics,
+        liveness,
         model: scorer.model_name(),
+        abort: abort_tx,
     };
     let publish = tokio::spawn(publisher.run(done_rx));
 
@@ -170,18 +185,39 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     if !matches!(joined, Ok(Ok(()))) {
         return Err(PipelineError::Task("the prepare thread panicked".into()));
     }
-    for (name, task) in [("batcher", batcher), ("score", score), ("publish", publish)] {
+    for (name, task) in [("batcher", batcher), ("score", score)] {
         task.await.map_err(|e| PipelineError::Task(format!("{name}: {e}")))?;
     }
+    let published = publish.await.map_err(|e| PipelineError::Task(format!("publish: {e}")))?;
     if let Err(e) = sink.flush().await {
-        tracing::warn!(error = %e, "flushing the sink failed");
+        tracing::warn!(error = %crate::error::Chain(&e), "flushing the sink failed");
     }
     if let Err(e) = dead_letter.flush().await {
-        tracing::warn!(error = %e, "flushing the dead-letter sink failed");
+        tracing::warn!(error = %crate::error::Chain(&e), "flushing the dead-letter sink failed");
     }
     let (source, fetch_result) = source;
     source.close().await?;
+    published?;
     fetch_result
+}
+
+/// The in-flight bounds: one permit per record and one per payload byte.
+#[derive(Clone)]
+struct Limits {
+    events: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+impl Limits {
+    fn new(settings: &Settings) -> Self {
+        let max_bytes = settings.max_inflight_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            events: Arc::new(Semaphore::new(settings.max_inflight_events)),
+            bytes: Arc::new(Semaphore::new(max_bytes)),
+            max_bytes,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,55 +1,44 @@
 //! The publish and ack stages: turn outcomes into messages, publish them in input order, and
 //! ack each input once its message is confirmed.
 //!
-//! A failed publish is retried with backoff until it is confirmed (or the process exits at the
-//! shutdown deadline, leaving the input unacked for redelivery). A retried message can land
-//! after later outputs of its partition: order holds for the failure-free path.
+//! Retries know permanent refusals from transient errors. A transient error (broker away, no
+//! acknowledgement in time) is retried with backoff, logged with the broker's reason, counted in
+//! `scorestream_publish_retries_total` and reported to `/healthz`, which fails when nothing
+//! finishes for the stall timeout. A permanent refusal ([`SinkError::Rejected`]: too large,
+//! invalid) is never retried as is: a refused scored output goes to the dead letters (kind
+//! `publish`, with the reason), and a refused dead letter is sent again without its payload
+//! (length and SHA-256 kept). Dead letters are cut to the dead-letter sink's message limit before
+//! the first try. Only when even that smallest dead letter is refused is the input left
+//! unacknowledged (redelivered later), with an error logged; the worker goes on.
+//!
+//! A retried message can land after later outputs of its partition: order holds for the
+//! failure-free path. A fatal sink error (a fenced transactional producer) ends the publish
+//! stage with that error; the pipeline then stops and the worker exits non-zero.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
 
+use super::dead_letter::{dead_letter_payload, scored_payload};
 use super::{InFlight, Outcome};
-use crate::event::{ErrorBody, EventError, InputEvent, Score, ScoredEvent};
-use crate::metrics::Metrics;
+use crate::error::Chain;
+use crate::event::{ErrorKind, EventError};
+use crate::health::Liveness;
+use crate::metrics::{delivery_label, Metrics};
 use crate::sink::{BatchCommit, Confirmation, Outgoing, OutputKind, Sink, SinkError};
 use crate::source::Origin;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// The scored event's JSON line.
-pub fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated: bool, model: &str) -> Bytes {
-    let scored = ScoredEvent::new(event, score, tokens, truncated, model);
-    // Serializing a struct of strings, numbers and JSON values cannot fail.
-    Bytes::from(serde_json::to_vec(&scored).unwrap_or_default())
-}
-
-/// The dead letter's JSON line: the error, the id if known, the original payload (a string, or
-/// base64 with `"payload_encoding": "base64"` when it is not UTF-8) and where it came from.
-pub fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin) -> Bytes {
-    let mut obj = serde_json::Map::new();
-    obj.insert("error".into(), serde_json::to_value(ErrorBody::from(error)).unwrap_or(Value::Null));
-    if let Some(id) = &error.id {
-        obj.insert("id".into(), Value::String(id.clone()));
-    }
-    match std::str::from_utf8(payload) {
-        Ok(text) => {
-            obj.insert("payload".into(), Value::String(text.to_owned()));
-        }
-        Err(_) => {
-            obj.insert("payload".into(), json!(base64::engine::general_purpose::STANDARD.encode(payload)));
-            obj.insert("payload_encoding".into(), json!("base64"));
-        }
-    }
-    obj.insert("source".into(), origin.to_json());
-    Bytes::from(serde_json::to_vec(&Value::Object(obj)).unwrap_or_default())
-}
+/// Room left in a message for what the sink adds beside the payload and the carried-over
+/// headers (the de-duplication id header, protocol framing).
+const HEADER_ALLOWANCE: usize = 512;
 
 /// What to count once an input is done.
 enum Tally {
@@ -60,6 +49,7 @@ enum Tally {
 /// An input waiting for its output's confirmation.
 struct Done {
     input: InFlight,
+    id: Option<String>,
     tally: Tally,
 }
 
@@ -68,14 +58,18 @@ pub(super) struct Publisher {
     pub dead_letter: Arc<dyn Sink>,
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
+    pub liveness: Arc<Liveness>,
     pub model: String,
+    /// Set when the publish stage ends on a fatal error, so that fetching stops.
+    pub abort: watch::Sender<bool>,
 }
 
 impl Publisher {
     /// Publish batches in order until the channel closes, then wait for every confirmation.
-    pub(super) async fn run(self, mut rx: mpsc::Receiver<Vec<(InFlight, Outcome)>>) {
+    /// Returns the fatal sink error that ended it early, if any.
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<Vec<(InFlight, Outcome)>>) -> Result<(), SinkError> {
         let this = Arc::new(self);
-        let mut pending = FuturesUnordered::new();
+        let mut pending: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         loop {
             // Biased toward completions, so acks (and permits) are released before more work.
             tokio::select! {
@@ -83,18 +77,30 @@ impl Publisher {
                 Some(()) = pending.next(), if !pending.is_empty() => {}
                 batch = rx.recv() => match batch {
                     None => break,
-                    Some(batch) if this.commit.is_some() => this.transact(batch).await,
+                    Some(batch) if this.commit.is_some() => {
+                        if let Err(e) = this.transact(batch).await {
+                            tracing::error!(error = %Chain(&e), "fatal sink error: stopping");
+                            let _ = this.abort.send(true);
+                            rx.close();
+                            while pending.next().await.is_some() {}
+                            return Err(e);
+                        }
+                    }
                     Some(batch) => {
                         for (input, outcome) in batch {
                             let (msg, done) = this.build(input, outcome);
-                            let confirm = this.publish(&msg).await;
-                            pending.push(this.clone().complete(msg, confirm, done));
+                            let next = match this.publish(&msg).await {
+                                Ok(confirm) => this.clone().complete(msg, confirm, done).boxed(),
+                                Err(refused) => this.clone().refused(msg, refused, done).boxed(),
+                            };
+                            pending.push(next);
                         }
                     }
                 },
             }
         }
         while pending.next().await.is_some() {}
+        Ok(())
     }
 
     fn sink_for(&self, kind: OutputKind) -> &Arc<dyn Sink> {
@@ -105,69 +111,148 @@ impl Publisher {
     }
 
     fn build(&self, input: InFlight, outcome: Outcome) -> (Outgoing, Done) {
-        let (kind, id, payload, tally) = match outcome {
+        match outcome {
             Outcome::Scored { event, score, tokens, truncated } => {
                 let mut rewards = vec![("reward".to_owned(), score.reward)];
                 rewards.extend(score.attributes.iter().cloned());
-                let id = event.id.clone();
+                let id = Some(event.id.clone());
                 let payload = scored_payload(event, score, tokens, truncated, &self.model);
-                (OutputKind::Scored, Some(id), payload, Tally::Scored { tokens, rewards })
+                let msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
+                (msg, Done { input, id, tally: Tally::Scored { tokens, rewards } })
             }
             Outcome::Failed(e) => {
-                let payload = dead_letter_payload(&e, &input.payload, &input.origin);
                 tracing::debug!(origin = %input.origin, kind = %e.kind, message = %e.message, "dead letter");
-                (OutputKind::DeadLetter, e.id.clone(), payload, Tally::Failed(e.kind.as_str()))
+                let msg = self.dead_letter_for(&input, &e, self.dead_letter_limit(&input));
+                (msg, Done { id: e.id.clone(), input, tally: Tally::Failed(e.kind.as_str()) })
             }
-        };
-        let msg = Outgoing {
-            key: input.key.clone().or_else(|| id.map(Bytes::from)),
-            headers: input.headers.clone(),
-            payload,
-            dedup_id: format!("{}:{kind}", input.origin.dedup_id()),
-            kind,
-            origin: input.origin.clone(),
-        };
-        (msg, Done { input, tally })
+        }
     }
 
-    /// Enqueue `msg`, retrying with backoff until the sink takes it.
-    async fn publish(&self, msg: &Outgoing) -> Confirmation {
+    fn outgoing(&self, input: &InFlight, kind: OutputKind, id: Option<&str>, payload: Bytes) -> Outgoing {
+        Outgoing {
+            key: input.key.clone().or_else(|| id.map(|i| Bytes::copy_from_slice(i.as_bytes()))),
+            headers: input.headers.clone(),
+            payload,
+            dedup_id: input.origin.dedup_id().map(|d| format!("{d}:{kind}")),
+            first_publish: input.origin.redelivered() == Some(false),
+            kind,
+            origin: input.origin.clone(),
+        }
+    }
+
+    /// The dead letter of `input` for error `e`, cut to `limit` bytes of payload.
+    fn dead_letter_for(&self, input: &InFlight, e: &EventError, limit: Option<usize>) -> Outgoing {
+        let payload = dead_letter_payload(e, &input.payload, &input.origin, limit);
+        self.outgoing(input, OutputKind::DeadLetter, e.id.as_deref(), payload)
+    }
+
+    /// The dead-letter sink's limit left for the JSON line of `input`'s dead letter.
+    fn dead_letter_limit(&self, input: &InFlight) -> Option<usize> {
+        let headers: usize = input.headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        self.dead_letter.max_message_bytes().map(|max| max.saturating_sub(headers + HEADER_ALLOWANCE))
+    }
+
+    /// Wait before retrying `msg` after transient error `e`, and say so.
+    async fn backoff(&self, msg: &Outgoing, e: &SinkError, delay: &mut Duration, what: &str) {
+        let reason = Chain(e).to_string();
+        tracing::warn!(error = %reason, origin = %msg.origin, output = %msg.kind, "{what}; retrying in {delay:?}");
+        self.metrics.publish_retries.with_label_values(&[msg.kind.as_str()]).inc();
+        self.liveness.retrying(reason);
+        tokio::time::sleep(*delay).await;
+        *delay = (*delay * 2).min(MAX_BACKOFF);
+    }
+
+    /// Enqueue `msg`, retrying transient errors with backoff until the sink takes it; `Err`
+    /// only for a permanent refusal.
+    async fn publish(&self, msg: &Outgoing) -> Result<Confirmation, SinkError> {
         let mut delay = FIRST_BACKOFF;
         loop {
             match self.sink_for(msg.kind).publish(msg.clone()).await {
-                Ok(c) => return c,
+                Ok(c) => return Ok(c),
+                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) => self.backoff(msg, &e, &mut delay, "publish failed").await,
+            }
+        }
+    }
+
+    /// Wait for `msg`'s confirmation, republishing on transient failures; `Err` only for a
+    /// permanent refusal.
+    async fn confirm(&self, msg: &mut Outgoing, mut confirm: Confirmation) -> Result<(), SinkError> {
+        let mut delay = FIRST_BACKOFF;
+        loop {
+            match confirm.await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, origin = %msg.origin, "publish failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
+                    self.backoff(msg, &e, &mut delay, "publish not confirmed").await;
+                    msg.first_publish = false;
+                    confirm = self.publish(msg).await?;
                 }
             }
         }
     }
 
-    /// Wait for the confirmation (republishing on failure), then ack and count.
-    async fn complete(self: Arc<Self>, msg: Outgoing, mut confirm: Confirmation, done: Done) {
-        let mut delay = FIRST_BACKOFF;
-        while let Err(e) = confirm.await {
-            tracing::warn!(error = %e, origin = %msg.origin, "publish not confirmed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_BACKOFF);
-            confirm = self.publish(&msg).await;
+    /// Publish `msg` until it is confirmed; `Err` only for a permanent refusal.
+    async fn deliver(&self, mut msg: Outgoing) -> Result<(), SinkError> {
+        let confirm = self.publish(&msg).await?;
+        self.confirm(&mut msg, confirm).await
+    }
+
+    /// Wait for the confirmation, then ack and count; a refused message goes on to
+    /// [`Publisher::refused`].
+    async fn complete(self: Arc<Self>, mut msg: Outgoing, confirm: Confirmation, done: Done) {
+        match self.confirm(&mut msg, confirm).await {
+            Ok(()) => self.finish(done).await,
+            Err(e) => self.refused(msg, e, done).await,
         }
-        self.finish(done).await;
+    }
+
+    /// `msg` was refused for good: send its input's dead letter instead (see the module doc).
+    async fn refused(self: Arc<Self>, msg: Outgoing, error: SinkError, mut done: Done) {
+        let reason = Chain(&error).to_string();
+        self.metrics.publish_rejected.with_label_values(&[msg.kind.as_str()]).inc();
+        tracing::warn!(error = %reason, origin = %msg.origin, output = %msg.kind, "the broker refused the message for good");
+        let e = refusal_error(msg.kind, &reason, done.id.clone());
+        // A refused scored output gets a dead letter cut to the sink's limit; a refused dead
+        // letter one without payload.
+        let limits = match msg.kind {
+            OutputKind::Scored => vec![self.dead_letter_limit(&done.input), Some(0)],
+            OutputKind::DeadLetter => vec![Some(0)],
+        };
+        for limit in limits {
+            let dead = self.dead_letter_for(&done.input, &e, limit);
+            match self.deliver(dead).await {
+                Ok(()) => {
+                    if matches!(done.tally, Tally::Scored { .. }) {
+                        done.tally = Tally::Failed(ErrorKind::Publish.as_str());
+                    }
+                    return self.finish(done).await;
+                }
+                Err(again) => {
+                    self.metrics.publish_rejected.with_label_values(&[OutputKind::DeadLetter.as_str()]).inc();
+                    tracing::warn!(error = %Chain(&again), origin = %msg.origin, "the dead letter was refused too");
+                }
+            }
+        }
+        tracing::error!(
+            origin = %msg.origin,
+            "no output of this input could be published: it stays unacknowledged and will be redelivered"
+        );
     }
 
     async fn finish(&self, done: Done) {
-        let Done { input, tally } = done;
+        let Done { input, tally, .. } = done;
         let InFlight { origin, ack, consumed, _permit, .. } = input;
+        let delivery = delivery_label(origin.redelivered());
         if let Err(e) = ack.ack().await {
-            tracing::warn!(error = %e, %origin, "ack failed; the input may be redelivered");
+            tracing::warn!(error = %Chain(&e), %origin, "ack failed; the input may be redelivered");
         }
+        self.liveness.progress();
         let m = &self.metrics;
         m.event_latency_seconds.observe(consumed.elapsed().as_secs_f64());
         match tally {
             Tally::Scored { tokens, rewards } => {
-                m.events_scored.inc();
+                m.events_scored.with_label_values(&[delivery]).inc();
                 m.tokens_scored.inc_by(tokens as u64);
                 for (attribute, value) in rewards {
                     m.reward.with_label_values(&[attribute.as_str()]).observe(f64::from(value));
@@ -177,86 +262,89 @@ impl Publisher {
         }
     }
 
-    /// Exactly-once: the batch's outputs and its inputs' positions in one transaction,
-    /// retried whole until it commits.
-    async fn transact(&self, batch: Vec<(InFlight, Outcome)>) {
-        let Some(commit) = &self.commit else { return };
-        let (msgs, dones): (Vec<Outgoing>, Vec<Done>) = batch.into_iter().map(|(i, o)| self.build(i, o)).unzip();
+    /// Exactly-once: the batch's outputs and its inputs' positions in one transaction, retried
+    /// whole until it commits. A message refused for good inside the transaction is replaced by
+    /// its input's dead letter (then by one without payload) and the transaction retried; `Err`
+    /// for a fatal error, or when even that is refused (the worker stops rather than skip an
+    /// input whose position would be committed).
+    async fn transact(&self, batch: Vec<(InFlight, Outcome)>) -> Result<(), SinkError> {
+        let Some(commit) = &self.commit else { return Ok(()) };
+        let (mut msgs, mut dones): (Vec<Outgoing>, Vec<Done>) = batch.into_iter().map(|(i, o)| self.build(i, o)).unzip();
+        // Per message: 0 as built, 1 its dead letter cut to fit, 2 its dead letter without payload.
+        let mut shrinks: Vec<u8> = msgs.iter().map(|m| u8::from(m.kind == OutputKind::DeadLetter)).collect();
         let origins: Vec<Origin> = msgs.iter().map(|m| m.origin.clone()).collect();
         let mut delay = FIRST_BACKOFF;
-        while let Err(e) = self.try_transaction(commit.as_ref(), &msgs, &origins).await {
-            exit_if_fatal(&e);
-            tracing::warn!(error = %e, "transaction failed; aborting and retrying the batch");
+        while let Err((index, e)) = self.try_transaction(commit.as_ref(), &msgs, &origins).await {
+            if matches!(e, SinkError::Fatal { .. }) {
+                return Err(e);
+            }
             match commit.abort().await {
                 Ok(()) => self.metrics.kafka_transactions.with_label_values(&["aborted"]).inc(),
-                Err(e) => {
-                    exit_if_fatal(&e);
-                    tracing::warn!(error = %e, "abort failed");
-                }
+                Err(e @ SinkError::Fatal { .. }) => return Err(e),
+                Err(e) => tracing::warn!(error = %Chain(&e), "abort failed"),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_BACKOFF);
+            match index.filter(|_| e.is_permanent()) {
+                Some(i) => {
+                    shrinks[i] += 1;
+                    self.replace_refused(&mut msgs[i], &mut dones[i], e, shrinks[i])?;
+                }
+                None => self.backoff(&msgs[0], &e, &mut delay, "transaction failed; aborted, replaying the batch").await,
+            }
         }
         self.metrics.kafka_transactions.with_label_values(&["committed"]).inc();
         for done in dones {
             self.finish(done).await;
         }
+        Ok(())
     }
 
+    /// Inside a transaction: swap a refused message for its input's dead letter, cut to fit
+    /// (`shrink` 1) or without payload (`shrink` 2); past that, a fatal error.
+    fn replace_refused(&self, msg: &mut Outgoing, done: &mut Done, error: SinkError, shrink: u8) -> Result<(), SinkError> {
+        let reason = Chain(&error).to_string();
+        self.metrics.publish_rejected.with_label_values(&[msg.kind.as_str()]).inc();
+        tracing::warn!(error = %reason, origin = %msg.origin, output = %msg.kind, "the broker refused the message for good");
+        let limit = match shrink {
+            1 => self.dead_letter_limit(&done.input),
+            2 => Some(0),
+            _ => {
+                return Err(SinkError::Fatal {
+                    kind: "pipeline",
+                    message: format!("even the smallest dead letter of {} was refused: {reason}", msg.origin),
+                    source: Some(Box::new(error)),
+                })
+            }
+        };
+        let e = refusal_error(msg.kind, &reason, done.id.clone());
+        *msg = self.dead_letter_for(&done.input, &e, limit);
+        done.tally = Tally::Failed(ErrorKind::Publish.as_str());
+        Ok(())
+    }
+
+    /// One transaction over `msgs`; on failure, the index of the message that failed (if one
+    /// did) and the error.
     async fn try_transaction(
         &self,
         commit: &dyn BatchCommit,
         msgs: &[Outgoing],
         origins: &[Origin],
-    ) -> Result<(), SinkError> {
-        commit.begin().await?;
+    ) -> Result<(), (Option<usize>, SinkError)> {
+        commit.begin().await.map_err(|e| (None, e))?;
         let mut confirmations = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            confirmations.push(self.sink_for(m.kind).publish(m.clone()).await?);
+        for (i, m) in msgs.iter().enumerate() {
+            let c = self.sink_for(m.kind).publish(m.clone()).await.map_err(|e| (Some(i), e))?;
+            confirmations.push(c.map(move |r| r.map_err(|e| (Some(i), e))));
         }
         futures::future::try_join_all(confirmations).await?;
-        commit.commit(origins).await
+        commit.commit(origins).await.map_err(|e| (None, e))
     }
 }
 
-/// A fatal sink error (a fenced transactional producer) leaves nothing to retry: stop the
-/// process at once. Nothing of the current batch was committed, so its inputs are re-read from
-/// the last committed offsets after the restart.
-fn exit_if_fatal(e: &SinkError) {
-    if matches!(e, SinkError::Fatal { .. }) {
-        let mut chain = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            chain = format!("{chain}: {s}");
-            source = s.source();
-        }
-        tracing::error!(error = %chain, "fatal sink error: exiting");
-        eprintln!("error: {chain}");
-        std::process::exit(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::ErrorKind;
-
-    #[test]
-    fn dead_letters_keep_the_payload_and_origin() {
-        let origin = Origin::Nats { stream: "S".into(), sequence: 7 };
-        let e = EventError::new(ErrorKind::Schema, "bad").with_id(Some("x".into()));
-        let v: Value = serde_json::from_slice(&dead_letter_payload(&e, b"{\"id\":\"x\"}", &origin)).unwrap();
-        assert_eq!(
-            v,
-            json!({"error": {"kind": "schema", "message": "bad"}, "id": "x", "payload": "{\"id\":\"x\"}",
-                   "source": {"stream": "S", "sequence": 7}})
-        );
-        let e = EventError::new(ErrorKind::InvalidUtf8, "no");
-        let origin = Origin::Kafka { topic: "t".into(), partition: 2, offset: 9 };
-        let v: Value = serde_json::from_slice(&dead_letter_payload(&e, b"\xff\x00", &origin)).unwrap();
-        assert_eq!(v["payload"], "/wA=");
-        assert_eq!(v["payload_encoding"], "base64");
-        assert_eq!(v["source"], json!({"topic": "t", "partition": 2, "offset": 9}));
-        assert!(v.get("id").is_none());
-    }
+/// The dead-letter error of an input whose `kind` output was refused for `reason`.
+fn refusal_error(kind: OutputKind, reason: &str, id: Option<String>) -> EventError {
+    let message = match kind {
+        OutputKind::Scored => format!("the sink refused the scored output: {reason}"),
+        OutputKind::DeadLetter => format!("the dead-letter sink refused the dead letter: {reason}"),
+    };
+    EventError::new(ErrorKind::Publish, message).with_id(id)
 }

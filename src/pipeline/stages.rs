@@ -4,22 +4,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 
-use super::{InFlight, Outcome, Permit, PipelineError, Preparer, Scorer, Verdict, Work};
+use super::{InFlight, Limits, Outcome, Permit, PipelineError, Preparer, Scorer, Verdict, Work};
 use crate::event::{ErrorKind, EventError, InputEvent};
 use crate::metrics::Metrics;
 use crate::source::Source;
 
-/// Fetch records while holding a permit each; stop at end of input, on a fatal source error,
-/// or when `stop` turns true. Hands the source back for closing.
+/// Fetch records while holding a permit each (and one per payload byte); stop at end of
+/// input, on a fatal source error, or when `stop` or `abort` turns true. Hands the source back
+/// for closing.
 pub(super) async fn fetch(
     mut source: Box<dyn Source>,
     kind: &'static str,
-    permits: Arc<Semaphore>,
+    limits: Limits,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<InFlight>,
     mut stop: watch::Receiver<bool>,
+    mut abort: watch::Receiver<bool>,
 ) -> (Box<dyn Source>, Result<(), PipelineError>) {
     let consumed = metrics.events_consumed.with_label_values(&[kind]);
     loop {
@@ -27,17 +29,28 @@ pub(super) async fn fetch(
         let permit = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = abort.wait_for(|s| *s) => break,
+            p = limits.events.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let next = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
+            _ = abort.wait_for(|s| *s) => break,
             r = source.next() => r,
         };
         let record = match next {
             None => break,
             Some(Ok(r)) => r,
             Some(Err(e)) => return (source, Err(e.into())),
+        };
+        // A record larger than the whole byte bound takes all of it, and goes through alone.
+        let size = u32::try_from(record.payload.len().clamp(1, limits.max_bytes)).unwrap_or(u32::MAX);
+        // Dropping the record unacked on a stop leaves it to the broker's redelivery.
+        let bytes = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            _ = abort.wait_for(|s| *s) => break,
+            p = limits.bytes.clone().acquire_many_owned(size) => match p { Ok(p) => p, Err(_) => break },
         };
         consumed.inc();
         metrics.inflight_events.inc();
@@ -48,7 +61,7 @@ pub(super) async fn fetch(
             payload: record.payload,
             ack: record.ack,
             consumed: Instant::now(),
-            _permit: Permit { _permit: permit, metrics: metrics.clone() },
+            _permit: Permit { _permit: permit, _bytes: bytes, metrics: metrics.clone() },
         };
         if tx.send(item).await.is_err() {
             break;

@@ -67,11 +67,13 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dl.clone() }, ctx).await.unwrap()),
         commit: None,
         metrics: metrics.clone(),
+        liveness: Default::default(),
     };
     let settings = Settings {
         limits: BatchLimits { max_tokens: 64, max_events: 8 },
         max_wait: Duration::from_millis(5),
         max_inflight_events: 16,
+        max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
     };
     let (_stop_tx, stop) = watch::channel(false);
@@ -92,7 +94,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
     let kinds: Vec<&str> = dead.iter().map(|v| v["error"]["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "invalid_json").count(), 10);
     assert_eq!(kinds.iter().filter(|k| **k == "too_long").count(), 10);
-    assert_eq!(metrics.events_scored.get(), 480);
+    assert_eq!(metrics.events_scored_total(), 480);
     assert_eq!(metrics.events_failed.with_label_values(&["too_long"]).get(), 10);
     assert_eq!(metrics.events_consumed.with_label_values(&["file"]).get(), 500);
     assert_eq!(metrics.inflight_events.get(), 0);
@@ -115,11 +117,13 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("dl") }, ctx).await.unwrap()),
         commit: None,
         metrics: metrics.clone(),
+        liveness: Default::default(),
     };
     let settings = Settings {
         limits: BatchLimits { max_tokens: 64, max_events: 4 },
         max_wait: Duration::from_millis(5),
         max_inflight_events: 8,
+        max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
     };
     let (stop_tx, stop) = watch::channel(false);
@@ -127,7 +131,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
     for i in 0..50 {
         writer.write_all(format!("{}\n", line(i, "abc")).as_bytes()).await.unwrap();
     }
-    while metrics.events_scored.get() < 50 {
+    while metrics.events_scored_total() < 50 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The stream stays open: only the stop signal ends the run.
@@ -145,7 +149,7 @@ impl Sink for Stuck {
         &self,
         msg: crate::sink::Outgoing,
     ) -> BoxFuture<'_, Result<crate::sink::Confirmation, crate::sink::SinkError>> {
-        self.1.lock().unwrap().push(format!("publish {}", msg.dedup_id));
+        self.1.lock().unwrap().push(format!("publish {:?}", msg.dedup_id));
         let mut go = self.0.clone();
         Box::pin(async move {
             let c: crate::sink::Confirmation = Box::pin(async move {
@@ -179,11 +183,13 @@ async fn fetching_stops_at_the_inflight_bound() {
         dead_letter: sink,
         commit: None,
         metrics: metrics.clone(),
+        liveness: Default::default(),
     };
     let settings = Settings {
         limits: BatchLimits { max_tokens: 64, max_events: 4 },
         max_wait: Duration::from_millis(1),
         max_inflight_events: 10,
+        max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
     };
     let (_stop_tx, stop) = watch::channel(false);
@@ -193,7 +199,7 @@ async fn fetching_stops_at_the_inflight_bound() {
     assert_eq!(metrics.inflight_events.get(), 10);
     go_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(10), worker).await.unwrap().unwrap().unwrap();
-    assert_eq!(metrics.events_scored.get(), 1000);
+    assert_eq!(metrics.events_scored_total(), 1000);
 }
 
 /// Records the exactly-once call sequence.
@@ -239,18 +245,20 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         dead_letter: sink.clone(),
         commit: Some(Arc::new(Txn(log.clone(), Default::default()))),
         metrics: metrics.clone(),
+        liveness: Default::default(),
     };
     let settings = Settings {
         limits: BatchLimits { max_tokens: 64, max_events: 8 },
         max_wait: Duration::from_millis(50),
         max_inflight_events: 8,
+        max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
     assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 3"]);
     assert_eq!(sink.1.lock().unwrap().len(), 6, "the batch is published again after the abort");
-    assert_eq!(metrics.events_scored.get(), 3);
+    assert_eq!(metrics.events_scored_total(), 3);
 }
 
 /// Arbitrary lines: bytes, JSON shapes of every kind, near-miss events.
@@ -297,11 +305,13 @@ proptest::proptest! {
                 dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("d") }, ctx).await.unwrap()),
                 commit: None,
                 metrics: metrics.clone(),
+                liveness: Default::default(),
             };
             let settings = Settings {
                 limits: BatchLimits { max_tokens: 64, max_events: 4 },
                 max_wait: Duration::from_millis(1),
                 max_inflight_events: 8,
+                max_inflight_bytes: 1 << 20,
                 max_payload_bytes: 150,
             };
             let (_stop_tx, stop) = watch::channel(false);

@@ -39,10 +39,35 @@ type Producer_ = FutureProducer<ErrorContext>;
 pub struct KafkaSink {
     producer: Producer_,
     topic: String,
+    /// The producer's `message.max.bytes` (librdkafka's limit on one message).
+    max_message_bytes: usize,
 }
 
-fn err(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> SinkError {
-    SinkError::Publish { kind: KIND, message: message.into(), source: Some(Box::new(source)) }
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+fn err(message: impl Into<String>, source: KafkaError) -> SinkError {
+    let message = message.into();
+    // Too large or invalid: the broker (or librdkafka) will refuse the same message every time.
+    let permanent = matches!(
+        source.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    );
+    if permanent {
+        SinkError::Rejected { kind: KIND, message, source: Some(Box::new(source)) }
+    } else {
+        SinkError::Publish { kind: KIND, message, source: Some(Box::new(source)) }
+    }
+}
+
+/// The producer's `message.max.bytes` from the sink's options.
+fn message_max_bytes(c: &KafkaSinkConfig) -> usize {
+    c.options.0.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
 }
 
 fn open_err(e: ClientError) -> SinkError {
@@ -68,7 +93,11 @@ async fn producer(c: &KafkaSinkConfig, extra: &[(&str, &str)], topics: &[&str]) 
 
 impl KafkaSink {
     pub async fn open(c: &KafkaSinkConfig, _ctx: SinkContext) -> Result<Self, SinkError> {
-        Ok(Self { producer: producer(c, &[], &[&c.topic]).await?, topic: c.topic.clone() })
+        Ok(Self {
+            producer: producer(c, &[], &[&c.topic]).await?,
+            topic: c.topic.clone(),
+            max_message_bytes: message_max_bytes(c),
+        })
     }
 }
 
@@ -91,7 +120,11 @@ impl Sink for KafkaSink {
                             match delivery.await {
                                 Ok(Ok(_)) => Ok(()),
                                 Ok(Err((e, _))) => Err(err("the broker did not acknowledge the message", e)),
-                                Err(e) => Err(err("the producer was dropped before delivery", e)),
+                                Err(_) => Err(SinkError::Publish {
+                                    kind: KIND,
+                                    message: "the producer was dropped before delivery".into(),
+                                    source: None,
+                                }),
                             }
                         }
                         .boxed();
@@ -113,10 +146,14 @@ impl Sink for KafkaSink {
             let producer = self.producer.clone();
             tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30)))
                 .await
-                .map_err(|e| err("flush task failed", e))?
+                .map_err(|e| SinkError::Publish { kind: KIND, message: "flush task failed".into(), source: Some(Box::new(e)) })?
                 .map_err(|e| err("cannot flush the producer", e))
         }
         .boxed()
+    }
+
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.max_message_bytes)
     }
 }
 
@@ -149,8 +186,9 @@ pub async fn open_exactly_once(
             source: Some(Box::new(e)),
         })?;
     tracing::info!(transactional_id = %id, "exactly-once: transactions initialised");
-    let scored = Arc::new(KafkaSink { producer: producer.clone(), topic: sink.topic.clone() });
-    let dead = Arc::new(KafkaSink { producer: producer.clone(), topic: dead_letter.topic.clone() });
+    let max_message_bytes = message_max_bytes(sink);
+    let scored = Arc::new(KafkaSink { producer: producer.clone(), topic: sink.topic.clone(), max_message_bytes });
+    let dead = Arc::new(KafkaSink { producer: producer.clone(), topic: dead_letter.topic.clone(), max_message_bytes });
     Ok((scored, dead, Arc::new(Transactions { producer, group })))
 }
 

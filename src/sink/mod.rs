@@ -42,6 +42,16 @@ pub enum SinkError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The broker refused this message for good (larger than its limit, invalid): publishing it
+    /// again cannot succeed, so the pipeline never retries it. A refused scored output goes to
+    /// the dead letters with the reason; a dead letter is shrunk to fit.
+    #[error("the {kind} sink refused the message: {message}")]
+    Rejected {
+        kind: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// A transaction step (exactly-once) failed; the batch is aborted and retried.
     #[error("the {kind} sink transaction failed: {message}")]
     Transaction {
@@ -93,9 +103,14 @@ pub struct Outgoing {
     /// The JSON line (without a trailing newline).
     pub payload: Bytes,
     /// Stable id derived from the input ([`Origin::dedup_id`] plus the kind): the same on every
-    /// redelivery of the input, so a de-duplicating broker (JetStream `Nats-Msg-Id`) drops
-    /// replays.
-    pub dedup_id: String,
+    /// redelivery of the input, so a de-duplicating broker (JetStream `Nats-Msg-Id`, prefixed
+    /// with the output subject) drops replays. `None` when the input has no stable identity:
+    /// such an output is never de-duplicated.
+    pub dedup_id: Option<String>,
+    /// No copy of this output can exist yet: the input's first delivery and the first publish
+    /// attempt. A de-duplicating broker that reports such a message as a duplicate has found an
+    /// id collision (counted and logged by the sink).
+    pub first_publish: bool,
     pub kind: OutputKind,
     /// The input this message answers (for logs and exactly-once offset bookkeeping).
     pub origin: Origin,
@@ -112,6 +127,20 @@ pub trait Sink: Send + Sync {
 
     /// Deliver everything enqueued (shutdown). Resolves when all confirmations are in.
     fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+
+    /// The largest message (payload plus the carried-over headers) the destination takes, as
+    /// learned from the broker and the client settings; `None` when there is no limit. Dead
+    /// letters are shrunk to fit it.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl SinkError {
+    /// Whether publishing the same message again cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SinkError::Rejected { .. })
+    }
 }
 
 /// Exactly-once hook (Kafka `delivery = "exactly_once"`): one producer transaction per unit of

@@ -71,7 +71,16 @@ pub enum Origin {
     },
     Nats {
         stream: String,
-        sequence: u64,
+        /// The stream's creation time (Unix nanoseconds): a stream deleted and created again
+        /// under the same name restarts its sequences, and this tells the two apart.
+        stream_created: i64,
+        /// The durable consumer: two deployments reading one stream publish different outputs.
+        consumer: String,
+        /// The stream sequence; `None` when the message's metadata could not be read (never
+        /// invented: such an input's output is not de-duplicated).
+        sequence: Option<u64>,
+        /// How many times JetStream has delivered this message (1 on the first delivery).
+        delivered: u64,
     },
     /// `line` counts from 1.
     File {
@@ -81,32 +90,52 @@ pub enum Origin {
 }
 
 impl Origin {
-    /// The dead-letter `source` object: `{topic, partition, offset}`, `{stream, sequence}` or
-    /// `{file, line}`.
+    /// The dead-letter `source` object: `{topic, partition, offset}`,
+    /// `{stream, consumer, sequence, delivered}` or `{file, line}`.
     pub fn to_json(&self) -> Value {
         match self {
             Origin::Kafka { topic, partition, offset } => {
                 json!({"topic": topic, "partition": partition, "offset": offset})
             }
-            Origin::Nats { stream, sequence } => json!({"stream": stream, "sequence": sequence}),
+            Origin::Nats { stream, consumer, sequence, delivered, .. } => {
+                json!({"stream": stream, "consumer": consumer, "sequence": sequence, "delivered": delivered})
+            }
             Origin::File { path, line } => json!({"file": path, "line": line}),
         }
     }
 
     /// A stable id of this input, the same on every redelivery: sinks that de-duplicate
-    /// (JetStream `Nats-Msg-Id`) derive the output's id from it.
-    pub fn dedup_id(&self) -> String {
+    /// (JetStream `Nats-Msg-Id`) derive the output's id from it. It names the input's stream
+    /// instance and the consumer, so that two deployments on one stream, or a re-created
+    /// stream, never share ids. `None` when the input has no stable identity.
+    pub fn dedup_id(&self) -> Option<String> {
         match self {
-            Origin::Kafka { topic, partition, offset } => format!("kafka:{topic}:{partition}:{offset}"),
-            Origin::Nats { stream, sequence } => format!("nats:{stream}:{sequence}"),
-            Origin::File { path, line } => format!("file:{path}:{line}"),
+            Origin::Kafka { topic, partition, offset } => Some(format!("kafka:{topic}:{partition}:{offset}")),
+            Origin::Nats { stream, stream_created, consumer, sequence, .. } => {
+                sequence.map(|seq| format!("nats:{stream}@{stream_created}:{consumer}:{seq}"))
+            }
+            Origin::File { path, line } => Some(format!("file:{path}:{line}")),
+        }
+    }
+
+    /// Whether this delivery is a replay of an input seen before: `Some` where the broker says
+    /// (JetStream's delivery count; a file is read once), `None` where it does not (Kafka).
+    pub fn redelivered(&self) -> Option<bool> {
+        match self {
+            Origin::Nats { delivered, .. } => Some(*delivered > 1),
+            Origin::File { .. } => Some(false),
+            Origin::Kafka { .. } => None,
         }
     }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.dedup_id())
+        match (self.dedup_id(), self) {
+            (Some(id), _) => f.write_str(&id),
+            (None, Origin::Nats { stream, consumer, .. }) => write!(f, "nats:{stream}:{consumer}:<unknown sequence>"),
+            (None, _) => f.write_str("<unknown origin>"),
+        }
     }
 }
 
@@ -192,6 +221,8 @@ pub struct SourceContext {
     pub metrics: Arc<Metrics>,
     /// The worker's in-flight bound: a source may size its prefetch by it.
     pub max_inflight_events: usize,
+    /// The worker's in-flight bound in payload bytes: a source bounds its prefetch by it too.
+    pub max_inflight_bytes: usize,
 }
 
 /// Open the source chosen in the config.

@@ -2,10 +2,14 @@
 //! single `filter_subject` (nats-server 2.9 silently ignores plural filters), created when absent.
 //!
 //! Delivery: a message is acked (`+ACK` on its reply subject) only when the pipeline acks its
-//! record, i.e. after its output's PubAck. While a record is handed out and neither acked nor
-//! dropped, a timer sends in-progress acks (`+WPI`) every third of `ack_wait`, so a long batch
-//! never triggers a redelivery; a dropped record is left to JetStream's redelivery. The
-//! consumer's pull stream asks for at most `max_inflight_events` messages at a time.
+//! record, i.e. after its output's PubAck. From the moment a message arrives (prefetched, queued
+//! for the pipeline, or in flight) until it is acked or dropped, a timer sends in-progress acks
+//! (`+WPI`) every third of `ack_wait`, so neither a long batch nor a wait in the prefetch buffer
+//! triggers a redelivery; a dropped record is left to JetStream's redelivery.
+//!
+//! Prefetch: a reader task pulls with explicit pull requests sized to the room left in its
+//! buffer, bounded both in messages and in bytes (`max_bytes` of the pull request), so a burst
+//! of large events never floods the connection (slow-consumer disconnects) or the memory.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -15,7 +19,7 @@ use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::NatsSourceConfig;
@@ -23,20 +27,73 @@ use crate::nats::{connect, connection_of};
 
 const KIND: &str = "nats";
 
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 fn open_err(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> SourceError {
     SourceError::Open { kind: KIND, message: message.into(), source: Some(Box::new(source)) }
 }
 
-/// Reply subjects of the records handed out and not yet acked or dropped.
+/// Reply subjects of the records received and not yet acked or dropped.
 type Outstanding = Arc<Mutex<HashSet<String>>>;
+
+/// The prefetch buffer's room, in messages and bytes.
+struct Room {
+    free: Mutex<(usize, usize)>,
+    capacity: (usize, usize),
+    changed: Notify,
+}
+
+impl Room {
+    fn new(messages: usize, bytes: usize) -> Self {
+        Self { free: Mutex::new((messages, bytes)), capacity: (messages, bytes), changed: Notify::new() }
+    }
+
+    /// Wait until at least half the buffer is free (or all of it), and return the free room.
+    async fn wait(&self) -> (usize, usize) {
+        loop {
+            let notified = self.changed.notified();
+            let free = self.free.lock().map(|f| *f).unwrap_or_default();
+            let (cap_m, cap_b) = self.capacity;
+            if free.0 * 2 >= cap_m && free.1 * 2 >= cap_b {
+                return free;
+            }
+            notified.await;
+        }
+    }
+
+    fn take(&self, bytes: usize) {
+        if let Ok(mut f) = self.free.lock() {
+            f.0 = f.0.saturating_sub(1);
+            f.1 = f.1.saturating_sub(bytes);
+        }
+    }
+
+    fn give(&self, bytes: usize) {
+        if let Ok(mut f) = self.free.lock() {
+            f.0 = (f.0 + 1).min(self.capacity.0);
+            f.1 = (f.1 + bytes).min(self.capacity.1);
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// What identifies this source's inputs (see [`Origin::Nats`]).
+#[derive(Clone)]
+struct Identity {
+    stream: String,
+    stream_created: i64,
+    consumer: String,
+}
 
 pub struct NatsSource {
     client: async_nats::Client,
-    messages: pull::Stream,
-    stream: String,
+    prefetched: mpsc::Receiver<jetstream::Message>,
+    room: Arc<Room>,
+    identity: Identity,
     outstanding: Outstanding,
     connected: watch::Receiver<bool>,
-    keepalive: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl NatsSource {
@@ -44,10 +101,15 @@ impl NatsSource {
         let conn = connection_of!(c);
         let client = connect(&conn, "scorestream-source").await.map_err(|e| open_err(e.to_string(), e))?;
         let js = jetstream::new(client.clone());
-        let stream = js
+        let mut stream = js
             .get_stream(&c.stream)
             .await
             .map_err(|e| open_err(format!("JetStream stream {:?} is not available", c.stream), e))?;
+        let created = stream
+            .info()
+            .await
+            .map_err(|e| open_err(format!("cannot read the info of stream {:?}", c.stream), e))?
+            .created;
         let config = pull::Config {
             durable_name: Some(c.durable.clone()),
             filter_subject: c.subject.clone(),
@@ -61,18 +123,76 @@ impl NatsSource {
             .get_or_create_consumer(&c.durable, config)
             .await
             .map_err(|e| open_err(format!("cannot get or create the durable consumer {:?}", c.durable), e))?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(ctx.max_inflight_events.clamp(1, 1024))
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| open_err("cannot start pulling messages", e))?;
+        let (messages, bytes) = prefetch_bounds(&ctx, client.max_payload());
+        let room = Arc::new(Room::new(messages, bytes));
+        let (tx, prefetched) = mpsc::channel(messages);
         let outstanding: Outstanding = Arc::default();
-        let keepalive = tokio::spawn(keep_alive(client.clone(), outstanding.clone(), c.ack_wait / 3));
-        let (tx, connected) = watch::channel(true);
-        tokio::spawn(watch_connection(client.clone(), tx));
-        Ok(Self { client, messages, stream: c.stream.clone(), outstanding, connected, keepalive })
+        let (up_tx, connected) = watch::channel(true);
+        let tasks = vec![
+            tokio::spawn(prefetch(consumer, tx, room.clone(), outstanding.clone())),
+            tokio::spawn(keep_alive(client.clone(), outstanding.clone(), c.ack_wait / 3)),
+            tokio::spawn(watch_connection(client.clone(), up_tx)),
+        ];
+        let identity = Identity {
+            stream: c.stream.clone(),
+            stream_created: i64::try_from(created.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            consumer: c.durable.clone(),
+        };
+        Ok(Self { client, prefetched, room, identity, outstanding, connected, tasks })
+    }
+}
+
+/// The prefetch buffer's bounds: at most the in-flight bound of messages (and 512), and a
+/// quarter of the in-flight byte bound (at most 32 MiB), but always room for two messages of the
+/// server's largest size, so that every message fits a pull request.
+fn prefetch_bounds(ctx: &SourceContext, max_payload: usize) -> (usize, usize) {
+    let messages = ctx.max_inflight_events.clamp(1, 512);
+    let bytes = (ctx.max_inflight_bytes / 4).min(32 << 20).max(2 * max_payload + (64 << 10));
+    (messages, bytes)
+}
+
+/// Pull messages into the buffer with requests sized to its free room; every message is in
+/// `outstanding` (kept alive) from the moment it arrives.
+async fn prefetch(
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    tx: mpsc::Sender<jetstream::Message>,
+    room: Arc<Room>,
+    outstanding: Outstanding,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (messages, bytes) = room.wait().await;
+        let batch = consumer.batch().max_messages(messages).max_bytes(bytes).expires(PULL_EXPIRES).messages().await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream pull request failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        while let Some(next) = batch.next().await {
+            let msg = match next {
+                Ok(m) => m,
+                // The request ended early (e.g. the next message exceeds its max_bytes, or the
+                // consumer is at max_ack_pending): the next request asks again.
+                Err(e) => {
+                    tracing::debug!(error = %e, "JetStream pull request ended");
+                    break;
+                }
+            };
+            if let Some(reply) = &msg.reply {
+                if let Ok(mut o) = outstanding.lock() {
+                    o.insert(reply.to_string());
+                }
+            }
+            room.take(msg.payload.len());
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -132,38 +252,46 @@ impl Drop for NatsAck {
     }
 }
 
+impl NatsSource {
+    /// The record of a prefetched message, or `None` for a message with no reply subject
+    /// (nothing to ack: not a JetStream delivery).
+    fn record(&self, msg: jetstream::Message) -> Option<Record> {
+        let reply = msg.reply.as_ref()?.to_string();
+        let info = msg.info();
+        if let Err(e) = &info {
+            tracing::warn!(error = %e, reply = %reply, "cannot read the message's JetStream metadata; its output will not be de-duplicated");
+        }
+        let (sequence, delivered) = info.map_or((None, 1), |i| (Some(i.stream_sequence), u64::try_from(i.delivered).unwrap_or(1)));
+        let headers = msg
+            .headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), Bytes::copy_from_slice(v.as_str().as_bytes()))))
+            .filter(|(k, _)| !k.starts_with("Nats-"))
+            .collect();
+        let Identity { stream, stream_created, consumer } = self.identity.clone();
+        let ack = NatsAck { client: self.client.clone(), reply, outstanding: self.outstanding.clone() };
+        Some(Record {
+            payload: msg.payload.clone(),
+            key: None,
+            headers,
+            origin: Origin::Nats { stream, stream_created, consumer, sequence, delivered },
+            ack: AckHandle::new(ack),
+        })
+    }
+}
+
 impl Source for NatsSource {
     fn next(&mut self) -> BoxFuture<'_, Option<Result<Record, SourceError>>> {
         async move {
             loop {
-                let msg = match self.messages.next().await? {
-                    Ok(m) => m,
-                    Err(e) => {
-                        // Heartbeat misses and transient pull errors: the stream recovers.
-                        tracing::warn!(error = %e, "JetStream pull error");
-                        continue;
-                    }
+                let Some(msg) = self.prefetched.recv().await else {
+                    return Some(Err(SourceError::Fatal { kind: KIND, message: "the prefetch task stopped".into(), source: None }));
                 };
-                let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { continue };
-                let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                let headers = msg
-                    .headers
-                    .iter()
-                    .flat_map(|h| h.iter())
-                    .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), Bytes::copy_from_slice(v.as_str().as_bytes()))))
-                    .filter(|(k, _)| !k.starts_with("Nats-"))
-                    .collect();
-                if let Ok(mut o) = self.outstanding.lock() {
-                    o.insert(reply.clone());
+                self.room.give(msg.payload.len());
+                if let Some(record) = self.record(msg) {
+                    return Some(Ok(record));
                 }
-                let ack = NatsAck { client: self.client.clone(), reply, outstanding: self.outstanding.clone() };
-                return Some(Ok(Record {
-                    payload: msg.payload.clone(),
-                    key: None,
-                    headers,
-                    origin: Origin::Nats { stream: self.stream.clone(), sequence },
-                    ack: AckHandle::new(ack),
-                }));
             }
         }
         .boxed()
@@ -175,12 +303,48 @@ impl Source for NatsSource {
 
     fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
         async move {
-            self.keepalive.abort();
+            for task in &self.tasks {
+                task.abort();
+            }
+            // Prefetched messages never handed out are left to JetStream's redelivery.
             self.client
                 .flush()
                 .await
                 .map_err(|e| SourceError::Ack { kind: KIND, message: "cannot flush acks".into(), source: Some(Box::new(e)) })
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_is_bounded_in_messages_and_bytes_and_fits_the_largest_message() {
+        let ctx = |events, bytes| SourceContext {
+            metrics: Arc::new(crate::metrics::Metrics::new().unwrap()),
+            max_inflight_events: events,
+            max_inflight_bytes: bytes,
+        };
+        assert_eq!(prefetch_bounds(&ctx(1024, 256 << 20), 1 << 20), (512, 32 << 20));
+        assert_eq!(prefetch_bounds(&ctx(64, 8 << 20), 1 << 20), (64, (2 << 20) + (64 << 10)));
+    }
+
+    #[tokio::test]
+    async fn room_waits_for_half_the_buffer() {
+        let room = Arc::new(Room::new(4, 1000));
+        assert_eq!(room.wait().await, (4, 1000));
+        for _ in 0..3 {
+            room.take(100);
+        }
+        let waiting = tokio::spawn({
+            let room = room.clone();
+            async move { room.wait().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "one free slot of four is not enough");
+        room.give(100);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap(), (2, 800));
     }
 }

@@ -289,7 +289,7 @@ pub fn scrape_worker(config: &Path, dir: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(180);
     let text = loop {
         let scored = http_get(port, "/metrics").filter(|(status, body)| {
-            *status == 200 && body.lines().any(|l| l.starts_with("scorestream_events_scored_total 1"))
+            *status == 200 && body.lines().any(|l| l.starts_with("scorestream_events_scored_total{delivery=\"first\"} 1"))
         });
         if let Some((_, body)) = scored {
             break Some(body);

@@ -1,0 +1,209 @@
+//! A real nats-server with JetStream for the worker tests, and the helpers they share: config,
+//! streams, events, publishing, reading back.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, stream};
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::common_fixtures;
+
+/// A nats-server with JetStream in a temporary directory; killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = dir.path().join("nats.conf");
+        let store = dir.path().join("js");
+        std::fs::write(
+            &conf,
+            format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra_config}\n", store.display()),
+        )
+        .unwrap();
+        let child = match Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("nats-server could not start ({e}); install Debian's nats-server package"),
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write_config(dir: &Path, url: &str, auth: &str, port: u16) -> std::path::PathBuf {
+    write_config_with(dir, url, auth, port, |t| t)
+}
+
+/// [`write_config`] with the config text passed through `edit` (e.g. to rename the durable).
+pub fn write_config_with(dir: &Path, url: &str, auth: &str, port: u16, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+        shutdown_timeout = "20s"
+        [model]
+        path = "{model}"
+        [batch]
+        max_batch_events = 32
+        max_wait = "5ms"
+        max_inflight_events = 64
+        [source]
+        type = "nats"
+        url = "{url}"
+        stream = "CONV"
+        subject = "conv.in"
+        durable = "scorestream"
+        ack_wait = "3s"
+        {auth}
+        [sink]
+        type = "nats"
+        url = "{url}"
+        subject = "conv.scored"
+        {auth}
+        [dead_letter]
+        type = "nats"
+        url = "{url}"
+        subject = "conv.dead"
+        {auth}
+        [http]
+        listen = "127.0.0.1:{port}"
+        "#,
+        model = common_fixtures::dir("arith").display(),
+    );
+    let path = dir.join("worker.toml");
+    std::fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+pub async fn setup_streams(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
+        js.get_or_create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() })
+            .await
+            .unwrap();
+    }
+    js
+}
+
+/// Every message of a stream, in order.
+pub async fn read_all(js: &jetstream::Context, name: &str) -> Vec<Value> {
+    let mut s = js.get_stream(name).await.unwrap();
+    let n = s.info().await.unwrap().state.messages as usize;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n);
+    let mut out = Vec::new();
+    while let Some(m) = msgs.next().await {
+        out.push(serde_json::from_slice(&m.unwrap().payload).unwrap());
+    }
+    out
+}
+
+/// `n` events with unique ids, cycling through the trained fixture's conversations.
+pub fn events(n: usize) -> Vec<String> {
+    let convs = std::fs::read_to_string(common_fixtures::dir("arith").join("conversations.jsonl")).unwrap();
+    let base: Vec<Value> = convs.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (0..n)
+        .map(|i| {
+            let mut v = base[i % base.len()].clone();
+            v["id"] = Value::String(format!("{}#{i}", v["id"].as_str().unwrap()));
+            v.to_string()
+        })
+        .collect()
+}
+
+/// Publish and wait for every PubAck, a window at a time.
+pub async fn publish_all(js: &jetstream::Context, lines: &[&str]) {
+    for chunk in lines.chunks(500) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for line in chunk {
+            acks.push(js.publish("conv.in", line.as_bytes().to_vec().into()).await.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+}
+
+pub fn spawn_worker(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::null()).spawn().unwrap()
+}
+
+pub async fn count(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+}
+
+
+/// Wait until the streams `names` hold `n` messages together, while `worker` keeps running.
+pub async fn wait_for_outputs(js: &jetstream::Context, names: &[&str], n: u64, worker: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let mut total = 0;
+        for name in names {
+            total += count(js, name).await;
+        }
+        if total >= n {
+            return;
+        }
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited early");
+        assert!(start.elapsed() < limit, "timed out: {total} of {n} outputs published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM, then the exit status.
+pub fn terminate(mut worker: Child) -> std::process::ExitStatus {
+    assert!(Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap().success());
+    worker.wait().unwrap()
+}
+
+/// The durable consumer's (ack pending, pending, deliveries so far).
+pub async fn consumer_state(js: &jetstream::Context, stream: &str, durable: &str) -> (usize, u64, u64) {
+    let mut consumer: jetstream::consumer::PullConsumer =
+        js.get_stream(stream).await.unwrap().get_consumer(durable).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_ack_pending, info.num_pending, info.delivered.consumer_sequence)
+}
+
+/// The worker's `/metrics` text.
+pub async fn metrics_text(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
