@@ -39,7 +39,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 mod common;
-use common::{free_port, start_nats, Guard};
+use common::{events, free_port, scorestream_binary, start_nats, write_worker_config, Guard};
 
 #[derive(Parser)]
 #[command(about = "End-to-end streaming benchmark of `scorestream run` (NATS JetStream, Kafka mock cluster)")]
@@ -69,65 +69,6 @@ impl Drop for Cancel {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-/// The worker binary next to this example (target/<profile>/examples/ → target/<profile>/).
-/// Under `cargo run` it is built first with the same profile, so that it is current.
-fn scorestream_binary(root: &Path) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate this example's executable")?;
-    let profile_dir =
-        exe.parent().and_then(Path::parent).context("the example is not in target/<profile>/examples/")?;
-    let bin = profile_dir.join("scorestream");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "--bin", "scorestream", "--manifest-path"]).arg(root.join("Cargo.toml"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().context("cannot run cargo to build scorestream")?;
-        if !status.success() {
-            bail!("building scorestream failed ({status})");
-        }
-    }
-    if !bin.exists() {
-        bail!("{} not found: build it with `cargo build --release`", bin.display());
-    }
-    Ok(bin)
-}
-
-/// `n` JSON lines with unique ids, cycling through the trained fixture's conversations.
-fn events(root: &Path, n: usize) -> anyhow::Result<Vec<String>> {
-    let path = root.join("tests/fixtures/arith/conversations.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let base: Vec<Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not JSON lines", path.display()))?;
-    if base.is_empty() || !base.iter().all(Value::is_object) {
-        bail!("{} must hold one JSON object (a conversation) per line", path.display());
-    }
-    Ok((0..n)
-        .map(|i| {
-            let mut v = base[i % base.len()].clone();
-            let id = v["id"].as_str().unwrap_or("conv").to_owned();
-            v["id"] = Value::String(format!("{id}#{i}"));
-            v.to_string()
-        })
-        .collect())
-}
-
-/// The worker config: the fixture model, default batching, the given source/sink/dead-letter
-/// sections, and the HTTP endpoints on a loopback port.
-fn write_worker_config(dir: &Path, root: &Path, brokers_toml: &str, http_port: u16) -> anyhow::Result<PathBuf> {
-    let text = format!(
-        "shutdown_timeout = \"30s\"\n[model]\npath = \"{}\"\n{brokers_toml}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-        root.join("tests/fixtures/arith").display()
-    );
-    let path = dir.join("worker.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
 }
 
 /// A running `scorestream run`, its HTTP port and its log (stderr) file.

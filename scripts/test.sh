@@ -13,3 +13,13 @@ fi
 # The default build needs no CUDA at all; the tests also build the `cuda` feature's host code.
 cargo check --locked --all-targets
 cargo test --locked --all-targets --features cuda
+
+# The NATS worker tests again, against a current nats-server release (.ci/run installs it).
+if [ -n "${SCORESTREAM_CURRENT_NATS_SERVER:-}" ]; then
+    "$SCORESTREAM_CURRENT_NATS_SERVER" --version
+    SCORESTREAM_NATS_SERVER="$SCORESTREAM_CURRENT_NATS_SERVER" \
+        cargo test --locked --features cuda --test nats_worker --test nats_reliability
+elif [ -n "${CI:-}" ]; then
+    echo "SCORESTREAM_CURRENT_NATS_SERVER is not set: .ci/run installs a current nats-server" >&2
+    exit 1
+fi

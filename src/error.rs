@@ -9,18 +9,25 @@ pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut line = self.0.to_string();
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !text.is_empty() && !line.contains(&text) {
-                line.push_str(": ");
-                line.push_str(&text);
-            }
-            source = s.source();
-        }
-        f.write_str(&line)
+        let chain = std::iter::successors(Some(self.0), |e| e.source());
+        f.write_str(&join_causes(chain.map(|e| e.to_string())))
     }
+}
+
+/// `a: b: c` from the texts of an error and its causes (outermost first), leaving out a cause
+/// whose text the line already holds. `main` prints every error this way.
+pub fn join_causes(texts: impl IntoIterator<Item = String>) -> String {
+    let mut line = String::new();
+    for text in texts {
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 #[cfg(test)]

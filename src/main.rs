@@ -24,7 +24,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once, even where an error both names its cause and exposes it.
+            eprintln!("error: {}", scorestream::error::join_causes(e.chain().map(ToString::to_string)));
             std::process::ExitCode::FAILURE
         }
     }

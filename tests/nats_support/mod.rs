@@ -12,6 +12,12 @@ use serde_json::Value;
 
 use crate::common_fixtures;
 
+/// The nats-server to test against: `SCORESTREAM_NATS_SERVER` when set (scripts/test.sh runs the
+/// NATS tests again with a current release, installed by .ci/run), else `nats-server` (Debian's).
+pub fn server_binary() -> std::ffi::OsString {
+    std::env::var_os("SCORESTREAM_NATS_SERVER").unwrap_or_else(|| "nats-server".into())
+}
+
 /// A nats-server with JetStream in a temporary directory; killed on drop.
 pub struct NatsServer {
     child: Child,
@@ -30,7 +36,7 @@ impl NatsServer {
             format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra_config}\n", store.display()),
         )
         .unwrap();
-        let child = match Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+        let child = match Command::new(server_binary()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
             Ok(c) => c,
             Err(e) => panic!("nats-server could not start ({e}); install Debian's nats-server package"),
         };
