@@ -14,12 +14,12 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, Delivery, SinkConfig, SourceConfig};
 use crate::engine::{Engine, EngineError};
-use crate::event::{EventError, InputEvent, Message, Role};
+use crate::event::{EventError, InputEvent};
 use crate::health::Liveness;
 use crate::http::{Endpoints, HttpError, Readiness};
 use crate::metrics::{Metrics, MetricsError};
 use crate::model::ModelOptions;
-use crate::pipeline::{Parts, PipelineError, Preparer, Settings};
+use crate::pipeline::{Parts, PipelineError, Preparer, Scorer, Settings};
 use crate::prompt::{PromptError, Prompter, TruncationPolicy};
 use crate::sink::{SinkContext, SinkError};
 use crate::source::{SourceContext, SourceError};
@@ -153,7 +153,7 @@ async fn load_model(opts: &ModelOptions) -> Result<(Arc<dyn Preparer>, Engine), 
         let prompter = Prompter::load(&opts.path).map_err(AppError::Prompt)?;
         let engine = Engine::start(&opts).map_err(|e| AppError::Engine(Box::new(e)))?;
         let preparer: Arc<dyn Preparer> =
-            Arc::new(PromptPreparer { prompter, max_tokens: opts.max_tokens, policy: opts.truncation });
+            Arc::new(PromptPreparer { prompter, max_tokens: engine.info().max_tokens, policy: opts.truncation });
         Ok((preparer, engine))
     })
     .await
@@ -162,19 +162,16 @@ async fn load_model(opts: &ModelOptions) -> Result<(Arc<dyn Preparer>, Engine), 
 }
 
 /// One small batch through the whole model, so the first real batch does not pay for lazy
-/// initialisation, and `/readyz` only turns ready once scoring works.
-async fn warm_up(preparer: &Arc<dyn Preparer>, engine: &Engine) -> Result<(), AppError> {
-    let event = InputEvent {
-        id: "warm-up".into(),
-        messages: vec![
-            Message { role: Role::User, content: "Hello.".into() },
-            Message { role: Role::Assistant, content: "Hello! How can I help?".into() },
-        ],
-        metadata: None,
-    };
+/// initialisation, and `/readyz` only turns ready once scoring works: one finite score for the
+/// one conversation sent.
+async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<(), AppError> {
+    let event = InputEvent { id: "warm-up".into(), messages: crate::prompt::probe_conversation(), metadata: None };
     let (ids, _) = preparer.prepare(&event).map_err(|e| AppError::WarmUp(e.to_string()))?;
-    engine.score(vec![ids]).await.map_err(|e| AppError::WarmUp(e.to_string()))?;
-    Ok(())
+    let scores = scorer.score(vec![ids]).await.map_err(AppError::WarmUp)?;
+    match scores.as_slice() {
+        [score] => score.check_finite().map_err(AppError::WarmUp),
+        other => Err(AppError::WarmUp(format!("the model returned {} scores for 1 sequence", other.len()))),
+    }
 }
 
 async fn open_parts(
@@ -252,4 +249,49 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) -> Result<(), AppError> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::event::Score;
+
+    struct Fixed(Vec<Score>);
+
+    impl Preparer for Fixed {
+        fn prepare(&self, _: &InputEvent) -> Result<(Vec<u32>, bool), EventError> {
+            Ok((vec![1, 2, 3], false))
+        }
+    }
+
+    impl Scorer for Fixed {
+        fn score(&self, _: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+            let scores = self.0.clone();
+            Box::pin(async move { Ok(scores) })
+        }
+        fn model_name(&self) -> String {
+            "fixed".into()
+        }
+        fn depth(&self) -> usize {
+            1
+        }
+    }
+
+    async fn warm(scores: Vec<f32>) -> Result<(), AppError> {
+        let fixed = Arc::new(Fixed(scores.into_iter().map(|reward| Score { reward, attributes: Vec::new() }).collect()));
+        let preparer: Arc<dyn Preparer> = fixed.clone();
+        warm_up(&preparer, fixed.as_ref()).await
+    }
+
+    #[tokio::test]
+    async fn warm_up_wants_one_finite_score() {
+        assert!(warm(vec![0.5]).await.is_ok());
+        let none = warm(vec![]).await.unwrap_err().to_string();
+        assert!(none.contains("returned 0 scores for 1 sequence"), "{none}");
+        assert!(warm(vec![0.5, 0.5]).await.is_err());
+        let nan = warm(vec![f32::NAN]).await.unwrap_err().to_string();
+        assert!(nan.contains("non-finite"), "{nan}");
+    }
 }

@@ -3,7 +3,8 @@
 //! Parsing never panics: any byte string either becomes an [`InputEvent`] or an
 //! [`EventError`] whose [`ErrorKind`] says why, so the caller can dead-letter it.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Why an event could not be scored. The wire names (`snake_case`) are part of the
@@ -135,7 +136,57 @@ pub struct InputEvent {
     pub messages: Vec<Message>,
     /// Passed through untouched to the scored event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
+}
+
+/// An event's `metadata`, kept as the JSON text it arrived as: numbers are never converted,
+/// so `123456789012345678901234567890` and `-0` leave exactly as they came. Whitespace between
+/// tokens is dropped (an output stays one line); every string and number keeps its bytes.
+#[derive(Debug, Clone)]
+pub struct Metadata(Box<RawValue>);
+
+impl Metadata {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        RawValue::from_string(minify(raw.get())).map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Valid JSON text without the whitespace between its tokens; strings are copied as they are.
+fn minify(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Loose view used to recover the id of an event that fails schema validation.
@@ -156,18 +207,23 @@ impl InputEvent {
         let text = std::str::from_utf8(bytes).map_err(|e| {
             EventError::new(ErrorKind::InvalidUtf8, format!("payload is not UTF-8: {e}"))
         })?;
-        // serde_json refuses nesting deeper than 128 levels with an error, never a stack overflow.
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| EventError::new(ErrorKind::InvalidJson, format!("invalid JSON: {e}")))?;
-        let id = serde_json::from_value::<IdOnly>(value.clone())
-            .ok()
-            .and_then(|v| v.id)
-            .and_then(|v| v.as_str().map(str::to_owned));
-        let event: InputEvent = serde_json::from_value(value).map_err(|e| {
-            EventError::new(ErrorKind::Schema, format!("event does not match the schema: {e}"))
-                .with_id(id.clone())
-        })?;
-        event.validate().map_err(|e| e.with_id(id))?;
+        // serde_json refuses nesting deeper than 128 levels with an error, never a stack overflow
+        // (metadata is skipped over without recursion).
+        let invalid = |e: serde_json::Error| EventError::new(ErrorKind::InvalidJson, format!("invalid JSON: {e}"));
+        let event: InputEvent = match serde_json::from_str(text) {
+            Ok(event) => event,
+            Err(e) if e.is_data() => {
+                // The first error is a schema one; the text may still not be JSON further on.
+                serde_json::from_str::<Value>(text).map_err(invalid)?;
+                let id = serde_json::from_str::<IdOnly>(text)
+                    .ok()
+                    .and_then(|v| v.id)
+                    .and_then(|v| v.as_str().map(str::to_owned));
+                return Err(EventError::new(ErrorKind::Schema, format!("event does not match the schema: {e}")).with_id(id));
+            }
+            Err(e) => return Err(invalid(e)),
+        };
+        event.validate().map_err(|e| e.with_id(Some(event.id.clone())))?;
         Ok(event)
     }
 
@@ -197,6 +253,20 @@ pub struct Score {
     pub attributes: Vec<(String, f32)>,
 }
 
+impl Score {
+    /// A score is published only when every number in it is finite (JSON has no NaN or
+    /// infinity; serde would write `null`). The error names the first bad value.
+    pub fn check_finite(&self) -> Result<(), String> {
+        if !self.reward.is_finite() {
+            return Err(format!("the model produced a non-finite reward ({})", self.reward));
+        }
+        match self.attributes.iter().find(|(_, v)| !v.is_finite()) {
+            Some((name, v)) => Err(format!("the model produced a non-finite value for attribute {name:?} ({v})")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A scored conversation, as published.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ScoredEvent {
@@ -209,7 +279,7 @@ pub struct ScoredEvent {
     pub truncated: bool,
     pub model: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
 }
 
 impl ScoredEvent {
@@ -246,7 +316,25 @@ mod tests {
         .unwrap();
         assert_eq!(e.id, "a");
         assert_eq!(e.messages.len(), 2);
-        assert_eq!(e.metadata, Some(serde_json::json!({"k":1})));
+        assert_eq!(e.metadata.as_ref().map(Metadata::get), Some(r#"{"k":1}"#));
+    }
+
+    #[test]
+    fn metadata_passes_through_byte_exact() {
+        let line = br#"{"id":"m","messages":[{"role":"assistant","content":"a"}],"metadata":{"big":123456789012345678901234567890, "neg0":-0,"f":1.50e3,"s":"a \" b  c","n":[ -0.0 , 1E400 ]}}"#;
+        let event = InputEvent::parse(line, 0).unwrap();
+        let score = Score { reward: 0.5, attributes: Vec::new() };
+        let out = serde_json::to_string(&ScoredEvent::new(event, score, 3, false, "m")).unwrap();
+        let want = r#""metadata":{"big":123456789012345678901234567890,"neg0":-0,"f":1.50e3,"s":"a \" b  c","n":[-0.0,1E400]}}"#;
+        assert!(out.ends_with(want), "{out}");
+    }
+
+    #[test]
+    fn non_finite_scores_are_refused() {
+        let ok = Score { reward: 1.0, attributes: vec![("a".into(), 2.0)] };
+        assert!(ok.check_finite().is_ok());
+        assert!(Score { reward: f32::NAN, ..ok.clone() }.check_finite().unwrap_err().contains("reward"));
+        assert!(Score { reward: 1.0, attributes: vec![("a".into(), f32::INFINITY)] }.check_finite().unwrap_err().contains("\"a\""));
     }
 
     #[test]
@@ -263,6 +351,10 @@ mod tests {
         assert_eq!(kind(&[b' '; 2000]), ErrorKind::Oversized);
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(InputEvent::parse(deep.as_bytes(), 0).unwrap_err().kind, ErrorKind::InvalidJson);
+        // A schema mistake before a syntax error is still invalid JSON.
+        assert_eq!(kind(br#"{"id":1,"messages":[}"#), ErrorKind::InvalidJson);
+        let deep_meta = format!(r#"{{"id":"d","messages":[{{"role":"assistant","content":"a"}}],"metadata":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        assert!(InputEvent::parse(deep_meta.as_bytes(), 0).is_ok(), "deep metadata is carried, not recursed into");
     }
 
     #[test]

@@ -145,3 +145,55 @@ fn check_config_reads_a_file() {
     let missing = scorestream::config::check_config(&dir.path().join("nope.toml")).unwrap_err();
     assert!(missing.to_string().contains("nope.toml"));
 }
+
+#[test]
+fn overrides_follow_the_types_of_the_schema() {
+    let eos = example("kafka.toml").replace("delivery = \"at_least_once\"", "delivery = \"exactly_once\"");
+    let c = parse(
+        &eos,
+        &[
+            ("SCORESTREAM__SINK__TRANSACTIONAL_ID", "42"),
+            ("SCORESTREAM__SOURCE__GROUP_ID", "7"),
+            ("SCORESTREAM__SOURCE__TOPICS", r#"["a", "b"]"#),
+            ("SCORESTREAM__SOURCE__OPTIONS__FETCH.MIN.BYTES", "1"),
+            ("SCORESTREAM__BATCH__MAX_BATCH_EVENTS", "32"),
+        ],
+    )
+    .unwrap();
+    let SinkConfig::Kafka(s) = &c.sink else { panic!("kafka sink expected") };
+    assert_eq!(s.transactional_id.as_deref(), Some("42"));
+    let SourceConfig::Kafka(k) = &c.source else { panic!("kafka source expected") };
+    assert_eq!((k.group_id.as_str(), k.topics.len(), k.options.0["fetch.min.bytes"].as_str()), ("7", 2, "1"));
+    assert_eq!(c.batch.max_batch_events, 32);
+    let nats = parse(&example("nats.toml"), &[("SCORESTREAM__SOURCE__PASSWORD", "1e3"), ("SCORESTREAM__SOURCE__USER", "true")]).unwrap();
+    let SourceConfig::Nats(n) = &nats.source else { panic!("nats source expected") };
+    assert_eq!((n.user.as_deref(), n.password.as_ref().map(|p| p.expose())), (Some("true"), Some("1e3")));
+}
+
+#[test]
+fn the_config_check_and_the_engine_read_devices_alike() {
+    for name in ["cpu", "cuda", "cuda:0", "cuda:7", "cuda:", "cuda:+1", "gpu", "cuda:x"] {
+        let list = format!(r#"["{name}"]"#);
+        let config = parse(&example("file.toml"), &[("SCORESTREAM__MODEL__DEVICES", list.as_str())]);
+        let engine = scorestream::engine::parse_device(name);
+        // A build without the CUDA engine refuses what it cannot run; the syntax is shared.
+        if cfg!(feature = "cuda") || name == "cpu" || config.is_err() {
+            assert_eq!(config.is_ok(), engine.is_ok(), "{name}: config {config:?}, engine {engine:?}");
+        }
+    }
+}
+
+#[test]
+fn secrets_stay_out_of_error_messages() {
+    let nats = example("nats.toml");
+    let broken = nats.replace("durable =", "password = hunter2-unquoted\ndurable =");
+    let e = error_of(&broken, &[]);
+    assert!(e.contains("not valid TOML") && !e.contains("hunter2"), "{e}");
+    let inline = example("kafka.toml").replace("[sink]", "[sink]\noptions = { \"sasl.password\" = s3cret-value }");
+    let e = error_of(&inline, &[]);
+    assert!(!e.contains("s3cret"), "{e}");
+    let array = nats.replace("durable =", "password = [\"pa55\", \"word\"]\ndurable =");
+    let e = error_of(&array, &[]);
+    assert!(e.contains("expected a secret (token or password) as a string"), "{e}");
+    assert!(!e.contains("untagged") && !e.contains("pa55"), "{e}");
+}

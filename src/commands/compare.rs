@@ -45,6 +45,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
 /// Template and tokenize every valid event of a JSONL file (invalid ones are skipped with a warning).
 pub fn tokenize_file(opts: &ModelOptions, path: &std::path::Path) -> anyhow::Result<Vec<Vec<u32>>> {
     let prompter = Prompter::load(&opts.path)?;
+    let max_tokens = crate::engine::length_limit(opts.max_tokens, &crate::model::ArchConfig::from_dir(&opts.path)?);
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
     for (n, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
@@ -53,7 +54,7 @@ pub fn tokenize_file(opts: &ModelOptions, path: &std::path::Path) -> anyhow::Res
             continue;
         }
         match InputEvent::parse(&line, 0)
-            .and_then(|e| prompter.prepare(&e.messages, opts.max_tokens, opts.truncation))
+            .and_then(|e| prompter.prepare(&e.messages, max_tokens, opts.truncation))
         {
             Ok(p) => out.push(p.ids),
             Err(e) => tracing::warn!(line = n + 1, error = %e, "skipped"),

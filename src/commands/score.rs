@@ -16,9 +16,8 @@ use serde::Serialize;
 use crate::batch::policy::BatchLimits;
 use crate::cli::ScoreArgs;
 use crate::engine::Engine;
-use crate::event::{ErrorBody, ErrorKind, EventError, InputEvent, ScoredEvent};
-use crate::model::ModelOptions;
-use crate::prompt::{Prepared, Prompter};
+use crate::event::{ErrorBody, ErrorKind, EventError, InputEvent, Score, ScoredEvent};
+use crate::prompt::{Prepared, Prompter, TruncationPolicy};
 
 /// How long a partial batch waits for more lines before it is scored anyway.
 const MAX_WAIT: Duration = Duration::from_millis(20);
@@ -41,6 +40,9 @@ struct Ready {
 
 type Item = Result<Ready, ErrorRecord>;
 
+/// Scores a batch: one score per sequence, in order, or why the batch failed.
+type ScoreFn<'a> = dyn Fn(Vec<Vec<u32>>) -> Result<Vec<Score>, String> + 'a;
+
 pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let opts = args.model.options();
     let prompter = Arc::new(Prompter::load(&opts.path).context("cannot load the tokenizer and chat template")?);
@@ -54,10 +56,13 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let limits = BatchLimits { max_tokens: args.batch_tokens, max_events: args.batch_events };
     let (tx, rx) = sync_channel::<Item>(args.batch_events.max(1) * 2);
     let max_line = args.max_line_bytes;
-    let reader = std::thread::spawn(move || read_and_prepare(input, &prompter, &opts, max_line, &tx));
+    // The engine's limit: `max_tokens` capped by the model's positions.
+    let length = (engine.info().max_tokens, opts.truncation);
+    let reader = std::thread::spawn(move || read_and_prepare(input, &prompter, length, max_line, &tx));
     let progress = progress_bar();
     let mut sink = Sink { output: &mut output, errors: &mut errors, model: engine.info().name.clone(), progress: &progress };
-    score_stream(&engine, &rx, limits, &mut sink)?;
+    let score = |batch: Vec<Vec<u32>>| engine.score_blocking(batch).map_err(|e| e.to_string());
+    score_stream(&score, &rx, limits, &mut sink)?;
     reader.join().map_err(|_| anyhow::anyhow!("the input reader panicked"))??;
     progress.finish_and_clear();
     output.flush()?;
@@ -86,7 +91,7 @@ impl Sink<'_> {
 }
 
 /// Batch ready lines within `limits` and write each result as it comes.
-fn score_stream(engine: &Engine, rx: &Receiver<Item>, limits: BatchLimits, sink: &mut Sink<'_>) -> anyhow::Result<()> {
+fn score_stream(engine: &ScoreFn<'_>, rx: &Receiver<Item>, limits: BatchLimits, sink: &mut Sink<'_>) -> anyhow::Result<()> {
     let mut pending: Vec<Ready> = Vec::new();
     let mut tokens = 0;
     loop {
@@ -113,29 +118,42 @@ fn score_stream(engine: &Engine, rx: &Receiver<Item>, limits: BatchLimits, sink:
     flush(engine, &mut pending, &mut tokens, sink)
 }
 
-fn flush(engine: &Engine, pending: &mut Vec<Ready>, tokens: &mut usize, sink: &mut Sink<'_>) -> anyhow::Result<()> {
+/// Score `pending` and write one line for each of its inputs, scored or an error record:
+/// outputs + error records = inputs, whatever the model returns.
+fn flush(engine: &ScoreFn<'_>, pending: &mut Vec<Ready>, tokens: &mut usize, sink: &mut Sink<'_>) -> anyhow::Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
     let batch: Vec<Vec<u32>> = pending.iter().map(|r| r.prepared.ids.clone()).collect();
-    match engine.score_blocking(batch) {
+    let scores = match engine(batch) {
+        Ok(s) if s.len() == pending.len() => Ok(s),
+        Ok(s) => Err(format!("the model returned {} scores for {} sequences", s.len(), pending.len())),
+        Err(e) => Err(e),
+    };
+    match scores {
         Ok(scores) => {
             for (ready, score) in pending.drain(..).zip(scores) {
                 let (n, truncated) = (ready.prepared.ids.len(), ready.prepared.truncated);
-                sink.scored(&ScoredEvent::new(ready.event, score, n, truncated, &sink.model))?;
+                match score.check_finite() {
+                    Ok(()) => sink.scored(&ScoredEvent::new(ready.event, score, n, truncated, &sink.model))?,
+                    Err(e) => sink.error(&record(ready.line, &model_error(ready.event.id, &e)))?,
+                }
             }
         }
         Err(e) => {
             tracing::error!(error = %e, events = pending.len(), "batch failed");
             for ready in pending.drain(..) {
-                let err = EventError::new(ErrorKind::Model, e.to_string()).with_id(Some(ready.event.id));
-                sink.error(&record(ready.line, &err))?;
+                sink.error(&record(ready.line, &model_error(ready.event.id, &e)))?;
             }
         }
     }
     *tokens = 0;
     sink.output.flush()?;
     Ok(())
+}
+
+fn model_error(id: String, message: &str) -> EventError {
+    EventError::new(ErrorKind::Model, message).with_id(Some(id))
 }
 
 fn record(line: usize, e: &EventError) -> ErrorRecord {
@@ -146,7 +164,7 @@ fn record(line: usize, e: &EventError) -> ErrorRecord {
 fn read_and_prepare(
     mut input: Box<dyn BufRead + Send>,
     prompter: &Prompter,
-    opts: &ModelOptions,
+    (max_tokens, truncation): (usize, TruncationPolicy),
     max_line: usize,
     tx: &SyncSender<Item>,
 ) -> anyhow::Result<()> {
@@ -164,7 +182,7 @@ fn read_and_prepare(
         let item = InputEvent::parse(trim_newline(&buf), max_line)
             .and_then(|event| {
                 let prepared = prompter
-                    .prepare(&event.messages, opts.max_tokens, opts.truncation)
+                    .prepare(&event.messages, max_tokens, truncation)
                     .map_err(|e| e.with_id(Some(event.id.clone())))?;
                 Ok(Ready { line, event, prepared })
             })
@@ -207,4 +225,55 @@ fn progress_bar() -> indicatif::ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(line: usize) -> Ready {
+        let event = InputEvent::parse(
+            format!(r#"{{"id":"e{line}","messages":[{{"role":"assistant","content":"a"}}]}}"#).as_bytes(),
+            0,
+        )
+        .unwrap();
+        Ready { line, event, prepared: Prepared { ids: vec![1, 2], truncated: false } }
+    }
+
+    /// Lines written to (outputs, error records) by one flush of `n` inputs.
+    fn flush_with(n: usize, engine: &ScoreFn<'_>) -> (Vec<String>, Vec<String>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let progress = indicatif::ProgressBar::hidden();
+        let mut sink = Sink { output: &mut out, errors: &mut err, model: "m".into(), progress: &progress };
+        let mut pending: Vec<Ready> = (1..=n).map(ready).collect();
+        flush(engine, &mut pending, &mut 0, &mut sink).unwrap();
+        let lines = |b: Vec<u8>| String::from_utf8(b).unwrap().lines().map(str::to_owned).collect();
+        (lines(out), lines(err))
+    }
+
+    fn score(reward: f32) -> Score {
+        Score { reward, attributes: Vec::new() }
+    }
+
+    #[test]
+    fn every_input_is_an_output_or_an_error_record() {
+        let (out, err) = flush_with(3, &|_| Ok(vec![score(1.0)]));
+        assert_eq!((out.len(), err.len()), (0, 3), "too few scores fail the batch, none is dropped");
+        assert!(err[0].contains("returned 1 scores for 3 sequences"), "{}", err[0]);
+        let (out, err) = flush_with(2, &|_| Ok(vec![score(1.0), score(2.0), score(3.0)]));
+        assert_eq!((out.len(), err.len()), (0, 2));
+        let (out, err) = flush_with(2, &|_| Err("boom".into()));
+        assert_eq!((out.len(), err.len()), (0, 2));
+    }
+
+    #[test]
+    fn non_finite_rewards_are_model_errors() {
+        let (out, err) = flush_with(3, &|_| Ok(vec![score(1.0), score(f32::NAN), score(f32::NEG_INFINITY)]));
+        assert_eq!(out.len(), 1);
+        assert!(out[0].contains(r#""reward":1.0"#), "{}", out[0]);
+        let kinds: Vec<serde_json::Value> = err.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(kinds.len(), 2);
+        assert!(kinds.iter().all(|k| k["error"]["kind"] == "model"), "{err:?}");
+        assert_eq!((kinds[0]["line"].as_u64(), kinds[1]["id"].as_str()), (Some(2), Some("e3")));
+    }
 }

@@ -85,13 +85,28 @@ pub struct FileSinkConfig {
     pub path: PathBuf,
 }
 
-/// Raw librdkafka options (`security.protocol`, `sasl.*`, `ssl.*`, ...), passed through as is.
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Raw librdkafka options (`security.protocol`, `sasl.*`, `ssl.*`, ...), passed through as is;
+/// a number or boolean (`"linger.ms" = 5`) is taken as its text.
+#[derive(Clone, Default, PartialEq, Serialize)]
 #[serde(transparent)]
 pub struct KafkaOptions(pub BTreeMap<String, String>);
 
-/// librdkafka option names whose values are secrets.
-fn is_secret_option(key: &str) -> bool {
+impl<'de> Deserialize<'de> for KafkaOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Value(String);
+        impl<'de> Deserialize<'de> for Value {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(ScalarText("a librdkafka option value: a string, number or boolean")).map(Value)
+            }
+        }
+        let map = BTreeMap::<String, Value>::deserialize(d)?;
+        Ok(Self(map.into_iter().map(|(k, v)| (k, v.0)).collect()))
+    }
+}
+
+/// Option and key names whose values are secrets (librdkafka's, and the NATS `token` and
+/// `password`).
+pub(crate) fn is_secret_option(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     ["password", "secret", "token", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key"].iter().any(|s| k.contains(s))
 }
@@ -213,20 +228,34 @@ pub struct Secret(pub String);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Int(i64),
-            Float(f64),
-            Bool(bool),
-        }
-        Ok(Secret(match Raw::deserialize(d)? {
-            Raw::Text(s) => s,
-            Raw::Int(i) => i.to_string(),
-            Raw::Float(f) => f.to_string(),
-            Raw::Bool(b) => b.to_string(),
-        }))
+        d.deserialize_any(ScalarText("a secret (token or password) as a string; a number or boolean is taken as its text"))
+            .map(Secret)
+    }
+}
+
+/// Reads a string, or a number or boolean as its text; the error for anything else says
+/// `expected {0}` (and never quotes the value: it may be a secret).
+struct ScalarText(&'static str);
+
+impl serde::de::Visitor<'_> for ScalarText {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
     }
 }
 
@@ -341,5 +370,16 @@ mod tests {
         assert_eq!(KafkaOptions(o).resolve(&files).unwrap()["sasl.password"], "s3cret");
         let missing = BTreeMap::from([("x".to_owned(), dir.path().join("none"))]);
         assert!(KafkaOptions::default().resolve(&missing).unwrap_err().to_string().contains("option x"));
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_shape_says_what_is_expected() {
+        let text = |v: &str| format!("[s]\npassword = {v}\n").parse::<toml::Table>().unwrap()["s"]["password"].clone();
+        assert_eq!(text("123456").try_into::<Secret>().unwrap().expose(), "123456");
+        let e = text("[\"a\", \"b\"]").try_into::<Secret>().unwrap_err().to_string();
+        assert!(e.contains("expected a secret (token or password) as a string") && !e.contains("untagged"), "{e}");
+        let options: toml::Table = "[o]\n\"linger.ms\" = 5\n\"sasl.password\" = 987654\n".parse().unwrap();
+        let o: KafkaOptions = options["o"].clone().try_into().unwrap();
+        assert_eq!((o.0["linger.ms"].as_str(), o.0["sasl.password"].as_str()), ("5", "987654"));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod brokers;
 mod env;
+mod redact;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ pub use brokers::{
     Delivery, FileSinkConfig, FileSourceConfig, KafkaOptions, KafkaSinkConfig, KafkaSourceConfig, NatsSinkConfig,
     NatsSourceConfig, NatsTls, OptionFileError, Secret, SinkConfig, SourceConfig,
 };
-pub use env::{apply_env, ENV_PREFIX};
+pub use env::{overlay, ENV_PREFIX};
 
 use crate::batch::policy::BatchLimits;
 use crate::model::ModelOptions;
@@ -31,12 +32,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin} is not valid TOML: {source}")]
-    Syntax {
-        origin: String,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// The parser's message, with the values of secret keys redacted (it quotes the line).
+    #[error("{origin} is not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
     #[error("invalid config: {source}")]
     Schema {
         #[source]
@@ -198,11 +196,11 @@ impl Config {
         origin: &str,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut tree: toml::Table =
-            text.parse().map_err(|e| ConfigError::Syntax { origin: origin.to_owned(), source: Box::new(e) })?;
-        apply_env(&mut tree, vars)?;
-        let mut config: Config =
-            toml::Value::Table(tree).try_into().map_err(|e| ConfigError::Schema { source: Box::new(e) })?;
+        let tree: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: redact::redact_toml_error(text, &e.to_string()),
+        })?;
+        let mut config: Config = overlay(tree, vars)?;
         config.take_url_credentials()?;
         config.validate()?;
         Ok(config)
@@ -221,11 +219,10 @@ impl Config {
             return invalid("model.devices", "at least one device is needed");
         }
         for d in &self.model.devices {
-            // Syntax only: whether this build and machine can run CUDA is checked at `run`, so
-            // check-config works as a pre-deploy check from any build.
-            let cuda_index = d.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
-            if d != "cpu" && cuda_index != Some(true) {
-                return invalid("model.devices", &format!("{d:?} is not \"cpu\" or \"cuda:N\""));
+            // The loader's parser, syntax only: whether this build and machine can run CUDA is
+            // checked at `run`, so check-config works as a pre-deploy check from any build.
+            if let Err(message) = d.parse::<crate::model::DeviceSpec>() {
+                return invalid("model.devices", &format!("{d:?}: {message}"));
             }
         }
         if self.shutdown_timeout.is_zero() {

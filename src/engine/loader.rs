@@ -11,7 +11,7 @@ use super::AnyStage;
 use crate::model::config::{ArchConfig, HeadKind};
 use crate::model::stage::{plan_stages, Stage};
 use crate::model::weights::{Vb, Weights};
-use crate::model::{Dtype, ModelError, ModelOptions};
+use crate::model::{DeviceSpec, Dtype, ModelError, ModelOptions};
 
 /// One stage of the loaded model.
 #[derive(Debug, Clone, Serialize)]
@@ -40,34 +40,30 @@ pub struct ModelInfo {
     /// Weight dtypes found on disk (e.g. ["BF16"]).
     pub stored_dtypes: Vec<String>,
     pub dtype: Dtype,
+    /// The length limit in force: the smaller of the configured `max_tokens` and
+    /// `max_position_embeddings` ([`length_limit`]).
     pub max_tokens: usize,
     pub max_position_embeddings: usize,
     pub stages: Vec<StageInfo>,
 }
 
-/// Where a stage runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    /// GPU ordinal (the CUDA engine, feature `cuda`).
-    Cuda(usize),
+/// Parse a device name with [`DeviceSpec`]'s parser (the one the config check uses) and check
+/// that this build can run it.
+pub fn parse_device(name: &str) -> Result<DeviceSpec, ModelError> {
+    let spec: DeviceSpec = name.parse().map_err(|message| ModelError::Device { device: name.to_owned(), message })?;
+    if matches!(spec, DeviceSpec::Cuda(_)) && !cfg!(feature = "cuda") {
+        return Err(ModelError::Device {
+            device: name.to_owned(),
+            message: "the CUDA engine is not available in this build (build with --features cuda)".into(),
+        });
+    }
+    Ok(spec)
 }
 
-/// Parse a device name: "cpu" or "cuda:N" ("cuda" = "cuda:0").
-pub fn parse_device(name: &str) -> Result<DeviceSpec, ModelError> {
-    let bad = |message: &str| ModelError::Device { device: name.to_owned(), message: message.to_owned() };
-    match name {
-        "cpu" => Ok(DeviceSpec::Cpu),
-        n if n == "cuda" || n.starts_with("cuda:") => {
-            let ordinal = n.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| bad("expected cuda:N"))?;
-            if cfg!(feature = "cuda") {
-                Ok(DeviceSpec::Cuda(ordinal))
-            } else {
-                Err(bad("the CUDA engine is not available in this build (build with --features cuda)"))
-            }
-        }
-        _ => Err(bad("expected \"cpu\" or \"cuda:N\"")),
-    }
+/// The longest conversation the model runs on: `max_tokens`, capped by the positions the model
+/// was built for (`max_position_embeddings`).
+pub fn length_limit(max_tokens: usize, cfg: &ArchConfig) -> usize {
+    max_tokens.min(cfg.max_position_embeddings)
 }
 
 fn compute_dtype(d: Dtype) -> DType {
@@ -122,7 +118,7 @@ pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelE
                 device: names[i].clone(),
                 layers: (r.start, r.end),
                 weight_bytes: layer_bytes[r.clone()].iter().sum::<usize>() + extra,
-                activation_bytes: activation_bytes(&cfg, opts.dtype, max_batch_tokens, opts.max_tokens),
+                activation_bytes: activation_bytes(&cfg, opts.dtype, max_batch_tokens, length_limit(opts.max_tokens, &cfg)),
             }
         })
         .collect();
@@ -140,6 +136,13 @@ pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
 /// Plan the model described by `opts` and return one loader per stage.
 pub fn loaders(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
     let plan = plan(opts, max_batch_tokens)?;
+    tracing::info!(
+        max_tokens = plan.info.max_tokens,
+        configured_max_tokens = opts.max_tokens,
+        max_position_embeddings = plan.info.max_position_embeddings,
+        "length limit: {} tokens (the smaller of max_tokens and the model's max_position_embeddings)",
+        plan.info.max_tokens
+    );
     for (i, s) in plan.info.stages.iter().enumerate() {
         tracing::info!(
             stage = i,
@@ -218,7 +221,7 @@ fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, sta
         labels: cfg.labels.clone(),
         stored_dtypes: stored,
         dtype: opts.dtype,
-        max_tokens: opts.max_tokens,
+        max_tokens: length_limit(opts.max_tokens, cfg),
         max_position_embeddings: cfg.max_position_embeddings,
         stages,
     }

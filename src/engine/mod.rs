@@ -21,7 +21,8 @@ use crate::model::packed::Packed;
 use crate::model::stage::{Activations, Stage, StageOutput};
 use crate::model::{ModelError, ModelOptions};
 
-pub use loader::{parse_device, plan, DeviceSpec, ModelInfo, Plan, StageInfo};
+pub use crate::model::DeviceSpec;
+pub use loader::{length_limit, parse_device, plan, ModelInfo, Plan, StageInfo};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub enum EngineError {
     },
     #[error("stage {stage} ({device}) panicked: {message}")]
     Panicked { stage: usize, device: String, message: String },
+    #[error("sequence {index} of the batch has {len} tokens; the model scores 1 to {limit}")]
+    Sequence { index: usize, len: usize, limit: usize },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -139,8 +142,10 @@ impl Engine {
         self.busy_nanos.iter().map(|n| n.load(Ordering::Relaxed) as f64 * 1e-9).collect()
     }
 
-    /// Score a batch of token sequences; one score per sequence, in order.
+    /// Score a batch of token sequences; one score per sequence, in order. Every sequence has
+    /// at least one token (the one it is scored at) and at most `max_position_embeddings`.
     pub async fn score(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Score>, EngineError> {
+        self.check(&batch)?;
         let (job, rx) = Self::job(batch);
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
@@ -148,9 +153,20 @@ impl Engine {
 
     /// [`Engine::score`] for synchronous callers (not from inside an async runtime).
     pub fn score_blocking(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Score>, EngineError> {
+        self.check(&batch)?;
         let (job, rx) = Self::job(batch);
         self.tx.blocking_send(job).map_err(|_| EngineError::Stopped)?;
         rx.blocking_recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// An empty sequence has no token to read a score at (packed, it would read its
+    /// neighbour's); a longer one than the model's positions is outside what it was built for.
+    fn check(&self, batch: &[Vec<u32>]) -> Result<(), EngineError> {
+        let limit = self.info.max_position_embeddings;
+        match batch.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > limit) {
+            Some((index, s)) => Err(EngineError::Sequence { index, len: s.len(), limit }),
+            None => Ok(()),
+        }
     }
 
     fn job(batch: Vec<Vec<u32>>) -> (Job, oneshot::Receiver<Result<Vec<Score>, EngineError>>) {

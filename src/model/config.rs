@@ -149,8 +149,7 @@ impl ArchConfig {
 
     /// Normalize the text of a config.json.
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| ModelError::config("config.json", e.to_string()))?;
+        let raw: RawConfig = super::json::from_object_text(text)?;
         from_raw(raw)
     }
 
@@ -162,6 +161,18 @@ impl ArchConfig {
 }
 
 fn from_raw(raw: RawConfig) -> Result<ArchConfig, ModelError> {
+    for (field, value) in [
+        ("num_hidden_layers", raw.num_hidden_layers),
+        ("hidden_size", raw.hidden_size),
+        ("intermediate_size", raw.intermediate_size),
+        ("num_attention_heads", raw.num_attention_heads),
+        ("vocab_size", raw.vocab_size),
+        ("max_position_embeddings", raw.max_position_embeddings.unwrap_or(1)),
+    ] {
+        if value == 0 {
+            return Err(ModelError::config(field, "must be at least 1"));
+        }
+    }
     let architecture = raw
         .architectures
         .first()
@@ -171,6 +182,9 @@ fn from_raw(raw: RawConfig) -> Result<ArchConfig, ModelError> {
     let model_type = raw.model_type.clone().unwrap_or_else(|| family.to_owned());
     let num_heads = raw.num_attention_heads;
     let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_heads.max(1));
+    if head_dim == 0 {
+        return Err(ModelError::config("head_dim", format!("is 0 (hidden_size {} over {num_heads} heads)", raw.hidden_size)));
+    }
     let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
     if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
         return Err(ModelError::config(
@@ -392,6 +406,20 @@ mod tests {
             .contains("hidden_act"));
         assert!(err(r#","architectures":["LlamaForCausalLM"],"rope_scaling":{"rope_type":"yarn","factor":4.0}"#)
             .contains("rope_scaling.rope_type"));
+    }
+
+    #[test]
+    fn wrong_layer_counts_name_their_field() {
+        let with_layers = |n: &str| base("").replace(r#""num_hidden_layers":2"#, &format!(r#""num_hidden_layers":{n}"#))
+            .replace('}', r#","architectures":["LlamaForSequenceClassification"]}"#);
+        for n in ["0", "-1", "\"two\""] {
+            let e = ArchConfig::from_json(&with_layers(n)).unwrap_err().to_string();
+            assert!(e.starts_with("config field `num_hidden_layers`"), "{n}: {e}");
+        }
+        let missing = ArchConfig::from_json(&base("").replace(r#""vocab_size":100"#, r#""x":1"#)).unwrap_err().to_string();
+        assert!(missing.contains("`vocab_size`") && missing.contains("missing"), "{missing}");
+        let list = ArchConfig::from_json("[1]").unwrap_err().to_string();
+        assert!(list.contains("a list"), "{list}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod fp8;
 pub mod head;
+pub mod json;
 pub mod layers;
 pub mod options;
 pub mod packed;
@@ -17,7 +18,7 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use config::ArchConfig;
-pub use options::{Dtype, ModelOptions};
+pub use options::{DeviceSpec, Dtype, ModelOptions};
 
 /// Errors while reading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum ModelError {
     },
     #[error("config field `{field}`: {message}")]
     Config { field: String, message: String },
+    #[error("not a valid JSON config: {message}")]
+    Json { message: String },
     #[error("{path}: {source}")]
     InFile {
         path: PathBuf,

@@ -37,6 +37,35 @@ impl std::fmt::Display for Dtype {
     }
 }
 
+/// Where a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// GPU ordinal (the CUDA engine, feature `cuda`).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    /// The one parser of device names, for the config check and the loader alike: "cpu",
+    /// "cuda:N", or "cuda" (= "cuda:0"). Syntax only: whether this build and machine can run
+    /// CUDA is decided when the model is loaded.
+    fn from_str(name: &str) -> Result<Self, String> {
+        let expected = || "expected \"cpu\", \"cuda\" or \"cuda:N\"".to_owned();
+        match name {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            n => match n.strip_prefix("cuda:") {
+                Some(i) if !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()) => {
+                    i.parse().map(DeviceSpec::Cuda).map_err(|_| expected())
+                }
+                _ => Err(expected()),
+            },
+        }
+    }
+}
+
 /// The `[model]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +91,22 @@ pub struct ModelOptions {
     /// Nemotron-4-340B-Reward weights for its 9 SteerLM labels, else the single output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attribute_weights: Option<Vec<f32>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceSpec;
+
+    #[test]
+    fn device_names() {
+        let parse = |s: &str| s.parse::<DeviceSpec>();
+        assert_eq!(parse("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(parse("cuda:3"), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:+1", "cuda:x", "CPU", "cuda:99999999999999999999999"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 pub fn default_devices() -> Vec<String> {

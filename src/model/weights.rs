@@ -42,11 +42,35 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(ModelError::weights(
+            format!(
+                "no weights in {}: expected model.safetensors, or model.safetensors.index.json and the shards it names",
+                dir.display()
+            ),
+            None,
+        ));
+    }
     let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-    let parsed: ShardIndex = serde_json::from_str(&text)
-        .map_err(|e| ModelError::config("weight_map", e.to_string()).in_file(&index))?;
-    let files: BTreeSet<&String> = parsed.weight_map.values().collect();
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    let parsed: ShardIndex = super::json::from_object_text(&text).map_err(|e| e.in_file(&index))?;
+    let names: BTreeSet<&String> = parsed.weight_map.values().collect();
+    if names.is_empty() {
+        return Err(ModelError::config("weight_map", "names no shard files").in_file(&index));
+    }
+    let missing: Vec<&str> = names.iter().filter(|f| !dir.join(f.as_str()).is_file()).map(|f| f.as_str()).collect();
+    if !missing.is_empty() {
+        return Err(ModelError::weights(
+            format!(
+                "{} names {} shard files in {}; missing: {}",
+                index.display(),
+                names.len(),
+                dir.display(),
+                missing.join(", ")
+            ),
+            None,
+        ));
+    }
+    Ok(names.into_iter().map(|f| dir.join(f)).collect())
 }
 
 impl Weights {

@@ -163,7 +163,11 @@ async fn score_one(scorer: Arc<dyn Scorer>, metrics: Arc<Metrics>, split: Split)
             let outcome = match (item, &mut scores) {
                 (Err(e), _) => Outcome::Failed(e),
                 (Ok((event, tokens, truncated)), Ok(scores)) => match scores.next() {
-                    Some(score) => Outcome::Scored { event, score, tokens, truncated },
+                    // JSON has no NaN or infinity: such a score is the model's failure.
+                    Some(score) => match score.check_finite() {
+                        Ok(()) => Outcome::Scored { event, score, tokens, truncated },
+                        Err(e) => Outcome::Failed(EventError::new(ErrorKind::Model, e).with_id(Some(event.id))),
+                    },
                     None => Outcome::Failed(model_error(event.id, "missing score")),
                 },
                 (Ok((event, ..)), Err(msg)) => Outcome::Failed(model_error(event.id, msg)),

@@ -51,6 +51,10 @@ pub enum PromptError {
     Template(#[from] minijinja::Error),
     #[error("no chat template: looked for `chat_template` in {config} and for {jinja}")]
     NoTemplate { config: PathBuf, jinja: PathBuf },
+    #[error("{path} must hold a JSON object, found {found}")]
+    NotAnObject { path: PathBuf, found: &'static str },
+    #[error("the chat template ({origin}) renders an ordinary conversation to {chars} characters and 0 tokens: nothing could be scored")]
+    RendersNothing { origin: String, chars: usize },
 }
 
 /// A conversation ready for the model.
@@ -81,13 +85,19 @@ impl Prompter {
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| PromptError::Tokenizer { path: tok_path.clone(), message: e.to_string() })?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg = read_json(&cfg_path)?.unwrap_or(Value::Null);
+        let cfg = match read_json(&cfg_path)? {
+            None => Value::Null,
+            Some(v @ Value::Object(_)) => v,
+            Some(other) => return Err(PromptError::NotAnObject { path: cfg_path, found: json_kind(&other) }),
+        };
         let special = special_tokens(&cfg);
         let jinja_path = dir.join("chat_template.jinja");
         // transformers lets a separate chat_template.jinja override tokenizer_config's template.
-        let source = match std::fs::read_to_string(&jinja_path) {
-            Ok(s) => Some(s),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => config_template(&cfg),
+        let (source, origin) = match std::fs::read_to_string(&jinja_path) {
+            Ok(s) => (Some(s), jinja_path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (config_template(&cfg), format!("`chat_template` in {}", cfg_path.display()))
+            }
             Err(source) => return Err(PromptError::Io { path: jinja_path, source }),
         };
         let format = match source {
@@ -95,15 +105,40 @@ impl Prompter {
             None if is_nemotron(dir)? => Format::Nemo,
             None => return Err(PromptError::NoTemplate { config: cfg_path, jinja: jinja_path }),
         };
-        Ok(Self { tokenizer, format, special })
+        let prompter = Self { tokenizer, format, special };
+        prompter.check_renders(origin)?;
+        Ok(prompter)
+    }
+
+    /// Refuse a template (an empty file, say) that turns an ordinary exchange into no tokens: it
+    /// would fail every event. A template that raises on the probe is left to fail per event.
+    fn check_renders(&self, origin: String) -> Result<(), PromptError> {
+        let probe = probe_conversation();
+        match (self.render(&probe), self.encode(&probe)) {
+            (Ok(text), Ok(ids)) if ids.is_empty() => Err(PromptError::RendersNothing { origin, chars: text.chars().count() }),
+            _ => Ok(()),
+        }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
-    /// Render and tokenize `messages` within `max_tokens` under `policy`.
+    /// Render and tokenize `messages` within `max_tokens` under `policy`. A conversation that
+    /// comes out as no tokens at all is a `template` error: there is no token to score at.
     pub fn prepare(&self, messages: &[Message], max_tokens: usize, policy: TruncationPolicy) -> Result<Prepared, EventError> {
+        let prepared = self.prepare_within(messages, max_tokens, policy)?;
+        if prepared.ids.is_empty() {
+            let chars = self.render(messages).map(|t| t.chars().count()).unwrap_or(0);
+            return Err(EventError::new(
+                ErrorKind::Template,
+                format!("the templated conversation ({chars} characters) tokenizes to 0 tokens: nothing to score"),
+            ));
+        }
+        Ok(prepared)
+    }
+
+    fn prepare_within(&self, messages: &[Message], max_tokens: usize, policy: TruncationPolicy) -> Result<Prepared, EventError> {
         let ids = self.encode(messages)?;
         if ids.len() <= max_tokens {
             return Ok(Prepared { ids, truncated: false });
@@ -168,6 +203,26 @@ impl Prompter {
                     .map_err(|e| EventError::new(ErrorKind::Template, template_message(&e)))
             }
         }
+    }
+}
+
+/// A short, ordinary exchange every template should render: checked when a template is loaded
+/// and scored by the worker's warm-up batch.
+pub fn probe_conversation() -> Vec<Message> {
+    vec![
+        Message { role: Role::User, content: "Hello.".into() },
+        Message { role: Role::Assistant, content: "Hello! How can I help?".into() },
+    ]
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 
