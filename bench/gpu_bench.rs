@@ -359,6 +359,8 @@ fn write_kernels(arch: &str, out: &std::path::Path) -> Result<()> {
 fn main() -> Result<()> {
     // Usage errors and --help end here, before any CUDA library is loaded.
     let cli = Cli::parse();
+    // The engine's start-up line (driver, NVRTC, cuBLASLt, library files) goes to stderr.
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
     if let Some(dir) = std::env::var_os("SCORESTREAM_NVRTC_LIB") {
         preload_from(&PathBuf::from(dir));
     }

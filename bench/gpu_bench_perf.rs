@@ -105,7 +105,7 @@ pub fn kernel_times(dev: &GpuDevice) -> Result<()> {
     ws.set_batch(dev, &cu)?;
     let p = ws.plan.clone();
     let (x, h, qkv, attn, up, q8, qs) = (ws.at(p.x), ws.at(p.h), ws.at(p.qkv), ws.at(p.attn), ws.at(p.up), ws.at(p.q8), ws.at(p.q_scale));
-    for (ptr, n) in [(x, t * s.hidden), (h, t * s.hidden), (qkv, t * s.qkv_width()), (up, t * s.up_width())] {
+    for (ptr, n) in [(x, t * s.hidden), (h, t * s.hidden), (qkv, t * s.qkv_width()), (attn, t * s.attn_width()), (up, t * s.up_width())] {
         dev.fill_uniform(false, ptr, n, 3, 1.0)?;
     }
     let w = LayerWeights::random(dev, &s, 5)?;

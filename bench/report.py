@@ -6,25 +6,41 @@ and a missing or empty file only leaves its section out. Rows from bench/sample/
 {"kind": "sample"}: the output then says, first and last, that nothing in it was measured.
 Standard library only."""
 import json
+import re
 import sys
 
 SAMPLE_BANNER = "**SAMPLE DATA: recorded format from bench/sample/, NOT a measurement.**"
 
 
+def is_error(line):
+    """Rust's `Error: ...` / `error: ...`, a panic, or Python's final `SomeError: ...` line."""
+    return bool(re.match(r"[\w.]*(Error|Exception)\b|error:", line)) or "panicked" in line
+
+
 def read_rows(paths):
+    """Every JSON object with a "kind"; a step row also gets "why": the file's last error line
+    (else its last line of text), so a failed step's table row says what went wrong."""
     rows = []
     for path in paths:
+        text_lines, errors = [], []
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     line = line.strip()
                     if not line.startswith("{"):
+                        if line:
+                            text_lines.append(line)
+                            if is_error(line):
+                                errors.append(line)
                         continue
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue
                     if isinstance(row, dict) and "kind" in row:
+                        if row["kind"] == "step" and row.get("status") != "ok":
+                            why = (errors or text_lines or [""])[-1]
+                            row["why"] = why if len(why) <= 160 else why[:157] + "..."
                         rows.append(row)
         except OSError as e:
             print(f"(cannot read {path}: {e.strerror})")
@@ -59,8 +75,9 @@ def environment(rows):
 def steps(rows):
     st = of(rows, "step")
     if st:
-        table(["step", "status", "exit code", "seconds", "limit s"],
-              [[s.get("step"), s.get("status"), s.get("rc"), s.get("seconds"), s.get("limit")] for s in st])
+        table(["step", "status", "exit code", "seconds", "limit s", "last error"],
+              [[s.get("step"), s.get("status"), s.get("rc"), s.get("seconds"), s.get("limit"),
+                s.get("why", "").replace("|", "/")] for s in st])
 
 
 def checks(rows):

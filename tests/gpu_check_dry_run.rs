@@ -88,6 +88,8 @@ fn a_failing_and_a_hanging_step_do_not_stop_the_later_ones() {
     }
     let table = read(out.path(), "table.md");
     assert!(table.contains("| check | failed | 3 |") && table.contains("| layers | timeout | 124 |"), "{table}");
+    // The failed step's row says why, from the error line the step printed.
+    assert!(table.contains("| Error: sample failure of check |"), "{table}");
     assert!(stdout.trim_end().ends_with(table.trim_end()), "the table is not printed last:\n{stdout}");
 }
 

@@ -117,6 +117,7 @@ pub fn rotary(limits: &Limits, x: u64, tokens: usize, heads: usize, head_dim: us
 
 /// The MLP activation `kernel` (`swiglu_quant_bf16`, `geglu_quant_bf16`, `relu2_quant_bf16`)
 /// fused with per-token quantization.
+#[allow(clippy::too_many_arguments)]
 pub fn act_quant(limits: &Limits, kernel: &'static str, input: u64, rows: usize, inter: usize, y: u64, q: u64, q_scale: u64) -> Planned {
     if rows == 0 {
         return Ok(None);
