@@ -147,6 +147,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_start_up_line_names_versions_and_files() {
+        let env = Environment {
+            driver: Some((13, 0)),
+            nvrtc: Ok(((13, 0), "/w/cu13/lib/libnvrtc.so.13".into())),
+            cublaslt: Some(130_001),
+            loaded: vec!["/usr/lib/libcuda.so.580.65.06".into(), "/w/cu13/lib/libcublasLt.so.13".into()],
+        };
+        assert_eq!(
+            env.to_string(),
+            "CUDA driver 13.0; NVRTC 13.0 (/w/cu13/lib/libnvrtc.so.13); cuBLASLt 13.0.1; \
+             loaded: [/usr/lib/libcuda.so.580.65.06, /w/cu13/lib/libcublasLt.so.13]"
+        );
+        let none = Environment { driver: None, nvrtc: Err("not needed".into()), cublaslt: None, loaded: vec![] };
+        assert_eq!(none.to_string(), "CUDA driver none; NVRTC: not needed; cuBLASLt: not loadable; loaded: []");
+    }
+
+    #[test]
     fn mapped_cuda_libraries_are_listed_once_each() {
         let maps = "7f00-7f01 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libcuda.so.580.65.06\n\
                     7f01-7f02 r-xp 00001000 08:01 1 /usr/lib/x86_64-linux-gnu/libcuda.so.580.65.06\n\
