@@ -1,33 +1,33 @@
-//! GPU check and benchmark (`--features cuda`), run by scripts/gpu_check.sh on a Hopper GPU:
-//!   gpu_bench check          every kernel vs its CPU reference (src/engine/reference) on fresh
-//!                            random inputs, outputs poisoned with 0xFF (NaN) first
-//!   gpu_bench gemm           cuBLASLt FP8 GEMM ceiling (8192³, and the 70B layer shapes)
-//!   gpu_bench layers         the layer loop at the Llama-3.1-70B shape, 4k/16k/64k-token
-//!                            batches of 512–4096-token sequences, as many layers as fit
-//!   gpu_bench parity DIR     each fixture under DIR (a model dir with reference.json): the CUDA
-//!                            stage (FP8) vs the CPU stage in FP8 emulation and in f32
-//! Each prints one JSON object per line (`{"kind": ...}`) for the script's table.
+//! GPU check and benchmark (`--features cuda`), run by scripts/gpu_check.sh on a Hopper GPU.
+//! `gpu_bench --help` lists the commands; arguments are parsed (and usage errors reported)
+//! before any CUDA library is touched. Every command prints one JSON object per line
+//! (`{"kind": ...}`), flushed as it goes, for bench/report.py.
+//!   probe                 driver, NVRTC and cuBLASLt versions and files, GPU, free memory
+//!   check                 every kernel vs its CPU reference (src/engine/reference) on fresh
+//!                         random inputs, outputs poisoned with 0xFF (NaN) first
+//!   parity [DIR]          each fixture under DIR: the CUDA stage (FP8) vs the CPU stage
+//!   gemm                  cuBLASLt FP8 GEMM ceiling (8192³, and the 70B layer shapes)
+//!   time                  each kernel alone at the 70B shape (attention in TFLOP/s)
+//!   layers                the 70B-shape layer loop, as many layers as fit
+//!   kernels --out DIR     every kernel's CUBIN for --arch (no GPU needed)
+
+#[path = "gpu_bench_perf.rs"]
+mod perf;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
 use half::bf16;
+use perf::Rng;
 use scorestream::engine::cuda::device::GpuDevice;
-use scorestream::engine::cuda::gemm::{Fp8Gemm, ScaleMode};
-use scorestream::engine::cuda::layer::{forward, LayerConfig, LayerWeights, Workspace};
-use scorestream::engine::cuda::plan::{attention_tiles, LayerShape};
+use scorestream::engine::cuda::gemm::Fp8Gemm;
+use scorestream::engine::cuda::plan::attention_tiles;
 use scorestream::engine::cuda::probe::preload_from;
 use scorestream::engine::reference::attention::{attention, AttnShape};
 use scorestream::engine::reference::{fp8, kernels as r};
 
-struct Rng(u64);
 impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
     /// bf16-exact values uniform in ±amp.
     fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
         (0..n).map(|_| bf16::from_f32((2.0 * self.next() - 1.0) * amp).to_f32()).collect()
@@ -202,104 +202,6 @@ fn check_gemm(c: &mut Check, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
-fn time_ms(dev: &GpuDevice, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let (start, stop) = (dev.ctx.new_event(None)?, dev.ctx.new_event(None)?);
-    for _ in 0..2 {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        start.record(&dev.stream)?;
-        f()?;
-        stop.record(&dev.stream)?;
-        stop.synchronize()?;
-        times.push(f64::from(start.elapsed_ms(&stop)?));
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
-}
-
-fn gemm_bench(dev: &GpuDevice) -> Result<()> {
-    let shape = LayerShape::LLAMA_70B;
-    let mut shapes = vec![("square", 8192usize, 8192usize, 8192usize)];
-    for (name, (o, i)) in ["qkv", "o", "gate_up", "down"].iter().zip(shape.linears()) {
-        shapes.push((name, 16384, o, i));
-    }
-    let mut gemm = Fp8Gemm::new(dev)?;
-    for (name, m, n, k) in shapes {
-        let (a, w, y) = (dev.alloc(m * k)?, dev.alloc(n * k)?, dev.alloc(m * n * 2)?);
-        let (asc, wsc) = (dev.alloc(m * 4)?, dev.alloc(n * 4)?);
-        dev.fill_uniform(true, a.ptr, m * k, 1, 448.0)?;
-        dev.fill_uniform(true, w.ptr, n * k, 2, 448.0)?;
-        dev.upload(asc.ptr, &vec![1e-3f32; m])?;
-        dev.upload(wsc.ptr, &vec![1e-3f32; n])?;
-        for fast in [false, true] {
-            for prefer in [true, false] {
-                gemm.fast_accum = fast;
-                gemm.prefer_outer_vector = prefer;
-                let mut mode = ScaleMode::Epilogue;
-                let ms = time_ms(dev, 20, || {
-                    mode = gemm.matmul(dev, a.ptr, asc.ptr, w.ptr, wsc.ptr, y.ptr, 0, m, n, k)?;
-                    Ok(())
-                })?;
-                let tflops = 2.0 * (m * n * k) as f64 / ms / 1e9;
-                println!(r#"{{"kind":"gemm","shape":"{name}","m":{m},"n":{n},"k":{k},"fast_accum":{fast},"mode":"{mode:?}","ms":{ms:.4},"tflops":{tflops:.1}}}"#);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn batch(tokens: usize, rng: &mut Rng) -> Vec<u32> {
-    let mut cu = vec![0u32];
-    let mut left = tokens;
-    while left > 0 {
-        let len = (512 + (rng.next() * 3585.0) as usize).min(left);
-        left -= len;
-        cu.push((tokens - left) as u32);
-    }
-    cu
-}
-
-fn layers_bench(dev: &GpuDevice, max_layers: usize) -> Result<()> {
-    let shape = LayerShape::LLAMA_70B;
-    let batches = [4096usize, 16384, 65536];
-    let max_tokens = *batches.iter().max().unwrap_or(&65536);
-    let inv = scorestream::model::rope::inv_freq(
-        500_000.0,
-        shape.head_dim,
-        &scorestream::model::config::RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max: 8192.0 },
-    );
-    let mut ws = Workspace::new(dev, &shape, max_tokens, max_tokens / 512 + 1, &inv)?;
-    let (free, _) = dev.ctx.mem_get_info()?;
-    let fit = free.saturating_sub(3 << 30) / shape.fp8_layer_bytes();
-    let n_layers = fit.min(max_layers).max(1);
-    let layers = (0..n_layers).map(|i| LayerWeights::random(dev, &shape, 1000 + i as u64)).collect::<Result<Vec<_>, _>>()?;
-    let mut gemm = Fp8Gemm::new(dev)?;
-    let cfg = LayerConfig::llama(shape);
-    let mut rng = Rng(12345);
-    for tokens in batches {
-        let cu = batch(tokens, &mut rng);
-        ws.set_batch(dev, &cu)?;
-        dev.fill_uniform(false, ws.at(ws.plan.x), tokens * shape.hidden, 7, 1.0)?;
-        let ms = time_ms(dev, 5, || {
-            for (i, w) in layers.iter().enumerate() {
-                forward(dev, &mut gemm, &cfg, w, &ws, i > 0)?;
-            }
-            Ok(())
-        })?;
-        let x = dev.download::<u16>(ws.at(ws.plan.h), 4096)?;
-        let nan = from_bits(&x).iter().any(|v| !v.is_finite());
-        let per_layer = ms / n_layers as f64;
-        let flops: f64 = shape.linear_flops_per_token() * tokens as f64
-            + cu.windows(2).map(|w| shape.attention_flops((w[1] - w[0]) as usize)).sum::<f64>();
-        let tflops = flops / per_layer / 1e9;
-        let tok_s_80 = tokens as f64 / (per_layer * 80.0 / 1e3);
-        println!(r#"{{"kind":"layers","tokens":{tokens},"seqs":{},"layers":{n_layers},"ms_per_layer":{per_layer:.3},"tflops":{tflops:.1},"tokens_per_s_80_layers":{tok_s_80:.0},"nan":{nan}}}"#, cu.len() - 1);
-    }
-    Ok(())
-}
-
 /// The CUDA stage against the CPU stage on each committed fixture, same packed batch.
 fn parity(fixtures: &std::path::Path) -> Result<bool> {
     use scorestream::engine::cuda::stage::CudaStage;
@@ -353,40 +255,132 @@ fn parity(fixtures: &std::path::Path) -> Result<bool> {
     Ok(ok)
 }
 
+#[derive(Debug, Parser)]
+#[command(name = "gpu_bench", about = "GPU kernel checks and benchmarks for scorestream (run by scripts/gpu_check.sh)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Driver, NVRTC and cuBLASLt versions and library files, the GPU and its free memory.
+    Probe,
+    /// Every kernel against its CPU reference (outputs poisoned first).
+    Check,
+    /// The CUDA stage against the CPU stage on each fixture under DIR.
+    Parity {
+        #[arg(default_value = "tests/fixtures")]
+        dir: PathBuf,
+    },
+    /// The cuBLASLt FP8 GEMM ceiling (8192³ and the 70B projections at 16k tokens).
+    Gemm,
+    /// Each kernel timed alone at the 70B shape (attention in TFLOP/s).
+    Time,
+    /// The 70B-shape FP8 layer loop over 4k/16k/64k-token batches, as many layers as fit.
+    Layers {
+        /// At most this many layers.
+        #[arg(long, env = "GPU_BENCH_MAX_LAYERS", default_value_t = 80)]
+        max_layers: usize,
+        /// Timed repetitions per batch (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// Write every kernel's CUBIN and its manifest for ARCH under OUT (no GPU needed); point
+    /// SCORESTREAM_PREBUILT_KERNELS at OUT to load them instead of compiling.
+    Kernels {
+        #[arg(long, default_value = "sm_90a")]
+        arch: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// The environment before any GPU is opened, then the GPU and its memory.
+fn probe() -> Result<()> {
+    use scorestream::engine::cuda::probe::{environment, Library};
+    let env = environment();
+    let v = |v: Option<(i32, i32)>| v.map_or("null".to_owned(), |(a, b)| json_str(&format!("{a}.{b}")));
+    // The NVRTC this machine offers, even when prebuilt kernels make it unnecessary.
+    let (nvrtc, nvrtc_path) = match scorestream::engine::cuda::nvrtc::global() {
+        Ok(n) => (json_str(&format!("{}.{}", n.version.0, n.version.1)), json_str(&n.path.display().to_string())),
+        Err(e) => ("null".to_owned(), json_str(&e.to_string())),
+    };
+    let loaded: Vec<String> = env.loaded.iter().map(|p| json_str(&p.display().to_string())).collect();
+    println!(
+        r#"{{"kind":"env","driver_cuda":{},"nvrtc":{nvrtc},"nvrtc_path":{nvrtc_path},"cublaslt":{},"loaded":[{}]}}"#,
+        v(env.driver),
+        env.cublaslt.map_or("null".to_owned(), |c| c.to_string()),
+        loaded.join(",")
+    );
+    if !Library::Driver.present() {
+        bail!("no CUDA driver (libcuda) on this machine");
+    }
+    let dev = open()?;
+    let (free, total) = dev.ctx.mem_get_info()?;
+    let loaded: Vec<String> = scorestream::engine::cuda::probe::loaded_cuda_libraries().iter().map(|p| json_str(&p.display().to_string())).collect();
+    println!(
+        r#"{{"kind":"memory","free_bytes":{free},"total_bytes":{total},"kernels":{},"loaded":[{}]}}"#,
+        json_str(&format!("{:?}", dev.origin)),
+        loaded.join(",")
+    );
+    Ok(())
+}
+
+fn open() -> Result<GpuDevice> {
+    let cache = scorestream::engine::cuda::compile::default_cache_dir();
+    let dev = GpuDevice::open(0, &cache)?;
+    println!(
+        r#"{{"kind":"device","name":{},"arch":"{}","sms":{},"kernels":{}}}"#,
+        json_str(&dev.name),
+        dev.arch,
+        dev.sm_count,
+        json_str(&format!("{:?}", dev.origin))
+    );
+    Ok(dev)
+}
+
+fn write_kernels(arch: &str, out: &std::path::Path) -> Result<()> {
+    let m = scorestream::engine::cuda::prebuilt::write(arch, out)?;
+    for k in &m.kernels {
+        println!(
+            r#"{{"kind":"cubin","kernel":"{}","arch":"{arch}","registers":{},"spill_stores":{},"spill_loads":{},"nvrtc":"{}"}}"#,
+            k.name, k.registers, k.spill_stores, k.spill_loads, m.nvrtc
+        );
+    }
+    eprintln!("wrote {} ({} bytes, NVRTC {} from {})", out.join(format!("kernels-{arch}.cubin")).display(), m.cubin_bytes, m.nvrtc, m.nvrtc_path);
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let cmd = args.get(1).map(String::as_str).unwrap_or("all");
+    // Usage errors and --help end here, before any CUDA library is loaded.
+    let cli = Cli::parse();
+    // The engine's start-up line (driver, NVRTC, cuBLASLt, library files) goes to stderr.
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
     if let Some(dir) = std::env::var_os("SCORESTREAM_NVRTC_LIB") {
         preload_from(&PathBuf::from(dir));
     }
-    let cache = scorestream::engine::cuda::compile::default_cache_dir();
-    let dev = GpuDevice::open(0, &cache)?;
-    println!(r#"{{"kind":"device","name":"{}","arch":"{}","sms":{}}}"#, dev.name, dev.arch, dev.sm_count);
-    let max_layers: usize = std::env::var("GPU_BENCH_MAX_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(80);
-    match cmd {
-        "check" => {
-            if !check(&dev)? {
+    match cli.command {
+        Cmd::Probe => probe()?,
+        Cmd::Kernels { arch, out } => write_kernels(&arch, &out)?,
+        Cmd::Check => {
+            if !check(&open()?)? {
                 bail!("some kernels differ from their CPU reference");
             }
         }
-        "gemm" => gemm_bench(&dev)?,
-        "parity" => {
-            drop(dev);
-            let dir = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("tests/fixtures"));
+        Cmd::Gemm => perf::gemm_bench(&open()?)?,
+        Cmd::Time => perf::kernel_times(&open()?)?,
+        Cmd::Layers { max_layers, reps } => perf::layers_bench(&open()?, max_layers, reps)?,
+        Cmd::Parity { dir } => {
+            drop(open()?);
             if !parity(&dir)? {
                 bail!("the CUDA stage differs from the CPU stage");
             }
         }
-        "layers" => layers_bench(&dev, max_layers)?,
-        "all" => {
-            let ok = check(&dev)?;
-            gemm_bench(&dev)?;
-            layers_bench(&dev, max_layers)?;
-            if !ok {
-                bail!("some kernels differ from their CPU reference");
-            }
-        }
-        other => bail!("unknown command {other}: check | gemm | layers | parity [DIR] | all"),
     }
     Ok(())
 }

@@ -6,8 +6,12 @@ random weights, batches of 4k/16k/64k tokens packed from sequences of 512-4096 t
   bf16: nn.Linear (fused QKV and gate|up) + RMSNorm + rotary + per-sequence causal SDPA (GQA)
   fp8:  the same with every linear layer as torch._scaled_mm on E4M3 (per-token activation
         scales computed in PyTorch, per-channel weight scales), bf16 output
-Prints one JSON object per line, like gpu_bench. Per-layer time is the median of timed
-repetitions (CUDA events) after warm-up; tokens/s is extrapolated to 80 layers.
+  gemm-only:      the four projections of one layer (bf16 F.linear, FP8 _scaled_mm with the
+                  activations already quantized), kind "torch_gemm"
+  attention-only: rotary-free per-sequence causal SDPA (GQA) on the batch, kind
+                  "torch_attention", in TFLOP/s like `gpu_bench time`
+Prints one JSON object per line, flushed as measured, like gpu_bench. Times are medians of
+timed repetitions (CUDA events) after warm-up; tokens/s is extrapolated to 80 layers.
 """
 import json
 import os
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 HIDDEN, HEADS, KV, HD, INTER = 8192, 64, 8, 128, 28672
 LAYERS = int(os.environ.get("TORCH_LAYERS", "6"))
 BATCHES = [4096, 16384, 65536]
-REPS = int(os.environ.get("TORCH_REPS", "5"))
+REPS = int(os.environ.get("TORCH_REPS", "3"))
 E4M3_MAX = 448.0
 
 
@@ -101,6 +105,60 @@ def attention_flops(n):
     return 4.0 * n * (n + 1) / 2 * HEADS * HD
 
 
+def median_ms(fn, reps=REPS, warm=1):
+    times = []
+    for rep in range(reps + warm):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        if rep >= warm:
+            times.append(start.elapsed_time(stop))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def gemm_only(dev, tokens):
+    """The four projections alone: what the engine's cuBLASLt GEMMs are measured against."""
+    layer_bf16, layer_fp8 = Layer(False, dev), Layer(True, dev)
+    with torch.no_grad():
+        for name in ["qkv", "o", "gate_up", "down"]:
+            inp = layer_bf16.w[name].shape[1]
+            x = torch.randn(tokens, inp, device=dev, dtype=torch.bfloat16)
+            q, s = quant_rows(x)
+            wq, ws = layer_fp8.w[name]
+            flops = 2.0 * tokens * layer_bf16.w[name].numel()
+            for variant, fn in [("bf16", lambda: F.linear(x, layer_bf16.w[name])),
+                                ("fp8", lambda: torch._scaled_mm(q, wq, scale_a=s, scale_b=ws, out_dtype=torch.bfloat16))]:
+                ms = median_ms(fn, reps=10)
+                print(json.dumps({"kind": "torch_gemm", "variant": variant, "shape": name, "tokens": tokens,
+                                  "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}), flush=True)
+    del layer_bf16, layer_fp8
+    torch.cuda.empty_cache()
+
+
+def attention_only(dev, label, lens):
+    tokens = sum(lens)
+    q = torch.randn(tokens, HEADS, HD, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(tokens, KV, HD, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(tokens, KV, HD, device=dev, dtype=torch.bfloat16)
+
+    def run():
+        start = 0
+        for n in lens:
+            sl = slice(start, start + n)
+            F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                           v[sl].transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+            start += n
+
+    with torch.no_grad():
+        ms = median_ms(run, reps=10)
+    flops = sum(attention_flops(n) for n in lens)
+    print(json.dumps({"kind": "torch_attention", "seqs": label, "tokens": tokens, "ms": round(ms, 4),
+                      "tflops": round(flops / ms / 1e9, 1)}), flush=True)
+
+
 def main():
     dev = torch.device("cuda")
     linear_params = ((HEADS + 2 * KV) * HD * HIDDEN + HIDDEN * HEADS * HD + 2 * INTER * HIDDEN + HIDDEN * INTER)
@@ -113,20 +171,17 @@ def main():
             lens = batch(tokens, rng)
             cos, sin = rotary_tables(lens, dev)
             x0 = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
-            times = []
+            out = {}
+
+            def run():
+                x = x0
+                for layer in layers:
+                    x = layer.forward(x, lens, cos, sin)
+                out["x"] = x
+
             with torch.no_grad():
-                for rep in range(REPS + 2):
-                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    x = x0
-                    start.record()
-                    for layer in layers:
-                        x = layer.forward(x, lens, cos, sin)
-                    stop.record()
-                    torch.cuda.synchronize()
-                    if rep >= 2:
-                        times.append(start.elapsed_time(stop))
-            times.sort()
-            per_layer = times[len(times) // 2] / LAYERS
+                per_layer = median_ms(run) / LAYERS
+            x = out["x"]
             flops = 2.0 * linear_params * tokens + sum(attention_flops(n) for n in lens)
             print(json.dumps({
                 "kind": "torch", "variant": variant, "tokens": tokens, "seqs": len(lens), "layers": LAYERS,
@@ -136,6 +191,11 @@ def main():
             }), flush=True)
         del layers
         torch.cuda.empty_cache()
+    # The same shapes as `gpu_bench gemm` (16k tokens) and `gpu_bench time` (attention).
+    gemm_only(dev, 16384)
+    lens = batch(16384, random.Random(777))
+    attention_only(dev, "512-4096", lens)
+    attention_only(dev, "4x4096", [4096] * 4)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,104 @@
 #!/usr/bin/env bash
-# The one script to run on a Hopper GPU machine (H100/H200, driver ≥ 580 / CUDA 13.0).
+# The one script to run on a Hopper GPU machine (H100/H200, driver ≥ 580 / CUDA 13.0), built to
+# run unattended in a short slot: at most GPU_CHECK_BUDGET_S seconds (default 470, under 8
+# minutes on an H200), each step under its own timeout within that budget, each step's output
+# written to its own file under $OUT as it runs (a step cut off by its timeout keeps the lines
+# it printed), a failed or timed-out step never stops the later ones, and the table printed last.
 #
-# Build here (no CUDA toolkit needed), then run there with the binary carried along:
-#   cargo build --release --features cuda --bin gpu_bench
+# Build here (no CUDA toolkit, no GPU), then run there with the binary and the CUBINs carried:
+#   cargo build --release --locked --features cuda --bin gpu_bench
+#   target/release/gpu_bench kernels --arch sm_90a --out target/kernels   # NVRTC 13.0 here
 #   scripts/gpu_check.sh target/release/gpu_bench
 #
-# Steps: every kernel against its CPU reference (fresh random inputs, outputs poisoned, no NaN,
-# rel err ≤ 1e-2 for bf16); the CUDA stage against the CPU stage on tests/fixtures; the cuBLASLt FP8 GEMM ceiling (8192³ and the 70B layer shapes);
-# the FP8 layer loop at the Llama-3.1-70B shape for 4k/16k/64k-token batches (as many layers
-# as fit); PyTorch bf16 and torch._scaled_mm FP8 on the same shapes (bench/torch_ref.py); then
-# one Markdown table (bench/report.py) for BENCHMARKS.md. Logs go to $OUT (default /tmp/gpu_check).
+# Steps (file under $OUT, default timeout in seconds; GPU_CHECK_TIMEOUT_<STEP> overrides):
+#   probe.jsonl   40  nvidia-smi; driver, NVRTC, cuBLASLt versions and files; GPU; free memory
+#   check.jsonl   60  every kernel against its CPU reference (outputs poisoned with NaN first)
+#   parity.jsonl  60  the CUDA stage against the CPU stage on every committed fixture
+#   gemm.jsonl    60  cuBLASLt FP8 GEMM ceiling (8192³ and the 70B projections)
+#   time.jsonl    45  each kernel alone at the 70B shape (attention's TFLOP/s)
+#   layers.jsonl 170  70B-shape FP8 layer loop, as many layers as fit (80 on an H200)
+#   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
+#                     attention-only (bench/torch_ref.py)
+#   table.md      15  bench/report.py over the files above (printed last)
+# Eight files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
+# code), timeout, or skipped (budget spent). The script exits 1 when any step did not end ok.
+#
+# Overrides for a dry run (tests/gpu_check_dry_run.rs): GPU_BENCH (the bench command, instead
+# of $1), TORCH_REF (the PyTorch command), GPU_CHECK_SKIP_SETUP=1 (no library path set-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-target/release/gpu_bench}
+BIN=${1:-${GPU_BENCH:-target/release/gpu_bench}}
+TORCH_REF=${TORCH_REF:-python3 bench/torch_ref.py}
 OUT=${OUT:-/tmp/gpu_check}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+REPORT_RESERVE=15
+STEPS=(probe check parity gemm time layers torch)
 mkdir -p "$OUT"
-: > "$OUT/parity.jsonl"
+for s in "${STEPS[@]}"; do rm -f "$OUT/$s.jsonl"; done
+rm -f "$OUT/table.md"
 
-# NVRTC, cuBLASLt and the CUDA headers: the nvidia-* wheels beside PyTorch, else the toolkit.
-NV=$(python3 -c 'import nvidia, os
+if [ "${GPU_CHECK_SKIP_SETUP:-0}" != 1 ]; then
+    # cuBLASLt and the CUDA headers: the nvidia-* wheels beside PyTorch, else the toolkit.
+    # NVRTC is chosen by the engine itself (highest version the driver supports; see
+    # src/engine/cuda/nvrtc.rs) unless prebuilt CUBINs make it unnecessary.
+    NV=$(python3 -c 'import nvidia, os
 for p in nvidia.__path__:
     d = os.path.join(p, "cu13")
     if os.path.isdir(d): print(d); break' 2>/dev/null || true)
-for d in "$NV/lib" /usr/local/cuda/lib64; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-[ -n "$NV" ] && export SCORESTREAM_NVRTC_LIB="$NV/lib"
-for d in "$NV/include" /usr/local/cuda/include; do
-    if [ -f "$d/cuda_fp8.h" ]; then export SCORESTREAM_CUDA_INCLUDE="$d"; break; fi
-done
-export SCORESTREAM_KERNEL_CACHE="${SCORESTREAM_KERNEL_CACHE:-/tmp/scorestream-kernel-cache}"
-echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH SCORESTREAM_CUDA_INCLUDE=${SCORESTREAM_CUDA_INCLUDE:-none}"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+    for d in "$NV/lib" /usr/local/cuda/lib64; do
+        [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+    done
+    for d in "$NV/include" /usr/local/cuda/include; do
+        if [ -f "$d/cuda_fp8.h" ]; then export SCORESTREAM_CUDA_INCLUDE="$d"; break; fi
+    done
+    if [ -z "${SCORESTREAM_PREBUILT_KERNELS:-}" ] && [ -f target/kernels/kernels-sm_90a.json ]; then
+        export SCORESTREAM_PREBUILT_KERNELS="$PWD/target/kernels"
+    fi
+    export SCORESTREAM_KERNEL_CACHE="${SCORESTREAM_KERNEL_CACHE:-/tmp/scorestream-kernel-cache}"
+fi
+export PYTHONUNBUFFERED=1
+echo "gpu_check: bench=$BIN out=$OUT budget=${BUDGET}s prebuilt=${SCORESTREAM_PREBUILT_KERNELS:-none}"
 
 status=0
-"$BIN" check | tee "$OUT/check.jsonl" || status=1
-if [ -d tests/fixtures ]; then "$BIN" parity tests/fixtures | tee "$OUT/parity.jsonl" || status=1; fi
-"$BIN" gemm | tee "$OUT/gemm.jsonl" || status=1
-"$BIN" layers | tee "$OUT/layers.jsonl" || status=1
-PYTHONUNBUFFERED=1 python3 bench/torch_ref.py | tee "$OUT/torch.jsonl" || status=1
-python3 bench/report.py "$OUT"/parity.jsonl "$OUT"/check.jsonl "$OUT"/gemm.jsonl "$OUT"/layers.jsonl "$OUT"/torch.jsonl | tee "$OUT/table.md"
+# step NAME DEFAULT_TIMEOUT COMMAND: run COMMAND (a shell line) with stdout and stderr in
+# $OUT/NAME.jsonl, under min(timeout, budget left), then append the step's status line.
+step() {
+    local name=$1 limit=$2 cmd=$3
+    local var="GPU_CHECK_TIMEOUT_${name^^}"
+    limit=${!var:-$limit}
+    local left=$((BUDGET - SECONDS - REPORT_RESERVE))
+    local file="$OUT/$name.jsonl"
+    if [ "$left" -lt 5 ]; then
+        echo "{\"kind\":\"step\",\"step\":\"$name\",\"status\":\"skipped\",\"rc\":null,\"seconds\":0,\"limit\":0}" >> "$file"
+        echo "gpu_check: $name skipped (budget spent)"
+        status=1
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    local t0=$SECONDS
+    timeout --kill-after=5 "$limit" bash -c "$cmd" >> "$file" 2>&1
+    local rc=$? st=ok
+    case $rc in
+        0) ;;
+        124 | 137) st=timeout ;;
+        *) st=failed ;;
+    esac
+    [ "$st" = ok ] || status=1
+    echo "{\"kind\":\"step\",\"step\":\"$name\",\"status\":\"$st\",\"rc\":$rc,\"seconds\":$((SECONDS - t0)),\"limit\":$limit}" >> "$file"
+    echo "gpu_check: $name $st (rc $rc, $((SECONDS - t0)) s of $limit s)"
+}
+
+export BIN
+step probe 40 'nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free,clocks.max.sm --format=csv 2>&1 || true; "$BIN" probe'
+step check 60 '"$BIN" check'
+step parity 60 '"$BIN" parity tests/fixtures'
+step gemm 60 '"$BIN" gemm'
+step time 45 '"$BIN" time'
+step layers 170 '"$BIN" layers'
+step torch 150 "$TORCH_REF"
+
+files=()
+for s in "${STEPS[@]}"; do [ -f "$OUT/$s.jsonl" ] && files+=("$OUT/$s.jsonl"); done
+timeout --kill-after=2 "$REPORT_RESERVE" python3 bench/report.py "${files[@]}" > "$OUT/table.md" 2>&1 || status=1
+cat "$OUT/table.md"
 exit $status

@@ -1,4 +1,4 @@
-//! The command line: `score`, `inspect`, `run`, `check-config`.
+//! The command line: `score`, `inspect`, `run`, `check-config` (and `kernels` with the `cuda` feature).
 
 use std::path::PathBuf;
 
@@ -28,6 +28,19 @@ pub enum Command {
     Run(ConfigArgs),
     /// Validate a worker config file without starting anything.
     CheckConfig(ConfigArgs),
+    /// Compile every CUDA kernel to CUBIN for one architecture (no GPU needed; needs the `cuda`
+    /// feature); point SCORESTREAM_PREBUILT_KERNELS at the output folder to load them.
+    Kernels(KernelsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KernelsArgs {
+    /// GPU architecture (`sm_90a` for H100/H200).
+    #[arg(long, default_value = "sm_90a")]
+    pub arch: String,
+    /// Output folder (gets kernels-<arch>.cubin and kernels-<arch>.json).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,10 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig(a) => scorestream::config::check_config(&a.config)
             .map(|_| println!("{}: ok", a.config.display()))
             .map_err(Into::into),
+        #[cfg(feature = "cuda")]
+        Command::Kernels(args) => commands::kernels::run(&args),
+        #[cfg(not(feature = "cuda"))]
+        Command::Kernels(_) => Err(anyhow::anyhow!("this scorestream was built without the `cuda` feature")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

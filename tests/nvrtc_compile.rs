@@ -1,18 +1,16 @@
-//! Every kernel in `kernels/*.cu` compiles with NVRTC 13.0 for `sm_90a` (Hopper), with no GPU:
-//! NVRTC and the CUDA headers come from the `nvidia-cuda-nvrtc==13.0.*` and
-//! `nvidia-cuda-runtime==13.0.*` wheels (found through `SCORESTREAM_NVRTC_LIB` /
-//! `SCORESTREAM_CUDA_INCLUDE`, or by asking `python3`). Without them the test skips, unless
-//! `CI` is set, where it fails.
+//! Every kernel in `kernels/*.cu` compiles with NVRTC 13.0 to CUBIN for `sm_90a` (Hopper), with
+//! no GPU, within its register budget and without spills (from ptxas's own report in NVRTC's
+//! log); the CUBIN cache and the prebuilt kernels (`scorestream kernels`) round-trip. NVRTC and
+//! the CUDA headers come from the `nvidia-cuda-nvrtc==13.0.*` and `nvidia-cuda-runtime==13.0.*`
+//! wheels (found through `SCORESTREAM_NVRTC` / `SCORESTREAM_NVRTC_LIB` /
+//! `SCORESTREAM_CUDA_INCLUDE`, or by asking `python3`). Without them the tests skip, unless `CI`
+//! is set, where they fail.
 #![cfg(feature = "cuda")]
 
 use std::path::PathBuf;
 
-use scorestream::engine::cuda::compile::{cached_ptx, compile_ptx, include_dirs, python_nvidia_dir, KERNELS};
-use scorestream::engine::cuda::probe::{preload_from, Library};
-
-fn nvrtc_lib_dir() -> Option<PathBuf> {
-    std::env::var_os("SCORESTREAM_NVRTC_LIB").map(PathBuf::from).or_else(|| python_nvidia_dir("lib"))
-}
+use scorestream::engine::cuda::compile::{cached_cubin, check_resources, compile_cubin, include_dirs, source_hash, KERNELS};
+use scorestream::engine::cuda::{nvrtc, prebuilt};
 
 fn missing(what: &str) {
     let msg = format!(
@@ -25,45 +23,91 @@ fn missing(what: &str) {
     eprintln!("skipping NVRTC compile test: {msg}");
 }
 
-#[test]
-fn every_kernel_compiles_for_sm_90a() {
-    if let Some(dir) = nvrtc_lib_dir() {
-        preload_from(&dir);
-    }
-    if !Library::Nvrtc.present() {
-        return missing("libnvrtc not found");
+/// The CUDA headers, when NVRTC and the headers are both found (else the skip/fail policy).
+fn toolchain() -> Option<Vec<PathBuf>> {
+    if let Err(e) = nvrtc::global() {
+        missing(&format!("libnvrtc not found ({e})"));
+        return None;
     }
     let includes = include_dirs();
     if includes.is_empty() {
-        return missing("CUDA headers (cuda_fp8.h) not found");
+        missing("CUDA headers (cuda_fp8.h) not found");
+        return None;
     }
-    let ptx = compile_ptx("sm_90a", &includes).unwrap_or_else(|e| panic!("{e}"));
-    assert!(ptx.contains(".target sm_90a"), "PTX is not for sm_90a");
+    Some(includes)
+}
+
+#[test]
+fn every_kernel_compiles_to_cubin_for_sm_90a_without_spills() {
+    let Some(includes) = toolchain() else { return };
+    let image = compile_cubin("sm_90a", &includes).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&image.cubin[..4], b"\x7fELF", "NVRTC returned no CUBIN (ELF) image");
+    let names = String::from_utf8_lossy(&image.cubin);
     for k in KERNELS {
-        assert!(ptx.contains(&format!(".entry {k}(")), "kernel {k} missing from the PTX");
+        assert!(names.contains(k), "kernel {k} missing from the CUBIN");
     }
-    // The attention kernels run on the tensor cores.
-    assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "no tensor-core MMA in the PTX");
+    // ptxas's report, parsed from NVRTC's log: every kernel, ≤ 255 registers, no spills.
+    assert_eq!(image.resources.len(), KERNELS.len(), "ptxas reported {:?}\n{}", image.resources, image.log);
+    if let Err(problems) = check_resources(&image.resources) {
+        panic!("kernels over their resource budget:\n{problems}\n\nNVRTC log:\n{}", image.log);
+    }
+    for r in &image.resources {
+        eprintln!("{:<28} {:>3} registers, {} B stack", r.name, r.registers, r.stack_bytes);
+    }
+}
+
+#[test]
+fn the_chosen_nvrtc_is_the_13_0_one_and_says_so() {
+    if toolchain().is_none() {
+        return;
+    }
+    let nv = nvrtc::global().expect("loaded above");
+    assert_eq!(nv.version.0, 13, "NVRTC {:?} from {}", nv.version, nv.path.display());
+    assert!(nv.path.is_file(), "{}", nv.path.display());
+    // The library file this process mapped is the one chosen, not another copy found by name.
+    let loaded = scorestream::engine::cuda::probe::loaded_cuda_libraries();
+    let canon = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    assert!(loaded.iter().any(|p| canon(p) == canon(&nv.path)), "{} not in {loaded:?}", nv.path.display());
 }
 
 #[test]
 fn compiled_kernels_are_cached_by_source_hash() {
-    if let Some(dir) = nvrtc_lib_dir() {
-        preload_from(&dir);
-    }
-    if !Library::Nvrtc.present() || include_dirs().is_empty() {
-        return missing("libnvrtc or the CUDA headers not found");
+    if toolchain().is_none() {
+        return;
     }
     let cache = tempfile::tempdir().expect("temp dir");
-    cached_ptx("sm_90a", cache.path()).unwrap_or_else(|e| panic!("{e}"));
+    cached_cubin("sm_90a", cache.path()).unwrap_or_else(|e| panic!("{e}"));
     let files: Vec<_> = std::fs::read_dir(cache.path()).expect("cache dir").filter_map(Result::ok).collect();
-    assert_eq!(files.len(), 1, "one PTX file per (arch, NVRTC version, source)");
+    assert_eq!(files.len(), 1, "one CUBIN per (arch, NVRTC version, source)");
     let name = files[0].file_name().to_string_lossy().into_owned();
-    assert!(name.starts_with("kernels-sm_90a-") && name.ends_with(".ptx"), "{name}");
+    assert!(name.starts_with("kernels-sm_90a-") && name.ends_with(".cubin"), "{name}");
     // A second start reads the file instead of compiling: a planted marker survives.
     let path = files[0].path();
-    let text = std::fs::read_to_string(&path).expect("ptx") + "\n// cached\n";
-    std::fs::write(&path, &text).expect("write");
-    let again = cached_ptx("sm_90a", cache.path()).unwrap_or_else(|e| panic!("{e}"));
-    assert!(again.to_src().ends_with("// cached\n"));
+    let mut bytes = std::fs::read(&path).expect("cubin");
+    bytes.extend_from_slice(b"cached");
+    std::fs::write(&path, &bytes).expect("write");
+    let (again, from) = cached_cubin("sm_90a", cache.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.ends_with(b"cached"));
+    assert_eq!(from, path);
+}
+
+#[test]
+fn the_kernels_command_writes_cubins_the_engine_accepts() {
+    if toolchain().is_none() {
+        return;
+    }
+    let out = tempfile::tempdir().expect("temp dir");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["kernels", "--arch", "sm_90a", "--out"])
+        .arg(out.path())
+        .output()
+        .expect("run scorestream kernels");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("attention_varlen_d128_bf16") && stdout.contains("SCORESTREAM_PREBUILT_KERNELS="), "{stdout}");
+    let (cubin, manifest) = prebuilt::load("sm_90a", out.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&cubin[..4], b"\x7fELF");
+    assert_eq!(manifest.source_hash, source_hash());
+    assert!(manifest.nvrtc.starts_with("13."), "{}", manifest.nvrtc);
+    assert_eq!(manifest.kernels.len(), KERNELS.len());
 }

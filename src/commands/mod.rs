@@ -2,5 +2,7 @@
 
 pub mod compare;
 pub mod inspect;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod quantize;
 pub mod score;

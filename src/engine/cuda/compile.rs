@@ -1,13 +1,13 @@
-//! Run-time compilation of `kernels/*.cu` with NVRTC for the device's own architecture
-//! (`sm_90a` on Hopper), cached on disk by a hash of the source, the architecture and the
-//! NVRTC version, so a restart loads PTX without compiling. The sources are built into the
-//! binary; the CUDA headers (`cuda_fp8.h`, `cuda_bf16.h`, `mma.h`) are found at run time.
+//! Compilation of `kernels/*.cu` with NVRTC straight to CUBIN for the device's own
+//! architecture (`sm_90a` on Hopper): the driver loads machine code and never JIT-compiles
+//! PTX, so a PTX version newer than the driver cannot stop the engine. CUBINs are cached on
+//! disk by a hash of the source, the architecture and the NVRTC version; prebuilt ones
+//! ([`super::prebuilt`]) need no NVRTC at all. The sources are built into the binary; the CUDA
+//! headers (`cuda_fp8.h`, `cuda_bf16.h`) are found at run time.
 
 use std::path::{Path, PathBuf};
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
-
-use super::probe::{require, Library};
+use super::nvrtc;
 use super::CudaError;
 
 /// Every kernel source, in the order they are concatenated after `common.cuh`.
@@ -54,7 +54,7 @@ pub fn program_source() -> String {
     s
 }
 
-/// Where compiled PTX is kept: `SCORESTREAM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/scorestream/
+/// Where compiled CUBINs are kept: `SCORESTREAM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/scorestream/
 /// kernels`, else `$HOME/.cache/scorestream/kernels`, else `/tmp/scorestream-kernels`.
 pub fn default_cache_dir() -> PathBuf {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -90,50 +90,32 @@ pub fn python_nvidia_dir(sub: &str) -> Option<PathBuf> {
     (!dir.is_empty()).then(|| PathBuf::from(dir).join(sub))
 }
 
-/// The NVRTC version as `major.minor`.
-pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
-    require(&[Library::Nvrtc])?;
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two out-parameters; the library was probed above.
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| CudaError::Compile { arch: String::new(), log: format!("nvrtcVersion: {e:?}") })?;
-    Ok((major, minor))
+/// NVRTC's options for `arch` (a real architecture such as `sm_90a`, so NVRTC emits CUBIN;
+/// ptxas's `-v` puts each kernel's registers and spills in the log).
+pub fn compile_options(arch: &str, includes: &[PathBuf]) -> Vec<String> {
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+        "--ptxas-options=-v".into(),
+    ];
+    opts.extend(includes.iter().map(|p| format!("--include-path={}", p.display())));
+    opts
 }
 
-/// Compile the kernels for `arch` (e.g. `sm_90a`) to PTX, without the cache.
-pub fn compile_ptx(arch: &str, includes: &[PathBuf]) -> Result<String, CudaError> {
-    require(&[Library::Nvrtc])?;
-    let compute = arch.replacen("sm_", "compute_", 1);
-    let opts = CompileOptions {
-        include_paths: includes.iter().map(|p| p.display().to_string()).collect(),
-        options: vec![format!("--gpu-architecture={compute}"), "--std=c++17".into(), "-default-device".into()],
-        name: Some("scorestream_kernels.cu".into()),
-        ..Default::default()
-    };
-    match cudarc::nvrtc::compile_ptx_with_opts(program_source(), opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(e) => Err(CudaError::Compile { arch: arch.to_owned(), log: compile_log(&e) }),
-    }
+/// Kernels compiled to CUBIN, with NVRTC's log and the resources ptxas reported.
+pub struct KernelImage {
+    pub arch: String,
+    pub cubin: Vec<u8>,
+    pub log: String,
+    pub resources: Vec<KernelResources>,
+    /// The NVRTC that compiled it: `(major, minor)` and its path.
+    pub nvrtc: ((i32, i32), PathBuf),
 }
 
-fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
-    match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// PTX for `arch` from the cache in `dir`, compiling and storing it on a miss. The key covers
-/// the source, the architecture and the NVRTC version.
-pub fn cached_ptx(arch: &str, dir: &Path) -> Result<Ptx, CudaError> {
-    let (major, minor) = nvrtc_version()?;
-    let key = fnv1a(format!("{arch}\0{major}.{minor}\0{}", program_source()).as_bytes());
-    let path = dir.join(format!("kernels-{arch}-{key:016x}.ptx"));
-    if let Ok(src) = std::fs::read_to_string(&path) {
-        return Ok(Ptx::from_src(src));
-    }
-    let includes = include_dirs();
+/// Compile every kernel for `arch` to CUBIN with the chosen NVRTC ([`nvrtc::global`]).
+pub fn compile_cubin(arch: &str, includes: &[PathBuf]) -> Result<KernelImage, CudaError> {
+    let nv = nvrtc::global()?;
     if includes.is_empty() {
         return Err(CudaError::Compile {
             arch: arch.to_owned(),
@@ -142,14 +124,98 @@ pub fn cached_ptx(arch: &str, dir: &Path) -> Result<Ptx, CudaError> {
                 .into(),
         });
     }
-    let ptx = compile_ptx(arch, &includes)?;
-    let cache_err = |source| CudaError::Cache { path: path.display().to_string(), source };
-    std::fs::create_dir_all(dir).map_err(cache_err)?;
+    let compiled = nv
+        .compile_cubin(&program_source(), "scorestream_kernels.cu", &compile_options(arch, includes))
+        .map_err(|log| CudaError::Compile { arch: arch.to_owned(), log })?;
+    let resources = parse_ptxas_log(&compiled.log);
+    Ok(KernelImage { arch: arch.to_owned(), cubin: compiled.cubin, log: compiled.log, resources, nvrtc: (nv.version, nv.path.clone()) })
+}
+
+/// What ptxas reported for one kernel (`--ptxas-options=-v`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Parse ptxas's verbose report: "Compiling entry function 'k'", then "N bytes stack frame,
+/// N bytes spill stores, N bytes spill loads" and "Used N registers".
+pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
+    let number_before = |line: &str, word: &str| -> Option<u32> {
+        let at = line.find(word)?;
+        line[..at].split_whitespace().last()?.parse().ok()
+    };
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_owned();
+            out.push(KernelResources { name, registers: 0, stack_bytes: 0, spill_stores: 0, spill_loads: 0 });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            k.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+            k.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+            k.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+        } else if line.contains("registers") {
+            k.registers = number_before(line, "registers").unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Every kernel of [`KERNELS`] reported, with at most 255 registers and no spills; the
+/// problems found otherwise, one per line.
+pub fn check_resources(resources: &[KernelResources]) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for k in KERNELS {
+        match resources.iter().find(|r| r.name == k) {
+            None => problems.push(format!("{k}: not in the ptxas report")),
+            Some(r) if r.registers == 0 || r.registers > 255 => problems.push(format!("{k}: {} registers", r.registers)),
+            Some(r) if r.spill_stores > 0 || r.spill_loads > 0 => {
+                problems.push(format!("{k}: spills ({} bytes stored, {} loaded)", r.spill_stores, r.spill_loads))
+            }
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }
+}
+
+/// Identifies the kernel sources (not the architecture or compiler).
+pub fn source_hash() -> String {
+    format!("{:016x}", fnv1a(program_source().as_bytes()))
+}
+
+/// CUBIN for `arch` from the cache in `dir`, compiling and storing it on a miss. The key
+/// covers the source, the architecture and the NVRTC version.
+pub fn cached_cubin(arch: &str, dir: &Path) -> Result<(Vec<u8>, PathBuf), CudaError> {
+    let nv = nvrtc::global()?;
+    let (major, minor) = nv.version;
+    let key = fnv1a(format!("{arch}\0{major}.{minor}\0{}", program_source()).as_bytes());
+    let path = dir.join(format!("kernels-{arch}-{key:016x}.cubin"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok((bytes, path));
+    }
+    let image = compile_cubin(arch, &include_dirs())?;
+    write_atomic(&path, &image.cubin)?;
+    Ok((image.cubin, path))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CudaError> {
+    let cache_err = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| CudaError::Cache { path, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(cache_err(dir))?;
+    }
     // Write then rename, so a concurrent start never reads half a file.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &ptx).map_err(|source| CudaError::Cache { path: tmp.display().to_string(), source })?;
-    std::fs::rename(&tmp, &path).map_err(|source| CudaError::Cache { path: path.display().to_string(), source })?;
-    Ok(Ptx::from_src(ptx))
+    std::fs::write(&tmp, bytes).map_err(cache_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(cache_err(path))
 }
 
 /// 64-bit FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
@@ -179,5 +245,39 @@ mod tests {
         }
         assert_eq!(arch_for(9, 0), "sm_90a");
         assert_eq!(arch_for(8, 9), "sm_89");
+    }
+
+    /// NVRTC 13.0's log for `--ptxas-options=-v` (abridged from a real compile).
+    const LOG: &str = "ptxas info    : 24 bytes gmem
+ptxas info    : Compiling entry function 'attention_varlen_d192_bf16' for 'sm_90a'
+ptxas info    : Function properties for attention_varlen_d192_bf16
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+ptxas info    : Compile time = 582.078 ms
+ptxas info    : Compiling entry function 'fill_bytes' for 'sm_90a'
+ptxas info    : Function properties for fill_bytes
+ptxas         .     8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 22 registers, used 0 barriers
+";
+
+    #[test]
+    fn ptxas_report_gives_registers_and_spills_per_kernel() {
+        let r = parse_ptxas_log(LOG);
+        assert_eq!(
+            r,
+            [
+                KernelResources { name: "attention_varlen_d192_bf16".into(), registers: 255, stack_bytes: 0, spill_stores: 0, spill_loads: 0 },
+                KernelResources { name: "fill_bytes".into(), registers: 22, stack_bytes: 8, spill_stores: 12, spill_loads: 4 },
+            ]
+        );
+        let problems = check_resources(&r).unwrap_err();
+        assert!(problems.contains("fill_bytes: spills (12 bytes stored, 4 loaded)"), "{problems}");
+        assert!(problems.contains("rmsnorm_bf16: not in the ptxas report"), "{problems}");
+        assert!(!problems.contains("attention_varlen_d192_bf16"), "{problems}");
+        let mut all: Vec<KernelResources> = KERNELS.iter().map(|k| KernelResources { name: (*k).into(), registers: 40, stack_bytes: 0, spill_stores: 0, spill_loads: 0 }).collect();
+        assert_eq!(check_resources(&all), Ok(()));
+        all[0].registers = 256;
+        assert!(check_resources(&all).unwrap_err().contains("256 registers"));
+        assert!(compile_options("sm_90a", &[]).contains(&"--gpu-architecture=sm_90a".to_owned()));
     }
 }

@@ -74,6 +74,7 @@ impl Fp8Gemm {
         if tokens == 0 {
             return Ok(ScaleMode::OuterVector);
         }
+        super::plan::check_fp8_gemm_shape(tokens, n, k).map_err(CudaError::Shape)?;
         // A bias needs the epilogue anyway: let it apply the scales too.
         let mode = if self.prefer_outer_vector && bias == 0 && self.plan(tokens, n, k, ScaleMode::OuterVector).is_ok() {
             ScaleMode::OuterVector

@@ -1,9 +1,11 @@
 //! The CUDA engine: FP8 GEMMs through cuBLASLt and fused kernels (`kernels/*.cu`) compiled at
-//! start-up by NVRTC for the device's own architecture. Everything that touches the GPU is
-//! behind the `cuda` feature and loads `libcuda`, `libnvrtc` and `libcublasLt` dynamically,
-//! after probing for them, so one binary serves CPU and GPU machines. The buffer planner and
-//! the attention tile schedule are plain Rust, compiled and tested without the feature.
+//! start-up by NVRTC to CUBIN for the device's own architecture, or prebuilt. Everything that
+//! touches the GPU is behind the `cuda` feature and loads `libcuda`, `libnvrtc` and
+//! `libcublasLt` dynamically, after probing for them, so one binary serves CPU and GPU
+//! machines. The buffer planner, the attention tile schedule and every kernel launch's
+//! arguments and dimensions are plain Rust, compiled and tested without the feature.
 
+pub mod launch;
 pub mod plan;
 
 #[cfg(feature = "cuda")]
@@ -14,6 +16,10 @@ pub mod device;
 pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod layer;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod prebuilt;
 #[cfg(feature = "cuda")]
 pub mod probe;
 #[cfg(feature = "cuda")]
@@ -31,7 +37,7 @@ mod error {
         MissingLibrary { library: &'static str, hint: String },
         #[error("GPU {name} has compute capability {major}.{minor}; the FP8 engine needs sm_90 (Hopper) or newer")]
         UnsupportedGpu { name: String, major: i32, minor: i32 },
-        #[error("CUDA driver call failed: {context}: {source}")]
+        #[error("CUDA driver call failed: {context}")]
         Driver {
             context: String,
             #[source]
@@ -39,13 +45,15 @@ mod error {
         },
         #[error("NVRTC could not compile the kernels for {arch}: {log}")]
         Compile { arch: String, log: String },
-        #[error("kernel cache {path}: {source}")]
+        #[error("kernel file {path}")]
         Cache {
             path: String,
             #[source]
             source: std::io::Error,
         },
-        #[error("cuBLASLt {context}: {source}")]
+        #[error("prebuilt kernels {path}: {reason}")]
+        Prebuilt { path: String, reason: String },
+        #[error("cuBLASLt {context}")]
         Blas {
             context: String,
             #[source]

@@ -66,6 +66,35 @@ impl LayerShape {
     }
 }
 
+/// cuBLASLt's FP8 (E4M3) GEMM needs 16-byte aligned leading dimensions: the inner dimension
+/// `k` (one byte per E4M3 value in A and B) a multiple of 16 and the bf16 output's `n` a
+/// multiple of 8. Checked before planning, so a bad shape reads as itself instead of
+/// cuBLASLt's "no algorithm". `tokens` is free.
+pub fn check_fp8_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), String> {
+    let mut bad = Vec::new();
+    if k == 0 || k % 16 != 0 {
+        bad.push(format!("the inner dimension k = {k} must be a positive multiple of 16"));
+    }
+    if n == 0 || n % 8 != 0 {
+        bad.push(format!("the output dimension n = {n} must be a positive multiple of 8"));
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(format!("FP8 GEMM {tokens}x{n}x{k} (tokens x out x in) cannot run on cuBLASLt: {}", bad.join("; ")))
+}
+
+impl LayerShape {
+    /// [`check_fp8_gemm_shape`] for each of the layer's four projections.
+    pub fn check_fp8(&self) -> Result<(), String> {
+        let names = ["qkv", "o", "gate|up", "down"];
+        for (name, (out, inp)) in names.iter().zip(self.linears()) {
+            check_fp8_gemm_shape(1, out, inp).map_err(|e| format!("{name} projection: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// One buffer of the arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
@@ -243,6 +272,19 @@ mod tests {
         }
         assert!(covered.iter().all(|&c| c == 1));
         assert!(tiles.len() <= max_tiles(200, 3));
+    }
+
+    #[test]
+    fn fp8_gemm_shapes_are_checked_up_front() {
+        assert_eq!(check_fp8_gemm_shape(7, 10240, 8192), Ok(()));
+        let e = check_fp8_gemm_shape(7, 100, 8192).unwrap_err();
+        assert!(e.contains("n = 100 must be a positive multiple of 8") && !e.contains("inner"), "{e}");
+        let e = check_fp8_gemm_shape(7, 96, 1000).unwrap_err();
+        assert!(e.contains("k = 1000 must be a positive multiple of 16") && e.contains("7x96x1000"), "{e}");
+        assert!(check_fp8_gemm_shape(1, 0, 0).unwrap_err().contains("n = 0"));
+        assert_eq!(LayerShape::LLAMA_70B.check_fp8(), Ok(()));
+        let odd = LayerShape { hidden: 100, heads: 4, kv_heads: 2, head_dim: 25, inter: 300, gated: true };
+        assert!(odd.check_fp8().unwrap_err().starts_with("qkv projection: "));
     }
 
     #[test]

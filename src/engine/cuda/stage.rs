@@ -73,6 +73,7 @@ pub fn layer_config(cfg: &ArchConfig, index: usize) -> Result<LayerConfig> {
         inter: cfg.intermediate_size,
         gated,
     };
+    shape.check_fp8().map_err(CudaError::Shape)?;
     let act = match cfg.activation {
         Activation::SwiGlu => "swiglu_quant_bf16",
         Activation::GeGluTanh => "geglu_quant_bf16",

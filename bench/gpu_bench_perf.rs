@@ -1,0 +1,181 @@
+//! The timed parts of gpu_bench: the cuBLASLt FP8 GEMM ceiling, each kernel alone at the
+//! Llama-3.1-70B shape, and the 70B-shape layer loop. Times are medians of CUDA-event
+//! intervals (events created with timing enabled) after warm-up; each result is printed as one
+//! JSON line as soon as it is measured, so a step cut short by its timeout keeps what finished.
+
+use anyhow::Result;
+use scorestream::engine::cuda::device::GpuDevice;
+use scorestream::engine::cuda::gemm::{Fp8Gemm, ScaleMode};
+use scorestream::engine::cuda::layer::{forward, LayerConfig, LayerWeights, Workspace};
+use scorestream::engine::cuda::plan::{attention_tiles, LayerShape};
+
+/// Deterministic xorshift, for batch layouts.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Median milliseconds of `reps` runs of `f` after `warm` untimed ones.
+pub fn time_ms(dev: &GpuDevice, warm: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let (start, stop) = dev.timing_events()?;
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        start.record(&dev.stream)?;
+        f()?;
+        stop.record(&dev.stream)?;
+        stop.synchronize()?;
+        times.push(f64::from(start.elapsed_ms(&stop)?));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+pub fn gemm_bench(dev: &GpuDevice) -> Result<()> {
+    let shape = LayerShape::LLAMA_70B;
+    let mut shapes = vec![("square", 8192usize, 8192usize, 8192usize)];
+    for (name, (o, i)) in ["qkv", "o", "gate_up", "down"].iter().zip(shape.linears()) {
+        shapes.push((name, 16384, o, i));
+    }
+    let mut gemm = Fp8Gemm::new(dev)?;
+    for (name, m, n, k) in shapes {
+        let (a, w, y) = (dev.alloc(m * k)?, dev.alloc(n * k)?, dev.alloc(m * n * 2)?);
+        let (asc, wsc) = (dev.alloc(m * 4)?, dev.alloc(n * 4)?);
+        dev.fill_uniform(true, a.ptr, m * k, 1, 448.0)?;
+        dev.fill_uniform(true, w.ptr, n * k, 2, 448.0)?;
+        dev.upload(asc.ptr, &vec![1e-3f32; m])?;
+        dev.upload(wsc.ptr, &vec![1e-3f32; n])?;
+        for fast in [false, true] {
+            for prefer in [true, false] {
+                gemm.fast_accum = fast;
+                gemm.prefer_outer_vector = prefer;
+                let mut mode = ScaleMode::Epilogue;
+                let ms = time_ms(dev, 2, 20, || {
+                    mode = gemm.matmul(dev, a.ptr, asc.ptr, w.ptr, wsc.ptr, y.ptr, 0, m, n, k)?;
+                    Ok(())
+                })?;
+                let tflops = 2.0 * (m * n * k) as f64 / ms / 1e9;
+                println!(r#"{{"kind":"gemm","shape":"{name}","m":{m},"n":{n},"k":{k},"fast_accum":{fast},"mode":"{mode:?}","ms":{ms:.4},"tflops":{tflops:.1}}}"#);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sequence boundaries for `tokens` tokens in sequences of 512–4096 tokens.
+pub fn batch(tokens: usize, rng: &mut Rng) -> Vec<u32> {
+    let mut cu = vec![0u32];
+    let mut left = tokens;
+    while left > 0 {
+        let len = (512 + (rng.next() * 3585.0) as usize).min(left);
+        left -= len;
+        cu.push((tokens - left) as u32);
+    }
+    cu
+}
+
+fn llama3_inv_freq(shape: &LayerShape) -> Vec<f32> {
+    scorestream::model::rope::inv_freq(
+        500_000.0,
+        shape.head_dim,
+        &scorestream::model::config::RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max: 8192.0 },
+    )
+}
+
+fn kernel_line(kernel: &str, tokens: usize, ms: f64, bytes: f64) {
+    let gbps = bytes / ms / 1e6;
+    println!(r#"{{"kind":"kernel_time","kernel":"{kernel}","tokens":{tokens},"ms":{ms:.4},"gb_per_s":{gbps:.0}}}"#);
+}
+
+/// Each kernel alone on one 70B-shape layer's buffers, 16,384 tokens: memory-bound kernels
+/// with their bytes moved per second, attention with its TFLOP/s (batch of 512–4096-token
+/// sequences, and 4 sequences of 4096).
+pub fn kernel_times(dev: &GpuDevice) -> Result<()> {
+    let (s, t) = (LayerShape::LLAMA_70B, 16384usize);
+    let mut ws = Workspace::new(dev, &s, t, t / 512 + 1, &llama3_inv_freq(&s))?;
+    let mut rng = Rng(777);
+    let cu = batch(t, &mut rng);
+    ws.set_batch(dev, &cu)?;
+    let p = ws.plan.clone();
+    let (x, h, qkv, attn, up, q8, qs) = (ws.at(p.x), ws.at(p.h), ws.at(p.qkv), ws.at(p.attn), ws.at(p.up), ws.at(p.q8), ws.at(p.q_scale));
+    for (ptr, n) in [(x, t * s.hidden), (h, t * s.hidden), (qkv, t * s.qkv_width()), (attn, t * s.attn_width()), (up, t * s.up_width())] {
+        dev.fill_uniform(false, ptr, n, 3, 1.0)?;
+    }
+    let w = LayerWeights::random(dev, &s, 5)?;
+    let (th, hid) = ((t * s.hidden) as f64, s.hidden);
+    let ms = time_ms(dev, 2, 20, || Ok(dev.norm(false, x, h, w.norm1.ptr, 0, 1e-5, t, hid, 0, q8, qs)?))?;
+    kernel_line("rmsnorm_bf16+residual+fp8", t, ms, 7.0 * th);
+    let rot_heads = s.heads + s.kv_heads;
+    let ms = time_ms(dev, 2, 20, || Ok(dev.rotary(qkv, t, rot_heads, s.head_dim, s.qkv_width(), s.head_dim, ws.at(p.positions), ws.inv_freq.ptr)?))?;
+    kernel_line("rotary_bf16", t, ms, 4.0 * (t * rot_heads * s.head_dim) as f64);
+    let ms = time_ms(dev, 2, 20, || Ok(dev.act_quant("swiglu_quant_bf16", up, t, s.inter, 0, q8, qs)?))?;
+    kernel_line("swiglu_quant_bf16", t, ms, 5.0 * (t * s.inter) as f64);
+    let ms = time_ms(dev, 2, 20, || Ok(dev.quant_rows(attn, t, s.attn_width(), q8, qs)?))?;
+    kernel_line("quant_rows_bf16", t, ms, 3.0 * (t * s.attn_width()) as f64);
+    let ms = time_ms(dev, 2, 20, || Ok(dev.add(x, h, t * hid)?))?;
+    kernel_line("add_bf16", t, ms, 6.0 * th);
+    let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, w.scale[1].ptr, 0)?))?;
+    kernel_line("scale_epilogue_bf16", t, ms, 4.0 * th);
+    let uniform: Vec<u32> = (0..=4u32).map(|i| i * 4096).collect();
+    for (label, cu) in [("512-4096", cu.clone()), ("4x4096", uniform)] {
+        ws.set_batch(dev, &cu)?;
+        let ms = time_ms(dev, 2, 10, || {
+            Ok(dev.attention(qkv, attn, ws.at(p.tiles), ws.tiles, ws.at(p.cu_seqlens), s.qkv_width(), s.heads, s.kv_heads, s.head_dim, 0)?)
+        })?;
+        let flops: f64 = cu.windows(2).map(|w| s.attention_flops((w[1] - w[0]) as usize)).sum();
+        let tiles = attention_tiles(&cu).len();
+        println!(
+            r#"{{"kind":"kernel_time","kernel":"attention_varlen_d128_bf16","seqs":"{label}","tokens":{t},"tiles":{tiles},"ms":{ms:.4},"tflops":{:.1}}}"#,
+            flops / ms / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// The layer loop at the 70B shape over as many layers as fit (at most `max_layers`).
+pub fn layers_bench(dev: &GpuDevice, max_layers: usize, reps: usize) -> Result<()> {
+    let shape = LayerShape::LLAMA_70B;
+    let batches = [4096usize, 16384, 65536];
+    let max_tokens = 65536;
+    let mut ws = Workspace::new(dev, &shape, max_tokens, max_tokens / 512 + 1, &llama3_inv_freq(&shape))?;
+    let (free, total) = dev.ctx.mem_get_info()?;
+    let fit = free.saturating_sub(3 << 30) / shape.fp8_layer_bytes();
+    let n_layers = fit.min(max_layers).max(1);
+    let layers = (0..n_layers).map(|i| LayerWeights::random(dev, &shape, 1000 + i as u64)).collect::<Result<Vec<_>, _>>()?;
+    let (free_after, _) = dev.ctx.mem_get_info()?;
+    println!(
+        r#"{{"kind":"layers_memory","layers":{n_layers},"fit":{fit},"layer_bytes":{},"workspace_bytes":{},"free_before":{free},"free_after":{free_after},"total":{total}}}"#,
+        shape.fp8_layer_bytes(),
+        ws.plan.total
+    );
+    let mut gemm = Fp8Gemm::new(dev)?;
+    let cfg = LayerConfig::llama(shape);
+    let mut rng = Rng(12345);
+    for tokens in batches {
+        let cu = batch(tokens, &mut rng);
+        ws.set_batch(dev, &cu)?;
+        dev.fill_uniform(false, ws.at(ws.plan.x), tokens * shape.hidden, 7, 1.0)?;
+        let ms = time_ms(dev, 1, reps, || {
+            for (i, w) in layers.iter().enumerate() {
+                forward(dev, &mut gemm, &cfg, w, &ws, i > 0)?;
+            }
+            Ok(())
+        })?;
+        let out = dev.download::<u16>(ws.at(ws.plan.h), 4096)?;
+        let nan = out.iter().any(|&b| !half::bf16::from_bits(b).is_finite());
+        let per_layer = ms / n_layers as f64;
+        let flops: f64 = shape.linear_flops_per_token() * tokens as f64
+            + cu.windows(2).map(|w| shape.attention_flops((w[1] - w[0]) as usize)).sum::<f64>();
+        let tflops = flops / per_layer / 1e9;
+        let tok_s_80 = tokens as f64 / (per_layer * 80.0 / 1e3);
+        println!(r#"{{"kind":"layers","tokens":{tokens},"seqs":{},"layers":{n_layers},"ms_per_layer":{per_layer:.3},"tflops":{tflops:.1},"tokens_per_s_80_layers":{tok_s_80:.0},"nan":{nan}}}"#, cu.len() - 1);
+    }
+    Ok(())
+}
