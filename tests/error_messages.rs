@@ -25,12 +25,13 @@ fn each_cause_is_printed_once() {
     let missing = dir.path().join("no-such-model");
     let input = dir.path().join("in.jsonl");
     std::fs::write(&input, "").unwrap();
+    let no_config = dir.path().join("no-such.toml");
     let bad_toml = dir.path().join("bad.toml");
     std::fs::write(&bad_toml, "[model\npath = 1\n").unwrap();
     let cases: [Vec<&str>; 4] = [
         vec!["score", "--model", missing.to_str().unwrap(), "--input", input.to_str().unwrap()],
-        vec!["run", "--config", dir.path().join("no-such.toml").to_str().unwrap()],
-        vec!["check-config", "--config", dir.path().join("no-such.toml").to_str().unwrap()],
+        vec!["run", "--config", no_config.to_str().unwrap()],
+        vec!["check-config", "--config", no_config.to_str().unwrap()],
         vec!["check-config", "--config", bad_toml.to_str().unwrap()],
     ];
     for args in cases {
