@@ -54,6 +54,7 @@ pub(super) async fn fetch(
             break;
         }
     }
+    source.drain();
     (source, Ok(()))
 }
 
