@@ -106,10 +106,6 @@ async fn sigterm_under_load_exits_0_and_loses_and_duplicates_nothing() {
     assert_eq!(worker.0.wait().unwrap().code(), Some(130));
 }
 
-fn log_has(log: &Path, text: &str) -> bool {
-    std::fs::read_to_string(log).unwrap_or_default().contains(text)
-}
-
 /// The end of a worker's log, for failure messages.
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -155,7 +151,7 @@ async fn workers_stopped_during_rebalances_exit_0_and_lag_follows_the_assignment
     // B joins; while the group rebalances, A is stopped. It keeps serving the group while it
     // drains (so the rebalance completes), commits, and exits 0.
     let b = spawn(&configs[1], &logs[1]);
-    wait_until("B to subscribe", Duration::from_secs(120), || log_has(&logs[1], "Kafka consumer subscribed")).await;
+    wait_until("B to subscribe (ready)", Duration::from_secs(120), || ready(ports[1])).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(stop_all(vec![a]), [Some(0)], "A stopped mid-rebalance:\n{}", log_tail(&logs[0]));
 

@@ -260,6 +260,16 @@ pub fn metrics_text(port: u16) -> String {
     body
 }
 
+/// Whether the worker at `port` answers /readyz with 200 (model warm, source open).
+pub fn ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.starts_with("HTTP/1.1 200")
+}
+
 /// The input partitions with a `scorestream_consumer_lag` series on the worker at `port`, and
 /// their lag.
 pub fn lag_series(port: u16) -> std::collections::BTreeMap<i32, i64> {
