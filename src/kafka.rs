@@ -193,3 +193,17 @@ pub fn default_transactional_id() -> String {
         .unwrap_or_else(|| "worker".into());
     format!("scorestream-{host}")
 }
+
+/// librdkafka's reason for `e`, as the error to keep as a source. rust-rdkafka's [`KafkaError`]
+/// prints its inner error and also returns it as its source, so a logged chain would show the
+/// reason twice; the inner error alone (librdkafka's message for a transactional call, else the
+/// error code with its description) shows it once.
+pub fn reason(e: KafkaError) -> Box<dyn std::error::Error + Send + Sync> {
+    match e {
+        KafkaError::Transaction(t) => Box::new(t),
+        e => match e.rdkafka_error_code() {
+            Some(code) if std::error::Error::source(&e).is_some() => Box::new(code),
+            _ => Box::new(e),
+        },
+    }
+}

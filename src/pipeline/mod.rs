@@ -77,7 +77,7 @@ impl Scorer for crate::engine::Engine {
 pub struct InFlight {
     pub origin: Origin,
     pub key: Option<Bytes>,
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(String, Option<Bytes>)>,
     pub payload: Bytes,
     pub ack: AckHandle,
     pub consumed: Instant,

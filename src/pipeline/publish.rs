@@ -148,7 +148,7 @@ impl Publisher {
 
     /// The dead-letter sink's limit left for the JSON line of `input`'s dead letter.
     fn dead_letter_limit(&self, input: &InFlight) -> Option<usize> {
-        let headers: usize = input.headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let headers: usize = input.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + 4).sum();
         self.dead_letter.max_message_bytes().map(|max| max.saturating_sub(headers + HEADER_ALLOWANCE))
     }
 

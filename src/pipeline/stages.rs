@@ -67,6 +67,7 @@ pub(super) async fn fetch(
             break;
         }
     }
+    source.drain();
     (source, Ok(()))
 }
 

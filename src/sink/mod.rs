@@ -98,8 +98,8 @@ impl OutputKind {
 pub struct Outgoing {
     /// Kafka key: the input's key, else the event id (None when neither is known).
     pub key: Option<Bytes>,
-    /// The input's headers, in order.
-    pub headers: Vec<(String, Bytes)>,
+    /// The input's headers, in order; `None` for a null value (Kafka).
+    pub headers: Vec<(String, Option<Bytes>)>,
     /// The JSON line (without a trailing newline).
     pub payload: Bytes,
     /// Stable id derived from the input ([`Origin::dedup_id`] plus the kind): the same on every

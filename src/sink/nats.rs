@@ -71,7 +71,7 @@ impl Sink for NatsSink {
         async move {
             let mut headers = HeaderMap::new();
             for (k, v) in &msg.headers {
-                if let Ok(v) = std::str::from_utf8(v) {
+                if let Ok(v) = std::str::from_utf8(v.as_deref().unwrap_or_default()) {
                     headers.append(k.as_str(), v);
                 }
             }

@@ -3,19 +3,34 @@
 //! Delivery (after rust-rdkafka's `at_least_once.rs`): `enable.auto.offset.store = false`, and
 //! an input's offset is stored only when the pipeline acks its record (its output was
 //! acknowledged by the broker), in order per partition: acks complete out of order, so the
-//! stored offset advances only over the contiguous prefix of acked records. librdkafka's
-//! auto-commit then commits what is stored, and the final stored offsets are committed
-//! synchronously at close. On a rebalance the revoked partitions' trackers are dropped, so a
-//! late ack for a revoked partition stores nothing: the new owner re-reads from the last stored
-//! offset (duplicates possible, losses not). Caveat: a crash replays everything consumed since
-//! the last commit, bounded by the in-flight limit plus `auto.commit.interval.ms` of traffic.
+//! stored offset advances only over the contiguous prefix of acked records. A committer task
+//! commits what is stored as soon as it moves (one commit at a time), and [`Source::next`]
+//! hands out a record only while fewer than `max_inflight_events` records are consumed and not
+//! yet committed, so a crash replays at most `max_inflight_events` inputs (while commits
+//! succeed: a failing commit, e.g. during a rebalance, lifts the wait so that the consumer keeps
+//! being served).
 //!
-//! Exactly-once (`KafkaSource::open_transactional`): auto-commit is off and acks do nothing;
-//! the sink commits each batch's input offsets inside its producer transaction, with this
-//! consumer's group metadata ([`KafkaSource::group_metadata`]).
+//! Rebalances: a partition about to be revoked has its stored offsets committed in the
+//! revocation callback; its trackers are then dropped, so a late ack for it stores nothing and
+//! the new owner re-reads from the last committed offset (duplicates possible, losses not).
+//!
+//! Shutdown: once the pipeline stops fetching ([`Source::drain`]), the assigned partitions are
+//! paused and a task keeps polling the consumer, so rebalances (another worker joining or
+//! leaving) still complete while the in-flight records drain. [`Source::close`] commits the
+//! final offsets (retrying while a rebalance is in progress), then leaves the group.
+//!
+//! Exactly-once (`KafkaSource::open_transactional`): nothing is committed by the consumer and
+//! acks do nothing; the sink commits each batch's input offsets inside its producer
+//! transaction, with this consumer's group metadata ([`KafkaSource::group_metadata`]).
+//!
+//! `scorestream_consumer_lag{topic,partition}`: for exactly the assigned partitions, from
+//! librdkafka's statistics: the end offset (last stable offset under `read_committed`) minus
+//! the consumer's position, else the committed offset, else the partition's start offset.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+mod offsets;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -23,49 +38,32 @@ use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Statistics};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
+use self::offsets::{commit_loop, Shared};
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::KafkaSourceConfig;
-use crate::kafka::{check_reachable, client_config};
+use crate::kafka::{check_reachable, client_config, reason};
 use crate::metrics::Metrics;
 
 const KIND: &str = "kafka";
 
-/// Offsets handed out per partition, and which are done. `generation` changes on every
-/// assignment so acks from before a revocation are ignored.
-#[derive(Default)]
-struct PartitionTracker {
-    generation: u64,
-    /// offset → acked
-    pending: BTreeMap<i64, bool>,
-}
-
-impl PartitionTracker {
-    /// Mark `offset` done; returns the offset to store (next to read) when the contiguous
-    /// done prefix grew.
-    fn ack(&mut self, offset: i64) -> Option<i64> {
-        *self.pending.get_mut(&offset)? = true;
-        let mut next = None;
-        while let Some((&o, &done)) = self.pending.first_key_value() {
-            if !done {
-                break;
-            }
-            self.pending.remove(&o);
-            next = Some(o + 1);
-        }
-        next
-    }
-}
-
-type Trackers = Arc<Mutex<HashMap<(String, i32), PartitionTracker>>>;
+/// How long closing waits for the final commit (retried while a rebalance is in progress) and
+/// for the group to take the partitions back.
+const CLOSE_ATTEMPTS: u32 = 50;
+const CLOSE_PAUSE: Duration = Duration::from_millis(200);
 
 /// Rebalance, statistics and error callbacks.
 pub struct Context {
-    trackers: Trackers,
+    shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    generation: std::sync::atomic::AtomicU64,
+    /// Exactly-once: the consumer commits nothing itself.
+    transactional: bool,
+    /// `isolation.level = read_committed`: lag is measured to the last stable offset.
+    read_committed: bool,
 }
 
 impl ClientContext for Context {
@@ -78,10 +76,21 @@ impl ClientContext for Context {
     }
 
     fn stats(&self, stats: Statistics) {
+        let assigned = self.shared.assigned();
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics.consumer_lag.with_label_values(&[topic.as_str(), &p.to_string()]).set(part.consumer_lag);
+                if !assigned.contains(&(topic.clone(), *p)) {
+                    continue;
+                }
+                let offsets = offsets::PartitionOffsets {
+                    position: part.app_offset,
+                    committed: part.committed_offset,
+                    start: part.lo_offset,
+                    high: part.hi_offset,
+                    stable: part.ls_offset,
+                };
+                if let Some(lag) = offsets.lag(self.read_committed) {
+                    self.metrics.consumer_lag.with_label_values(&[topic.as_str(), &p.to_string()]).set(lag);
                 }
             }
         }
@@ -89,18 +98,37 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Ok(mut trackers) = self.trackers.lock() else { return };
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let partitions: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
+        tracing::info!(?partitions, "Kafka partitions revoked");
+        if self.transactional || consumer.assignment_lost() {
+            return;
+        }
+        // What is confirmed so far is committed before the partitions go to another member.
+        let snapshot = self.shared.to_commit();
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => self.shared.committed(&snapshot),
+            Err(e) => tracing::warn!(error = %reason(e), "cannot commit the offsets of the revoked partitions"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                for e in tpl.elements() {
-                    trackers.insert((e.topic().to_owned(), e.partition()), PartitionTracker { generation, pending: BTreeMap::new() });
+                let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+                tracing::info!(?partitions, "Kafka partitions assigned");
+                if self.shared.assign(&partitions) {
+                    // Draining: the new partitions are only held until the group takes them back.
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "cannot pause the partitions assigned while draining");
+                    }
                 }
             }
             Rebalance::Revoke(tpl) => {
                 for e in tpl.elements() {
-                    trackers.remove(&(e.topic().to_owned(), e.partition()));
+                    self.shared.revoke(e.topic(), e.partition());
+                    let _ = self.metrics.consumer_lag.remove_label_values(&[e.topic(), &e.partition().to_string()]);
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -108,16 +136,23 @@ impl ConsumerContext for Context {
     }
 }
 
+type Consumer_ = StreamConsumer<Context>;
+
 pub struct KafkaSource {
-    consumer: Arc<StreamConsumer<Context>>,
-    trackers: Trackers,
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
     connected: watch::Receiver<bool>,
     /// Exactly-once: offsets are committed by the sink's transactions, not here.
     transactional: bool,
+    /// Records consumed and not yet committed, at most (at-least-once).
+    max_uncommitted: usize,
+    committer: Option<JoinHandle<()>>,
+    /// The task that serves the consumer once the pipeline stopped fetching.
+    server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl KafkaSource {
-    /// At-least-once: offsets stored as inputs are acked, committed by librdkafka.
+    /// At-least-once: offsets stored as inputs are acked, committed as they move.
     pub async fn open(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
         Self::open_with(c, ctx, false).await
     }
@@ -131,7 +166,9 @@ impl KafkaSource {
         let lag_interval = c.lag_interval.as_millis().max(100).to_string();
         let defaults = [
             ("group.id", c.group_id.as_str()),
-            ("enable.auto.commit", if transactional { "false" } else { "true" }),
+            // Stored offsets are committed by this source as soon as they move (see the
+            // committer), in the revocation callback and at close.
+            ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
             // Outputs of aborted transactions (of an upstream exactly-once producer) are skipped.
@@ -140,14 +177,15 @@ impl KafkaSource {
             ("statistics.interval.ms", lag_interval.as_str()),
         ];
         let config = client_config(&c.brokers, &defaults, &c.options, &c.option_files).map_err(open_err)?;
+        let read_committed = config.get("isolation.level") != Some("read_uncommitted");
         let (probe, brokers) = (config.clone(), c.brokers.clone());
         tokio::task::spawn_blocking(move || check_reachable(&probe, &brokers, &[]))
             .await
             .map_err(|e| SourceError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
             .map_err(open_err)?;
-        let trackers: Trackers = Arc::default();
-        let context = Context { trackers: trackers.clone(), metrics: ctx.metrics.clone(), generation: 0.into() };
-        let consumer: StreamConsumer<Context> =
+        let shared = Arc::new(Shared::default());
+        let context = Context { shared: shared.clone(), metrics: ctx.metrics.clone(), transactional, read_committed };
+        let consumer: Consumer_ =
             config.create_with_context(context).map_err(|e| open_err(crate::kafka::ClientError::Create(e)))?;
         let consumer = Arc::new(consumer);
         let topics: Vec<&str> = c.topics.iter().map(String::as_str).collect();
@@ -156,8 +194,18 @@ impl KafkaSource {
             message: format!("cannot subscribe to {topics:?}"),
             source: Some(Box::new(e)),
         })?;
+        tracing::info!(?topics, group = %c.group_id, "Kafka consumer subscribed");
+        let committer = (!transactional).then(|| tokio::spawn(commit_loop(consumer.clone(), shared.clone())));
         let (_tx, connected) = watch::channel(true);
-        Ok(Self { consumer, trackers, connected, transactional })
+        Ok(Self {
+            consumer,
+            shared,
+            connected,
+            transactional,
+            max_uncommitted: ctx.max_inflight_events.max(1),
+            committer,
+            server: None,
+        })
     }
 
     /// The consumer's current group metadata (member id and generation), for
@@ -166,6 +214,87 @@ impl KafkaSource {
         let consumer = self.consumer.clone();
         Arc::new(move || consumer.group_metadata())
     }
+
+    /// Pause the assigned partitions and poll the consumer in a task of its own until close,
+    /// so that rebalance callbacks are still served. Messages fetched before the pause are
+    /// dropped unprocessed: their offsets are not stored, so they are read again later.
+    fn serve(&mut self) {
+        if self.server.is_some() {
+            return;
+        }
+        self.shared.set_draining();
+        if let Ok(tpl) = self.consumer.assignment() {
+            if let Err(e) = self.consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "cannot pause the assigned partitions while draining");
+            }
+        }
+        let (stop_tx, mut stop) = oneshot::channel();
+        let consumer = self.consumer.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    received = consumer.recv() => if let Err(e) = received {
+                        tracing::warn!(error = %e, "Kafka consumer error while draining");
+                    },
+                }
+            }
+        });
+        self.server = Some((stop_tx, task));
+    }
+
+    /// The final synchronous commit, retried while the group is rebalancing (the consumer is
+    /// served meanwhile, so the rebalance completes).
+    async fn final_commit(&self) -> Result<(), SourceError> {
+        let mut attempt = 1;
+        loop {
+            let consumer = self.consumer.clone();
+            let snapshot = self.shared.to_commit();
+            let result = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await
+                .map_err(|e| SourceError::Ack { kind: KIND, message: "commit task failed".into(), source: Some(Box::new(e)) })?;
+            let e = match result {
+                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                    self.shared.committed(&snapshot);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if attempt == CLOSE_ATTEMPTS {
+                return Err(SourceError::Ack {
+                    kind: KIND,
+                    message: format!("the final commit still failed after {CLOSE_ATTEMPTS} attempts"),
+                    source: Some(reason(e)),
+                });
+            }
+            tracing::info!(error = %reason(e), attempt, "final commit refused (rebalancing?); retrying");
+            tokio::time::sleep(CLOSE_PAUSE).await;
+            attempt += 1;
+        }
+    }
+
+    /// Leave the group: unsubscribe, and serve the consumer until its partitions are revoked
+    /// (the revocation callback commits what is stored), then close it.
+    async fn leave(mut self) {
+        self.consumer.unsubscribe();
+        for _ in 0..CLOSE_ATTEMPTS {
+            if self.consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+                break;
+            }
+            tokio::time::sleep(CLOSE_PAUSE / 4).await;
+        }
+        if let Some((stop, task)) = self.server.take() {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        if let Some(committer) = self.committer.take() {
+            committer.abort();
+            let _ = committer.await;
+        }
+        // Dropping the last handle closes the consumer, blocking until it has left the group.
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    }
 }
 
 fn open_err(e: crate::kafka::ClientError) -> SourceError {
@@ -173,8 +302,8 @@ fn open_err(e: crate::kafka::ClientError) -> SourceError {
 }
 
 struct KafkaAck {
-    consumer: Arc<StreamConsumer<Context>>,
-    trackers: Trackers,
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
     topic: String,
     partition: i32,
     offset: i64,
@@ -184,31 +313,35 @@ struct KafkaAck {
 impl Ack for KafkaAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
         async move {
-            let store = {
-                let Ok(mut trackers) = self.trackers.lock() else { return Ok(()) };
-                match trackers.get_mut(&(self.topic.clone(), self.partition)) {
-                    Some(t) if t.generation == self.generation => t.ack(self.offset),
-                    _ => None, // revoked since: the new owner re-reads it
-                }
-            };
-            match store {
-                // `rd_kafka_offset_store` stores `offset + 1`: hand it the last done offset.
-                Some(next) => self.consumer.store_offset(&self.topic, self.partition, next - 1).map_err(|e| SourceError::Ack {
-                    kind: KIND,
-                    message: format!("cannot store offset {next} of {}/{}", self.topic, self.partition),
-                    source: Some(Box::new(e)),
-                }),
-                None => Ok(()),
-            }
+            // `None`: not the end of the acked prefix, or revoked since (the new owner re-reads it).
+            let Some(next) = self.shared.ack(&self.topic, self.partition, self.generation, self.offset) else { return Ok(()) };
+            // `rd_kafka_offset_store` stores `offset + 1`: hand it the last done offset.
+            self.consumer.store_offset(&self.topic, self.partition, next - 1).map_err(|e| SourceError::Ack {
+                kind: KIND,
+                message: format!("cannot store offset {next} of {}/{}", self.topic, self.partition),
+                source: Some(reason(e)),
+            })?;
+            self.shared.stored_moved();
+            Ok(())
         }
         .boxed()
     }
+}
+
+/// A header value stays `None` when the broker's is null.
+fn headers(msg: &impl Message) -> Vec<(String, Option<Bytes>)> {
+    msg.headers()
+        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice))).collect())
+        .unwrap_or_default()
 }
 
 impl Source for KafkaSource {
     fn next(&mut self) -> BoxFuture<'_, Option<Result<Record, SourceError>>> {
         async move {
             loop {
+                if !self.transactional {
+                    self.shared.wait_for_room(self.max_uncommitted).await;
+                }
                 let msg = match self.consumer.recv().await {
                     Ok(m) => m,
                     Err(e) => {
@@ -221,29 +354,20 @@ impl Source for KafkaSource {
                 let ack = if self.transactional {
                     AckHandle::noop()
                 } else {
-                    let generation = {
-                        let Ok(mut trackers) = self.trackers.lock() else { continue };
-                        let t = trackers.entry((topic.clone(), partition)).or_default();
-                        t.pending.insert(offset, false);
-                        t.generation
-                    };
+                    let generation = self.shared.hand_out(&topic, partition, offset);
                     AckHandle::new(KafkaAck {
                         consumer: self.consumer.clone(),
-                        trackers: self.trackers.clone(),
+                        shared: self.shared.clone(),
                         topic: topic.clone(),
                         partition,
                         offset,
                         generation,
                     })
                 };
-                let headers = msg
-                    .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_owned(), Bytes::copy_from_slice(h.value.unwrap_or_default()))).collect())
-                    .unwrap_or_default();
                 let record = Record {
                     payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
                     key: msg.key().map(Bytes::copy_from_slice),
-                    headers,
+                    headers: headers(&msg),
                     origin: Origin::Kafka { topic, partition, offset },
                     ack,
                 };
@@ -257,40 +381,18 @@ impl Source for KafkaSource {
         self.connected.clone()
     }
 
+    fn drain(&mut self) {
+        self.serve();
+    }
+
     fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+        let mut this = *self;
         async move {
-            if self.transactional {
-                return Ok(());
-            }
-            let consumer = self.consumer.clone();
-            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
-                .await
-                .map_err(|e| SourceError::Ack { kind: KIND, message: "commit task failed".into(), source: Some(Box::new(e)) })?
-                .or_else(|e| match e {
-                    // Nothing stored since the last commit.
-                    rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset) => Ok(()),
-                    e => Err(SourceError::Ack { kind: KIND, message: "final commit failed".into(), source: Some(Box::new(e)) }),
-                })
+            this.serve();
+            let committed = if this.transactional { Ok(()) } else { this.final_commit().await };
+            this.leave().await;
+            committed
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_advance_only_over_the_acked_prefix() {
-        let mut t = PartitionTracker::default();
-        for o in 10..15 {
-            t.pending.insert(o, false);
-        }
-        assert_eq!(t.ack(12), None, "11 and 10 are still in flight");
-        assert_eq!(t.ack(10), Some(11));
-        assert_eq!(t.ack(11), Some(13), "10..=12 done: next to read is 13");
-        assert_eq!(t.ack(14), None);
-        assert_eq!(t.ack(13), Some(15));
-        assert_eq!(t.ack(99), None, "unknown offsets store nothing");
     }
 }

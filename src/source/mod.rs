@@ -187,8 +187,8 @@ pub struct Record {
     pub payload: Bytes,
     /// Kafka message key; `None` elsewhere.
     pub key: Option<Bytes>,
-    /// Broker headers, carried over to the output in order.
-    pub headers: Vec<(String, Bytes)>,
+    /// Broker headers, carried over to the output in order; `None` for a null value (Kafka).
+    pub headers: Vec<(String, Option<Bytes>)>,
     pub origin: Origin,
     pub ack: AckHandle,
 }
@@ -209,6 +209,12 @@ pub trait Source: Send {
     /// Whether the source is connected to its broker (`/readyz`). A file source is always
     /// connected.
     fn connected(&self) -> watch::Receiver<bool>;
+
+    /// Called once when the pipeline stops calling [`Source::next`] for good (shutdown), while
+    /// the records handed out are still being processed. A source whose broker session needs
+    /// serving meanwhile (Kafka: rebalance callbacks, so that the group does not stall) does it
+    /// in the background from here until [`Source::close`].
+    fn drain(&mut self) {}
 
     /// Called once at shutdown, after every in-flight record was acked or dropped: flush acks
     /// and commit stored positions (Kafka: synchronous commit), then leave the group.

@@ -266,7 +266,7 @@ impl NatsSource {
             .headers
             .iter()
             .flat_map(|h| h.iter())
-            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), Bytes::copy_from_slice(v.as_str().as_bytes()))))
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), Some(Bytes::copy_from_slice(v.as_str().as_bytes())))))
             .filter(|(k, _)| !k.starts_with("Nats-"))
             .collect();
         let Identity { stream, stream_created, consumer } = self.identity.clone();
