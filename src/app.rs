@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::batch::policy::BatchLimits;
 use crate::config::{Config, ConfigError, Delivery, SinkConfig, SourceConfig};
 use crate::engine::{Engine, EngineError};
 use crate::event::{EventError, InputEvent};
@@ -98,7 +99,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // A signal during a long model load ends the worker right away: nothing is in flight yet.
     let mut early_stop = stop.clone();
     let (preparer, engine) = tokio::select! {
-        loaded = load_model(&config.model) => loaded?,
+        loaded = load_model(&config.model, config.batch.limits()) => loaded?,
         _ = early_stop.wait_for(|s| *s) => {
             tracing::info!("stopped while loading the model");
             return Ok(());
@@ -147,11 +148,12 @@ async fn run_until_drained(
     }
 }
 
-async fn load_model(opts: &ModelOptions) -> Result<(Arc<dyn Preparer>, Engine), AppError> {
+/// Load the tokenizer, template and model, the engine sized for batches of `limits`.
+async fn load_model(opts: &ModelOptions, limits: BatchLimits) -> Result<(Arc<dyn Preparer>, Engine), AppError> {
     let opts = opts.clone();
     let loaded = tokio::task::spawn_blocking(move || -> Result<_, AppError> {
         let prompter = Prompter::load(&opts.path).map_err(AppError::Prompt)?;
-        let engine = Engine::start(&opts).map_err(|e| AppError::Engine(Box::new(e)))?;
+        let engine = Engine::start_with_limits(&opts, limits).map_err(|e| AppError::Engine(Box::new(e)))?;
         let preparer: Arc<dyn Preparer> =
             Arc::new(PromptPreparer { prompter, max_tokens: engine.info().max_tokens, policy: opts.truncation });
         Ok((preparer, engine))
@@ -293,5 +295,17 @@ mod tests {
         assert!(warm(vec![0.5, 0.5]).await.is_err());
         let nan = warm(vec![f32::NAN]).await.unwrap_err().to_string();
         assert!(nan.contains("non-finite"), "{nan}");
+    }
+
+    /// The engine is sized for the configured batches, not for the defaults.
+    #[tokio::test]
+    async fn the_engine_is_planned_for_the_configured_batch_limits() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arith");
+        let opts = ModelOptions { max_tokens: 256, ..ModelOptions::new(dir) };
+        let limits = BatchLimits { max_tokens: 32_768, max_events: 512 };
+        let (_, engine) = load_model(&opts, limits).await.unwrap();
+        let planned = |tokens| crate::engine::plan(&opts, tokens).unwrap().info.stages[0].activation_bytes;
+        assert_eq!(engine.info().stages[0].activation_bytes, planned(32_768));
+        assert_ne!(planned(32_768), planned(BatchLimits::default().max_tokens));
     }
 }

@@ -134,6 +134,9 @@ fn mistakes_are_reported_with_the_field() {
     assert!(auth.contains("source.user"), "{auth}");
     let syntax = error_of("[model\npath=", &[]);
     assert!(syntax.contains("not valid TOML"), "{syntax}");
+    // A conversation of max_tokens must fit one batch (the engine is sized for the batch).
+    let unbatchable = error_of(&file, &[("SCORESTREAM__BATCH__MAX_BATCH_TOKENS", "2048")]);
+    assert!(unbatchable.contains("model.max_tokens") && unbatchable.contains("2048"), "{unbatchable}");
 }
 
 #[test]

@@ -526,6 +526,7 @@ fn config_values_survive_the_toml_rendering() {
     let values = dir.path().join("tricky.yaml");
     let yaml = format!(
         "config:\n  model:\n    attribute_weights: [1, 0.5, 0.0000001, -2]\n    max_tokens: 131072\n  \
+         batch:\n    max_batch_tokens: 131072\n  \
          source:\n    type: kafka\n    brokers: a:9092\n    topics: [t1, \"t.2\"]\n    group_id: {}\n    \
          options: {{\"fetch.max.bytes\": \"1048576\", \"client.id\": \"x y\"}}\n",
         serde_json::to_string(tricky).unwrap()
@@ -535,6 +536,7 @@ fn config_values_survive_the_toml_rendering() {
     let config = check_config("tricky", &config_toml(&docs), dir.path());
     assert_eq!(config.model.attribute_weights, Some(vec![1.0, 0.5, 1e-7, -2.0]));
     assert_eq!(config.model.max_tokens, 131_072);
+    assert_eq!(config.batch.max_batch_tokens, 131_072);
     let SourceConfig::Kafka(k) = &config.source else { panic!("kafka source expected") };
     assert_eq!(k.group_id, tricky);
     assert_eq!(k.topics, ["t1", "t.2"]);

@@ -186,7 +186,7 @@ async fn exactly_once_commits_offsets_in_transactions_and_retries_refused_ones()
 
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("exactly-once: transactions initialised"), "{log}");
-    assert!(log.contains("transaction failed; aborting and retrying the batch"), "the refused transactions were aborted: {log}");
+    assert!(log.contains("transaction failed; aborted, replaying the batch"), "the refused transactions were aborted: {log}");
     assert_eq!(unique_ids(&scored).len(), n);
     assert!(dead.iter().all(|d| d.1["error"]["kind"] == "invalid_json" && d.1["payload"] == "{broken"), "{dead:?}");
     // Every batch committed in a transaction (at most 64 events each), refused ones aborted.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use nats_support::{
-    consumer_state, count, events, free_port, metrics_text, publish_all, read_all, setup_streams, spawn_worker,
+    consumer_state, count, create_streams, events, free_port, metrics_text, publish_all, read_all, setup_streams, spawn_worker,
     terminate, wait_for_outputs, write_config, write_config_with, NatsServer,
 };
 use serde_json::Value;
@@ -70,7 +70,7 @@ async fn scored_outputs_the_stream_refuses_go_to_the_dead_letters_with_the_reaso
             .unwrap();
     }
     let events = events(20);
-    publish_all(&js, &events.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut worker = spawn_worker(&write_config(dir.path(), &server.url(), "", port));
@@ -96,9 +96,7 @@ async fn a_missing_output_stream_fails_at_start_naming_the_subject() {
     let server = NatsServer::start("");
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored")] {
-        js.create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() }).await.unwrap();
-    }
+    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored")]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &server.url(), "", 0);
     let start = Instant::now();
@@ -122,7 +120,7 @@ async fn two_deployments_on_one_stream_each_publish_every_output() {
             .unwrap();
     }
     let events = events(300);
-    publish_all(&js, &events.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    publish_all(&js, &events).await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let port = free_port();
     let mut a = spawn_worker(&write_config_with(dir_a.path(), &server.url(), "", port, |t| t));
@@ -175,7 +173,7 @@ async fn an_id_collision_is_counted() {
     headers.insert("Nats-Msg-Id", format!("conv.scored|nats:CONV@{created}:scorestream:1:scored").as_str());
     js.publish_with_headers("conv.scored", headers, "squatter".into()).await.unwrap().await.unwrap();
     let events = events(5);
-    publish_all(&js, &events.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut worker = spawn_worker(&write_config(dir.path(), &server.url(), "", port));
@@ -242,11 +240,9 @@ async fn credentials_in_the_url_authenticate_and_are_never_logged() {
         .await
         .unwrap();
     let js = jetstream::new(client);
-    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
-        js.create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() }).await.unwrap();
-    }
+    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
     let events = events(10);
-    publish_all(&js, &events.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("nats://scorer:s3cr3tpw@127.0.0.1:{}", server.port);
     let config = write_config(dir.path(), &url, "", 0);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use nats_support::{count, events, publish_all, read_all, setup_streams, spawn_worker, write_config, NatsServer};
+use nats_support::{count, create_streams, events, publish_all, read_all, setup_streams, spawn_worker, write_config, NatsServer};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,11 +184,9 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
         .await
         .unwrap();
     let js = jetstream::new(client);
-    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
-        js.get_or_create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() }).await.unwrap();
-    }
+    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
     let events = events(20);
-    publish_all(&js, &events.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();
     let auth = |ca: &str| format!("user = \"scorer\"\n        password = \"s3cret\"\n        tls = {{ ca_file = \"{}\" }}", p(ca));
     let mut worker = spawn_worker(&write_config(dir.path(), &server.url(), &auth("ca.pem"), 0));

@@ -158,3 +158,16 @@ fn a_missing_model_is_an_error_of_the_run() {
     assert_ne!(output.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/model"));
 }
+
+#[test]
+fn a_length_limit_above_the_batch_size_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model"])
+        .arg(common_fixtures::dir("arith"))
+        .args(["--batch-tokens", "100", "--input", "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("length limit (256 tokens) is above --batch-tokens (100)"), "{err}");
+}

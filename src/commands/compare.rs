@@ -65,10 +65,11 @@ pub fn tokenize_file(opts: &ModelOptions, path: &std::path::Path) -> anyhow::Res
 
 /// Rewards of every sequence under `opts`.
 pub fn score_all(opts: &ModelOptions, ids: &[Vec<u32>]) -> anyhow::Result<Vec<f32>> {
-    let engine = Engine::start(opts)?;
+    let limits = BatchLimits::default();
+    let engine = Engine::start_with_limits(opts, limits)?;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut rewards = Vec::with_capacity(ids.len());
-    for range in pack(&lengths, &BatchLimits::default()) {
+    for range in pack(&lengths, &limits) {
         let scores = engine.score_blocking(ids[range].to_vec())?;
         rewards.extend(scores.into_iter().map(|s| s.reward));
     }

@@ -46,14 +46,22 @@ type ScoreFn<'a> = dyn Fn(Vec<Vec<u32>>) -> Result<Vec<Score>, String> + 'a;
 pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let opts = args.model.options();
     let prompter = Arc::new(Prompter::load(&opts.path).context("cannot load the tokenizer and chat template")?);
-    let engine = Engine::start(&opts)?;
+    let limits = BatchLimits { max_tokens: args.batch_tokens, max_events: args.batch_events };
+    let engine = Engine::start_with_limits(&opts, limits)?;
+    // The length limit (`--max-tokens` capped by the model's positions) must fit one batch.
+    if engine.info().max_tokens > args.batch_tokens {
+        anyhow::bail!(
+            "the length limit ({} tokens) is above --batch-tokens ({}): a conversation that long could never be batched",
+            engine.info().max_tokens,
+            args.batch_tokens
+        );
+    }
     let input = open_input(&args.input)?;
     let mut output = open_output(&args.output)?;
     let mut errors: Box<dyn Write> = match &args.errors {
         Some(p) => Box::new(BufWriter::new(File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
         None => Box::new(std::io::stderr()),
     };
-    let limits = BatchLimits { max_tokens: args.batch_tokens, max_events: args.batch_events };
     let (tx, rx) = sync_channel::<Item>(args.batch_events.max(1) * 2);
     let max_line = args.max_line_bytes;
     // The engine's limit: `max_tokens` capped by the model's positions.

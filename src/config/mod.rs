@@ -213,6 +213,15 @@ impl Config {
         positive("batch.max_batch_events", b.max_batch_events)?;
         positive("batch.max_inflight_events", b.max_inflight_events)?;
         positive("batch.max_inflight_bytes", b.max_inflight_bytes)?;
+        if self.model.max_tokens > b.max_batch_tokens {
+            return invalid(
+                "model.max_tokens",
+                &format!(
+                    "{} is above batch.max_batch_tokens ({}): a conversation that long could never be batched",
+                    self.model.max_tokens, b.max_batch_tokens
+                ),
+            );
+        }
         positive("http.max_connections", self.http.max_connections)?;
         positive("model.max_tokens", self.model.max_tokens)?;
         if self.model.devices.is_empty() {

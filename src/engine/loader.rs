@@ -1,6 +1,7 @@
 //! Loading a model onto its devices: read the config, map the weights, split the layers into
 //! stages balanced by parameter bytes, and describe the result ([`ModelInfo`]).
 
+use crate::batch::policy::BatchLimits;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -134,8 +135,8 @@ pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelE
 pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
 
 /// Plan the model described by `opts` and return one loader per stage.
-pub fn loaders(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
-    let plan = plan(opts, max_batch_tokens)?;
+pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
+    let plan = plan(opts, limits.max_tokens)?;
     tracing::info!(
         max_tokens = plan.info.max_tokens,
         configured_max_tokens = opts.max_tokens,
@@ -160,7 +161,7 @@ pub fn loaders(opts: &ModelOptions, max_batch_tokens: usize) -> Result<(Vec<Stag
         .zip(&plan.devices)
         .map(|(range, &device)| {
             let (cfg, weights, range, opts) = (cfg.clone(), plan.weights.clone(), range.clone(), opts.clone());
-            Box::new(move || load_stage(device, weights, &cfg, range, &opts, max_batch_tokens)) as StageLoader
+            Box::new(move || load_stage(device, weights, &cfg, range, &opts, limits)) as StageLoader
         })
         .collect();
     Ok((loaders, plan.info))
@@ -172,7 +173,7 @@ fn load_stage(
     cfg: &ArchConfig,
     range: std::ops::Range<usize>,
     opts: &ModelOptions,
-    max_batch_tokens: usize,
+    limits: BatchLimits,
 ) -> Result<AnyStage, ModelError> {
     let attr = opts.attribute_weights.as_deref();
     match device {
@@ -183,14 +184,14 @@ fn load_stage(
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(ordinal) => {
             let vb = Vb::new(weights, DType::F32, Device::Cpu);
-            let max_seqs = crate::batch::policy::BatchLimits::default().max_events.max(max_batch_tokens / 64);
-            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, max_batch_tokens, max_seqs)
+            let (max_tokens, max_seqs) = (limits.max_tokens, limits.max_events);
+            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, max_tokens, max_seqs)
                 .map(|s| AnyStage::Cuda(Box::new(s)))
                 .map_err(|e| ModelError::Backend { device: format!("cuda:{ordinal}"), source: Box::new(e) })
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(ordinal) => {
-            let _ = max_batch_tokens;
+            let _ = limits;
             Err(ModelError::Device { device: format!("cuda:{ordinal}"), message: "not built with --features cuda".into() })
         }
     }

@@ -88,16 +88,18 @@ pub struct Engine {
 impl Engine {
     /// Load the model (one stage per device) and start its threads. Blocks until every stage
     /// has loaded or one has failed.
+    /// With the default batch limits: for tests and benchmarks; the worker and the commands
+    /// pass the limits they batch with to [`Engine::start_with_limits`].
     pub fn start(opts: &ModelOptions) -> Result<Self, EngineError> {
-        Self::start_for_batches(opts, crate::batch::policy::BatchLimits::default().max_tokens)
+        Self::start_with_limits(opts, crate::batch::policy::BatchLimits::default())
     }
 
-    /// [`Engine::start`], planning activation memory for batches of `max_batch_tokens`. Each
-    /// stage is loaded on its own thread, which then runs it (a GPU context stays on the thread
-    /// that made it).
-    pub fn start_for_batches(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Self, EngineError> {
+    /// [`Engine::start`] for batches of at most `limits` (tokens and sequences): activation
+    /// memory is planned and GPU buffers are sized for them. Each stage is loaded on its own
+    /// thread, which then runs it (a GPU context stays on the thread that made it).
+    pub fn start_with_limits(opts: &ModelOptions, limits: crate::batch::policy::BatchLimits) -> Result<Self, EngineError> {
         let load_err = |source| EngineError::Load { path: opts.path.display().to_string(), source };
-        let (loaders, info) = loader::loaders(opts, max_batch_tokens).map_err(load_err)?;
+        let (loaders, info) = loader::loaders(opts, limits).map_err(load_err)?;
         let busy_nanos: Arc<Vec<AtomicU64>> = Arc::new(loaders.iter().map(|_| AtomicU64::new(0)).collect());
         let (first_tx, mut rx) = mpsc::channel::<Job>(1);
         let last = loaders.len() - 1;

@@ -514,7 +514,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_enqueue_names_librdkafkas_reason_once() {
+    async fn a_message_over_message_max_bytes_is_refused_for_good_with_librdkafkas_reason_once() {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("conv-dead", 1, 1).unwrap();
         let producer: Producer_ = ClientConfig::new()
@@ -526,7 +526,9 @@ mod tests {
         let msg = Outgoing { payload: bytes::Bytes::from(vec![b'x'; 5000]), ..outgoing() };
         let Err(e) = sink.publish(msg).await else { panic!("a message over message.max.bytes was taken") };
         let text = chain(&e);
-        assert!(text.starts_with("the kafka sink could not publish: cannot enqueue to conv-dead: "), "{text}");
+        // Too large: a permanent refusal, never retried as is.
+        assert!(e.is_permanent(), "{text}");
+        assert!(text.starts_with("the kafka sink refused the message: cannot enqueue to conv-dead: "), "{text}");
         assert_eq!(text.matches("Message size too large").count(), 1, "the reason, once: {text}");
     }
 

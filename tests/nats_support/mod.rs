@@ -103,15 +103,21 @@ pub fn write_config_with(dir: &Path, url: &str, auth: &str, port: u16, edit: imp
     path
 }
 
+/// Connect to `url` and create the streams CONV (`conv.in`), SCORED (`conv.scored`) and DEAD
+/// (`conv.dead`).
 pub async fn setup_streams(url: &str) -> jetstream::Context {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::new(client);
-    for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {
-        js.get_or_create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() })
+    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
+    js
+}
+
+/// Create each `(name, subject)` stream, or keep it when it exists.
+pub async fn create_streams(js: &jetstream::Context, streams: &[(&str, &str)]) {
+    for (name, subject) in streams {
+        js.get_or_create_stream(stream::Config { name: (*name).into(), subjects: vec![(*subject).into()], ..Default::default() })
             .await
             .unwrap();
     }
-    js
 }
 
 /// Every message of a stream, in order.
@@ -147,11 +153,11 @@ pub fn events(n: usize) -> Vec<String> {
 }
 
 /// Publish and wait for every PubAck, a window at a time.
-pub async fn publish_all(js: &jetstream::Context, lines: &[&str]) {
+pub async fn publish_all<S: AsRef<str>>(js: &jetstream::Context, lines: &[S]) {
     for chunk in lines.chunks(500) {
         let mut acks = Vec::with_capacity(chunk.len());
         for line in chunk {
-            acks.push(js.publish("conv.in", line.as_bytes().to_vec().into()).await.unwrap());
+            acks.push(js.publish("conv.in", line.as_ref().as_bytes().to_vec().into()).await.unwrap());
         }
         for ack in acks {
             ack.await.unwrap();
