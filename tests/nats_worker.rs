@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use nats_support::{count, create_streams, events, publish_all, read_all, setup_streams, spawn_worker, write_config, NatsServer};
 use serde_json::Value;
 
