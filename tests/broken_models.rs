@@ -4,7 +4,6 @@
 
 mod common_fixtures;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -30,23 +29,7 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
 }
 
 fn score_cmd(model: &Path, input: &str, extra: &[&str]) -> (Output, Vec<Value>, Vec<Value>) {
-    let errors = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_scorestream"))
-        .args(["score", "--model"])
-        .arg(model)
-        .args(["--input", "-", "--output", "-", "--errors"])
-        .arg(errors.path())
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let out = json_lines(&String::from_utf8_lossy(&output.stdout));
-    let errs = json_lines(&std::fs::read_to_string(errors.path()).unwrap_or_default());
-    (output, out, errs)
+    common_fixtures::run_score(model, input.as_bytes(), extra)
 }
 
 fn json_lines(s: &str) -> Vec<Value> {

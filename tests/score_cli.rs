@@ -5,7 +5,6 @@
 mod common_fixtures;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common_fixtures::{fixture_names, Reference};
@@ -18,27 +17,8 @@ struct Run {
 }
 
 fn score(model: &str, input: &[u8], extra: &[&str]) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let errors = dir.path().join("errors.jsonl");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_scorestream"))
-        .args(["score", "--model"])
-        .arg(common_fixtures::dir(model))
-        .args(["--input", "-", "--output", "-", "--errors"])
-        .arg(&errors)
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let lines = |s: &str| s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        out: lines(&String::from_utf8_lossy(&output.stdout)),
-        errors: std::fs::read_to_string(&errors).map(|s| lines(&s)).unwrap_or_default(),
-    }
+    let (output, out, errors) = common_fixtures::run_score(&common_fixtures::dir(model), input, extra);
+    Run { code: output.status.code().unwrap_or(-1), out, errors }
 }
 
 fn conversations() -> Vec<u8> {

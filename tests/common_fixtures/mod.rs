@@ -101,6 +101,33 @@ pub fn write_sharded_checkpoint(dir: &Path, layers: usize, hidden: usize, inter:
 }
 
 /// Rewards by event id from `scorestream score` on the trained `arith` fixture for the JSON
+/// `scorestream score --model MODEL` with `input` on stdin and `extra` flags: the process
+/// output, the JSON lines it wrote to stdout and the error records it wrote to `--errors`.
+pub fn run_score(model: &Path, input: &[u8], extra: &[&str]) -> (std::process::Output, Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let errors = tempfile::NamedTempFile::new().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .args(["score", "--model"])
+        .arg(model)
+        .args(["--input", "-", "--output", "-", "--errors"])
+        .arg(errors.path())
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let lines = |s: &str| -> Vec<serde_json::Value> {
+        s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
+    };
+    let out = lines(&String::from_utf8_lossy(&output.stdout));
+    let errs = lines(&std::fs::read_to_string(errors.path()).unwrap_or_default());
+    (output, out, errs)
+}
+
 /// lines `events` (written to `work/in.jsonl`): what a worker must publish for the same events.
 pub fn score_cli_rewards(work: &Path, events: &[&str]) -> HashMap<String, f64> {
     let input = work.join("in.jsonl");
