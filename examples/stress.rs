@@ -185,6 +185,14 @@ async fn run(root: &Path, name: &str, payloads: Vec<Vec<u8>>, batch_toml: &str) 
     Ok(figures)
 }
 
+fn print_row(name: &str, f: &Figures) {
+    let lost = f.sent as i64 - (f.scored + f.dead) as i64;
+    println!(
+        "| {name} | {} | {} | {} | {lost} | {} | {} | {:.0} | {} | {:.1} |",
+        f.sent, f.scored, f.dead, f.deliveries, f.ack_pending, f.peak_rss_mib, f.slow_consumers, f.seconds
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -200,23 +208,16 @@ async fn main() -> anyhow::Result<()> {
             v.to_string().into_bytes()
         })
         .collect();
-    let mut rows = Vec::new();
+    // Each row is printed as soon as its run ends, so a cut-off run keeps what finished.
+    println!("| run | inputs | scored | dead-lettered | lost | deliveries | unacked after | peak RSS (MiB) | slow consumers | seconds |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     if args.fuzz > 0 {
         // A payload limit below the server's, so that oversized inputs are among the fuzz.
         let batch = "[batch]\nmax_payload_bytes = 900000";
-        rows.push((format!("fuzz: {} mixed events", args.fuzz), run(root, "fuzz", fuzz, batch).await?));
+        print_row(&format!("fuzz: {} mixed events", args.fuzz), &run(root, "fuzz", fuzz, batch).await?);
     }
     if args.burst > 0 {
-        rows.push((format!("burst: {} × 500 KB events", args.burst), run(root, "burst", big, "").await?));
-    }
-    println!("| run | inputs | scored | dead-lettered | lost | deliveries | unacked after | peak RSS (MiB) | slow consumers | seconds |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (name, f) in rows {
-        let lost = f.sent as i64 - (f.scored + f.dead) as i64;
-        println!(
-            "| {name} | {} | {} | {} | {lost} | {} | {} | {:.0} | {} | {:.1} |",
-            f.sent, f.scored, f.dead, f.deliveries, f.ack_pending, f.peak_rss_mib, f.slow_consumers, f.seconds
-        );
+        print_row(&format!("burst: {} × 500 KB events", args.burst), &run(root, "burst", big, "").await?);
     }
     Ok(())
 }
