@@ -16,6 +16,10 @@ ARG RUST_VERSION=1.95
 ARG CUDA_VERSION=13.0.0
 
 FROM rust:${RUST_VERSION}-bookworm AS build
+# The build context has no .git: pass the revision for `--version` and scorestream_build_info,
+#   docker build --build-arg GIT_REVISION=$(git rev-parse --short=12 HEAD) -t scorestream:dev .
+ARG GIT_REVISION=unknown
+ENV SCORESTREAM_GIT_REVISION=${GIT_REVISION}
 # librdkafka's cmake build needs cmake and curl headers (librdkafka#5135); `ssl` needs OpenSSL.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake libcurl4-openssl-dev libssl-dev pkg-config \

@@ -8,7 +8,7 @@ use crate::model::{Dtype, ModelOptions};
 use crate::prompt::TruncationPolicy;
 
 #[derive(Debug, Parser)]
-#[command(name = "scorestream", version, about = "Score LLM conversations with a resident reward model")]
+#[command(name = "scorestream", version = env!("SCORESTREAM_LONG_VERSION"), about = "Score LLM conversations with a resident reward model")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -59,10 +59,12 @@ pub struct Metrics {
     /// First publishes of an output that a de-duplicating broker reported as duplicates: an id
     /// collision, the output may be lost.
     pub dedup_collisions: IntCounter,
+    /// Always 1; labels describe this binary (`version`, git `revision`, cargo `features`).
+    pub build_info: IntGaugeVec,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 18] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -80,7 +82,12 @@ pub const NAMES: [&str; 17] = [
     "scorestream_publish_retries_total",
     "scorestream_publish_rejected_total",
     "scorestream_dedup_collisions_total",
+    "scorestream_build_info",
 ];
+
+/// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
+/// features (comma separated), as recorded by build.rs.
+pub const BUILD: [&str; 3] = [env!("CARGO_PKG_VERSION"), env!("SCORESTREAM_GIT_REVISION"), env!("SCORESTREAM_FEATURES")];
 
 /// The `delivery` label values of `scorestream_events_scored_total`.
 pub const DELIVERIES: [&str; 3] = ["first", "replay", "unknown"];
@@ -163,8 +170,14 @@ impl Metrics {
                 "First publishes reported as duplicates by a de-duplicating broker (id collisions).",
             )
             .map_err(r)?,
+            build_info: IntGaugeVec::new(
+                Opts::new(NAMES[17], "This binary (always 1)."),
+                &["version", "revision", "features"],
+            )
+            .map_err(r)?,
         };
         m.register_all()?;
+        m.build_info.with_label_values(&BUILD).set(1);
         for kind in ErrorKind::ALL {
             m.events_failed.with_label_values(&[kind.as_str()]);
         }
@@ -182,7 +195,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -200,6 +213,7 @@ impl Metrics {
             Box::new(self.publish_retries.clone()),
             Box::new(self.publish_rejected.clone()),
             Box::new(self.dedup_collisions.clone()),
+            Box::new(self.build_info.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;
@@ -262,5 +276,11 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(text.contains("scorestream_events_failed_total{reason=\"too_long\"} 0"));
+        let build = format!(
+            "scorestream_build_info{{features=\"{}\",revision=\"{}\",version=\"{}\"}} 1",
+            BUILD[2], BUILD[1], BUILD[0]
+        );
+        assert!(text.contains(&build), "{build} missing");
+        assert!(!BUILD[1].is_empty() && cfg!(feature = "cuda") == BUILD[2].contains("cuda"));
     }
 }
