@@ -10,8 +10,19 @@ use crate::prompt::TruncationPolicy;
 #[derive(Debug, Parser)]
 #[command(name = "scorestream", version = env!("SCORESTREAM_LONG_VERSION"), about = "Score LLM conversations with a resident reward model")]
 pub struct Cli {
+    /// Log line format on stderr: `text` (coloured only when stderr is a terminal and NO_COLOR
+    /// is unset) or `json` (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SCORESTREAM_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

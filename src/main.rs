@@ -1,16 +1,28 @@
 //! The `scorestream` binary: parse the command line, start tracing, hand over to a command.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
-use scorestream::cli::{Cli, Command};
+use scorestream::cli::{Cli, Command, LogFormat};
 use scorestream::commands;
 use tracing_subscriber::EnvFilter;
 
+/// Logs go to stderr (stdout carries `score`'s output); colour codes only on a terminal.
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("SCORESTREAM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).init();
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SCORESTREAM_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     let result = match cli.command {
         Command::Score(args) => commands::score::run(&args),
         Command::Inspect(args) => commands::inspect::run(&args),

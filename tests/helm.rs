@@ -543,3 +543,15 @@ fn config_values_survive_the_toml_rendering() {
     assert_eq!(k.options.0["fetch.max.bytes"], "1048576");
     assert_eq!(k.options.0["client.id"], "x y");
 }
+
+#[test]
+fn worker_logs_json_by_default() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let args = |docs: &[Value]| worker(docs)["args"].as_array().unwrap()[..3].to_vec();
+    let docs = t.render(&[], dir.path());
+    assert_eq!(args(&docs), ["--log-format", "json", "run"]);
+    let docs = t.render(&strings(&["--set", "logFormat=text"]), dir.path());
+    assert_eq!(args(&docs), ["--log-format", "text", "run"]);
+    assert!(t.template_raw(&strings(&["--set", "logFormat=xml"])).is_err(), "the schema knows the formats");
+}
