@@ -28,6 +28,10 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Score JSONL conversations from a file or stdin; one JSON line out per scored input.
+    ///
+    /// Exit status: 0 when at least one line was scored (or the input was empty), the failed
+    /// lines written as error records; 3 when lines were read but none could be scored; 1 when
+    /// the run itself failed (model, tokenizer, files); 2 for a usage error.
     Score(ScoreArgs),
     /// Describe a model directory: architecture, parameters, head, labels, stages.
     Inspect(InspectArgs),

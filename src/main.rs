@@ -42,7 +42,11 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // Each cause once, even where an error both names its cause and exposes it.
             eprintln!("error: {}", scorestream::error::join_causes(e.chain().map(ToString::to_string)));
-            std::process::ExitCode::FAILURE
+            if e.is::<commands::score::NothingScored>() {
+                std::process::ExitCode::from(3)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

@@ -151,3 +151,17 @@ fn a_length_limit_above_the_batch_size_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("length limit (256 tokens) is above --batch-tokens (100)"), "{err}");
 }
+
+#[test]
+fn exit_status_is_3_when_no_line_could_be_scored() {
+    let good = r#"{"id":"ok","messages":[{"role":"user","content":"1+1"},{"role":"assistant","content":"2"}]}"#;
+    let all_bad = score("arith", b"{not json\n{\"id\":\"s\",\"messages\":\"nope\"}\n", &[]);
+    assert_eq!(all_bad.code, 3, "every line failed");
+    assert!(all_bad.out.is_empty() && all_bad.errors.len() == 2, "{:?}", all_bad.errors);
+    let too_long = score("arith", format!("{good}\n").as_bytes(), &["--max-tokens", "3", "--truncation", "reject"]);
+    assert_eq!((too_long.code, too_long.errors.len()), (3, 1), "rejected by the length limit");
+    let some = score("arith", format!("{good}\n{{not json\n").as_bytes(), &[]);
+    assert_eq!((some.code, some.out.len(), some.errors.len()), (0, 1, 1), "one scored is a success");
+    let empty = score("arith", b"\n\n", &[]);
+    assert_eq!((empty.code, empty.out.len(), empty.errors.len()), (0, 0, 0), "nothing to score is no failure");
+}

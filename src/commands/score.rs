@@ -2,7 +2,8 @@
 //!
 //! A reader thread parses, templates and tokenizes lines while the engine scores the previous
 //! batch. Every input line ends as exactly one output line or one error record; a bad line never
-//! stops the run. Only failing to start (model, files) is an error of the command.
+//! stops the run. Failing to start (model, files) is an error of the command, and so is an input
+//! of which no line could be scored ([`NothingScored`]: exit status 3, see `cli::Command::Score`).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
@@ -29,6 +30,13 @@ pub struct ErrorRecord {
     pub id: Option<String>,
     pub line: usize,
     pub error: ErrorBody,
+}
+
+/// Every input line failed: error records only, no score. Not an empty input (nothing failed).
+#[derive(Debug, thiserror::Error)]
+#[error("nothing scored: all {failed} input lines failed (see the error records)")]
+pub struct NothingScored {
+    pub failed: u64,
 }
 
 /// A line ready for the model.
@@ -68,13 +76,18 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let length = (engine.info().max_tokens, opts.truncation);
     let reader = std::thread::spawn(move || read_and_prepare(input, &prompter, length, max_line, &tx));
     let progress = progress_bar();
-    let mut sink = Sink { output: &mut output, errors: &mut errors, model: engine.info().name.clone(), progress: &progress };
+    let mut sink =
+        Sink { output: &mut output, errors: &mut errors, model: engine.info().name.clone(), progress: &progress, counts: (0, 0) };
     let score = |batch: Vec<Vec<u32>>| engine.score_blocking(batch).map_err(|e| e.to_string());
     score_stream(&score, &rx, limits, &mut sink)?;
+    let (scored, failed) = sink.counts;
     reader.join().map_err(|_| anyhow::anyhow!("the input reader panicked"))??;
     progress.finish_and_clear();
     output.flush()?;
     errors.flush()?;
+    if scored == 0 && failed > 0 {
+        return Err(NothingScored { failed }.into());
+    }
     Ok(())
 }
 
@@ -84,16 +97,20 @@ struct Sink<'a> {
     errors: &'a mut dyn Write,
     model: String,
     progress: &'a indicatif::ProgressBar,
+    /// Lines scored, lines failed.
+    counts: (u64, u64),
 }
 
 impl Sink<'_> {
     fn error(&mut self, rec: &ErrorRecord) -> std::io::Result<()> {
         self.progress.inc(1);
+        self.counts.1 += 1;
         writeln!(self.errors, "{}", serde_json::to_string(rec).map_err(std::io::Error::other)?)
     }
 
     fn scored(&mut self, ev: &ScoredEvent) -> std::io::Result<()> {
         self.progress.inc(1);
+        self.counts.0 += 1;
         writeln!(self.output, "{}", serde_json::to_string(ev).map_err(std::io::Error::other)?)
     }
 }
@@ -252,7 +269,7 @@ mod tests {
     fn flush_with(n: usize, engine: &ScoreFn<'_>) -> (Vec<String>, Vec<String>) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let progress = indicatif::ProgressBar::hidden();
-        let mut sink = Sink { output: &mut out, errors: &mut err, model: "m".into(), progress: &progress };
+        let mut sink = Sink { output: &mut out, errors: &mut err, model: "m".into(), progress: &progress, counts: (0, 0) };
         let mut pending: Vec<Ready> = (1..=n).map(ready).collect();
         flush(engine, &mut pending, &mut 0, &mut sink).unwrap();
         let lines = |b: Vec<u8>| String::from_utf8(b).unwrap().lines().map(str::to_owned).collect();
