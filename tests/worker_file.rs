@@ -233,3 +233,25 @@ fn sigterm_drains_counts_and_exits_zero() {
     assert!(status.success(), "exit {status}: {err}");
     assert_eq!(lines(&out).len() + lines(&dl).len(), sent, "nothing lost or duplicated");
 }
+
+/// The example config as shipped, run from the checkout (only the port and the dead letters'
+/// file moved): it reads a committed input, scores every line and exits 0 at its end.
+#[test]
+fn the_file_example_config_runs_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = bin()
+        .args(["run", "--config", "configs/file.toml"])
+        .env("SCORESTREAM__HTTP__LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("SCORESTREAM__DEAD_LETTER__PATH", dir.path().join("dead.jsonl"))
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: toml::Table = std::fs::read_to_string(root.join("configs/file.toml")).unwrap().parse().unwrap();
+    let input = root.join(config["source"]["path"].as_str().unwrap());
+    let expected = std::fs::read_to_string(&input).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    let scored = String::from_utf8(out.stdout).unwrap().lines().filter(|l| l.contains("\"reward\"")).count();
+    assert!(expected > 0 && scored == expected, "{scored} of {expected} lines of {} scored", input.display());
+}
