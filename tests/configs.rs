@@ -200,3 +200,39 @@ fn secrets_stay_out_of_error_messages() {
     assert!(e.contains("expected a secret (token or password) as a string"), "{e}");
     assert!(!e.contains("untagged") && !e.contains("pa55"), "{e}");
 }
+
+#[test]
+fn brokers_are_a_list_or_a_comma_string() {
+    let kafka = example("kafka.toml");
+    let brokers = |c: &Config| match (&c.source, &c.sink) {
+        (SourceConfig::Kafka(k), SinkConfig::Kafka(s)) => (k.brokers.clone(), s.brokers.clone()),
+        _ => panic!("kafka source and sink expected"),
+    };
+    let listed = kafka.replacen(r#"brokers = "127.0.0.1:9092""#, r#"brokers = ["a:9092", "b:9093"]"#, 2);
+    assert_ne!(listed, kafka);
+    assert_eq!(brokers(&parse(&listed, &[]).unwrap()), ("a:9092,b:9093".into(), "a:9092,b:9093".into()));
+    let env = [("SCORESTREAM__SOURCE__BROKERS", r#"["x:1", "[::1]:2"]"#), ("SCORESTREAM__SINK__BROKERS", "y:1,z:2")];
+    assert_eq!(brokers(&parse(&kafka, &env).unwrap()), ("x:1,[::1]:2".into(), "y:1,z:2".into()));
+    let wrong = error_of(&kafka.replacen(r#"brokers = "127.0.0.1:9092""#, "brokers = 9092", 1), &[]);
+    assert!(wrong.contains("a list of \"host:port\" strings or one comma-separated string"), "{wrong}");
+}
+
+#[test]
+fn schema_errors_name_the_line_or_the_variable() {
+    let file = example("file.toml");
+    let line = |needle: &str| file.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    let e = error_of(&file.replace("max_batch_events = 256", "max_batch_events = \"many\""), &[]);
+    let at = format!("invalid config test, line {}, column 20", line("max_batch_events"));
+    assert!(e.starts_with(&at) && e.contains("max_batch_events = \"many\""), "{e}");
+    let e = error_of(&file.replace("[batch]", "[batch]\nmax_batch_size = 3"), &[]);
+    assert!(e.contains(&format!("line {}, column 1", line("[batch]") + 1)), "{e}");
+    // Set by an override: the variable is named, not a line of the file.
+    let e = error_of(&file, &[("SCORESTREAM__BATCH__MAX_WAIT", "soon"), ("SCORESTREAM__BATCH__MAX_BATCH_EVENTS", "8")]);
+    assert!(e.starts_with("environment variable SCORESTREAM__BATCH__MAX_WAIT: ") && e.contains("`batch.max_wait`"), "{e}");
+    let e = error_of(&file, &[("SCORESTREAM__SOURCE__TYPE", "kafka")]);
+    assert!(e.starts_with("environment variable SCORESTREAM__SOURCE__TYPE: ") && e.contains("unknown field `path`"), "{e}");
+    // A secret on the quoted line stays hidden.
+    let nats = example("nats.toml");
+    let e = error_of(&nats.replace("durable =", "password = [\"pa55\", \"word\"]\ndurable ="), &[]);
+    assert!(e.contains("line ") && !e.contains("pa55"), "{e}");
+}

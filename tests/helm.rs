@@ -313,6 +313,11 @@ fn keda_never_scales_past_the_partitions() {
     assert_eq!(trigger["metadata"]["topic"], "chat.conversations");
     assert_eq!(trigger["metadata"]["allowIdleConsumers"], "false");
     assert_eq!(trigger["authenticationRef"]["name"], "kafka-scorestream-keda");
+    // Brokers given as a list (the worker takes both forms) reach the scaler comma separated.
+    let listed = ["--set-json", r#"config.source.brokers=["k0:9093","k1:9093"]"#];
+    let docs = t.render(&strings(&[&kafka[..], &listed].concat()), dir.path());
+    check_config("listed brokers", &config_toml(&docs), dir.path());
+    assert_eq!(one(&docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["bootstrapServers"], "k0:9093,k1:9093");
     let err = t.template_raw(&strings(&[&kafka[..], &["--set", "keda.partitions=null"]].concat())).unwrap_err();
     assert!(err.contains("keda.partitions is required"), "{err}");
     let docs = t.render(&strings(&["-f", "helm/examples/nats.yaml", "-f", "helm/examples/keda-nats.yaml"]), dir.path());

@@ -146,11 +146,40 @@ pub struct OptionFileError {
     pub source: std::io::Error,
 }
 
+/// `brokers`: a comma-separated string, or a list of "host:port" strings joined with commas.
+fn brokers_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct Brokers;
+    impl<'de> serde::de::Visitor<'de> for Brokers {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of \"host:port\" strings or one comma-separated string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            // A list written as text (an environment override: `["a:9092", "b:9092"]`) is not a
+            // broker name; refusing it lets the overlay read the text as the list it is.
+            if v.trim_start().starts_with("[\"") || v.trim_start().starts_with("['") {
+                return Err(E::invalid_value(serde::de::Unexpected::Str(v), &self));
+            }
+            Ok(v.to_owned())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut all: Vec<String> = Vec::new();
+            while let Some(b) = seq.next_element::<String>()? {
+                all.push(b);
+            }
+            Ok(all.join(","))
+        }
+    }
+    d.deserialize_any(Brokers)
+}
+
 /// `type = "kafka"` source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {
-    /// Bootstrap servers, comma separated ("host:9092,host2:9092").
+    /// Bootstrap servers: a list (["host:9092", "host2:9092"]) or one comma-separated string
+    /// ("host:9092,host2:9092"); kept comma separated.
+    #[serde(deserialize_with = "brokers_list")]
     pub brokers: String,
     /// Topics to consume.
     pub topics: Vec<String>,
@@ -185,7 +214,8 @@ pub enum Delivery {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSinkConfig {
-    /// Bootstrap servers, comma separated.
+    /// Bootstrap servers: a list or one comma-separated string (as the source's).
+    #[serde(deserialize_with = "brokers_list")]
     pub brokers: String,
     /// Topic to produce to.
     pub topic: String,

@@ -40,6 +40,10 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
+    /// A schema error located in the file: where (line, column, the line quoted with secrets
+    /// redacted) and what.
+    #[error("invalid config {origin}, {message}")]
+    InFile { origin: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
     #[error("invalid config: {field}: {message}")]
@@ -200,7 +204,8 @@ impl Config {
             origin: origin.to_owned(),
             message: redact::redact_toml_error(text, &e.to_string()),
         })?;
-        let mut config: Config = overlay(tree, vars)?;
+        let vars: Vec<(String, String)> = vars.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        let mut config: Config = overlay(tree, vars.clone()).map_err(|e| locate(e, text, origin, &vars))?;
         config.take_url_credentials()?;
         config.validate()?;
         Ok(config)
@@ -377,4 +382,32 @@ fn invalid<T>(field: &str, message: &str) -> Result<T, ConfigError> {
 /// opening any connection or the model. Returns the config for printing.
 pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
     Config::load(path)
+}
+
+/// Say where a schema error comes from: the `SCORESTREAM__` variables that set the failing key
+/// (or a key above or below it), else the file's line and column, when the file alone fails the
+/// same way. Otherwise the error as it is.
+fn locate(err: ConfigError, text: &str, origin: &str, vars: &[(String, String)]) -> ConfigError {
+    let ConfigError::Schema { source } = &err else { return err };
+    let message = source.message().trim_end().to_owned();
+    // toml names the failing key on the error's last line: "in `batch.max_wait`".
+    let rendered = source.to_string();
+    let key = rendered.trim_end().rsplit_once("\nin `").and_then(|(_, k)| k.strip_suffix('`')).map(str::to_owned);
+    if let Some(key) = key {
+        let related = |var: &str| {
+            let path = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
+            path == key || path.starts_with(&format!("{key}.")) || key.starts_with(&format!("{path}."))
+        };
+        let set: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).filter(|k| related(k)).collect();
+        if !set.is_empty() {
+            return ConfigError::Env { var: set.join(", "), message: format!("{message} (in `{key}`)") };
+        }
+    }
+    match toml::from_str::<Config>(text) {
+        Err(e) if e.span().is_some() && e.message().trim_end() == message => {
+            let located = e.to_string().replacen("TOML parse error at ", "", 1);
+            ConfigError::InFile { origin: origin.to_owned(), message: redact::redact_toml_error(text, located.trim_end()) }
+        }
+        _ => err,
+    }
 }
