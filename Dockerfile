@@ -15,6 +15,8 @@
 ARG RUST_VERSION=1.95
 ARG CUDA_VERSION=13.0.0
 
+# The image's binary is stripped (no symbols, no debug info: Cargo.toml keeps `debug = 1` in the
+# release profile for local profiling only).
 FROM rust:${RUST_VERSION}-bookworm AS build
 # The build context has no .git: pass the revision for `--version` and scorestream_build_info,
 #   docker build --build-arg GIT_REVISION=$(git rev-parse --short=12 HEAD) -t scorestream:dev .
@@ -28,6 +30,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
+    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols \
     cargo build --release --locked --features cuda --bin scorestream \
  && install -m 0755 target/release/scorestream /usr/local/bin/scorestream
 
