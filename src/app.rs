@@ -86,7 +86,7 @@ impl Preparer for PromptPreparer {
 /// `scorestream run --config FILE` (after [`Config::load`]).
 pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(?config, "starting");
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::with_config(&config.metrics)?);
     let readiness = Arc::new(Readiness::default());
     let liveness = Arc::new(Liveness::default());
     let (stop_tx, stop) = watch::channel(false);

@@ -9,7 +9,55 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::event::ErrorKind;
+
+/// Bucket bounds (seconds) of the latency histograms: from 5 ms to 4 h, so that a backlog
+/// drained over hours still has a quantile below the top bucket (a quantile in the +Inf bucket
+/// reads as the top bound, so alerts on a threshold at or above it can never fire).
+/// helm/scorestream's `scorestream.latencyTopBucket` repeats the last bound (tests/helm.rs checks).
+pub const LATENCY_BUCKETS: [f64; 22] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+    1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// The `[metrics]` section of the worker config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Upper bounds of the `scorestream_reward` histogram buckets, increasing (+Inf is added).
+    /// Default: -10 to 10 in steps of 0.5; set them to the range of the model's rewards.
+    #[serde(default = "default_reward_buckets")]
+    pub reward_buckets: Vec<f64>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { reward_buckets: default_reward_buckets() }
+    }
+}
+
+impl MetricsConfig {
+    /// Why the buckets cannot be used, if they cannot: empty, not finite, or not increasing.
+    pub fn check(&self) -> Result<(), String> {
+        let b = &self.reward_buckets;
+        if b.is_empty() {
+            return Err("at least one bucket bound is needed".into());
+        }
+        if let Some(x) = b.iter().find(|x| !x.is_finite()) {
+            return Err(format!("{x} is not a finite bound (+Inf is always added)"));
+        }
+        match b.windows(2).find(|w| w[0] >= w[1]) {
+            Some(w) => Err(format!("bounds must increase: {} then {}", w[0], w[1])),
+            None => Ok(()),
+        }
+    }
+}
+
+fn default_reward_buckets() -> Vec<f64> {
+    (-20..=20).map(|i| f64::from(i) * 0.5).collect()
+}
 
 /// Errors of the metrics registry.
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +155,17 @@ fn hist(name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, MetricsE
 }
 
 impl Metrics {
+    /// The metrics with the default `[metrics]` settings.
     pub fn new() -> Result<Self, MetricsError> {
+        Self::with_config(&MetricsConfig::default())
+    }
+
+    pub fn with_config(config: &MetricsConfig) -> Result<Self, MetricsError> {
         let r = |e| MetricsError::Register(e);
-        let seconds = exponential_buckets(0.001, 2.0, 16).map_err(r)?;
+        let seconds = LATENCY_BUCKETS.to_vec();
         let sizes = exponential_buckets(1.0, 2.0, 12).map_err(r)?;
         let tokens = exponential_buckets(16.0, 2.0, 14).map_err(r)?;
-        let rewards: Vec<f64> = (-20..=20).map(|i| f64::from(i) * 0.5).collect();
+        let rewards = config.reward_buckets.clone();
         let m = Self {
             registry: Registry::new(),
             events_consumed: IntCounterVec::new(Opts::new(NAMES[0], "Records read from the source."), &["source"])
@@ -282,5 +335,25 @@ mod tests {
         );
         assert!(text.contains(&build), "{build} missing");
         assert!(!BUILD[1].is_empty() && cfg!(feature = "cuda") == BUILD[2].contains("cuda"));
+    }
+
+    #[test]
+    fn latency_buckets_reach_hours_and_reward_buckets_follow_the_config() {
+        let m = Metrics::with_config(&MetricsConfig { reward_buckets: vec![0.0, 0.25, 1.0] }).unwrap();
+        m.event_latency_seconds.observe(5400.0);
+        m.reward.with_label_values(&["reward"]).observe(0.3);
+        let text = m.render().unwrap();
+        assert!(text.contains("scorestream_event_latency_seconds_bucket{le=\"7200\"} 1"), "{text}");
+        assert!(text.contains("scorestream_event_latency_seconds_bucket{le=\"3600\"} 0"), "{text}");
+        assert!(text.contains("scorestream_forward_seconds_bucket{le=\"14400\"} 0"), "{text}");
+        let rewards: Vec<&str> = text.lines().filter(|l| l.starts_with("scorestream_reward_bucket")).collect();
+        assert_eq!(rewards.len(), 4, "{rewards:?}");
+        assert!(rewards[1].contains("le=\"0.25\"") && rewards[1].ends_with(" 0") && rewards[2].ends_with(" 1"), "{rewards:?}");
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]) && LATENCY_BUCKETS[21] >= 3600.0);
+        let bad = |b: Vec<f64>| MetricsConfig { reward_buckets: b }.check().unwrap_err();
+        assert!(bad(vec![]).contains("at least one"));
+        assert!(bad(vec![1.0, 1.0]).contains("increase"));
+        assert!(bad(vec![f64::NAN]).contains("finite"));
+        assert!(MetricsConfig::default().check().is_ok());
     }
 }

@@ -236,3 +236,13 @@ fn schema_errors_name_the_line_or_the_variable() {
     let e = error_of(&nats.replace("durable =", "password = [\"pa55\", \"word\"]\ndurable ="), &[]);
     assert!(e.contains("line ") && !e.contains("pa55"), "{e}");
 }
+
+#[test]
+fn reward_buckets_are_configurable_and_checked() {
+    let file = example("file.toml");
+    assert_eq!(parse(&file, &[]).unwrap().metrics.reward_buckets.len(), 41, "default: -10..10 by 0.5");
+    let set = parse(&file, &[("SCORESTREAM__METRICS__REWARD_BUCKETS", "[-2, 0, 2.5]")]).unwrap();
+    assert_eq!(set.metrics.reward_buckets, [-2.0, 0.0, 2.5]);
+    let e = error_of(&file, &[("SCORESTREAM__METRICS__REWARD_BUCKETS", "[1, 0]")]);
+    assert!(e.contains("metrics.reward_buckets") && e.contains("increase"), "{e}");
+}

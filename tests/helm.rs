@@ -531,7 +531,7 @@ fn config_values_survive_the_toml_rendering() {
     let values = dir.path().join("tricky.yaml");
     let yaml = format!(
         "config:\n  model:\n    attribute_weights: [1, 0.5, 0.0000001, -2]\n    max_tokens: 131072\n  \
-         batch:\n    max_batch_tokens: 131072\n  \
+         batch:\n    max_batch_tokens: 131072\n  metrics:\n    reward_buckets: [-1, 0, 0.5, 1.5e3]\n  \
          source:\n    type: kafka\n    brokers: a:9092\n    topics: [t1, \"t.2\"]\n    group_id: {}\n    \
          options: {{\"fetch.max.bytes\": \"1048576\", \"client.id\": \"x y\"}}\n",
         serde_json::to_string(tricky).unwrap()
@@ -542,6 +542,7 @@ fn config_values_survive_the_toml_rendering() {
     assert_eq!(config.model.attribute_weights, Some(vec![1.0, 0.5, 1e-7, -2.0]));
     assert_eq!(config.model.max_tokens, 131_072);
     assert_eq!(config.batch.max_batch_tokens, 131_072);
+    assert_eq!(config.metrics.reward_buckets, [-1.0, 0.0, 0.5, 1500.0]);
     let SourceConfig::Kafka(k) = &config.source else { panic!("kafka source expected") };
     assert_eq!(k.group_id, tricky);
     assert_eq!(k.topics, ["t1", "t.2"]);
@@ -559,4 +560,30 @@ fn worker_logs_json_by_default() {
     let docs = t.render(&strings(&["--set", "logFormat=text"]), dir.path());
     assert_eq!(args(&docs), ["--log-format", "text", "run"]);
     assert!(t.template_raw(&strings(&["--set", "logFormat=xml"])).is_err(), "the schema knows the formats");
+}
+
+#[test]
+fn latency_alert_threshold_stays_below_the_top_bucket() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let top = *scorestream::metrics::LATENCY_BUCKETS.last().unwrap();
+    let helpers = std::fs::read_to_string(support::repo().join("helm/scorestream/templates/_helpers.tpl")).unwrap();
+    let define = format!(r#"{{{{- define "scorestream.latencyTopBucket" -}}}}{top}{{{{- end -}}}}"#);
+    assert!(helpers.contains(&define), "the chart's top latency bucket is not {top}");
+    let monitoring = ["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"];
+    let with = |p99: &str| {
+        let set = format!("prometheusRule.latency.p99Seconds={p99}");
+        t.template_raw(&strings(&[&monitoring[..], &["--set", &set]].concat()))
+    };
+    let docs = t.render(&strings(&monitoring), dir.path());
+    let rules = one(&docs, "PrometheusRule")["spec"]["groups"].as_array().unwrap().clone();
+    let latency = rules.iter().flat_map(|g| g["rules"].as_array().unwrap()).find(|r| r["alert"] == "ScorestreamLatencyHigh");
+    let expr = latency.expect("a latency alert")["expr"].as_str().unwrap().to_owned();
+    let threshold: f64 = expr.rsplit('>').next().unwrap().trim().parse().unwrap();
+    assert!(threshold < top, "default threshold {threshold}");
+    assert!(with("3600").is_ok());
+    for beyond in [top.to_string(), "86400".to_owned()] {
+        let err = with(&beyond).unwrap_err();
+        assert!(err.contains("must be below the top latency bucket"), "{err}");
+    }
 }

@@ -68,6 +68,9 @@ pub struct Config {
     /// The metrics and health endpoint.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Histogram settings of the exported metrics.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// After SIGTERM/SIGINT, how long the worker may take to finish, publish and acknowledge
     /// what it has in flight before it exits anyway. Keep the pod's termination grace period
     /// above it.
@@ -228,6 +231,9 @@ impl Config {
             );
         }
         positive("http.max_connections", self.http.max_connections)?;
+        if let Err(message) = self.metrics.check() {
+            return invalid("metrics.reward_buckets", &message);
+        }
         positive("model.max_tokens", self.model.max_tokens)?;
         if self.model.devices.is_empty() {
             return invalid("model.devices", "at least one device is needed");

@@ -194,3 +194,10 @@ app.kubernetes.io/component: worker
 {{- end -}}
 {{- toYaml (dict "mounts" $out) -}}
 {{- end -}}
+
+{{/*
+The top finite bucket (seconds) of the worker's latency histograms (LATENCY_BUCKETS in
+src/metrics.rs; tests/helm.rs checks they agree). A quantile past it reads as this bound, so an
+alert threshold at or above it could never fire.
+*/}}
+{{- define "scorestream.latencyTopBucket" -}}14400{{- end -}}
