@@ -477,19 +477,28 @@ fn dashboard_and_alerts_name_only_exported_metrics() {
     }
     assert!(exprs >= 15, "{exprs} queries");
     let rules = one(&docs, "PrometheusRule");
+    // Series from Prometheus itself and kube-state-metrics, beside the worker's.
+    let mut families_ext: BTreeMap<String, support::Family> =
+        families.iter().map(|(k, f)| (k.clone(), support::Family { kind: f.kind.clone(), labels: f.labels.clone() })).collect();
+    for external in ["up", "kube_deployment_status_replicas_available"] {
+        families_ext.insert(external.to_owned(), support::Family::default());
+    }
     let mut alerts = Vec::new();
     for r in rules["spec"]["groups"][0]["rules"].as_array().unwrap() {
         let alert = r["alert"].as_str().unwrap();
-        assert!(check_expr(alert, r["expr"].as_str().unwrap(), families) > 0, "{alert} names no metric");
+        assert!(check_expr(alert, r["expr"].as_str().unwrap(), &families_ext) > 0, "{alert} names no metric");
         alerts.push(alert.to_owned());
     }
     assert_eq!(
         alerts,
         [
+            "ScorestreamNoWorkerReady",
             "ScorestreamNothingScored",
             "ScorestreamDeadLetterRate",
             "ScorestreamLagGrowing",
             "ScorestreamLatencyHigh",
+            "ScorestreamRewardDrop",
+            "ScorestreamRewardDrop",
             "ScorestreamRewardDrop"
         ]
     );
@@ -586,4 +595,85 @@ fn latency_alert_threshold_stays_below_the_top_bucket() {
         let err = with(&beyond).unwrap_err();
         assert!(err.contains("must be below the top latency bucket"), "{err}");
     }
+}
+
+/// The alert rules of a render, flattened over their groups.
+fn alert_rules(docs: &[Value]) -> Vec<Value> {
+    let groups = one(docs, "PrometheusRule")["spec"]["groups"].as_array().unwrap().clone();
+    groups.iter().flat_map(|g| g["rules"].as_array().unwrap().clone()).collect()
+}
+
+#[test]
+fn alerts_keep_the_namespace_and_link_their_runbook_section() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let runbook = std::fs::read_to_string(support::repo().join("RUNBOOK.md")).unwrap();
+    // GitHub's anchors of `## Heading` lines: lower case (the headings are alert names).
+    let anchors: BTreeSet<String> =
+        runbook.lines().filter_map(|l| l.strip_prefix("## ")).map(|h| h.trim().to_lowercase()).collect();
+    let monitoring = ["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"];
+    for (args, base) in [
+        (&monitoring[..2], "https://github.com/scorestream/scorestream/blob/main/RUNBOOK.md"),
+        (&monitoring[..], "https://wiki.example.com/ml-platform/scorestream-runbook"),
+    ] {
+        let enabled = [args, &["--set", "prometheusRule.enabled=true"]].concat();
+        let docs = t.render(&strings(&enabled), dir.path());
+        for r in alert_rules(&docs) {
+            let alert = r["alert"].as_str().unwrap();
+            let url = r["annotations"]["runbook_url"].as_str().unwrap_or_else(|| panic!("{alert}: no runbook_url"));
+            assert_eq!(url, format!("{base}#{}", alert.to_lowercase()), "{alert}");
+            assert!(anchors.contains(&alert.to_lowercase()), "RUNBOOK.md has no section {alert}");
+            // Every aggregation and vector match keeps `namespace`: one alert per namespace.
+            let expr = r["expr"].as_str().unwrap();
+            let reads = support::parse_promql(expr).unwrap();
+            assert!(!reads.groupings.is_empty(), "{alert}: no aggregation");
+            for (labels, _) in &reads.groupings {
+                assert!(labels.iter().any(|l| l == "namespace"), "{alert}: groups by {labels:?} without namespace: {expr}");
+            }
+        }
+    }
+}
+
+#[test]
+fn no_worker_alert_fires_on_absent_or_unready_workers() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let docs = t.render(&strings(&["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"]), dir.path());
+    let rules = alert_rules(&docs);
+    let rule = rules.iter().find(|r| r["alert"] == "ScorestreamNoWorkerReady").expect("ScorestreamNoWorkerReady");
+    assert_eq!(rule["labels"]["severity"], "critical");
+    let expr = rule["expr"].as_str().unwrap();
+    let ast = promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{e}: {expr}"));
+    let text = ast.prettify();
+    // absent() of a healthy target: fires with every pod gone, not only with pods failing.
+    assert!(text.contains(r#"absent(up{job="rel-scorestream",namespace="scoring"} == 1)"#), "{text}");
+    assert!(
+        expr.contains(r#"kube_deployment_status_replicas_available{namespace="scoring", deployment="rel-scorestream"}"#)
+            && expr.trim_end().ends_with("== 0"),
+        "{expr}"
+    );
+}
+
+#[test]
+fn reward_drop_thresholds_are_per_attribute() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let docs = t.render(&strings(&["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"]), dir.path());
+    let mut found = BTreeMap::new();
+    for r in alert_rules(&docs).iter().filter(|r| r["alert"] == "ScorestreamRewardDrop") {
+        let expr = r["expr"].as_str().unwrap();
+        let reads = support::parse_promql(expr).unwrap();
+        assert!(reads.selectors.iter().all(|s| s.labels.contains(&"attribute".to_owned())), "{expr}");
+        let attribute = expr.split("attribute=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+        assert!(expr.matches(&format!("attribute=\"{attribute}\"")).count() == reads.selectors.len(), "{expr}");
+        let amount = expr.split("- ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+        found.insert(attribute, amount);
+    }
+    let want: BTreeMap<String, String> =
+        [("correctness", "0.4"), ("helpfulness", "0.25"), ("reward", "0.3")].map(|(a, v)| (a.into(), v.into())).into();
+    assert_eq!(found, want);
+    // The defaults watch the scalar reward alone.
+    let docs = t.render(&strings(&["--set", "prometheusRule.enabled=true"]), dir.path());
+    let n = alert_rules(&docs).iter().filter(|r| r["alert"] == "ScorestreamRewardDrop").count();
+    assert_eq!(n, 1);
 }
