@@ -56,7 +56,7 @@ fn every_rendered_manifest_validates() {
         );
         // kubernetes-validate only warns about kinds it has no schema for: those must be ours.
         for line in out.stdout.lines().filter(|l| l.starts_with("WARN")) {
-            let known = ["ScaledObject", "ServiceMonitor", "PrometheusRule"]
+            let known = ["ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"]
                 .iter()
                 .any(|k| line.contains(&format!("kind {k} ")));
             assert!(known, "{name}: unexpected warning: {line}");
@@ -312,7 +312,7 @@ fn keda_never_scales_past_the_partitions() {
     assert_eq!(trigger["metadata"]["consumerGroup"], "scorestream-reward");
     assert_eq!(trigger["metadata"]["topic"], "chat.conversations");
     assert_eq!(trigger["metadata"]["allowIdleConsumers"], "false");
-    assert_eq!(trigger["authenticationRef"]["name"], "kafka-scorestream-keda");
+    assert_eq!(trigger["authenticationRef"]["name"], "rel-scorestream-kafka", "the chart's own TriggerAuthentication");
     // Brokers given as a list (the worker takes both forms) reach the scaler comma separated.
     let listed = ["--set-json", r#"config.source.brokers=["k0:9093","k1:9093"]"#];
     let docs = t.render(&strings(&[&kafka[..], &listed].concat()), dir.path());
@@ -325,6 +325,10 @@ fn keda_never_scales_past_the_partitions() {
     assert_eq!(trigger["type"], "nats-jetstream");
     assert_eq!(trigger["metadata"]["consumer"], "scorestream-reward");
     assert_eq!(trigger["metadata"]["stream"], "CONVERSATIONS");
+    assert!(trigger["metadata"]["account"].as_str().unwrap().starts_with('A'), "the account of nats.creds, not $G");
+    let global = ["-f", "helm/examples/nats.yaml", "-f", "helm/examples/keda-nats.yaml", "--set", "keda.nats.account=$G"];
+    let err = t.template_raw(&strings(&global)).unwrap_err();
+    assert!(err.contains("must be the account of the NATS credentials"), "{err}");
 }
 
 #[test]
@@ -559,121 +563,3 @@ fn config_values_survive_the_toml_rendering() {
     assert_eq!(k.options.0["client.id"], "x y");
 }
 
-#[test]
-fn worker_logs_json_by_default() {
-    let Some(t) = tools() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let args = |docs: &[Value]| worker(docs)["args"].as_array().unwrap()[..3].to_vec();
-    let docs = t.render(&[], dir.path());
-    assert_eq!(args(&docs), ["--log-format", "json", "run"]);
-    let docs = t.render(&strings(&["--set", "logFormat=text"]), dir.path());
-    assert_eq!(args(&docs), ["--log-format", "text", "run"]);
-    assert!(t.template_raw(&strings(&["--set", "logFormat=xml"])).is_err(), "the schema knows the formats");
-}
-
-#[test]
-fn latency_alert_threshold_stays_below_the_top_bucket() {
-    let Some(t) = tools() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let top = *scorestream::metrics::LATENCY_BUCKETS.last().unwrap();
-    let helpers = std::fs::read_to_string(support::repo().join("helm/scorestream/templates/_helpers.tpl")).unwrap();
-    let define = format!(r#"{{{{- define "scorestream.latencyTopBucket" -}}}}{top}{{{{- end -}}}}"#);
-    assert!(helpers.contains(&define), "the chart's top latency bucket is not {top}");
-    let monitoring = ["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"];
-    let with = |p99: &str| {
-        let set = format!("prometheusRule.latency.p99Seconds={p99}");
-        t.template_raw(&strings(&[&monitoring[..], &["--set", &set]].concat()))
-    };
-    let docs = t.render(&strings(&monitoring), dir.path());
-    let rules = one(&docs, "PrometheusRule")["spec"]["groups"].as_array().unwrap().clone();
-    let latency = rules.iter().flat_map(|g| g["rules"].as_array().unwrap()).find(|r| r["alert"] == "ScorestreamLatencyHigh");
-    let expr = latency.expect("a latency alert")["expr"].as_str().unwrap().to_owned();
-    let threshold: f64 = expr.rsplit('>').next().unwrap().trim().parse().unwrap();
-    assert!(threshold < top, "default threshold {threshold}");
-    assert!(with("3600").is_ok());
-    for beyond in [top.to_string(), "86400".to_owned()] {
-        let err = with(&beyond).unwrap_err();
-        assert!(err.contains("must be below the top latency bucket"), "{err}");
-    }
-}
-
-/// The alert rules of a render, flattened over their groups.
-fn alert_rules(docs: &[Value]) -> Vec<Value> {
-    let groups = one(docs, "PrometheusRule")["spec"]["groups"].as_array().unwrap().clone();
-    groups.iter().flat_map(|g| g["rules"].as_array().unwrap().clone()).collect()
-}
-
-#[test]
-fn alerts_keep_the_namespace_and_link_their_runbook_section() {
-    let Some(t) = tools() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let runbook = std::fs::read_to_string(support::repo().join("RUNBOOK.md")).unwrap();
-    // GitHub's anchors of `## Heading` lines: lower case (the headings are alert names).
-    let anchors: BTreeSet<String> =
-        runbook.lines().filter_map(|l| l.strip_prefix("## ")).map(|h| h.trim().to_lowercase()).collect();
-    let monitoring = ["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"];
-    for (args, base) in [
-        (&monitoring[..2], "https://github.com/scorestream/scorestream/blob/main/RUNBOOK.md"),
-        (&monitoring[..], "https://wiki.example.com/ml-platform/scorestream-runbook"),
-    ] {
-        let enabled = [args, &["--set", "prometheusRule.enabled=true"]].concat();
-        let docs = t.render(&strings(&enabled), dir.path());
-        for r in alert_rules(&docs) {
-            let alert = r["alert"].as_str().unwrap();
-            let url = r["annotations"]["runbook_url"].as_str().unwrap_or_else(|| panic!("{alert}: no runbook_url"));
-            assert_eq!(url, format!("{base}#{}", alert.to_lowercase()), "{alert}");
-            assert!(anchors.contains(&alert.to_lowercase()), "RUNBOOK.md has no section {alert}");
-            // Every aggregation and vector match keeps `namespace`: one alert per namespace.
-            let expr = r["expr"].as_str().unwrap();
-            let reads = support::parse_promql(expr).unwrap();
-            assert!(!reads.groupings.is_empty(), "{alert}: no aggregation");
-            for (labels, _) in &reads.groupings {
-                assert!(labels.iter().any(|l| l == "namespace"), "{alert}: groups by {labels:?} without namespace: {expr}");
-            }
-        }
-    }
-}
-
-#[test]
-fn no_worker_alert_fires_on_absent_or_unready_workers() {
-    let Some(t) = tools() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let docs = t.render(&strings(&["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"]), dir.path());
-    let rules = alert_rules(&docs);
-    let rule = rules.iter().find(|r| r["alert"] == "ScorestreamNoWorkerReady").expect("ScorestreamNoWorkerReady");
-    assert_eq!(rule["labels"]["severity"], "critical");
-    let expr = rule["expr"].as_str().unwrap();
-    let ast = promql_parser::parser::parse(expr).unwrap_or_else(|e| panic!("{e}: {expr}"));
-    let text = ast.prettify();
-    // absent() of a healthy target: fires with every pod gone, not only with pods failing.
-    assert!(text.contains(r#"absent(up{job="rel-scorestream",namespace="scoring"} == 1)"#), "{text}");
-    assert!(
-        expr.contains(r#"kube_deployment_status_replicas_available{namespace="scoring", deployment="rel-scorestream"}"#)
-            && expr.trim_end().ends_with("== 0"),
-        "{expr}"
-    );
-}
-
-#[test]
-fn reward_drop_thresholds_are_per_attribute() {
-    let Some(t) = tools() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let docs = t.render(&strings(&["-f", "helm/examples/kafka.yaml", "-f", "helm/examples/monitoring.yaml"]), dir.path());
-    let mut found = BTreeMap::new();
-    for r in alert_rules(&docs).iter().filter(|r| r["alert"] == "ScorestreamRewardDrop") {
-        let expr = r["expr"].as_str().unwrap();
-        let reads = support::parse_promql(expr).unwrap();
-        assert!(reads.selectors.iter().all(|s| s.labels.contains(&"attribute".to_owned())), "{expr}");
-        let attribute = expr.split("attribute=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
-        assert!(expr.matches(&format!("attribute=\"{attribute}\"")).count() == reads.selectors.len(), "{expr}");
-        let amount = expr.split("- ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-        found.insert(attribute, amount);
-    }
-    let want: BTreeMap<String, String> =
-        [("correctness", "0.4"), ("helpfulness", "0.25"), ("reward", "0.3")].map(|(a, v)| (a.into(), v.into())).into();
-    assert_eq!(found, want);
-    // The defaults watch the scalar reward alone.
-    let docs = t.render(&strings(&["--set", "prometheusRule.enabled=true"]), dir.path());
-    let n = alert_rules(&docs).iter().filter(|r| r["alert"] == "ScorestreamRewardDrop").count();
-    assert_eq!(n, 1);
-}

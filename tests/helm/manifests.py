@@ -1,5 +1,6 @@
 """Read a `helm template` output, validate the custom resources kubernetes-validate has no schema
-for (KEDA ScaledObject, prometheus-operator ServiceMonitor and PrometheusRule) against the schemas
+for (KEDA ScaledObject and TriggerAuthentication, prometheus-operator ServiceMonitor and
+PrometheusRule) against the schemas
 in schemas/, and print every manifest as one JSON array for tests/helm.rs.
 
 Usage: manifests.py RENDERED.yaml   Exit 1 (with the errors on stderr) if a resource is invalid

@@ -4,13 +4,13 @@ Files already present are not fetched again: a marker file records the last comp
 (repo, revision, patterns) and skips the network entirely when it matches; otherwise
 huggingface_hub's snapshot_download compares each local file with the remote one and fetches only
 what is missing or changed. The token (HF_TOKEN, from a Secret) is read by huggingface_hub from
-the environment and never written to disk.
+the environment and never written to disk. Proxies and mirrors (HTTPS_PROXY, HF_ENDPOINT) come
+from the container's environment (model.download.env). Nothing is installed at run time.
 """
 
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 repo = os.environ["HF_REPO"]
@@ -27,14 +27,15 @@ if marker.is_file() and json.loads(marker.read_text()) == wanted:
 try:
     import huggingface_hub
 except ImportError:
-    target = "/tmp/pip"
-    spec = "huggingface_hub" + os.environ.get("HUGGINGFACE_HUB_VERSION", "")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--target", target, spec],
-        check=True,
+    # Nothing is installed at run time (air-gapped clusters, reproducible pods): the image must
+    # carry huggingface_hub (docker/model-downloader.Dockerfile builds one).
+    print(
+        "huggingface_hub is not installed in this image: set model.download.image to an image "
+        "that has it (docker/model-downloader.Dockerfile in the scorestream repository)",
+        file=sys.stderr,
+        flush=True,
     )
-    sys.path.insert(0, target)
-    import huggingface_hub
+    sys.exit(2)
 
 dest.mkdir(parents=True, exist_ok=True)
 print(f"downloading {repo}@{revision} into {dest}", flush=True)

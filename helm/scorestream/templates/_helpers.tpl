@@ -201,3 +201,46 @@ src/metrics.rs; tests/helm.rs checks they agree). A quantile past it reads as th
 alert threshold at or above it could never fire.
 */}}
 {{- define "scorestream.latencyTopBucket" -}}14400{{- end -}}
+
+{{- /*
+KEDA's Kafka scaler authentication, from the same settings the worker uses (config.source.options
+and secrets.kafka). Returns YAML {} when the scaler needs none (PLAINTEXT) or a
+TriggerAuthentication is given (keda.kafka.authenticationRef); else {name, params (the non-secret
+parameters: sasl, username, tls), refs (parameter -> Secret key: password, ca, cert, key)}.
+*/}}
+{{- define "scorestream.kedaKafkaAuth" -}}
+{{- $k := .Values.keda -}}
+{{- $s := .Values.secrets.kafka -}}
+{{- $src := (include "scorestream.configTree" . | fromYaml).source -}}
+{{- $opts := $src.options | default dict -}}
+{{- $protocol := upper (toString (get $opts "security.protocol" | default "PLAINTEXT")) -}}
+{{- $out := dict -}}
+{{- if and (not $k.kafka.authenticationRef) (ne $protocol "PLAINTEXT") -}}
+{{- $params := dict -}}
+{{- $refs := list -}}
+{{- if has $protocol (list "SSL" "SASL_SSL") -}}
+{{- $_ := set $params "tls" "enable" -}}
+{{- if $s.tls.existingSecret -}}
+{{- range $p, $key := dict "ca" $s.tls.caKey "cert" $s.tls.certKey "key" $s.tls.keyKey -}}
+{{- if $key -}}{{- $refs = append $refs (dict "parameter" $p "name" $s.tls.existingSecret "key" $key) -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if hasPrefix "SASL_" $protocol -}}
+{{- $mechanism := upper (toString (get $opts "sasl.mechanism" | default "GSSAPI")) -}}
+{{- $modes := dict "PLAIN" "plaintext" "SCRAM-SHA-256" "scram_sha256" "SCRAM-SHA-512" "scram_sha512" -}}
+{{- if not (hasKey $modes $mechanism) -}}
+{{- fail (printf "keda: the chart renders KEDA's Kafka authentication for PLAIN and SCRAM only, not sasl.mechanism %s: create a TriggerAuthentication and set keda.kafka.authenticationRef" $mechanism) -}}
+{{- end -}}
+{{- $_ := set $params "sasl" (get $modes $mechanism) -}}
+{{- $_ := set $params "username" (required "keda: config.source.options.sasl.username is required for KEDA's SASL authentication" (get $opts "sasl.username")) -}}
+{{- $passwordKey := get ($s.optionFiles | default dict) "sasl.password" -}}
+{{- if not (and $s.existingSecret $passwordKey) -}}
+{{- fail "keda: KEDA's SASL authentication reads the password from secrets.kafka.existingSecret (optionFiles[\"sasl.password\"]); set them, or keda.kafka.authenticationRef" -}}
+{{- end -}}
+{{- $refs = append $refs (dict "parameter" "password" "name" $s.existingSecret "key" $passwordKey) -}}
+{{- end -}}
+{{- $out = dict "name" (printf "%s-kafka" (include "scorestream.fullname" .)) "params" $params "refs" $refs -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
