@@ -210,3 +210,61 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
 fn a_wrong_token_fails_with_a_clear_error() {
     assert_refused("authorization { token: \"s3cret\" }", "token = \"n0tright\"", "n0tright");
 }
+
+/// The `scorestream_consumer_lag` series of the CONV stream on the worker's /metrics, if any.
+async fn exported_lag(port: u16) -> Option<i64> {
+    // Not listening yet (the worker is starting): no series.
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let text = nats_support::metrics_text(port).await;
+    let line = text.lines().find(|l| l.starts_with("scorestream_consumer_lag{") && l.contains("topic=\"CONV\""))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_pending_count_is_exported_as_lag() {
+    let server = NatsServer::start("");
+    let js = setup_streams(&server.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = nats_support::free_port();
+    let config = nats_support::write_config_with(dir.path(), &server.url(), "", port, |t| {
+        t.replace("max_inflight_events = 64", "max_inflight_events = 8")
+            .replace("ack_wait = \"3s\"", "ack_wait = \"3s\"\n        lag_interval = \"200ms\"")
+    });
+    let mut worker = spawn_worker(&config);
+    let wait = |what: &'static str| {
+        let start = Instant::now();
+        move |worker: &mut std::process::Child| {
+            assert!(worker.try_wait().unwrap().is_none(), "the worker exited early");
+            assert!(start.elapsed() < Duration::from_secs(180), "timed out waiting for {what}");
+        }
+    };
+    // Idle: the series exists and reads 0.
+    let mut check = wait("a lag of 0 on the idle stream");
+    while exported_lag(port).await != Some(0) {
+        check(&mut worker);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The scored stream goes away: the worker's publishes are retried, it holds its in-flight
+    // bound, and the rest of the input stays pending on the server.
+    js.delete_stream("SCORED").await.unwrap();
+    let n = 400;
+    publish_all(&js, &events(n)).await;
+    let mut check = wait("the exported lag to equal the server's pending count");
+    loop {
+        check(&mut worker);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, pending, _) = nats_support::consumer_state(&js, "CONV", "scorestream").await;
+        if pending > 0 && exported_lag(port).await == Some(pending as i64) {
+            assert!(pending <= n as u64);
+            break;
+        }
+    }
+    // The scored stream is back: the backlog drains and the lag follows it down to 0.
+    create_streams(&js, &[("SCORED", "conv.scored")]).await;
+    let mut check = wait("the backlog to drain and the lag to reach 0");
+    while count(&js, "SCORED").await < n as u64 || exported_lag(port).await != Some(0) {
+        check(&mut worker);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(nats_support::terminate(worker).success());
+}

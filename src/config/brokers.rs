@@ -320,6 +320,10 @@ pub struct NatsSourceConfig {
     /// Deliveries before JetStream gives up on a record (-1 = unlimited).
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
+    /// How often the durable consumer's pending count (messages not yet delivered to it) is read
+    /// from the server and exported as `scorestream_consumer_lag{topic=<stream>,partition="0"}`.
+    #[serde(default = "default_lag_interval", with = "humantime_serde")]
+    pub lag_interval: Duration,
     /// NATS credentials file (JWT + NKey seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,

@@ -10,6 +10,11 @@
 //! Prefetch: a reader task pulls with explicit pull requests sized to the room left in its
 //! buffer, bounded both in messages and in bytes (`max_bytes` of the pull request), so a burst
 //! of large events never floods the connection (slow-consumer disconnects) or the memory.
+//!
+//! Lag: every `lag_interval` the consumer's `num_pending` (stream messages matching its filter
+//! not yet delivered to it) is exported as `scorestream_consumer_lag{topic=<stream>,
+//! partition="0"}` (a stream is one ordered log). While the server cannot be asked, the series is
+//! removed rather than left at a stale value.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -23,6 +28,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::NatsSourceConfig;
+use crate::metrics::Metrics;
 use crate::nats::{connect, connection_of};
 
 const KIND: &str = "nats";
@@ -128,7 +134,9 @@ impl NatsSource {
         let (tx, prefetched) = mpsc::channel(messages);
         let outstanding: Outstanding = Arc::default();
         let (up_tx, connected) = watch::channel(true);
+        let lag = LagSeries { metrics: ctx.metrics.clone(), stream: c.stream.clone() };
         let tasks = vec![
+            tokio::spawn(export_pending(consumer.clone(), lag, c.lag_interval)),
             tokio::spawn(prefetch(consumer, tx, room.clone(), outstanding.clone())),
             tokio::spawn(keep_alive(client.clone(), outstanding.clone(), c.ack_wait / 3)),
             tokio::spawn(watch_connection(client.clone(), up_tx)),
@@ -191,6 +199,55 @@ async fn prefetch(
             room.take(msg.payload.len());
             if tx.send(msg).await.is_err() {
                 return;
+            }
+        }
+    }
+}
+
+/// The source's `scorestream_consumer_lag` series.
+struct LagSeries {
+    metrics: Arc<Metrics>,
+    stream: String,
+}
+
+impl LagSeries {
+    const PARTITION: &'static str = "0";
+
+    fn set(&self, pending: u64) {
+        let value = i64::try_from(pending).unwrap_or(i64::MAX);
+        self.metrics.consumer_lag.with_label_values(&[self.stream.as_str(), Self::PARTITION]).set(value);
+    }
+
+    fn remove(&self) {
+        let _ = self.metrics.consumer_lag.remove_label_values(&[self.stream.as_str(), Self::PARTITION]);
+    }
+}
+
+impl Drop for LagSeries {
+    fn drop(&mut self) {
+        // The task ended (the source closed): no value left behind.
+        self.remove();
+    }
+}
+
+/// Export the consumer's pending count every `period`; remove the series while it is unknown.
+async fn export_pending(consumer: jetstream::consumer::Consumer<pull::Config>, lag: LagSeries, period: Duration) {
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match consumer.get_info().await {
+            Ok(info) => {
+                lag.set(info.num_pending);
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the JetStream consumer's pending count; lag unknown");
+                }
+                failing = true;
+                lag.remove();
             }
         }
     }
