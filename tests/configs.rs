@@ -229,6 +229,8 @@ fn schema_errors_name_the_line_or_the_variable() {
     // Set by an override: the variable is named, not a line of the file.
     let e = error_of(&file, &[("SCORESTREAM__BATCH__MAX_WAIT", "soon"), ("SCORESTREAM__BATCH__MAX_BATCH_EVENTS", "8")]);
     assert!(e.starts_with("environment variable SCORESTREAM__BATCH__MAX_WAIT: ") && e.contains("`batch.max_wait`"), "{e}");
+    let e = error_of(&file, &[("SCORESTREAM__BATCH__MAX_BATCH_EVENTS", "0")]);
+    assert!(e.starts_with("environment variable SCORESTREAM__BATCH__MAX_BATCH_EVENTS: batch.max_batch_events: "), "{e}");
     let e = error_of(&file, &[("SCORESTREAM__SOURCE__TYPE", "kafka")]);
     assert!(e.starts_with("environment variable SCORESTREAM__SOURCE__TYPE: ") && e.contains("unknown field `path`"), "{e}");
     // A secret on the quoted line stays hidden.

@@ -210,7 +210,7 @@ impl Config {
         let vars: Vec<(String, String)> = vars.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         let mut config: Config = overlay(tree, vars.clone()).map_err(|e| locate(e, text, origin, &vars))?;
         config.take_url_credentials()?;
-        config.validate()?;
+        config.validate().map_err(|e| name_override(e, &vars))?;
         Ok(config)
     }
 
@@ -388,6 +388,16 @@ fn invalid<T>(field: &str, message: &str) -> Result<T, ConfigError> {
 /// opening any connection or the model. Returns the config for printing.
 pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
     Config::load(path)
+}
+
+/// A value refused by [`Config::validate`] that an override set: name the variable too.
+fn name_override(err: ConfigError, vars: &[(String, String)]) -> ConfigError {
+    let ConfigError::Invalid { field, message } = &err else { return err };
+    let var = vars.iter().map(|(k, _)| k).find(|k| k[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".") == *field);
+    match var {
+        Some(var) => ConfigError::Env { var: var.clone(), message: format!("{field}: {message}") },
+        None => err,
+    }
 }
 
 /// Say where a schema error comes from: the `SCORESTREAM__` variables that set the failing key
