@@ -239,7 +239,7 @@ async fn consumer_pending_count_is_exported_as_lag() {
         }
     };
     // Idle: the series exists and reads 0.
-    let mut check = wait("a lag of 0 on the idle stream");
+    let check = wait("a lag of 0 on the idle stream");
     while exported_lag(port).await != Some(0) {
         check(&mut worker);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -249,7 +249,7 @@ async fn consumer_pending_count_is_exported_as_lag() {
     js.delete_stream("SCORED").await.unwrap();
     let n = 400;
     publish_all(&js, &events(n)).await;
-    let mut check = wait("the exported lag to equal the server's pending count");
+    let check = wait("the exported lag to equal the server's pending count");
     loop {
         check(&mut worker);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -261,7 +261,7 @@ async fn consumer_pending_count_is_exported_as_lag() {
     }
     // The scored stream is back: the backlog drains and the lag follows it down to 0.
     create_streams(&js, &[("SCORED", "conv.scored")]).await;
-    let mut check = wait("the backlog to drain and the lag to reach 0");
+    let check = wait("the backlog to drain and the lag to reach 0");
     while count(&js, "SCORED").await < n as u64 || exported_lag(port).await != Some(0) {
         check(&mut worker);
         tokio::time::sleep(Duration::from_millis(200)).await;
