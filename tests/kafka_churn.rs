@@ -162,6 +162,14 @@ async fn workers_stopped_during_rebalances_exit_0_and_lag_follows_the_assignment
         !b.is_empty() && !c.is_empty() && b.len() + c.len() == 4 && b.keys().all(|p| !c.contains_key(p))
     })
     .await;
+    // And it stays so: over several statistics intervals (500 ms) no revoked partition's series
+    // comes back on B (a stale lag would page on idle input).
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (b, c) = (lag(1), lag(2));
+        assert!(b.keys().all(|p| !c.contains_key(p)), "a partition's lag on both B {b:?} and C {c:?}");
+        assert!(b.len() + c.len() <= 4, "B {b:?} and C {c:?}");
+    }
 
     // B and C stopped together (each one's leaving rebalances the other): both exit 0.
     let codes = stop_all(vec![b, c]);

@@ -76,12 +76,8 @@ impl ClientContext for Context {
     }
 
     fn stats(&self, stats: Statistics) {
-        let assigned = self.shared.assigned();
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
-                if !assigned.contains(&(topic.clone(), *p)) {
-                    continue;
-                }
                 let offsets = offsets::PartitionOffsets {
                     position: part.app_offset,
                     committed: part.committed_offset,
@@ -90,7 +86,10 @@ impl ClientContext for Context {
                     stable: part.ls_offset,
                 };
                 if let Some(lag) = offsets.lag(self.read_committed) {
-                    self.metrics.consumer_lag.with_label_values(&[topic.as_str(), &p.to_string()]).set(lag);
+                    // Only for assigned partitions, checked under the lock revocation takes.
+                    self.shared.if_assigned(topic, *p, || {
+                        self.metrics.consumer_lag.with_label_values(&[topic.as_str(), &p.to_string()]).set(lag);
+                    });
                 }
             }
         }
@@ -127,8 +126,9 @@ impl ConsumerContext for Context {
             }
             Rebalance::Revoke(tpl) => {
                 for e in tpl.elements() {
-                    self.shared.revoke(e.topic(), e.partition());
-                    let _ = self.metrics.consumer_lag.remove_label_values(&[e.topic(), &e.partition().to_string()]);
+                    self.shared.revoke(e.topic(), e.partition(), || {
+                        let _ = self.metrics.consumer_lag.remove_label_values(&[e.topic(), &e.partition().to_string()]);
+                    });
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),

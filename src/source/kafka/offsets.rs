@@ -7,7 +7,7 @@
 //! partition's `pending` or `stored` until it is committed or its partition is revoked, so
 //! `uncommitted()` bounds what a crash now would replay.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -104,13 +104,22 @@ impl Shared {
         st.draining
     }
 
-    pub(super) fn revoke(&self, topic: &str, partition: i32) {
-        self.lock().trackers.remove(&(topic.to_owned(), partition));
+    /// The partition is revoked; `forget` (dropping its lag series) runs under the same lock as
+    /// [`Shared::if_assigned`], so a statistics callback cannot bring the series back after it.
+    pub(super) fn revoke(&self, topic: &str, partition: i32, forget: impl FnOnce()) {
+        let mut st = self.lock();
+        st.trackers.remove(&(topic.to_owned(), partition));
+        forget();
+        drop(st);
         self.room.notify_waiters();
     }
 
-    pub(super) fn assigned(&self) -> HashSet<(String, i32)> {
-        self.lock().trackers.keys().cloned().collect()
+    /// Run `f` if the partition is assigned, holding the lock (see [`Shared::revoke`]).
+    pub(super) fn if_assigned(&self, topic: &str, partition: i32, f: impl FnOnce()) {
+        let st = self.lock();
+        if st.trackers.contains_key(&(topic.to_owned(), partition)) {
+            f();
+        }
     }
 
     pub(super) fn set_draining(&self) {
@@ -270,7 +279,7 @@ mod tests {
         shared.ack("t", 0, g, 2);
         shared.committed(&snapshot);
         assert_eq!(uncommitted(&shared), 3, "offset 2 was stored after the snapshot: not yet committed");
-        shared.revoke("t", 1);
+        shared.revoke("t", 1, || {});
         assert_eq!(uncommitted(&shared), 2, "a revoked partition's records are its new owner's");
         assert_eq!(shared.ack("t", 1, g, 7), None);
     }
