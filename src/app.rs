@@ -40,6 +40,8 @@ pub enum AppError {
     Engine(Box<EngineError>),
     #[error("the warm-up batch failed: {0}")]
     WarmUp(String),
+    #[error("the warm-up batch failed")]
+    WarmUpScore(#[source] EngineError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -121,6 +123,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
         max_payload_bytes: config.batch.max_payload_bytes,
+        max_failed_batches: config.batch.max_failed_batches,
     };
     let result = run_until_drained(parts, settings, stop, config.shutdown_timeout).await;
     let _ = http_stop_tx.send(true);
@@ -169,7 +172,7 @@ async fn load_model(opts: &ModelOptions, limits: BatchLimits) -> Result<(Arc<dyn
 async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<(), AppError> {
     let event = InputEvent { id: "warm-up".into(), messages: crate::prompt::probe_conversation(), metadata: None };
     let (ids, _) = preparer.prepare(&event).map_err(|e| AppError::WarmUp(e.to_string()))?;
-    let scores = scorer.score(vec![ids]).await.map_err(AppError::WarmUp)?;
+    let scores = scorer.score(vec![ids]).await.map_err(AppError::WarmUpScore)?;
     match scores.as_slice() {
         [score] => score.check_finite().map_err(AppError::WarmUp),
         other => Err(AppError::WarmUp(format!("the model returned {} scores for 1 sequence", other.len()))),
@@ -269,7 +272,7 @@ mod tests {
     }
 
     impl Scorer for Fixed {
-        fn score(&self, _: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+        fn score(&self, _: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
             let scores = self.0.clone();
             Box::pin(async move { Ok(scores) })
         }
