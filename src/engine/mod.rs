@@ -4,7 +4,8 @@
 //! Guarantees: a batch's scores come back in the order of its sequences; stage `i + 1` works on
 //! batch `n` while stage `i` works on batch `n + 1` (capacity-1 channels, so at most one batch
 //! waits before each stage); a stage that fails or panics fails only its batch, with an error
-//! naming the stage, and later batches still run.
+//! naming the stage, and later batches still run. The stage threads report on a watch channel
+//! ([`Engine::stage_health`]) when one of them has died, for `/healthz`.
 
 pub mod cuda;
 mod loader;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::Score;
 use crate::model::packed::Packed;
@@ -83,6 +84,7 @@ pub struct Engine {
     tx: mpsc::Sender<Job>,
     info: Arc<ModelInfo>,
     busy_nanos: Arc<Vec<AtomicU64>>,
+    health: watch::Receiver<Option<String>>,
 }
 
 impl Engine {
@@ -102,6 +104,8 @@ impl Engine {
         let (loaders, info) = loader::loaders(opts, limits).map_err(load_err)?;
         let busy_nanos: Arc<Vec<AtomicU64>> = Arc::new(loaders.iter().map(|_| AtomicU64::new(0)).collect());
         let (first_tx, mut rx) = mpsc::channel::<Job>(1);
+        let (health_tx, health) = watch::channel(None);
+        let health_tx = Arc::new(health_tx);
         let last = loaders.len() - 1;
         let mut loaded = Vec::with_capacity(loaders.len());
         for (i, load) in loaders.into_iter().enumerate() {
@@ -111,12 +115,16 @@ impl Engine {
             let device = info.stages[i].device.clone();
             let layers = format!("{:?}", info.stages[i].layers.0..info.stages[i].layers.1);
             let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            let guard = StageGuard { index: i, device: device.clone(), health: health_tx.clone() };
             std::thread::Builder::new()
                 .name(format!("scorestream-stage-{i}"))
                 .spawn(move || match load() {
                     Ok(mut stage) => {
                         let _ = ready_tx.send(Ok(()));
-                        stage_loop(i, &device, &layers, &mut stage, stage_rx, next_tx, &busy[i]);
+                        if !stage_loop(i, &device, &layers, &mut stage, stage_rx, next_tx, &busy[i]) {
+                            guard.died(&format!("the next stage ({}) is gone", i + 1));
+                        }
+                        drop(guard);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -132,11 +140,17 @@ impl Engine {
                 .unwrap_or_else(|_| Err(ModelError::weights("a stage thread stopped while loading", None)))
                 .map_err(load_err)?;
         }
-        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos })
+        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// `None` while every stage thread runs; the reason once one has died (a panic outside a
+    /// batch, or its next stage gone). A stage that fails a batch stays alive.
+    pub fn stage_health(&self) -> watch::Receiver<Option<String>> {
+        self.health.clone()
     }
 
     /// Seconds each stage has spent computing since start, for utilisation and bubble figures.
@@ -177,8 +191,33 @@ impl Engine {
     }
 }
 
+/// Held by a stage thread while it runs: reports the thread's death on the health channel,
+/// also when it unwinds.
+struct StageGuard {
+    index: usize,
+    device: String,
+    health: Arc<watch::Sender<Option<String>>>,
+}
+
+impl StageGuard {
+    fn died(&self, why: &str) {
+        let reason = format!("stage {} ({}) thread ended: {why}", self.index, self.device);
+        tracing::error!("{reason}");
+        self.health.send_replace(Some(reason));
+    }
+}
+
+impl Drop for StageGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.died("it panicked");
+        }
+    }
+}
+
 /// The body of one stage's thread: run each job, pass hidden states on or reply with scores.
-/// Ends when the previous stage (or every engine handle) is gone.
+/// Returns `true` when the previous stage (or every engine handle) is gone (a normal end),
+/// `false` when the next stage is.
 fn stage_loop(
     index: usize,
     device: &str,
@@ -187,7 +226,7 @@ fn stage_loop(
     mut rx: mpsc::Receiver<Job>,
     next: Option<mpsc::Sender<Job>>,
     busy: &AtomicU64,
-) {
+) -> bool {
     while let Some(job) = rx.blocking_recv() {
         let Job { packed, input, reply } = job;
         let started = Instant::now();
@@ -211,7 +250,7 @@ fn stage_loop(
             (Ok(StageOutput::Hidden(h)), Some(next)) => {
                 let job = Job { packed, input: Activations::Hidden(h), reply };
                 if next.blocking_send(job).is_err() {
-                    return;
+                    return false;
                 }
             }
             (Ok(StageOutput::Scores(s)), _) => {
@@ -231,6 +270,7 @@ fn stage_loop(
             }
         }
     }
+    true
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -239,4 +279,41 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guarded(panics: bool) -> Option<String> {
+        let (tx, rx) = watch::channel(None);
+        let guard = StageGuard { index: 1, device: "cpu".into(), health: Arc::new(tx) };
+        let _ = std::thread::spawn(move || {
+            let _guard = guard;
+            assert!(!panics, "a stage thread dies");
+        })
+        .join();
+        let reason = rx.borrow().clone();
+        reason
+    }
+
+    #[test]
+    fn a_stage_thread_that_dies_reports_it_and_a_normal_end_does_not() {
+        let reason = guarded(true).expect("a dead stage is reported");
+        assert!(reason.contains("stage 1 (cpu)") && reason.contains("panicked"), "{reason}");
+        assert_eq!(guarded(false), None);
+    }
+
+    /// Every engine handle dropped: the stage threads end normally and report nothing.
+    #[test]
+    fn a_stopped_engine_reports_no_dead_stage() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arith");
+        let opts = ModelOptions { devices: vec!["cpu".into(), "cpu".into()], ..ModelOptions::new(dir) };
+        let engine = Engine::start(&opts).unwrap();
+        let mut health = engine.stage_health();
+        assert!(engine.score_blocking(vec![vec![1, 2, 3]]).is_ok());
+        drop(engine);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(health.borrow_and_update().is_none());
+    }
 }
