@@ -1,6 +1,8 @@
-//! `scorestream run`: load the config, start the HTTP endpoints,
-//! load and warm up the model, open the source and sinks, run the pipeline, and shut down on
-//! SIGTERM/SIGINT.
+//! `scorestream run`: load the config, start the HTTP endpoints, check the source and open the
+//! sinks (so that a wrong address, credentials, secret file, stream or topic fails in seconds,
+//! before a long model load), load and warm up the model, open the source, run the pipeline, and
+//! shut down on SIGTERM/SIGINT. `/healthz` is 503 until the model has loaded (the chart's
+//! startup probe waits on it); the load's duration is `scorestream_model_load_seconds`.
 //!
 //! Shutdown: the first signal stops fetching; everything in flight is scored, published,
 //! confirmed and acked, then the worker exits 0. If that takes longer than `shutdown_timeout`
@@ -90,7 +92,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(?config, "starting");
     let metrics = Arc::new(Metrics::new()?);
     let readiness = Arc::new(Readiness::default());
-    let liveness = Arc::new(Liveness::default());
+    let liveness = Arc::new(Liveness::loading());
     let (stop_tx, stop) = watch::channel(false);
     let (http_stop_tx, http_stop) = watch::channel(false);
     spawn_signal_handler(stop_tx)?;
@@ -98,16 +100,26 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let (addr, http) = crate::http::serve(&config.http, endpoints, http_stop).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
-    // A signal during a long model load ends the worker right away: nothing is in flight yet.
+    // A signal during the checks or a long model load ends the worker right away: nothing is in
+    // flight yet.
     let mut early_stop = stop.clone();
-    let (preparer, engine) = tokio::select! {
-        loaded = load_model(&config.model, config.batch.limits()) => loaded?,
+    let start = async {
+        let sinks = preflight(&config, &metrics).await?;
+        tracing::info!(model = %config.model.path.display(), "source and sinks reachable; loading the model");
+        let started = std::time::Instant::now();
+        let loaded = load_model(&config.model, config.batch.limits()).await?;
+        metrics.model_load_seconds.set(started.elapsed().as_secs_f64());
+        Ok::<_, AppError>((sinks, loaded))
+    };
+    let (sinks, (preparer, engine)) = tokio::select! {
+        started = start => started?,
         _ = early_stop.wait_for(|s| *s) => {
-            tracing::info!("stopped while loading the model");
+            tracing::info!("stopped while starting");
             return Ok(());
         }
     };
     readiness.set_model_loaded();
+    liveness.model_loaded();
     liveness.watch_stages(engine.stage_health());
     let info = engine.info();
     metrics.set_model_info(&info.name, config.model.dtype.as_str(), &config.model.devices);
@@ -116,7 +128,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     readiness.set_warmed_up();
     tracing::info!(model = %info.name, "model loaded and warmed up");
 
-    let parts = open_parts(&config, preparer, engine, metrics.clone(), liveness).await?;
+    let parts = open_parts(&config, sinks, preparer, engine, metrics.clone(), liveness).await?;
     readiness.set_source(parts.source.connected());
     let settings = Settings {
         limits: config.batch.limits(),
@@ -180,8 +192,30 @@ async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<()
     }
 }
 
+/// The scored and dead-letter sinks, opened before the model loads (at-least-once).
+type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>);
+
+/// Before the model loads: check the source (broker, credentials, secret files, stream or
+/// topics) and open the sinks, which check their own. Exactly-once sinks need the source's
+/// consumer, so they are only checked here (their brokers, credentials and topics) and opened
+/// with the source; `None` then.
+async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sinks>, AppError> {
+    crate::source::check::check(&config.source).await?;
+    if let (SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) = (&config.sink, &config.dead_letter) {
+        if out.delivery == Delivery::ExactlyOnce {
+            crate::sink::kafka::check(out, &[&out.topic, &dead.topic]).await?;
+            return Ok(None);
+        }
+    }
+    let kctx = SinkContext { metrics: metrics.clone() };
+    let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
+    let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
+    Ok(Some((sink, dead_letter)))
+}
+
 async fn open_parts(
     config: &Config,
+    sinks: Option<Sinks>,
     preparer: Arc<dyn Preparer>,
     engine: Engine,
     metrics: Arc<Metrics>,
@@ -192,21 +226,16 @@ async fn open_parts(
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
-    let kctx = SinkContext { metrics: metrics.clone() };
-    let (source, sink, dead_letter, commit) = match (&config.source, &config.sink, &config.dead_letter) {
+    let (source, sink, dead_letter, commit) = match (&config.source, &config.sink, &config.dead_letter, sinks) {
+        (_, _, _, Some((sink, dead_letter))) => (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None),
         // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
-        (SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) if out.delivery == Delivery::ExactlyOnce => {
+        (SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead), None) => {
             let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
             let (sink, dead_letter, commit) =
                 crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
             (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit))
         }
-        _ => {
-            let source = crate::source::open(&config.source, sctx).await?;
-            let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
-            let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
-            (source, sink, dead_letter, None)
-        }
+        _ => unreachable!("preflight opens the sinks unless the delivery is exactly-once over Kafka"),
     };
     Ok(Parts {
         source,

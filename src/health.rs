@@ -26,16 +26,38 @@ struct State {
     engine_failed: Option<String>,
     /// The engine's stage threads: `Some(reason)` once one has died.
     stages: Option<watch::Receiver<Option<String>>>,
+    /// The model has not loaded yet (the worker's start).
+    loading: bool,
 }
 
 impl Default for Liveness {
+    /// A pipeline's liveness with its model loaded.
     fn default() -> Self {
-        let state = State { last_progress: Instant::now(), retrying: None, engine_failed: None, stages: None };
+        let state =
+            State { last_progress: Instant::now(), retrying: None, engine_failed: None, stages: None, loading: false };
         Self { state: Mutex::new(state) }
     }
 }
 
 impl Liveness {
+    /// At the worker's start: unhealthy until [`Liveness::model_loaded`], so that a startup
+    /// probe on `/healthz` waits for the load.
+    pub fn loading() -> Self {
+        let l = Self::default();
+        if let Ok(mut s) = l.state.lock() {
+            s.loading = true;
+        }
+        l
+    }
+
+    /// The model has loaded; the stall clock starts now.
+    pub fn model_loaded(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.loading = false;
+            s.last_progress = Instant::now();
+        }
+    }
+
     /// An input finished (its output confirmed and the input acknowledged).
     pub fn progress(&self) {
         if let Ok(mut s) = self.state.lock() {
@@ -77,6 +99,9 @@ impl Liveness {
     /// `stall_timeout`.
     pub fn check(&self, inflight: i64, stall_timeout: Duration) -> Result<(), String> {
         let Ok(s) = self.state.lock() else { return Err("liveness state poisoned".into()) };
+        if s.loading {
+            return Err("the model is loading".into());
+        }
         if let Some(dead) = s.stages.as_ref().and_then(|rx| rx.borrow().clone()) {
             return Err(format!("an engine stage has stopped: {dead}"));
         }
@@ -109,6 +134,14 @@ mod tests {
         assert!(e.contains("3 in flight") && e.contains("broker away"), "{e}");
         l.progress();
         assert!(l.check(3, Duration::from_millis(10)).is_ok());
+    }
+
+    #[test]
+    fn unhealthy_until_the_model_has_loaded() {
+        let l = Liveness::loading();
+        assert_eq!(l.check(0, Duration::from_secs(60)).unwrap_err(), "the model is loading");
+        l.model_loaded();
+        assert!(l.check(0, Duration::from_secs(60)).is_ok());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `topic`/`partition` the assigned Kafka partitions.
 
 use prometheus::{
-    exponential_buckets, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    exponential_buckets, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -59,10 +59,12 @@ pub struct Metrics {
     /// First publishes of an output that a de-duplicating broker reported as duplicates: an id
     /// collision, the output may be lost.
     pub dedup_collisions: IntCounter,
+    /// Seconds the model (tokenizer, weights onto every device) took to load at start.
+    pub model_load_seconds: Gauge,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 18] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -80,6 +82,7 @@ pub const NAMES: [&str; 17] = [
     "scorestream_publish_retries_total",
     "scorestream_publish_rejected_total",
     "scorestream_dedup_collisions_total",
+    "scorestream_model_load_seconds",
 ];
 
 /// The `delivery` label values of `scorestream_events_scored_total`.
@@ -163,6 +166,7 @@ impl Metrics {
                 "First publishes reported as duplicates by a de-duplicating broker (id collisions).",
             )
             .map_err(r)?,
+            model_load_seconds: Gauge::new(NAMES[17], "Seconds the model took to load at start.").map_err(r)?,
         };
         m.register_all()?;
         for kind in ErrorKind::ALL {
@@ -182,7 +186,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -200,6 +204,7 @@ impl Metrics {
             Box::new(self.publish_retries.clone()),
             Box::new(self.publish_rejected.clone()),
             Box::new(self.dedup_collisions.clone()),
+            Box::new(self.model_load_seconds.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;

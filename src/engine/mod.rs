@@ -133,13 +133,7 @@ impl Engine {
                 .expect("spawning a thread only fails when the OS is out of resources");
             loaded.push(ready_rx);
         }
-        for ready in loaded {
-            // A stage thread that died before reporting is a load failure too.
-            ready
-                .recv()
-                .unwrap_or_else(|_| Err(ModelError::weights("a stage thread stopped while loading", None)))
-                .map_err(load_err)?;
-        }
+        wait_for_stages(&info, loaded).map_err(load_err)?;
         Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health })
     }
 
@@ -189,6 +183,56 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         (Job { packed: Arc::new(Packed::new(&batch)), input: Activations::Tokens, reply }, rx)
     }
+}
+
+/// How often a long load says how far it got.
+const LOAD_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait for every stage to load (they load at once, each on its thread), logging the layers and
+/// gigabytes loaded so far and the seconds taken.
+fn wait_for_stages(info: &ModelInfo, loaded: Vec<std::sync::mpsc::Receiver<Result<(), ModelError>>>) -> Result<(), ModelError> {
+    let gb = |bytes: usize| bytes as f64 / 1e9;
+    let total: usize = info.stages.iter().map(|s| s.weight_bytes).sum();
+    let started = Instant::now();
+    tracing::info!(layers = info.num_layers, gb = format!("{:.2}", gb(total)), stages = info.stages.len(), "loading the model");
+    let (mut layers, mut bytes) = (0, 0);
+    for (i, ready) in loaded.into_iter().enumerate() {
+        let result = loop {
+            match ready.recv_timeout(LOAD_PROGRESS_EVERY) {
+                Ok(result) => break result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::info!(
+                    "loading the model: {layers} of {} layers ({:.2} of {:.2} GB) loaded in {:.0} s",
+                    info.num_layers,
+                    gb(bytes),
+                    gb(total),
+                    started.elapsed().as_secs_f64()
+                ),
+                // A stage thread that died before reporting is a load failure too.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err(ModelError::weights("a stage thread stopped while loading", None))
+                }
+            }
+        };
+        result?;
+        let stage = &info.stages[i];
+        layers += stage.layers.1 - stage.layers.0;
+        bytes += stage.weight_bytes;
+        tracing::info!(
+            stage = i,
+            device = %stage.device,
+            "loaded stage {i}: layers {}..{}, {:.2} GB, {:.1} s since the start",
+            stage.layers.0,
+            stage.layers.1,
+            gb(stage.weight_bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    tracing::info!(
+        "model loaded: {layers} layers, {:.2} GB in {:.1} s",
+        gb(bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Held by a stage thread while it runs: reports the thread's death on the health channel,
