@@ -130,14 +130,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let parts = open_parts(&config, sinks, preparer, engine, metrics.clone(), liveness).await?;
     readiness.set_source(parts.source.connected());
-    let settings = Settings {
-        limits: config.batch.limits(),
-        max_wait: config.batch.max_wait,
-        max_inflight_events: config.batch.max_inflight_events,
-        max_inflight_bytes: config.batch.max_inflight_bytes,
-        max_payload_bytes: config.batch.max_payload_bytes,
-        max_failed_batches: config.batch.max_failed_batches,
-    };
+    let settings = Settings::of(&config.batch);
     let result = run_until_drained(parts, settings, stop, config.shutdown_timeout).await;
     let _ = http_stop_tx.send(true);
     let _ = http.await;
@@ -226,16 +219,22 @@ async fn open_parts(
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
-    let (source, sink, dead_letter, commit) = match (&config.source, &config.sink, &config.dead_letter, sinks) {
-        (_, _, _, Some((sink, dead_letter))) => (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None),
+    let (source, sink, dead_letter, commit) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
+        (Some((sink, dead_letter)), ..) => (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None),
         // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
-        (SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead), None) => {
+        (None, SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) => {
             let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
             let (sink, dead_letter, commit) =
                 crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
             (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit))
         }
-        _ => unreachable!("preflight opens the sinks unless the delivery is exactly-once over Kafka"),
+        // Not reached: preflight opens the sinks unless the delivery is exactly-once over Kafka.
+        (None, ..) => {
+            let kctx = SinkContext { metrics: metrics.clone() };
+            let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
+            let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
+            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None)
+        }
     };
     Ok(Parts {
         source,

@@ -70,17 +70,6 @@ async fn parts(config: &Config, scorer: Arc<Model>) -> Parts {
     }
 }
 
-fn settings(config: &Config) -> Settings {
-    Settings {
-        limits: config.batch.limits(),
-        max_wait: config.batch.max_wait,
-        max_inflight_events: config.batch.max_inflight_events,
-        max_inflight_bytes: config.batch.max_inflight_bytes,
-        max_payload_bytes: config.batch.max_payload_bytes,
-        max_failed_batches: config.batch.max_failed_batches,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_model_leaves_every_input_to_redelivery_and_dead_letters_none() {
     let server = NatsServer::start("");
@@ -93,7 +82,7 @@ async fn a_failing_model_leaves_every_input_to_redelivery_and_dead_letters_none(
 
     let broken = Arc::new(Model { broken: true, calls: AtomicUsize::new(0) });
     let (_stop_tx, stop) = watch::channel(false);
-    let run = scorestream::pipeline::run(parts(&config, broken.clone()).await, settings(&config), stop);
+    let run = scorestream::pipeline::run(parts(&config, broken.clone()).await, Settings::of(&config.batch), stop);
     let e = tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap_err();
     assert!(matches!(e, PipelineError::Engine { failures: 3, .. }), "{e:?}");
     assert_eq!(broken.calls.load(Ordering::SeqCst), 3);
@@ -107,7 +96,7 @@ async fn a_failing_model_leaves_every_input_to_redelivery_and_dead_letters_none(
     // A healthy worker on the same durable gets every input again (after ack_wait) and scores it.
     let healthy = Arc::new(Model { broken: false, calls: AtomicUsize::new(0) });
     let (stop_tx, stop) = watch::channel(false);
-    let worker = tokio::spawn(scorestream::pipeline::run(parts(&config, healthy).await, settings(&config), stop));
+    let worker = tokio::spawn(scorestream::pipeline::run(parts(&config, healthy).await, Settings::of(&config.batch), stop));
     let start = Instant::now();
     while count(&js, "SCORED").await < 100 {
         assert!(start.elapsed() < Duration::from_secs(60), "not every input was scored after the restart");

@@ -177,6 +177,20 @@ pub struct Settings {
     pub max_failed_batches: usize,
 }
 
+impl Settings {
+    /// The settings of the `[batch]` section.
+    pub fn of(batch: &crate::config::BatchConfig) -> Self {
+        Self {
+            limits: batch.limits(),
+            max_wait: batch.max_wait,
+            max_inflight_events: batch.max_inflight_events,
+            max_inflight_bytes: batch.max_inflight_bytes,
+            max_payload_bytes: batch.max_payload_bytes,
+            max_failed_batches: batch.max_failed_batches,
+        }
+    }
+}
+
 /// Run until the source ends or `stop` turns true; then drain: everything fetched is scored,
 /// published, confirmed and acked, the sinks flushed and the source closed. A fatal sink error
 /// stops fetching too, and so does a model that failed `max_failed_batches` batches in a row;

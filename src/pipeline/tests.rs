@@ -389,6 +389,11 @@ impl Scorer for Flaky {
     }
 }
 
+/// `n` events, event `i` answering `answer(i)`.
+fn lines(n: usize, answer: impl Fn(usize) -> &'static str) -> Vec<String> {
+    (0..n).map(|i| line(i, answer(i))).collect()
+}
+
 /// What a run over [`Counted`] left behind.
 struct Run {
     result: Result<(), PipelineError>,
@@ -401,13 +406,14 @@ struct Run {
     inflight: i64,
 }
 
-async fn run_counted(n: usize, scorer: impl FnOnce(Arc<std::sync::atomic::AtomicUsize>) -> Arc<dyn Scorer>) -> Run {
+/// Run `lines` through the pipeline (failed batches allowed in a row: 3) over [`Counted`].
+async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atomic::AtomicUsize>) -> Arc<dyn Scorer>) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = SinkContext { metrics: metrics.clone() };
     let (acks, closed, calls) = (Arc::default(), Arc::default(), Arc::default());
     let source = Counted {
-        lines: (0..n).map(|i| Bytes::from(line(i, "abc"))).collect(),
+        lines: lines.into_iter().map(Bytes::from).collect(),
         acks: Arc::clone(&acks),
         closed: Arc::clone(&closed),
         connected: watch::channel(true),
@@ -452,7 +458,7 @@ async fn run_counted(n: usize, scorer: impl FnOnce(Arc<std::sync::atomic::Atomic
 /// dead-lettered as `model` and acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_model_dead_letters_nothing_acks_nothing_and_ends_the_run() {
-    let r = run_counted(20, |calls| Arc::new(Flaky { failures: usize::MAX, calls })).await;
+    let r = run_counted(lines(20, |_| "abc"), |calls| Arc::new(Flaky { failures: usize::MAX, calls })).await;
     let e = r.result.unwrap_err();
     assert!(matches!(e, PipelineError::Engine { failures: 3, .. }), "{e:?}");
     let text = crate::error::Chain(&e).to_string();
@@ -467,7 +473,7 @@ async fn a_failing_model_dead_letters_nothing_acks_nothing_and_ends_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_fails_once_then_works_scores_everything() {
-    let r = run_counted(20, |calls| Arc::new(Flaky { failures: 1, calls })).await;
+    let r = run_counted(lines(20, |_| "abc"), |calls| Arc::new(Flaky { failures: 1, calls })).await;
     r.result.unwrap();
     assert!(r.dead.is_empty(), "{:?}", r.dead);
     assert_eq!((r.scored, r.acks), (20, 20));
@@ -498,34 +504,8 @@ impl Scorer for Picky {
 /// event must not stop the worker, or it would stop every worker it is redelivered to).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequence_the_engine_refuses_is_dead_lettered_alone() {
-    let text: String = (0..12).map(|i| format!("{}\n", line(i, if i % 3 == 0 { "abcdefgh" } else { "ab" }))).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let ctx = SinkContext { metrics: metrics.clone() };
-    let parts = Parts {
-        source: Box::new(FileSource::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "in".into())),
-        source_kind: "file",
-        preparer: Arc::new(Bytewise),
-        scorer: Arc::new(Picky),
-        sink: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("o") }, ctx.clone()).await.unwrap()),
-        dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("d") }, ctx).await.unwrap()),
-        commit: None,
-        metrics: metrics.clone(),
-        liveness: Default::default(),
-    };
-    let settings = Settings {
-        limits: BatchLimits { max_tokens: 64, max_events: 4 },
-        max_wait: Duration::from_millis(1),
-        max_inflight_events: 8,
-        max_inflight_bytes: 1 << 20,
-        max_payload_bytes: 1 << 20,
-        max_failed_batches: 1,
-    };
-    let (_stop_tx, stop) = watch::channel(false);
-    run(parts, settings, stop).await.unwrap();
-    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
-    assert_eq!(read("o").lines().count(), 8);
-    let dead: Vec<serde_json::Value> = read("d").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(dead.len(), 4);
-    assert!(dead.iter().all(|d| d["error"]["kind"] == "model"), "{dead:?}");
+    let r = run_counted(lines(12, |i| if i % 3 == 0 { "abcdefgh" } else { "ab" }), |_| Arc::new(Picky)).await;
+    r.result.unwrap();
+    assert_eq!((r.scored, r.dead.len(), r.acks), (8, 4, 12));
+    assert!(r.dead.iter().all(|d| d["error"]["kind"] == "model"), "{:?}", r.dead);
 }
