@@ -223,6 +223,7 @@ impl Config {
         positive("batch.max_batch_events", b.max_batch_events)?;
         positive("batch.max_inflight_events", b.max_inflight_events)?;
         positive("batch.max_inflight_bytes", b.max_inflight_bytes)?;
+        positive("batch.max_failed_batches", b.max_failed_batches)?;
         if self.model.max_tokens > b.max_batch_tokens {
             return invalid(
                 "model.max_tokens",
