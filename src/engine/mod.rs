@@ -46,8 +46,21 @@ pub enum EngineError {
     Panicked { stage: usize, device: String, message: String },
     #[error("sequence {index} of the batch has {len} tokens; the model scores 1 to {limit}")]
     Sequence { index: usize, len: usize, limit: usize },
+    #[error("sequence {index} of the batch has token id {token}, outside the model's vocabulary of {vocab}")]
+    Token { index: usize, token: u32, vocab: usize },
     #[error("the engine has stopped")]
     Stopped,
+}
+
+impl EngineError {
+    /// The sequence of the batch that the engine refused, before running anything, for what
+    /// it holds (its length, a token id): that one event's fault, not the engine's.
+    pub fn refused_sequence(&self) -> Option<usize> {
+        match self {
+            EngineError::Sequence { index, .. } | EngineError::Token { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
 }
 
 /// A stage on its device: the candle CPU stage or the CUDA stage.
@@ -170,13 +183,19 @@ impl Engine {
     }
 
     /// An empty sequence has no token to read a score at (packed, it would read its
-    /// neighbour's); a longer one than the model's positions is outside what it was built for.
+    /// neighbour's); a longer one than the model's positions is outside what it was built for;
+    /// a token id outside the embedding would fail the whole batch in the first stage.
     fn check(&self, batch: &[Vec<u32>]) -> Result<(), EngineError> {
-        let limit = self.info.max_position_embeddings;
-        match batch.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > limit) {
-            Some((index, s)) => Err(EngineError::Sequence { index, len: s.len(), limit }),
-            None => Ok(()),
+        let (limit, vocab) = (self.info.max_position_embeddings, self.info.vocab_size);
+        for (index, s) in batch.iter().enumerate() {
+            if s.is_empty() || s.len() > limit {
+                return Err(EngineError::Sequence { index, len: s.len(), limit });
+            }
+            if let Some(&token) = s.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::Token { index, token, vocab });
+            }
         }
+        Ok(())
     }
 
     fn job(batch: Vec<Vec<u32>>) -> (Job, oneshot::Receiver<Result<Vec<Score>, EngineError>>) {
@@ -346,6 +365,16 @@ mod tests {
         let reason = guarded(true).expect("a dead stage is reported");
         assert!(reason.contains("stage 1 (cpu)") && reason.contains("panicked"), "{reason}");
         assert_eq!(guarded(false), None);
+    }
+
+    /// A token id outside the vocabulary is refused up front, naming its sequence.
+    #[test]
+    fn a_token_outside_the_vocabulary_names_its_sequence() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arith");
+        let engine = Engine::start(&ModelOptions::new(dir)).unwrap();
+        let e = engine.score_blocking(vec![vec![1, 2], vec![3, 10_000_000]]).unwrap_err();
+        assert!(matches!(e, EngineError::Token { index: 1, token: 10_000_000, .. }), "{e:?}");
+        assert_eq!(e.refused_sequence(), Some(1));
     }
 
     /// Every engine handle dropped: the stage threads end normally and report nothing.

@@ -15,8 +15,8 @@
 //! retried after a short backoff while `/healthz` reports the failure, and after
 //! `max_failed_batches` failures in a row the run ends with [`PipelineError::Engine`] through the
 //! same orderly close, leaving the unacknowledged inputs to the broker's redelivery. Dead letters
-//! (kind `model`) stay for what points at one event: a sequence the engine refuses, a non-finite
-//! score.
+//! (kind `model`) stay for what points at one event: a sequence the engine refuses (its length,
+//! a token id outside the vocabulary), a non-finite score.
 
 mod dead_letter;
 mod publish;
@@ -69,6 +69,16 @@ pub enum ScoreError {
     Count { scores: usize, sequences: usize },
 }
 
+impl ScoreError {
+    /// The sequence refused for what it holds ([`EngineError::refused_sequence`]).
+    pub fn refused_sequence(&self) -> Option<usize> {
+        match self {
+            ScoreError::Engine(e) => e.refused_sequence(),
+            ScoreError::Count { .. } => None,
+        }
+    }
+}
+
 /// Turns a parsed event into model input (the prompt stage).
 pub trait Preparer: Send + Sync + 'static {
     /// Token ids and whether the conversation was truncated; `too_long`/`template` errors.
@@ -78,7 +88,7 @@ pub trait Preparer: Send + Sync + 'static {
 /// Scores batches of token sequences (the engine).
 pub trait Scorer: Send + Sync + 'static {
     /// One score per sequence, in order. An error is a fault of the engine (the batch is
-    /// retried), except [`EngineError::Sequence`], which names the one sequence refused.
+    /// retried), except one that names a refused sequence ([`EngineError::refused_sequence`]).
     fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>>;
     /// Name published in each scored event.
     fn model_name(&self) -> String;

@@ -9,7 +9,6 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use super::{InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
-use crate::engine::EngineError;
 use crate::error::Chain;
 use crate::event::{ErrorKind, EventError, InputEvent, Score};
 use crate::health::Liveness;
@@ -193,12 +192,13 @@ impl Attempts {
                     self.scoring.liveness.engine_ok();
                     break scores;
                 }
-                // One sequence the engine refuses is that event's fault: dead-letter it alone.
-                Err(ScoreError::Engine(e @ EngineError::Sequence { index, .. })) if index < ids.len() => {
-                    ids.remove(index);
-                    refuse(&mut items, index, &e.to_string());
-                }
                 Err(e) => {
+                    // One sequence the engine refuses is that event's fault: dead-letter it alone.
+                    if let Some(index) = e.refused_sequence().filter(|i| *i < ids.len()) {
+                        ids.remove(index);
+                        refuse(&mut items, index, &e.to_string());
+                        continue;
+                    }
                     let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let reason = Chain(&e).to_string();
                     self.scoring.liveness.engine_failed(reason.clone());

@@ -480,7 +480,8 @@ async fn a_model_that_fails_once_then_works_scores_everything() {
     assert!(r.health.is_ok(), "healthy again after a batch succeeded: {:?}", r.health);
 }
 
-/// Refuses (as [`EngineError::Sequence`]) the first sequence longer than 5 tokens.
+/// Refuses (as [`EngineError::Sequence`], before running anything) the first sequence longer
+/// than 5 tokens, as the engine refuses one too long or with a token outside its vocabulary.
 struct Picky;
 impl Scorer for Picky {
     fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
