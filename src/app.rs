@@ -1,6 +1,8 @@
-//! `scorestream run`: load the config, start the HTTP endpoints,
-//! load and warm up the model, open the source and sinks, run the pipeline, and shut down on
-//! SIGTERM/SIGINT.
+//! `scorestream run`: load the config, start the HTTP endpoints, check the source and open the
+//! sinks (so that a wrong address, credentials, secret file, stream or topic fails in seconds,
+//! before a long model load), load and warm up the model, open the source, run the pipeline, and
+//! shut down on SIGTERM/SIGINT. `/healthz` is 503 until the model has loaded (the chart's
+//! startup probe waits on it); the load's duration is `scorestream_model_load_seconds`.
 //!
 //! Shutdown: the first signal stops fetching; everything in flight is scored, published,
 //! confirmed and acked, then the worker exits 0. If that takes longer than `shutdown_timeout`
@@ -40,6 +42,8 @@ pub enum AppError {
     Engine(Box<EngineError>),
     #[error("the warm-up batch failed: {0}")]
     WarmUp(String),
+    #[error("the warm-up batch failed")]
+    WarmUpScore(#[source] EngineError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -88,7 +92,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(?config, "starting");
     let metrics = Arc::new(Metrics::with_config(&config.metrics)?);
     let readiness = Arc::new(Readiness::default());
-    let liveness = Arc::new(Liveness::default());
+    let liveness = Arc::new(Liveness::loading());
     let (stop_tx, stop) = watch::channel(false);
     let (http_stop_tx, http_stop) = watch::channel(false);
     spawn_signal_handler(stop_tx)?;
@@ -96,16 +100,27 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let (addr, http) = crate::http::serve(&config.http, endpoints, http_stop).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
-    // A signal during a long model load ends the worker right away: nothing is in flight yet.
+    // A signal during the checks or a long model load ends the worker right away: nothing is in
+    // flight yet.
     let mut early_stop = stop.clone();
-    let (preparer, engine) = tokio::select! {
-        loaded = load_model(&config.model, config.batch.limits()) => loaded?,
+    let start = async {
+        let sinks = preflight(&config, &metrics).await?;
+        tracing::info!(model = %config.model.path.display(), "source and sinks reachable; loading the model");
+        let started = std::time::Instant::now();
+        let loaded = load_model(&config.model, config.batch.limits()).await?;
+        metrics.model_load_seconds.set(started.elapsed().as_secs_f64());
+        Ok::<_, AppError>((sinks, loaded))
+    };
+    let (sinks, (preparer, engine)) = tokio::select! {
+        started = start => started?,
         _ = early_stop.wait_for(|s| *s) => {
-            tracing::info!("stopped while loading the model");
+            tracing::info!("stopped while starting");
             return Ok(());
         }
     };
     readiness.set_model_loaded();
+    liveness.model_loaded();
+    liveness.watch_stages(engine.stage_health());
     let info = engine.info();
     metrics.set_model_info(&info.name, config.model.dtype.as_str(), &config.model.devices);
     spawn_stage_busy_updates(engine.clone(), metrics.clone());
@@ -113,15 +128,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     readiness.set_warmed_up();
     tracing::info!(model = %info.name, "model loaded and warmed up");
 
-    let parts = open_parts(&config, preparer, engine, metrics.clone(), liveness).await?;
+    let parts = open_parts(&config, sinks, preparer, engine, metrics.clone(), liveness).await?;
     readiness.set_source(parts.source.connected());
-    let settings = Settings {
-        limits: config.batch.limits(),
-        max_wait: config.batch.max_wait,
-        max_inflight_events: config.batch.max_inflight_events,
-        max_inflight_bytes: config.batch.max_inflight_bytes,
-        max_payload_bytes: config.batch.max_payload_bytes,
-    };
+    let settings = Settings::of(&config.batch);
     let result = run_until_drained(parts, settings, stop, config.shutdown_timeout).await;
     let _ = http_stop_tx.send(true);
     let _ = http.await;
@@ -169,15 +178,37 @@ async fn load_model(opts: &ModelOptions, limits: BatchLimits) -> Result<(Arc<dyn
 async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<(), AppError> {
     let event = InputEvent { id: "warm-up".into(), messages: crate::prompt::probe_conversation(), metadata: None };
     let (ids, _) = preparer.prepare(&event).map_err(|e| AppError::WarmUp(e.to_string()))?;
-    let scores = scorer.score(vec![ids]).await.map_err(AppError::WarmUp)?;
+    let scores = scorer.score(vec![ids]).await.map_err(AppError::WarmUpScore)?;
     match scores.as_slice() {
         [score] => score.check_finite().map_err(AppError::WarmUp),
         other => Err(AppError::WarmUp(format!("the model returned {} scores for 1 sequence", other.len()))),
     }
 }
 
+/// The scored and dead-letter sinks, opened before the model loads (at-least-once).
+type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>);
+
+/// Before the model loads: check the source (broker, credentials, secret files, stream or
+/// topics) and open the sinks, which check their own. Exactly-once sinks need the source's
+/// consumer, so they are only checked here (their brokers, credentials and topics) and opened
+/// with the source; `None` then.
+async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sinks>, AppError> {
+    crate::source::check::check(&config.source).await?;
+    if let (SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) = (&config.sink, &config.dead_letter) {
+        if out.delivery == Delivery::ExactlyOnce {
+            crate::sink::kafka::check(out, &[&out.topic, &dead.topic]).await?;
+            return Ok(None);
+        }
+    }
+    let kctx = SinkContext { metrics: metrics.clone() };
+    let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
+    let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
+    Ok(Some((sink, dead_letter)))
+}
+
 async fn open_parts(
     config: &Config,
+    sinks: Option<Sinks>,
     preparer: Arc<dyn Preparer>,
     engine: Engine,
     metrics: Arc<Metrics>,
@@ -188,20 +219,21 @@ async fn open_parts(
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
-    let kctx = SinkContext { metrics: metrics.clone() };
-    let (source, sink, dead_letter, commit) = match (&config.source, &config.sink, &config.dead_letter) {
+    let (source, sink, dead_letter, commit) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
+        (Some((sink, dead_letter)), ..) => (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None),
         // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
-        (SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) if out.delivery == Delivery::ExactlyOnce => {
+        (None, SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) => {
             let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
             let (sink, dead_letter, commit) =
                 crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
             (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit))
         }
-        _ => {
-            let source = crate::source::open(&config.source, sctx).await?;
+        // Not reached: preflight opens the sinks unless the delivery is exactly-once over Kafka.
+        (None, ..) => {
+            let kctx = SinkContext { metrics: metrics.clone() };
             let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
             let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
-            (source, sink, dead_letter, None)
+            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None)
         }
     };
     Ok(Parts {
@@ -269,7 +301,7 @@ mod tests {
     }
 
     impl Scorer for Fixed {
-        fn score(&self, _: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+        fn score(&self, _: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
             let scores = self.0.clone();
             Box::pin(async move { Ok(scores) })
         }

@@ -1,5 +1,6 @@
-//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the pipeline makes progress: 503
-//! when events wait and none finished within the stall timeout), `/readyz` (model loaded,
+//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (503 when an engine stage thread
+//! has died, while the model fails on batches, or when events wait and none finished within the
+//! stall timeout: [`Liveness::check`]), `/readyz` (model loaded,
 //! warm-up batch done, source connected; 503 with the missing parts otherwise).
 
 use std::net::SocketAddr;

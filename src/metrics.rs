@@ -5,7 +5,7 @@
 //! `topic`/`partition` the assigned Kafka partitions.
 
 use prometheus::{
-    exponential_buckets, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    exponential_buckets, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -109,10 +109,12 @@ pub struct Metrics {
     pub dedup_collisions: IntCounter,
     /// Always 1; labels describe this binary (`version`, git `revision`, cargo `features`).
     pub build_info: IntGaugeVec,
+    /// Seconds the model (tokenizer, weights onto every device) took to load at start.
+    pub model_load_seconds: Gauge,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 18] = [
+pub const NAMES: [&str; 19] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -131,6 +133,7 @@ pub const NAMES: [&str; 18] = [
     "scorestream_publish_rejected_total",
     "scorestream_dedup_collisions_total",
     "scorestream_build_info",
+    "scorestream_model_load_seconds",
 ];
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
@@ -228,6 +231,7 @@ impl Metrics {
                 &["version", "revision", "features"],
             )
             .map_err(r)?,
+            model_load_seconds: Gauge::new(NAMES[18], "Seconds the model took to load at start.").map_err(r)?,
         };
         m.register_all()?;
         m.build_info.with_label_values(&BUILD).set(1);
@@ -248,7 +252,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -267,6 +271,7 @@ impl Metrics {
             Box::new(self.publish_rejected.clone()),
             Box::new(self.dedup_collisions.clone()),
             Box::new(self.build_info.clone()),
+            Box::new(self.model_load_seconds.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;

@@ -1,6 +1,6 @@
 //! FP8 checkpoints and the stage pipeline: `scorestream quantize` output loads back and scores
 //! like quantize-at-load, quantizing a sharded checkpoint keeps peak memory near one shard, and a
-//! stage that fails mid-batch fails only that batch.
+//! batch refused for one of its sequences (a token outside the vocabulary) fails only that batch.
 
 mod common_fixtures;
 
@@ -45,14 +45,16 @@ fn quantized_checkpoints_score_like_quantize_at_load() {
 }
 
 #[test]
-fn a_failing_stage_fails_its_batch_and_later_batches_run() {
+fn a_refused_batch_names_its_sequence_and_later_batches_run() {
     let name = fixture_names().into_iter().next().expect("fixtures");
     let ids: Vec<Vec<u32>> = Reference::load(&name).events.into_iter().map(|e| e.input_ids).collect();
     let engine = Engine::start(&options(&common_fixtures::dir(&name), Dtype::F32, &["cpu", "cpu"])).unwrap();
     let good = rewards(&engine, &ids[..1]);
+    // A token outside the vocabulary is refused before the stages run, naming its sequence (the
+    // worker dead-letters that event alone); the stages check it too.
     let bad = engine.score_blocking(vec![ids[0].clone(), vec![u32::MAX]]).unwrap_err();
-    assert!(matches!(bad, EngineError::Stage { stage: 0, .. }), "{bad}");
-    assert!(bad.to_string().contains("outside the vocabulary"), "{bad}");
+    assert!(matches!(bad, EngineError::Token { index: 1, .. }), "{bad}");
+    assert!(bad.to_string().contains("outside the model's vocabulary"), "{bad}");
     assert_eq!(rewards(&engine, &ids[..1]), good, "the engine keeps working after a failed batch");
 }
 

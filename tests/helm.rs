@@ -194,6 +194,8 @@ fn pod_runs_non_root_on_a_read_only_root_with_writable_caches() {
     assert_eq!(w["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(w["readinessProbe"]["httpGet"]["path"], "/readyz");
     let s = &w["startupProbe"];
+    // /healthz is 503 until the model has loaded: the startup probe waits on the load.
+    assert_eq!(s["httpGet"]["path"], "/healthz");
     assert!(s["periodSeconds"].as_u64().unwrap() * s["failureThreshold"].as_u64().unwrap() >= 1800);
     assert_eq!(one(&docs, "PodDisruptionBudget")["spec"]["maxUnavailable"], 1);
 }

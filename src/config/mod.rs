@@ -103,6 +103,12 @@ pub struct BatchConfig {
     /// event larger than the bound is still let through on its own.
     #[serde(default = "default_max_inflight_bytes")]
     pub max_inflight_bytes: usize,
+    /// Batches in a row the model may fail on (an engine error, a stage panic) before the
+    /// worker stops with an error, leaving the unacknowledged inputs to the broker's
+    /// redelivery. Each failed batch is retried after a short backoff, and its events are
+    /// neither dead-lettered nor acknowledged; `/healthz` fails meanwhile.
+    #[serde(default = "default_max_failed_batches")]
+    pub max_failed_batches: usize,
 }
 
 impl Default for BatchConfig {
@@ -114,6 +120,7 @@ impl Default for BatchConfig {
             max_inflight_events: default_max_inflight_events(),
             max_payload_bytes: default_max_payload_bytes(),
             max_inflight_bytes: default_max_inflight_bytes(),
+            max_failed_batches: default_max_failed_batches(),
         }
     }
 }
@@ -176,6 +183,9 @@ const fn default_max_payload_bytes() -> usize {
 const fn default_max_inflight_bytes() -> usize {
     256 * 1024 * 1024
 }
+const fn default_max_failed_batches() -> usize {
+    3
+}
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(300)
 }
@@ -221,6 +231,7 @@ impl Config {
         positive("batch.max_batch_events", b.max_batch_events)?;
         positive("batch.max_inflight_events", b.max_inflight_events)?;
         positive("batch.max_inflight_bytes", b.max_inflight_bytes)?;
+        positive("batch.max_failed_batches", b.max_failed_batches)?;
         if self.model.max_tokens > b.max_batch_tokens {
             return invalid(
                 "model.max_tokens",

@@ -45,6 +45,8 @@ pub struct ModelInfo {
     /// `max_position_embeddings` ([`length_limit`]).
     pub max_tokens: usize,
     pub max_position_embeddings: usize,
+    /// Rows of the embedding: every token id is below it.
+    pub vocab_size: usize,
     pub stages: Vec<StageInfo>,
 }
 
@@ -224,6 +226,7 @@ fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, sta
         dtype: opts.dtype,
         max_tokens: length_limit(opts.max_tokens, cfg),
         max_position_embeddings: cfg.max_position_embeddings,
+        vocab_size: cfg.vocab_size,
         stages,
     }
 }

@@ -4,7 +4,8 @@
 //! Guarantees: a batch's scores come back in the order of its sequences; stage `i + 1` works on
 //! batch `n` while stage `i` works on batch `n + 1` (capacity-1 channels, so at most one batch
 //! waits before each stage); a stage that fails or panics fails only its batch, with an error
-//! naming the stage, and later batches still run.
+//! naming the stage, and later batches still run. The stage threads report on a watch channel
+//! ([`Engine::stage_health`]) when one of them has died, for `/healthz`.
 
 pub mod cuda;
 mod loader;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::Score;
 use crate::model::packed::Packed;
@@ -45,8 +46,21 @@ pub enum EngineError {
     Panicked { stage: usize, device: String, message: String },
     #[error("sequence {index} of the batch has {len} tokens; the model scores 1 to {limit}")]
     Sequence { index: usize, len: usize, limit: usize },
+    #[error("sequence {index} of the batch has token id {token}, outside the model's vocabulary of {vocab}")]
+    Token { index: usize, token: u32, vocab: usize },
     #[error("the engine has stopped")]
     Stopped,
+}
+
+impl EngineError {
+    /// The sequence of the batch that the engine refused, before running anything, for what
+    /// it holds (its length, a token id): that one event's fault, not the engine's.
+    pub fn refused_sequence(&self) -> Option<usize> {
+        match self {
+            EngineError::Sequence { index, .. } | EngineError::Token { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
 }
 
 /// A stage on its device: the candle CPU stage or the CUDA stage.
@@ -83,6 +97,7 @@ pub struct Engine {
     tx: mpsc::Sender<Job>,
     info: Arc<ModelInfo>,
     busy_nanos: Arc<Vec<AtomicU64>>,
+    health: watch::Receiver<Option<String>>,
 }
 
 impl Engine {
@@ -102,6 +117,8 @@ impl Engine {
         let (loaders, info) = loader::loaders(opts, limits).map_err(load_err)?;
         let busy_nanos: Arc<Vec<AtomicU64>> = Arc::new(loaders.iter().map(|_| AtomicU64::new(0)).collect());
         let (first_tx, mut rx) = mpsc::channel::<Job>(1);
+        let (health_tx, health) = watch::channel(None);
+        let health_tx = Arc::new(health_tx);
         let last = loaders.len() - 1;
         let mut loaded = Vec::with_capacity(loaders.len());
         for (i, load) in loaders.into_iter().enumerate() {
@@ -111,12 +128,16 @@ impl Engine {
             let device = info.stages[i].device.clone();
             let layers = format!("{:?}", info.stages[i].layers.0..info.stages[i].layers.1);
             let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            let guard = StageGuard { index: i, device: device.clone(), health: health_tx.clone() };
             std::thread::Builder::new()
                 .name(format!("scorestream-stage-{i}"))
                 .spawn(move || match load() {
                     Ok(mut stage) => {
                         let _ = ready_tx.send(Ok(()));
-                        stage_loop(i, &device, &layers, &mut stage, stage_rx, next_tx, &busy[i]);
+                        if !stage_loop(i, &device, &layers, &mut stage, stage_rx, next_tx, &busy[i]) {
+                            guard.died(&format!("the next stage ({}) is gone", i + 1));
+                        }
+                        drop(guard);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -125,18 +146,18 @@ impl Engine {
                 .expect("spawning a thread only fails when the OS is out of resources");
             loaded.push(ready_rx);
         }
-        for ready in loaded {
-            // A stage thread that died before reporting is a load failure too.
-            ready
-                .recv()
-                .unwrap_or_else(|_| Err(ModelError::weights("a stage thread stopped while loading", None)))
-                .map_err(load_err)?;
-        }
-        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos })
+        wait_for_stages(&info, loaded).map_err(load_err)?;
+        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// `None` while every stage thread runs; the reason once one has died (a panic outside a
+    /// batch, or its next stage gone). A stage that fails a batch stays alive.
+    pub fn stage_health(&self) -> watch::Receiver<Option<String>> {
+        self.health.clone()
     }
 
     /// Seconds each stage has spent computing since start, for utilisation and bubble figures.
@@ -162,13 +183,19 @@ impl Engine {
     }
 
     /// An empty sequence has no token to read a score at (packed, it would read its
-    /// neighbour's); a longer one than the model's positions is outside what it was built for.
+    /// neighbour's); a longer one than the model's positions is outside what it was built for;
+    /// a token id outside the embedding would fail the whole batch in the first stage.
     fn check(&self, batch: &[Vec<u32>]) -> Result<(), EngineError> {
-        let limit = self.info.max_position_embeddings;
-        match batch.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > limit) {
-            Some((index, s)) => Err(EngineError::Sequence { index, len: s.len(), limit }),
-            None => Ok(()),
+        let (limit, vocab) = (self.info.max_position_embeddings, self.info.vocab_size);
+        for (index, s) in batch.iter().enumerate() {
+            if s.is_empty() || s.len() > limit {
+                return Err(EngineError::Sequence { index, len: s.len(), limit });
+            }
+            if let Some(&token) = s.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::Token { index, token, vocab });
+            }
         }
+        Ok(())
     }
 
     fn job(batch: Vec<Vec<u32>>) -> (Job, oneshot::Receiver<Result<Vec<Score>, EngineError>>) {
@@ -177,8 +204,83 @@ impl Engine {
     }
 }
 
+/// How often a long load says how far it got.
+const LOAD_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait for every stage to load (they load at once, each on its thread), logging the layers and
+/// gigabytes loaded so far and the seconds taken.
+fn wait_for_stages(info: &ModelInfo, loaded: Vec<std::sync::mpsc::Receiver<Result<(), ModelError>>>) -> Result<(), ModelError> {
+    let gb = |bytes: usize| bytes as f64 / 1e9;
+    let total: usize = info.stages.iter().map(|s| s.weight_bytes).sum();
+    let started = Instant::now();
+    tracing::info!(layers = info.num_layers, gb = format!("{:.2}", gb(total)), stages = info.stages.len(), "loading the model");
+    let (mut layers, mut bytes) = (0, 0);
+    for (i, ready) in loaded.into_iter().enumerate() {
+        let result = loop {
+            match ready.recv_timeout(LOAD_PROGRESS_EVERY) {
+                Ok(result) => break result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::info!(
+                    "loading the model: {layers} of {} layers ({:.2} of {:.2} GB) loaded in {:.0} s",
+                    info.num_layers,
+                    gb(bytes),
+                    gb(total),
+                    started.elapsed().as_secs_f64()
+                ),
+                // A stage thread that died before reporting is a load failure too.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err(ModelError::weights("a stage thread stopped while loading", None))
+                }
+            }
+        };
+        result?;
+        let stage = &info.stages[i];
+        layers += stage.layers.1 - stage.layers.0;
+        bytes += stage.weight_bytes;
+        tracing::info!(
+            stage = i,
+            device = %stage.device,
+            "loaded stage {i}: layers {}..{}, {:.2} GB, {:.1} s since the start",
+            stage.layers.0,
+            stage.layers.1,
+            gb(stage.weight_bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    tracing::info!(
+        "model loaded: {layers} layers, {:.2} GB in {:.1} s",
+        gb(bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Held by a stage thread while it runs: reports the thread's death on the health channel,
+/// also when it unwinds.
+struct StageGuard {
+    index: usize,
+    device: String,
+    health: Arc<watch::Sender<Option<String>>>,
+}
+
+impl StageGuard {
+    fn died(&self, why: &str) {
+        let reason = format!("stage {} ({}) thread ended: {why}", self.index, self.device);
+        tracing::error!("{reason}");
+        self.health.send_replace(Some(reason));
+    }
+}
+
+impl Drop for StageGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.died("it panicked");
+        }
+    }
+}
+
 /// The body of one stage's thread: run each job, pass hidden states on or reply with scores.
-/// Ends when the previous stage (or every engine handle) is gone.
+/// Returns `true` when the previous stage (or every engine handle) is gone (a normal end),
+/// `false` when the next stage is.
 fn stage_loop(
     index: usize,
     device: &str,
@@ -187,7 +289,7 @@ fn stage_loop(
     mut rx: mpsc::Receiver<Job>,
     next: Option<mpsc::Sender<Job>>,
     busy: &AtomicU64,
-) {
+) -> bool {
     while let Some(job) = rx.blocking_recv() {
         let Job { packed, input, reply } = job;
         let started = Instant::now();
@@ -211,7 +313,7 @@ fn stage_loop(
             (Ok(StageOutput::Hidden(h)), Some(next)) => {
                 let job = Job { packed, input: Activations::Hidden(h), reply };
                 if next.blocking_send(job).is_err() {
-                    return;
+                    return false;
                 }
             }
             (Ok(StageOutput::Scores(s)), _) => {
@@ -231,6 +333,7 @@ fn stage_loop(
             }
         }
     }
+    true
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -239,4 +342,51 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guarded(panics: bool) -> Option<String> {
+        let (tx, rx) = watch::channel(None);
+        let guard = StageGuard { index: 1, device: "cpu".into(), health: Arc::new(tx) };
+        let _ = std::thread::spawn(move || {
+            let _guard = guard;
+            assert!(!panics, "a stage thread dies");
+        })
+        .join();
+        let reason = rx.borrow().clone();
+        reason
+    }
+
+    #[test]
+    fn a_stage_thread_that_dies_reports_it_and_a_normal_end_does_not() {
+        let reason = guarded(true).expect("a dead stage is reported");
+        assert!(reason.contains("stage 1 (cpu)") && reason.contains("panicked"), "{reason}");
+        assert_eq!(guarded(false), None);
+    }
+
+    /// A token id outside the vocabulary is refused up front, naming its sequence.
+    #[test]
+    fn a_token_outside_the_vocabulary_names_its_sequence() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arith");
+        let engine = Engine::start(&ModelOptions::new(dir)).unwrap();
+        let e = engine.score_blocking(vec![vec![1, 2], vec![3, 10_000_000]]).unwrap_err();
+        assert!(matches!(e, EngineError::Token { index: 1, token: 10_000_000, .. }), "{e:?}");
+        assert_eq!(e.refused_sequence(), Some(1));
+    }
+
+    /// Every engine handle dropped: the stage threads end normally and report nothing.
+    #[test]
+    fn a_stopped_engine_reports_no_dead_stage() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arith");
+        let opts = ModelOptions { devices: vec!["cpu".into(), "cpu".into()], ..ModelOptions::new(dir) };
+        let engine = Engine::start(&opts).unwrap();
+        let mut health = engine.stage_health();
+        assert!(engine.score_blocking(vec![vec![1, 2, 3]]).is_ok());
+        drop(engine);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(health.borrow_and_update().is_none());
+    }
 }

@@ -9,6 +9,14 @@
 //! `max_inflight_events` records and `max_inflight_bytes` payload bytes are between fetch and
 //! ack, so memory stays bounded. A fatal sink error stops fetching, drains what it can and ends
 //! the run with that error.
+//!
+//! Engine faults are not bad input: when the model fails on a batch (an engine error, a stage
+//! panic, a stopped engine), its events are neither dead-lettered nor acknowledged; the batch is
+//! retried after a short backoff while `/healthz` reports the failure, and after
+//! `max_failed_batches` failures in a row the run ends with [`PipelineError::Engine`] through the
+//! same orderly close, leaving the unacknowledged inputs to the broker's redelivery. Dead letters
+//! (kind `model`) stay for what points at one event: a sequence the engine refuses (its length,
+//! a token id outside the vocabulary), a non-finite score.
 
 mod dead_letter;
 mod publish;
@@ -23,6 +31,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::actor::Weighted;
 use crate::batch::policy::BatchLimits;
+use crate::engine::EngineError;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
@@ -39,8 +48,35 @@ pub enum PipelineError {
     /// A sink failed for good (a fenced transactional producer).
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The model failed on `failures` batches in a row: the worker stops, its unacknowledged
+    /// inputs left for redelivery.
+    #[error("the model failed on {failures} batches in a row; stopping")]
+    Engine {
+        failures: usize,
+        #[source]
+        source: ScoreError,
+    },
     #[error("pipeline task failed: {0}")]
     Task(String),
+}
+
+/// Why scoring a batch failed: a fault of the engine, not of the batch's events.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the model returned {scores} scores for {sequences} sequences")]
+    Count { scores: usize, sequences: usize },
+}
+
+impl ScoreError {
+    /// The sequence refused for what it holds ([`EngineError::refused_sequence`]).
+    pub fn refused_sequence(&self) -> Option<usize> {
+        match self {
+            ScoreError::Engine(e) => e.refused_sequence(),
+            ScoreError::Count { .. } => None,
+        }
+    }
 }
 
 /// Turns a parsed event into model input (the prompt stage).
@@ -51,8 +87,9 @@ pub trait Preparer: Send + Sync + 'static {
 
 /// Scores batches of token sequences (the engine).
 pub trait Scorer: Send + Sync + 'static {
-    /// One score per sequence, in order; the error text ends up in the dead letters.
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>>;
+    /// One score per sequence, in order. An error is a fault of the engine (the batch is
+    /// retried), except one that names a refused sequence ([`EngineError::refused_sequence`]).
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>>;
     /// Name published in each scored event.
     fn model_name(&self) -> String;
     /// Batches worth keeping in flight at once (the engine's pipeline depth).
@@ -60,9 +97,9 @@ pub trait Scorer: Send + Sync + 'static {
 }
 
 impl Scorer for crate::engine::Engine {
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
         let engine = self.clone();
-        Box::pin(async move { engine.score(batch).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { engine.score(batch).await })
     }
     fn model_name(&self) -> String {
         self.info().name.clone()
@@ -146,11 +183,28 @@ pub struct Settings {
     pub max_inflight_events: usize,
     pub max_inflight_bytes: usize,
     pub max_payload_bytes: usize,
+    /// Failed batches in a row after which the run ends with [`PipelineError::Engine`].
+    pub max_failed_batches: usize,
+}
+
+impl Settings {
+    /// The settings of the `[batch]` section.
+    pub fn of(batch: &crate::config::BatchConfig) -> Self {
+        Self {
+            limits: batch.limits(),
+            max_wait: batch.max_wait,
+            max_inflight_events: batch.max_inflight_events,
+            max_inflight_bytes: batch.max_inflight_bytes,
+            max_payload_bytes: batch.max_payload_bytes,
+            max_failed_batches: batch.max_failed_batches,
+        }
+    }
 }
 
 /// Run until the source ends or `stop` turns true; then drain: everything fetched is scored,
 /// published, confirmed and acked, the sinks flushed and the source closed. A fatal sink error
-/// stops fetching too; the run then ends with that error after the same orderly close.
+/// stops fetching too, and so does a model that failed `max_failed_batches` batches in a row;
+/// the run then ends with that error after the same orderly close.
 pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
     let Parts { source, source_kind, preparer, scorer, sink, dead_letter, commit, metrics, liveness } = parts;
     let limits = Limits::new(&settings);
@@ -168,7 +222,14 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         .spawn(move || stages::prepare(&*preparer, max_payload, fetch_rx, work_tx))
         .map_err(|e| PipelineError::Task(format!("cannot start the prepare thread: {e}")))?;
     let batcher = tokio::spawn(crate::batch::actor::run(work_rx, batch_tx, settings.limits, settings.max_wait));
-    let score = tokio::spawn(stages::score(scorer.clone(), metrics.clone(), batch_rx, done_tx));
+    let scoring = stages::Scoring {
+        scorer: scorer.clone(),
+        metrics: metrics.clone(),
+        liveness: liveness.clone(),
+        max_failed: settings.max_failed_batches.max(1),
+        abort: abort_tx.clone(),
+    };
+    let score = tokio::spawn(scoring.run(batch_rx, done_tx));
     let publisher = publish::Publisher {
         sink: sink.clone(),
         dead_letter: dead_letter.clone(),
@@ -185,9 +246,8 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     if !matches!(joined, Ok(Ok(()))) {
         return Err(PipelineError::Task("the prepare thread panicked".into()));
     }
-    for (name, task) in [("batcher", batcher), ("score", score)] {
-        task.await.map_err(|e| PipelineError::Task(format!("{name}: {e}")))?;
-    }
+    batcher.await.map_err(|e| PipelineError::Task(format!("batcher: {e}")))?;
+    let scored = score.await.map_err(|e| PipelineError::Task(format!("score: {e}")))?;
     let published = publish.await.map_err(|e| PipelineError::Task(format!("publish: {e}")))?;
     if let Err(e) = sink.flush().await {
         tracing::warn!(error = %crate::error::Chain(&e), "flushing the sink failed");
@@ -197,6 +257,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     }
     let (source, fetch_result) = source;
     source.close().await?;
+    scored?;
     published?;
     fetch_result
 }

@@ -1,15 +1,23 @@
-//! The fetch, prepare and score stages.
+//! The fetch, prepare and score stages; the score stage retries engine faults (see the
+//! pipeline's module doc).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use super::{InFlight, Limits, Outcome, Permit, PipelineError, Preparer, Scorer, Verdict, Work};
-use crate::event::{ErrorKind, EventError, InputEvent};
+use super::{InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
+use crate::error::Chain;
+use crate::event::{ErrorKind, EventError, InputEvent, Score};
+use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::source::Source;
+
+/// First wait before a failed batch is retried; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Fetch records while holding a permit each (and one per payload byte); stop at end of
 /// input, on a fatal source error, or when `stop` or `abort` turns true. Hands the source back
@@ -117,67 +125,141 @@ fn split(batch: Vec<Work>) -> Split {
     Split { items, ids }
 }
 
-/// Score batches, up to the engine's depth at once, and pass results on in batch order.
-pub(super) async fn score(
-    scorer: Arc<dyn Scorer>,
-    metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<Vec<Work>>,
-    tx: mpsc::Sender<Vec<(InFlight, Outcome)>>,
-) {
-    let depth = scorer.depth();
-    let mut running = FuturesOrdered::new();
-    let mut open = true;
-    while open || !running.is_empty() {
-        tokio::select! {
-            biased;
-            Some(done) = running.next(), if !running.is_empty() => {
-                if tx.send(done).await.is_err() { return; }
+/// The score stage: the engine, its retry policy and where it reports.
+pub(super) struct Scoring {
+    pub scorer: Arc<dyn Scorer>,
+    pub metrics: Arc<Metrics>,
+    pub liveness: Arc<Liveness>,
+    /// Failed batches in a row that end the run.
+    pub max_failed: usize,
+    /// Set when scoring gives up, so that fetching stops.
+    pub abort: watch::Sender<bool>,
+}
+
+impl Scoring {
+    /// Score batches, up to the engine's depth at once, and pass results on in batch order.
+    /// Ends with [`PipelineError::Engine`] once `max_failed` batches failed in a row; the
+    /// batches it holds then are dropped unacknowledged.
+    pub(super) async fn run(
+        self,
+        mut rx: mpsc::Receiver<Vec<Work>>,
+        tx: mpsc::Sender<Vec<(InFlight, Outcome)>>,
+    ) -> Result<(), PipelineError> {
+        let this = Arc::new(Attempts { scoring: self, failures: AtomicUsize::new(0) });
+        let depth = this.scoring.scorer.depth();
+        let mut running = FuturesOrdered::new();
+        let mut open = true;
+        while open || !running.is_empty() {
+            tokio::select! {
+                biased;
+                Some(done) = running.next(), if !running.is_empty() => match done {
+                    Ok(done) => if tx.send(done).await.is_err() { return Ok(()); },
+                    Err(e) => {
+                        tracing::error!(error = %Chain(&e), "the model keeps failing: stopping; unacknowledged inputs will be redelivered");
+                        let _ = this.scoring.abort.send(true);
+                        return Err(e);
+                    }
+                },
+                batch = rx.recv(), if open && running.len() < depth => match batch {
+                    None => open = false,
+                    Some(batch) => running.push_back(this.clone().score_one(split(batch))),
+                },
             }
-            batch = rx.recv(), if open && running.len() < depth => match batch {
-                None => open = false,
-                Some(batch) => running.push_back(score_one(scorer.clone(), metrics.clone(), split(batch))),
-            },
         }
+        Ok(())
     }
 }
 
-async fn score_one(scorer: Arc<dyn Scorer>, metrics: Arc<Metrics>, split: Split) -> Vec<(InFlight, Outcome)> {
-    let Split { items, ids } = split;
-    let mut scores = if ids.is_empty() {
-        Ok(Vec::new().into_iter())
-    } else {
-        metrics.batch_events.observe(ids.len() as f64);
-        metrics.batch_tokens.observe(ids.iter().map(Vec::len).sum::<usize>() as f64);
-        let expected = ids.len();
+/// [`Scoring`] with its count of batches failed in a row (across concurrent batches).
+struct Attempts {
+    scoring: Scoring,
+    failures: AtomicUsize,
+}
+
+impl Attempts {
+    /// Score one batch, retrying engine faults with backoff; `Err` once `max_failed` batches
+    /// failed in a row.
+    async fn score_one(self: Arc<Self>, split: Split) -> Result<Vec<(InFlight, Outcome)>, PipelineError> {
+        let Split { mut items, mut ids } = split;
+        let mut delay = FIRST_BACKOFF;
+        let scores = loop {
+            if ids.is_empty() {
+                break Vec::new();
+            }
+            match self.attempt(ids.clone()).await {
+                Ok(scores) => {
+                    self.failures.store(0, Ordering::Relaxed);
+                    self.scoring.liveness.engine_ok();
+                    break scores;
+                }
+                Err(e) => {
+                    // One sequence the engine refuses is that event's fault: dead-letter it alone.
+                    if let Some(index) = e.refused_sequence().filter(|i| *i < ids.len()) {
+                        ids.remove(index);
+                        refuse(&mut items, index, &e.to_string());
+                        continue;
+                    }
+                    let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    let reason = Chain(&e).to_string();
+                    self.scoring.liveness.engine_failed(reason.clone());
+                    if failures >= self.scoring.max_failed {
+                        return Err(PipelineError::Engine { failures, source: e });
+                    }
+                    tracing::warn!(error = %reason, failures, events = ids.len(), "the model failed on a batch; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        Ok(assemble(items, scores))
+    }
+
+    /// One forward pass over `ids`, timed; the scores checked for count.
+    async fn attempt(&self, ids: Vec<Vec<u32>>) -> Result<Vec<Score>, ScoreError> {
+        let m = &self.scoring.metrics;
+        m.batch_events.observe(ids.len() as f64);
+        m.batch_tokens.observe(ids.iter().map(Vec::len).sum::<usize>() as f64);
+        let sequences = ids.len();
         let started = Instant::now();
-        let result = scorer.score(ids).await;
-        metrics.forward_seconds.observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(s) if s.len() == expected => Ok(s.into_iter()),
-            Ok(s) => Err(format!("the model returned {} scores for {expected} sequences", s.len())),
-            Err(e) => Err(e),
+        let result = self.scoring.scorer.score(ids).await;
+        m.forward_seconds.observe(started.elapsed().as_secs_f64());
+        let scores = result?;
+        if scores.len() != sequences {
+            return Err(ScoreError::Count { scores: scores.len(), sequences });
         }
-    };
+        Ok(scores)
+    }
+}
+
+/// Mark the `index`-th sequence of the batch (counting only events sent to the model) failed.
+fn refuse(items: &mut [(InFlight, Checked)], index: usize, message: &str) {
+    let Some(item) = items.iter_mut().filter(|(_, c)| c.is_ok()).nth(index) else { return };
+    if let Ok((event, ..)) = &item.1 {
+        let e = EventError::new(ErrorKind::Model, format!("the model refused this event: {message}"));
+        item.1 = Err(e.with_id(Some(event.id.clone())));
+    }
+}
+
+/// Pair each event with its score, in order; events that failed before keep their error.
+fn assemble(items: Vec<(InFlight, Checked)>, scores: Vec<Score>) -> Vec<(InFlight, Outcome)> {
+    let mut scores = scores.into_iter();
     items
         .into_iter()
         .map(|(input, item)| {
-            let outcome = match (item, &mut scores) {
-                (Err(e), _) => Outcome::Failed(e),
-                (Ok((event, tokens, truncated)), Ok(scores)) => match scores.next() {
-                    // JSON has no NaN or infinity: such a score is the model's failure.
+            let outcome = match item {
+                Err(e) => Outcome::Failed(e),
+                Ok((event, tokens, truncated)) => match scores.next() {
+                    // JSON has no NaN or infinity; a non-finite score of one event is a fault
+                    // of that event's numbers, and scoring it again would give the same.
                     Some(score) => match score.check_finite() {
                         Ok(()) => Outcome::Scored { event, score, tokens, truncated },
                         Err(e) => Outcome::Failed(EventError::new(ErrorKind::Model, e).with_id(Some(event.id))),
                     },
-                    None => Outcome::Failed(model_error(event.id, "missing score")),
+                    // Unreachable: the count was checked.
+                    None => Outcome::Failed(EventError::new(ErrorKind::Model, "missing score").with_id(Some(event.id))),
                 },
-                (Ok((event, ..)), Err(msg)) => Outcome::Failed(model_error(event.id, msg)),
             };
             (input, outcome)
         })
         .collect()
-}
-
-fn model_error(id: String, message: &str) -> EventError {
-    EventError::new(ErrorKind::Model, format!("the model failed on this batch: {message}")).with_id(Some(id))
 }

@@ -6,6 +6,7 @@ use crate::event::ErrorKind;
 use crate::sink::file::FileSink;
 use crate::sink::SinkContext;
 use crate::source::file::FileSource;
+use crate::source::{AckHandle, Origin, Source, SourceError};
 
 /// One token per byte of the last message; `too_long` past 40 tokens.
 struct Bytewise;
@@ -23,7 +24,7 @@ impl Preparer for Bytewise {
 /// Reward = number of tokens.
 struct Length;
 impl Scorer for Length {
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, String>> {
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
         Box::pin(
             async move { Ok(batch.iter().map(|s| Score { reward: s.len() as f32, attributes: Vec::new() }).collect()) },
         )
@@ -75,6 +76,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         max_inflight_events: 16,
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
+        max_failed_batches: 3,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -125,6 +127,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         max_inflight_events: 8,
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
+        max_failed_batches: 3,
     };
     let (stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -191,6 +194,7 @@ async fn fetching_stops_at_the_inflight_bound() {
         max_inflight_events: 10,
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
+        max_failed_batches: 3,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -253,6 +257,7 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         max_inflight_events: 8,
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
+        max_failed_batches: 3,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -313,6 +318,7 @@ proptest::proptest! {
                 max_inflight_events: 8,
                 max_inflight_bytes: 1 << 20,
                 max_payload_bytes: 150,
+                max_failed_batches: 3,
             };
             let (_stop_tx, stop) = watch::channel(false);
             run(parts, settings, stop).await.unwrap();
@@ -321,4 +327,186 @@ proptest::proptest! {
         });
         proptest::prop_assert_eq!(scored + dead, sent);
     }
+}
+
+/// A source of `n` events whose acks are counted, and which records its close.
+struct Counted {
+    lines: std::collections::VecDeque<Bytes>,
+    acks: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    connected: (watch::Sender<bool>, watch::Receiver<bool>),
+}
+
+struct CountedAck(Arc<std::sync::atomic::AtomicUsize>);
+impl crate::source::Ack for CountedAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Source for Counted {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<crate::source::Record, SourceError>>> {
+        let next = self.lines.pop_front().map(|payload| {
+            Ok(crate::source::Record {
+                payload,
+                key: None,
+                headers: Vec::new(),
+                origin: Origin::File { path: "counted".into(), line: self.lines.len() as u64 },
+                ack: AckHandle::new(CountedAck(self.acks.clone())),
+            })
+        });
+        Box::pin(async move { next })
+    }
+    fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.1.clone()
+    }
+    fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Fails its first `failures` calls with a stage panic, then scores like [`Length`].
+struct Flaky {
+    failures: usize,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+impl Scorer for Flaky {
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if call < self.failures {
+            let e = EngineError::Panicked { stage: 0, device: "cuda:0".into(), message: "illegal memory access".into() };
+            return Box::pin(async move { Err(e) });
+        }
+        Length.score(batch)
+    }
+    fn model_name(&self) -> String {
+        "flaky".into()
+    }
+    fn depth(&self) -> usize {
+        2
+    }
+}
+
+/// `n` events, event `i` answering `answer(i)`.
+fn lines(n: usize, answer: impl Fn(usize) -> &'static str) -> Vec<String> {
+    (0..n).map(|i| line(i, answer(i))).collect()
+}
+
+/// What a run over [`Counted`] left behind.
+struct Run {
+    result: Result<(), PipelineError>,
+    scored: usize,
+    dead: Vec<serde_json::Value>,
+    acks: usize,
+    closed: bool,
+    calls: usize,
+    health: Result<(), String>,
+    inflight: i64,
+}
+
+/// Run `lines` through the pipeline (failed batches allowed in a row: 3) over [`Counted`].
+async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atomic::AtomicUsize>) -> Arc<dyn Scorer>) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = SinkContext { metrics: metrics.clone() };
+    let (acks, closed, calls) = (Arc::default(), Arc::default(), Arc::default());
+    let source = Counted {
+        lines: lines.into_iter().map(Bytes::from).collect(),
+        acks: Arc::clone(&acks),
+        closed: Arc::clone(&closed),
+        connected: watch::channel(true),
+    };
+    let liveness: Arc<Liveness> = Default::default();
+    let parts = Parts {
+        source: Box::new(source),
+        source_kind: "file",
+        preparer: Arc::new(Bytewise),
+        scorer: scorer(Arc::clone(&calls)),
+        sink: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("o") }, ctx.clone()).await.unwrap()),
+        dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("d") }, ctx).await.unwrap()),
+        commit: None,
+        metrics: metrics.clone(),
+        liveness: liveness.clone(),
+    };
+    let settings = Settings {
+        limits: BatchLimits { max_tokens: 64, max_events: 4 },
+        max_wait: Duration::from_millis(1),
+        max_inflight_events: 8,
+        max_inflight_bytes: 1 << 20,
+        max_payload_bytes: 1 << 20,
+        max_failed_batches: 3,
+    };
+    let (_stop_tx, stop) = watch::channel(false);
+    let result = tokio::time::timeout(Duration::from_secs(20), run(parts, settings, stop)).await.unwrap();
+    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+    let load = std::sync::atomic::Ordering::SeqCst;
+    Run {
+        result,
+        scored: read("o").lines().count(),
+        dead: read("d").lines().map(|l| serde_json::from_str(l).unwrap()).collect(),
+        acks: acks.load(load),
+        closed: closed.load(load),
+        calls: calls.load(load),
+        health: liveness.check(0, Duration::from_secs(60)),
+        inflight: metrics.inflight_events.get(),
+    }
+}
+
+/// Issue 18 item 4: a GPU fault is not bad input. Before, every event of the failed batches was
+/// dead-lettered as `model` and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_model_dead_letters_nothing_acks_nothing_and_ends_the_run() {
+    let r = run_counted(lines(20, |_| "abc"), |calls| Arc::new(Flaky { failures: usize::MAX, calls })).await;
+    let e = r.result.unwrap_err();
+    assert!(matches!(e, PipelineError::Engine { failures: 3, .. }), "{e:?}");
+    let text = crate::error::Chain(&e).to_string();
+    assert!(text.contains("3 batches in a row") && text.contains("illegal memory access"), "{text}");
+    assert!(r.dead.is_empty(), "engine faults were dead-lettered: {:?}", r.dead);
+    assert_eq!((r.scored, r.acks), (0, 0), "nothing is scored or acknowledged");
+    assert!(r.closed, "the source is closed in order");
+    assert!((3..=4).contains(&r.calls), "retried up to the limit: {} calls", r.calls);
+    assert!(r.health.unwrap_err().contains("illegal memory access"), "/healthz reports the fault");
+    assert_eq!(r.inflight, 0, "every in-flight permit was released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_fails_once_then_works_scores_everything() {
+    let r = run_counted(lines(20, |_| "abc"), |calls| Arc::new(Flaky { failures: 1, calls })).await;
+    r.result.unwrap();
+    assert!(r.dead.is_empty(), "{:?}", r.dead);
+    assert_eq!((r.scored, r.acks), (20, 20));
+    assert!(r.health.is_ok(), "healthy again after a batch succeeded: {:?}", r.health);
+}
+
+/// Refuses (as [`EngineError::Sequence`], before running anything) the first sequence longer
+/// than 5 tokens, as the engine refuses one too long or with a token outside its vocabulary.
+struct Picky;
+impl Scorer for Picky {
+    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
+        match batch.iter().position(|s| s.len() > 5) {
+            Some(index) => {
+                let e = EngineError::Sequence { index, len: batch[index].len(), limit: 5 };
+                Box::pin(async move { Err(e) })
+            }
+            None => Length.score(batch),
+        }
+    }
+    fn model_name(&self) -> String {
+        "picky".into()
+    }
+    fn depth(&self) -> usize {
+        1
+    }
+}
+
+/// A sequence the engine refuses is that event's fault: it alone is dead-lettered (a poison
+/// event must not stop the worker, or it would stop every worker it is redelivered to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_the_engine_refuses_is_dead_lettered_alone() {
+    let r = run_counted(lines(12, |i| if i % 3 == 0 { "abcdefgh" } else { "ab" }), |_| Arc::new(Picky)).await;
+    r.result.unwrap();
+    assert_eq!((r.scored, r.dead.len(), r.acks), (8, 4, 12));
+    assert!(r.dead.iter().all(|d| d["error"]["kind"] == "model"), "{:?}", r.dead);
 }

@@ -133,15 +133,26 @@ async fn producer(c: &KafkaSinkConfig, extra: &[(&str, &str)], topics: &[&str]) 
     let mut defaults = vec![("enable.idempotence", "true"), ("linger.ms", "5")];
     defaults.extend_from_slice(extra);
     let config = client_config(&c.brokers, &defaults, &c.options, &c.option_files).map_err(open_err)?;
-    let (probe, brokers) = (config.clone(), c.brokers.clone());
+    check_with(&config, &c.brokers, topics).await?;
+    let producer: Producer_ =
+        config.create_with_context(ErrorContext::default()).map_err(|e| open_err(ClientError::Create(e)))?;
+    Ok((producer, config))
+}
+
+/// Check at start, without opening the sink, that `c`'s brokers answer with its credentials
+/// (secret files read) and that `topics` exist.
+pub async fn check(c: &KafkaSinkConfig, topics: &[&str]) -> Result<(), SinkError> {
+    let config = client_config(&c.brokers, &[], &c.options, &c.option_files).map_err(open_err)?;
+    check_with(&config, &c.brokers, topics).await
+}
+
+async fn check_with(config: &ClientConfig, brokers: &str, topics: &[&str]) -> Result<(), SinkError> {
+    let (probe, brokers) = (config.clone(), brokers.to_owned());
     let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
     tokio::task::spawn_blocking(move || check_reachable(&probe, &brokers, &topics.iter().map(String::as_str).collect::<Vec<_>>()))
         .await
         .map_err(|e| SinkError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
-        .map_err(open_err)?;
-    let producer: Producer_ =
-        config.create_with_context(ErrorContext::default()).map_err(|e| open_err(ClientError::Create(e)))?;
-    Ok((producer, config))
+        .map_err(open_err)
 }
 
 impl KafkaSink {

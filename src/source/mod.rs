@@ -10,6 +10,7 @@
 //! tracks a single position per partition (Kafka) must advance the stored position only over the
 //! contiguous prefix of acknowledged records of that partition.
 
+pub mod check;
 pub mod file;
 pub mod kafka;
 pub mod nats;

@@ -18,11 +18,12 @@ pub fn server_binary() -> std::ffi::OsString {
     std::env::var_os("SCORESTREAM_NATS_SERVER").unwrap_or_else(|| "nats-server".into())
 }
 
-/// A nats-server with JetStream in a temporary directory; killed on drop.
+/// A nats-server with JetStream (file storage) in a temporary directory; killed on drop.
 pub struct NatsServer {
     child: Child,
     pub port: u16,
     _dir: tempfile::TempDir,
+    conf: std::path::PathBuf,
 }
 
 impl NatsServer {
@@ -36,21 +37,48 @@ impl NatsServer {
             format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra_config}\n", store.display()),
         )
         .unwrap();
-        let child = match Command::new(server_binary()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
-            Ok(c) => c,
-            Err(e) => panic!("nats-server could not start ({e}); install Debian's nats-server package"),
-        };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "nats-server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, port, _dir: dir }
+        let child = spawn_server(&conf, port);
+        Self { child, port, _dir: dir, conf }
+    }
+
+    /// SIGKILL the server (what JetStream wrote stays in its store directory).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the server again on the same port and store directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_server(&self.conf, self.port);
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+fn spawn_server(conf: &Path, port: u16) -> Child {
+    let child = match Command::new(server_binary()).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("nats-server could not start ({e}); install Debian's nats-server package"),
+    };
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "nats-server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// The status code of `GET path` on the worker's HTTP port, `None` when it does not answer.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Drop for NatsServer {
