@@ -107,7 +107,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     readiness.set_model_loaded();
     let info = engine.info();
-    metrics.set_model_info(&info.name, config.model.dtype.as_str(), &config.model.devices);
+    metrics.set_model_info(&info.name, info.dtype.as_str(), &config.model.devices);
     spawn_stage_busy_updates(engine.clone(), metrics.clone());
     warm_up(&preparer, &engine).await?;
     readiness.set_warmed_up();

@@ -147,6 +147,12 @@ pub fn scale_epilogue(limits: &Limits, y: u64, rows: usize, cols: usize, rs: u64
     strided("scale_epilogue_bf16", limits, rows * cols, args)
 }
 
+/// `y = bf16(y + bf16(bias))` over `[rows, cols]`: the bias of a bf16 GEMM.
+pub fn add_bias(limits: &Limits, y: u64, rows: usize, cols: usize, bias: u64) -> Planned {
+    let args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(bias)];
+    strided("add_bias_bf16", limits, rows * cols, args)
+}
+
 /// `dst[m] = src[idx[m]]`.
 pub fn gather_rows(limits: &Limits, src: u64, src_rows: usize, cols: usize, idx: u64, rows: usize, dst: u64) -> Planned {
     let args = vec![Arg::Ptr(src), Arg::I64(src_rows as i64), i32_of(cols, "cols")?, Arg::Ptr(idx), i32_of(rows, "rows")?, Arg::Ptr(dst)];

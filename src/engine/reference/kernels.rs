@@ -141,6 +141,27 @@ pub fn scale_epilogue(y: &mut [f32], cols: usize, row_scale: &[f32], col_scale: 
     }
 }
 
+/// `add_bias_bf16`: `y = bf16(y + bf16(bias[n]))`.
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_mut(bias.len().max(1)) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v = bf16r(*v + bf16r(*b));
+        }
+    }
+}
+
+/// The bf16 GEMM (cuBLASLt, f32 accumulation): `y [t, n] = bf16(x [t, k] · w [n, k]ᵀ)`, inputs
+/// already bf16 values.
+pub fn bf16_gemm(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len() / k.max(1) * (w.len() / k.max(1)));
+    for row in x.chunks(k) {
+        for wrow in w.chunks(k) {
+            y.push(bf16r(row.iter().zip(wrow).map(|(a, b)| a * b).sum()));
+        }
+    }
+    y
+}
+
 /// `gather_rows_bf16`: `dst[m] = src[idx[m]]`, zeros for an index past the end.
 pub fn gather_rows(src: &[f32], cols: usize, idx: &[u32]) -> Vec<f32> {
     let rows = src.len() / cols.max(1);
@@ -229,5 +250,13 @@ mod tests {
         assert_eq!(fp8_gemm(&a, &[0.5], &w, &[2.0], 2), vec![10.0]);
         assert_eq!(gather_rows(&[1.0, 2.0, 3.0, 4.0], 2, &[1, 9]), vec![3.0, 4.0, 0.0, 0.0]);
         assert!(rel_err(&[1.0, f32::NAN], &[1.0, 1.0]).is_infinite());
+    }
+
+    #[test]
+    fn bf16_gemm_and_its_bias() {
+        let mut y = bf16_gemm(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 0.5, -1.0], 2);
+        assert_eq!(y, vec![3.0, -1.5, 7.0, -2.5]);
+        add_bias(&mut y, &[1.0, 0.25]);
+        assert_eq!(y, vec![4.0, -1.25, 8.0, -2.25]);
     }
 }
