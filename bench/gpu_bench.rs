@@ -122,6 +122,17 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         r::rotary(&mut want, t, heads, d, stride, rot, &pos, &inv);
         c.report(&format!("rotary_bf16/rot{rot}"), r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
     }
+    // Qwen3's per-head q/k norm, in place on QKV rows (v heads untouched).
+    {
+        let (q_heads, kv, d) = (8usize, 2usize, 128usize);
+        let stride = (q_heads + 2 * kv) * d;
+        let (x, qw, kw) = (rng.vec(t * stride, 3.0), rng.vec(d, 1.5), rng.vec(d, 1.5));
+        let (dx, dq, dk) = (c.upload_bf16(&x)?, c.upload(&qw)?, c.upload(&kw)?);
+        dev.head_norm(dx.ptr, t, q_heads, kv, d, stride, dq.ptr, dk.ptr, 1e-6)?;
+        let mut want = x.clone();
+        r::head_rms_norm(&mut want, t, q_heads, kv, d, stride, &qw, &kw, 1e-6);
+        c.report("head_rmsnorm_bf16", r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
+    }
     // Activations + FP8.
     for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
         let inter = 3000usize;

@@ -28,9 +28,10 @@ pub const FP8_SOURCE: (&str, &str) = ("fp8.cu", include_str!("../../../kernels/f
 pub const FP8_KERNELS: [&str; 3] = ["quant_rows_bf16", "scale_epilogue_bf16", "fill_uniform_e4m3"];
 
 /// Every `extern "C"` kernel every architecture loads.
-pub const KERNELS: [&str; 16] = [
+pub const KERNELS: [&str; 17] = [
     "rmsnorm_bf16",
     "layernorm1p_bf16",
+    "head_rmsnorm_bf16",
     "rotary_bf16",
     "swiglu_quant_bf16",
     "geglu_quant_bf16",

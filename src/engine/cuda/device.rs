@@ -184,6 +184,13 @@ impl GpuDevice {
         self.run(launch::norm(&self.limits(), ln1p, x, res, w, b, eps, rows, hidden, y, q, q_scale))
     }
 
+    /// Qwen3's per-head q/k RMSNorm, in place on the fused QKV rows; see kernels/norm.cu.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm(&self, x: u64, tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, row_stride: usize,
+                     q_w: u64, k_w: u64, eps: f32) -> Result<()> {
+        self.run(launch::head_norm(&self.limits(), x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps))
+    }
+
     /// In-place rotary on the first `heads` heads of each row.
     #[allow(clippy::too_many_arguments)]
     pub fn rotary(&self, x: u64, tokens: usize, heads: usize, head_dim: usize, row_stride: usize, rot_dim: usize,

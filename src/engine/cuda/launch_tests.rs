@@ -102,6 +102,7 @@ fn every_launch() -> Vec<Launch> {
         norm(l, false, 1, 2, 3, 0, 1e-5, 4, 8192, 5, 6, 7),
         norm(l, true, 1, 2, 3, 4, 1e-5, 4, 8192, 5, 6, 7),
         rotary(l, 1, 16, 72, 128, 10240, 128, 2, 3),
+        head_norm(l, 1, 16, 64, 8, 128, 10240, 2, 3, 1e-6),
         add(l, 1, 2, 1000),
         quant_rows(1, 4, 8192, 2, 3),
         scale_epilogue(l, 1, 4, 8192, 2, 3, 0),
@@ -133,7 +134,7 @@ fn every_launcher_passes_its_kernels_parameter_list() {
     for name in table.keys() {
         assert!(launched.contains(name.as_str()), "{name} has no launcher");
     }
-    assert_eq!(table.len(), 19);
+    assert_eq!(table.len(), 20);
 }
 
 #[test]

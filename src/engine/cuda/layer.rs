@@ -29,12 +29,14 @@ pub struct LayerConfig {
     pub eps: f32,
     /// Sliding window in tokens, 0 for none.
     pub window: usize,
+    /// Qwen3's per-head RMSNorm of q and k before rotary.
+    pub qk_norm: bool,
 }
 
 impl LayerConfig {
     /// A Llama layer of `shape` (RMSNorm, SwiGLU, full rotary, eps 1e-5).
     pub fn llama(shape: LayerShape) -> Self {
-        Self { shape, ln1p: false, act: "swiglu_quant_bf16", rot_dim: shape.head_dim, eps: 1e-5, window: 0 }
+        Self { shape, ln1p: false, act: "swiglu_quant_bf16", rot_dim: shape.head_dim, eps: 1e-5, window: 0, qk_norm: false }
     }
 }
 
@@ -65,6 +67,8 @@ pub struct LayerWeights {
     pub norm1_bias: Option<DeviceBuf>,
     pub norm2: DeviceBuf,
     pub norm2_bias: Option<DeviceBuf>,
+    /// Qwen3's q and k head norms (f32 `[head_dim]` each).
+    pub qk_norm: Option<(DeviceBuf, DeviceBuf)>,
 }
 
 fn upload_f32(dev: &GpuDevice, v: &[f32]) -> Result<DeviceBuf> {
@@ -103,7 +107,7 @@ impl LayerWeights {
         dev.upload(norm1.ptr, &ones)?;
         dev.upload(norm2.ptr, &ones)?;
         let arr = |v: Vec<DeviceBuf>| -> [DeviceBuf; 4] { v.try_into().unwrap_or_else(|_| unreachable!("four linears")) };
-        Ok(Self { precision, w: arr(w), scale, bias: [None, None, None, None], norm1, norm1_bias: None, norm2, norm2_bias: None })
+        Ok(Self { precision, w: arr(w), scale, bias: [None, None, None, None], norm1, norm1_bias: None, norm2, norm2_bias: None, qk_norm: None })
     }
 
     /// Upload prepared weights: `linears` in the order qkv, o, gate|up, down, all FP8 or all
@@ -145,6 +149,7 @@ impl LayerWeights {
             norm1_bias: b1.as_deref().map(|v| upload_f32(dev, v)).transpose()?,
             norm2: upload_f32(dev, &n2)?,
             norm2_bias: b2.as_deref().map(|v| upload_f32(dev, v)).transpose()?,
+            qk_norm: None,
         })
     }
 }
@@ -222,6 +227,9 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, y, q, s)?;
     linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
     let rot_heads = shape.heads + shape.kv_heads;
+    if let Some((qn, kn)) = &w.qk_norm {
+        dev.head_norm(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps)?;
+    }
     dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, ws.at(p.positions), ws.inv_freq.ptr)?;
     let (tiles, cu) = (ws.at(p.tiles), ws.at(p.cu_seqlens));
     dev.attention(qkv, attn, tiles, ws.tiles, cu, shape.qkv_width(), shape.heads, shape.kv_heads, shape.head_dim, cfg.window)?;

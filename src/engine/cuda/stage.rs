@@ -61,9 +61,6 @@ fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 
 /// The layer's shape and switches from the model config, checked for GEMMs in `precision`.
 pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision) -> Result<LayerConfig> {
-    if cfg.qk_norm {
-        return Err(CudaError::Unsupported("per-head q/k norm (Qwen3)".into()));
-    }
     if ![16, 32, 64, 128, 192].contains(&cfg.head_dim) {
         return Err(CudaError::Unsupported(format!("head_dim {}", cfg.head_dim)));
     }
@@ -89,6 +86,7 @@ pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision) -> Res
         rot_dim: cfg.rotary_dim,
         eps: cfg.norm_eps as f32,
         window: cfg.sliding_window.get(index).copied().flatten().unwrap_or(0),
+        qk_norm: cfg.qk_norm,
     })
 }
 
@@ -196,7 +194,12 @@ impl CudaStage {
         };
         let down = host_linear(&mlp, &["down_proj"], &[h], s.inter, cfg.mlp_bias, p)?;
         let norms = [host_norm(&vb.pp("input_layernorm"), h, lc.ln1p)?, host_norm(&vb.pp("post_attention_layernorm"), h, lc.ln1p)?];
-        LayerWeights::upload(dev, [qkv, o, up, down], norms)
+        let mut w = LayerWeights::upload(dev, [qkv, o, up, down], norms)?;
+        if lc.qk_norm {
+            let head = |name: &str| host_norm(&attn.pp(name), s.head_dim, false).and_then(|(w, _)| upload_f32(dev, &w));
+            w.qk_norm = Some((head("q_norm")?, head("k_norm")?));
+        }
+        Ok(w)
     }
 
     pub fn device_name(&self) -> &str {
@@ -252,5 +255,29 @@ impl CudaStage {
         let v: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
         let normed = Tensor::from_vec(v, (rows.len(), h), &Device::Cpu).map_err(|e| model_err(e.into()))?;
         Ok(StageOutput::Scores(head.forward(&normed).map_err(model_err)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> ArchConfig {
+        ArchConfig::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).expect("fixture config")
+    }
+
+    #[test]
+    fn qwen3_layers_run_with_their_head_norm_in_both_precisions() {
+        let mut cfg = fixture("qwen3_seqcls");
+        assert!(cfg.qk_norm);
+        // The fixture's head_dim of 24 has no attention kernel; Qwen3's checkpoints use 128.
+        let e = layer_config(&cfg, 0, Precision::Bf16).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("head_dim 24") && !e.contains("q/k"), "{e}");
+        cfg.head_dim = 32;
+        for p in [Precision::Fp8, Precision::Bf16] {
+            let lc = layer_config(&cfg, 0, p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+            assert!(lc.qk_norm, "{p:?}");
+        }
+        assert!(!layer_config(&fixture("arith"), 0, Precision::Bf16).expect("arith").qk_norm);
     }
 }
