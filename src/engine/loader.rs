@@ -74,8 +74,8 @@ fn compute_dtype(d: Dtype) -> DType {
     }
 }
 
-/// The dtype a CPU-only model runs in: `auto` is f32; an FP8 checkpoint's linear layers run in
-/// fp8 whatever was asked.
+/// What a CPU-only model reports as its dtype: `auto` is f32, and an FP8 checkpoint's linear
+/// layers run in fp8 whatever was asked (its stored FP8 weights quantize their inputs).
 fn cpu_dtype(requested: Dtype, fp8_checkpoint: bool) -> Dtype {
     match requested {
         _ if fp8_checkpoint => Dtype::Fp8,
@@ -84,13 +84,14 @@ fn cpu_dtype(requested: Dtype, fp8_checkpoint: bool) -> Dtype {
     }
 }
 
-/// The dtype every stage runs in. With GPUs it is chosen by
+/// The dtype the stages are loaded with. With GPUs it is chosen by
 /// [`crate::engine::cuda::precision::choose`] from their compute capabilities (a dtype they
-/// cannot run is an error naming the GPU); CPU stages beside them run the same one.
-fn resolve_dtype(requested: Dtype, fp8_checkpoint: bool, devices: &[DeviceSpec]) -> Result<Dtype, ModelError> {
+/// cannot run is an error naming the GPU); CPU stages beside them run the same one. Without,
+/// `auto` is f32.
+fn resolve_dtype(requested: Dtype, devices: &[DeviceSpec]) -> Result<Dtype, ModelError> {
     let gpus: Vec<usize> = devices.iter().filter_map(|d| if let DeviceSpec::Cuda(i) = d { Some(*i) } else { None }).collect();
     if gpus.is_empty() {
-        return Ok(cpu_dtype(requested, fp8_checkpoint));
+        return Ok(cpu_dtype(requested, false));
     }
     gpu_dtype(requested, &gpus)
 }
@@ -185,7 +186,10 @@ pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
 /// Plan the model described by `opts` and return one loader per stage.
 pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
     let mut plan = plan(opts, limits.max_tokens)?;
-    plan.info.dtype = resolve_dtype(opts.dtype, plan.cfg.quantization_config.is_some(), &plan.devices)?;
+    let dtype = resolve_dtype(opts.dtype, &plan.devices)?;
+    if plan.devices.iter().any(|d| *d != DeviceSpec::Cpu) {
+        plan.info.dtype = dtype;
+    }
     tracing::info!(
         max_tokens = plan.info.max_tokens,
         configured_max_tokens = opts.max_tokens,
@@ -210,7 +214,6 @@ pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoa
         .zip(&plan.devices)
         .map(|(range, &device)| {
             let (cfg, weights, range, opts) = (cfg.clone(), plan.weights.clone(), range.clone(), opts.clone());
-            let dtype = plan.info.dtype;
             Box::new(move || load_stage(device, weights, &cfg, range, &opts, dtype, limits)) as StageLoader
         })
         .collect();
@@ -288,11 +291,12 @@ mod tests {
     #[test]
     fn a_cpu_model_runs_what_was_asked_and_auto_is_f32() {
         let cpu = [DeviceSpec::Cpu, DeviceSpec::Cpu];
-        assert_eq!(resolve_dtype(Dtype::Auto, false, &cpu).unwrap(), Dtype::F32);
+        assert_eq!(resolve_dtype(Dtype::Auto, &cpu).unwrap(), Dtype::F32);
+        assert_eq!(cpu_dtype(Dtype::Auto, false), Dtype::F32);
         for d in [Dtype::F32, Dtype::Bf16, Dtype::Fp8] {
-            assert_eq!(resolve_dtype(d, false, &cpu).unwrap(), d);
+            assert_eq!(resolve_dtype(d, &cpu).unwrap(), d);
             // An FP8 checkpoint's linear layers are FP8 on the CPU whatever was asked.
-            assert_eq!(resolve_dtype(d, true, &cpu).unwrap(), Dtype::Fp8);
+            assert_eq!(cpu_dtype(d, true), Dtype::Fp8);
         }
     }
 }
