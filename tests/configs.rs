@@ -137,6 +137,11 @@ fn mistakes_are_reported_with_the_field() {
     // A conversation of max_tokens must fit one batch (the engine is sized for the batch).
     let unbatchable = error_of(&file, &[("SCORESTREAM__BATCH__MAX_BATCH_TOKENS", "2048")]);
     assert!(unbatchable.contains("model.max_tokens") && unbatchable.contains("2048"), "{unbatchable}");
+    // f32 is the CPU reference format: refused with a GPU before anything loads; f16 is no dtype.
+    let f32_gpu = error_of(&file, &[("SCORESTREAM__MODEL__DEVICES", r#"["cuda:0"]"#)]);
+    assert!(f32_gpu.contains("model.dtype") && f32_gpu.contains("\"bf16\""), "{f32_gpu}");
+    let f16 = error_of(&file.replace("dtype = \"f32\"", "dtype = \"f16\""), &[]);
+    assert!(f16.contains("f16") && f16.contains("auto") && f16.contains("bf16"), "{f16}");
 }
 
 #[test]
