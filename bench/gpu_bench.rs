@@ -1,14 +1,16 @@
-//! GPU check and benchmark (`--features cuda`), run by scripts/gpu_check.sh on a Hopper GPU.
+//! GPU check and benchmark (`--features cuda`), run by scripts/gpu_check.sh on a Hopper GPU
+//! (it runs on any GPU from sm_80; the FP8 parts only where FP8 exists, sm_89 and later).
 //! `gpu_bench --help` lists the commands; arguments are parsed (and usage errors reported)
 //! before any CUDA library is touched. Every command prints one JSON object per line
 //! (`{"kind": ...}`), flushed as it goes, for bench/report.py.
 //!   probe                 driver, NVRTC and cuBLASLt versions and files, GPU, free memory
-//!   check                 every kernel vs its CPU reference (src/engine/reference) on fresh
-//!                         random inputs, outputs poisoned with 0xFF (NaN) first
-//!   parity [DIR]          each fixture under DIR: the CUDA stage (FP8) vs the CPU stage
-//!   gemm                  cuBLASLt FP8 GEMM ceiling (8192³, and the 70B layer shapes)
+//!   check                 every kernel and both GEMMs vs their CPU references
+//!                         (src/engine/reference) on fresh random inputs, outputs poisoned
+//!                         with 0xFF (NaN) first
+//!   parity [DIR]          each fixture under DIR: the CUDA stage (FP8 and bf16) vs the CPU stage
+//!   gemm                  cuBLASLt FP8 and bf16 GEMM ceilings (8192³, and the 70B layer shapes)
 //!   time                  each kernel alone at the 70B shape (attention in TFLOP/s)
-//!   layers                the 70B-shape layer loop, as many layers as fit
+//!   layers                the 70B-shape layer loop in FP8 and bf16, as many layers as fit
 //!   kernels --out DIR     every kernel's CUBIN for --arch (no GPU needed)
 
 #[path = "gpu_bench_perf.rs"]
@@ -21,8 +23,9 @@ use clap::{Parser, Subcommand};
 use half::bf16;
 use perf::Rng;
 use scorestream::engine::cuda::device::GpuDevice;
-use scorestream::engine::cuda::gemm::Fp8Gemm;
+use scorestream::engine::cuda::gemm::Gemm;
 use scorestream::engine::cuda::plan::attention_tiles;
+use scorestream::engine::cuda::precision::{GpuFacts, Precision};
 use scorestream::engine::cuda::probe::preload_from;
 use scorestream::engine::reference::attention::{attention, AttnShape};
 use scorestream::engine::reference::{fp8, kernels as r};
@@ -78,8 +81,14 @@ impl Check<'_> {
     }
 }
 
+/// Whether `dev` has FP8 tensor cores (and so the FP8 kernels).
+fn has_fp8(dev: &GpuDevice) -> bool {
+    GpuFacts { ordinal: 0, name: dev.name.clone(), major: dev.capability.0, minor: dev.capability.1 }.has_fp8()
+}
+
 fn check(dev: &GpuDevice) -> Result<bool> {
     let mut c = Check { dev, failed: false };
+    let fp8 = has_fp8(dev);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
     let (t, hd) = (67usize, 1000usize);
@@ -88,15 +97,18 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         let (x, res, w, b) = (rng.vec(t * hd, 3.0), rng.vec(t * hd, 1.0), rng.vec(hd, 1.5), rng.vec(hd, 0.5));
         let (dx, dr, dw, db) = (c.upload_bf16(&x)?, c.upload_bf16(&res)?, c.upload(&w)?, c.upload(&b)?);
         let (y, q, s) = (c.poisoned(t * hd * 2)?, c.poisoned(t * hd)?, c.poisoned(t * 4)?);
-        dev.norm(ln, dx.ptr, dr.ptr, dw.ptr, if ln { db.ptr } else { 0 }, 1e-5, t, hd, y.ptr, q.ptr, s.ptr)?;
+        let (q, s) = if fp8 { (q.ptr, s.ptr) } else { (0, 0) };
+        dev.norm(ln, dx.ptr, dr.ptr, dw.ptr, if ln { db.ptr } else { 0 }, 1e-5, t, hd, y.ptr, q, s)?;
         let kind = if ln { r::NormKind::LayerNorm1P } else { r::NormKind::Rms };
         let mut xr = x.clone();
         let want = r::norm(kind, &mut xr, Some(&res), &w, ln.then_some(b.as_slice()), 1e-5, hd);
         let name = if ln { "layernorm1p_bf16" } else { "rmsnorm_bf16" };
         c.report(&format!("{name}/residual"), r::rel_err(&c.bf16_out(dx.ptr, t * hd)?, &xr), 1e-2);
         c.report(&format!("{name}/y"), r::rel_err(&c.bf16_out(y.ptr, t * hd)?, &want), 1e-2);
-        let e = c.fp8_err(q.ptr, s.ptr, t, hd, &want)?;
-        c.report(&format!("{name}/fp8"), e, 7e-2);
+        if fp8 {
+            let e = c.fp8_err(q, s, t, hd, &want)?;
+            c.report(&format!("{name}/fp8"), e, 7e-2);
+        }
     }
     // Rotary, partial (rot_dim 64 of head_dim 128) and full, over q and k heads of a QKV row.
     for rot in [64usize, 128] {
@@ -110,6 +122,17 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         r::rotary(&mut want, t, heads, d, stride, rot, &pos, &inv);
         c.report(&format!("rotary_bf16/rot{rot}"), r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
     }
+    // Qwen3's per-head q/k norm, in place on QKV rows (v heads untouched).
+    {
+        let (q_heads, kv, d) = (8usize, 2usize, 128usize);
+        let stride = (q_heads + 2 * kv) * d;
+        let (x, qw, kw) = (rng.vec(t * stride, 3.0), rng.vec(d, 1.5), rng.vec(d, 1.5));
+        let (dx, dq, dk) = (c.upload_bf16(&x)?, c.upload(&qw)?, c.upload(&kw)?);
+        dev.head_norm(dx.ptr, t, q_heads, kv, d, stride, dq.ptr, dk.ptr, 1e-6)?;
+        let mut want = x.clone();
+        r::head_rms_norm(&mut want, t, q_heads, kv, d, stride, &qw, &kw, 1e-6);
+        c.report("head_rmsnorm_bf16", r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
+    }
     // Activations + FP8.
     for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
         let inter = 3000usize;
@@ -117,15 +140,24 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         let x = rng.vec(t * width, 4.0);
         let dx = c.upload_bf16(&x)?;
         let (y, q, s) = (c.poisoned(t * inter * 2)?, c.poisoned(t * inter)?, c.poisoned(t * 4)?);
-        dev.act_quant(kernel, dx.ptr, t, inter, y.ptr, q.ptr, s.ptr)?;
+        let (q, s) = if fp8 { (q.ptr, s.ptr) } else { (0, 0) };
+        dev.act_quant(kernel, dx.ptr, t, inter, y.ptr, q, s)?;
         let want = r::activation(act, &x, inter);
         c.report(&format!("{kernel}/y"), r::rel_err(&c.bf16_out(y.ptr, t * inter)?, &want), 1e-2);
-        let e = c.fp8_err(q.ptr, s.ptr, t, inter, &want)?;
-        c.report(&format!("{kernel}/fp8"), e, 7e-2);
+        if fp8 {
+            let e = c.fp8_err(q, s, t, inter, &want)?;
+            c.report(&format!("{kernel}/fp8"), e, 7e-2);
+        }
     }
     check_small(&mut c, &mut rng, t)?;
+    if fp8 {
+        check_fp8_small(&mut c, &mut rng, t)?;
+    }
     check_attention(&mut c, &mut rng)?;
-    check_gemm(&mut c, &mut rng)?;
+    if fp8 {
+        check_gemm(&mut c, &mut rng)?;
+    }
+    check_bf16_gemm(&mut c, &mut rng)?;
     Ok(!c.failed)
 }
 
@@ -138,6 +170,28 @@ fn check_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
     let mut want = a.clone();
     r::add(&mut want, &b);
     c.report("add_bf16", r::rel_err(&c.bf16_out(da.ptr, t * n)?, &want), 1e-2);
+    let bias = rng.vec(n, 1.0);
+    let (y, dbias) = (c.upload_bf16(&b)?, c.upload(&bias)?);
+    dev.add_bias(y.ptr, t, n, dbias.ptr)?;
+    let mut want = b.clone();
+    r::add_bias(&mut want, &bias);
+    c.report("add_bias_bf16", r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    let idx: Vec<u32> = vec![3, 0, (t - 1) as u32, 5];
+    let (di, dst) = (c.upload(&idx)?, c.poisoned(idx.len() * n * 2)?);
+    dev.gather_rows(da.ptr, t, n, di.ptr, idx.len(), dst.ptr)?;
+    let mut a_now = a.clone();
+    r::add(&mut a_now, &b);
+    let want = r::gather_rows(&a_now, n, &idx);
+    c.report("gather_rows_bf16", r::rel_err(&c.bf16_out(dst.ptr, idx.len() * n)?, &want), 1e-2);
+    Ok(())
+}
+
+/// The kernels of fp8.cu (sm_89 and later).
+fn check_fp8_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
+    let dev = c.dev;
+    let n = 777usize;
+    let (a, b) = (rng.vec(t * n, 3.0), rng.vec(t * n, 3.0));
+    let db = c.upload_bf16(&b)?;
     let (q, s) = (c.poisoned(t * n)?, c.poisoned(t * 4)?);
     dev.quant_rows(db.ptr, t, n, q.ptr, s.ptr)?;
     let e = c.fp8_err(q.ptr, s.ptr, t, n, &b)?;
@@ -149,13 +203,6 @@ fn check_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
     let mut want = a.clone();
     r::scale_epilogue(&mut want, n, &rs, &cs, Some(&bias));
     c.report("scale_epilogue_bf16", r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
-    let idx: Vec<u32> = vec![3, 0, (t - 1) as u32, 5];
-    let (di, dst) = (c.upload(&idx)?, c.poisoned(idx.len() * n * 2)?);
-    dev.gather_rows(da.ptr, t, n, di.ptr, idx.len(), dst.ptr)?;
-    let mut a_now = a.clone();
-    r::add(&mut a_now, &b);
-    let want = r::gather_rows(&a_now, n, &idx);
-    c.report("gather_rows_bf16", r::rel_err(&c.bf16_out(dst.ptr, idx.len() * n)?, &want), 1e-2);
     Ok(())
 }
 
@@ -192,7 +239,7 @@ fn check_gemm(c: &mut Check, rng: &mut Rng) -> Result<()> {
     let (asc, wsc) = (positive(rng.vec(t, 0.01)), positive(rng.vec(n, 0.01)));
     let want = r::fp8_gemm(&a, &asc, &w, &wsc, k);
     let (da, dw, das, dws) = (c.upload(&a)?, c.upload(&w)?, c.upload(&asc)?, c.upload(&wsc)?);
-    let mut gemm = Fp8Gemm::new(dev)?;
+    let mut gemm = Gemm::new(dev)?;
     for prefer in [true, false] {
         gemm.prefer_outer_vector = prefer;
         let y = c.poisoned(t * n * 2)?;
@@ -202,8 +249,36 @@ fn check_gemm(c: &mut Check, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA stage against the CPU stage on each committed fixture, same packed batch.
-fn parity(fixtures: &std::path::Path) -> Result<bool> {
+/// The bf16 GEMM (with and without bias) against its reference, at an unaligned shape too.
+fn check_bf16_gemm(c: &mut Check, rng: &mut Rng) -> Result<()> {
+    let dev = c.dev;
+    let mut gemm = Gemm::new(dev)?;
+    for (t, n, k) in [(96usize, 320usize, 1024usize), (7, 100, 1000)] {
+        let (x, w, bias) = (rng.vec(t * k, 1.0), rng.vec(n * k, 1.0 / (k as f32).sqrt()), rng.vec(n, 1.0));
+        let (dx, dw, db) = (c.upload_bf16(&x)?, c.upload_bf16(&w)?, c.upload(&bias)?);
+        let mut want = r::bf16_gemm(&x, &w, k);
+        for with_bias in [false, true] {
+            let y = c.poisoned(t * n * 2)?;
+            if with_bias {
+                r::add_bias(&mut want, &bias);
+            }
+            let name = format!("bf16_gemm/{t}x{n}x{k}{}", if with_bias { "+bias" } else { "" });
+            // A refused shape is a failed row, not the end of the check.
+            match gemm.matmul_bf16(dev, dx.ptr, dw.ptr, y.ptr, if with_bias { db.ptr } else { 0 }, t, n, k) {
+                Ok(()) => c.report(&name, r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2),
+                Err(e) => {
+                    eprintln!("Error: {name}: {e}");
+                    c.report(&name, f64::INFINITY, 1e-2);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The CUDA stage against the CPU stage on each committed fixture, same packed batch, in each
+/// of `precisions`: FP8 against the CPU's FP8 emulation, bf16 against the CPU's bf16.
+fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> {
     use scorestream::engine::cuda::stage::CudaStage;
     use scorestream::model::packed::Packed;
     use scorestream::model::stage::{Activations, Stage, StageOutput};
@@ -229,27 +304,36 @@ fn parity(fixtures: &std::path::Path) -> Result<bool> {
                 StageOutput::Hidden(_) => bail!("the CPU stage returned no scores"),
             }
         };
-        let gpu = match CudaStage::load(0, &Vb::new(weights.clone(), candle_core::DType::F32, candle_core::Device::Cpu), &cfg, 0..n, 0, None, packed.num_tokens().max(1), seqs.len().max(1)) {
-            Ok(mut stage) => match stage.forward(&packed, Activations::Tokens)? {
-                StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
-                StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
-            },
-            Err(e) => {
-                println!(r#"{{"kind":"parity","fixture":"{name}","skipped":"{}"}}"#, e.to_string().replace('"', "'"));
-                continue;
-            }
-        };
-        // bf16 activations + FP8 linears is the GPU's own arithmetic; the CPU engine's `fp8`
-        // dtype keeps activations in f32; plain f32 is the reference model.
         let (bf16, f32) = (candle_core::DType::BF16, candle_core::DType::F32);
-        for (label, want) in [("cpu_fp8_bf16", cpu(bf16, true)?), ("cpu_fp8_f32", cpu(f32, true)?), ("cpu_f32", cpu(f32, false)?)] {
-            let diff = gpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let nan = gpu.iter().any(|v| !v.is_finite());
-            // FP8 vs its own CPU emulation should agree to accumulation order; vs f32 it is informational.
-            let pass = !nan && (label != "cpu_fp8_bf16" || diff <= 2e-2 * scale + 1e-3);
-            ok &= pass;
-            println!(r#"{{"kind":"parity","fixture":"{name}","against":"{label}","seqs":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#, seqs.len());
+        for precision in precisions {
+            let f32_vb = Vb::new(weights.clone(), f32, candle_core::Device::Cpu);
+            let p = format!("{precision:?}").to_lowercase();
+            let gpu = match CudaStage::load(0, &f32_vb, &cfg, 0..n, 0, None, *precision, packed.num_tokens().max(1), seqs.len().max(1)) {
+                Ok(mut stage) => match stage.forward(&packed, Activations::Tokens)? {
+                    StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
+                    StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
+                },
+                Err(e) => {
+                    println!(r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","skipped":{}}}"#, json_str(&e.to_string()));
+                    continue;
+                }
+            };
+            // The gated row is the CPU doing the GPU's own arithmetic: bf16 activations with FP8
+            // linears (the CPU's `fp8` dtype over bf16), or plain bf16; the others (f32
+            // activations, the f32 reference model) are informational.
+            let wants = match precision {
+                Precision::Fp8 => vec![("cpu_fp8_bf16", cpu(bf16, true)?), ("cpu_fp8_f32", cpu(f32, true)?), ("cpu_f32", cpu(f32, false)?)],
+                Precision::Bf16 => vec![("cpu_bf16", cpu(bf16, false)?), ("cpu_f32", cpu(f32, false)?)],
+            };
+            let gated = wants[0].0;
+            for (label, want) in wants {
+                let diff = gpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let nan = gpu.iter().any(|v| !v.is_finite());
+                let pass = !nan && (label != gated || diff <= 2e-2 * scale + 1e-3);
+                ok &= pass;
+                println!(r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","against":"{label}","seqs":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#, seqs.len());
+            }
         }
     }
     Ok(ok)
@@ -273,15 +357,24 @@ enum Cmd {
         #[arg(default_value = "tests/fixtures")]
         dir: PathBuf,
     },
-    /// The cuBLASLt FP8 GEMM ceiling (8192³ and the 70B projections at 16k tokens).
+    /// The cuBLASLt FP8 (where the GPU has it) and bf16 GEMM ceilings (8192³ and the 70B
+    /// projections at 16k tokens).
     Gemm,
     /// Each kernel timed alone at the 70B shape (attention in TFLOP/s).
     Time,
-    /// The 70B-shape FP8 layer loop over 4k/16k/64k-token batches, as many layers as fit.
+    /// The 70B-shape layer loop over 4k/16k/64k-token batches, FP8 then bf16, as many layers
+    /// as fit (up to the limits below; times are per layer, extrapolated to 80).
     Layers {
-        /// At most this many layers.
+        /// At most this many FP8 layers.
         #[arg(long, env = "GPU_BENCH_MAX_LAYERS", default_value_t = 80)]
         max_layers: usize,
+        /// At most this many bf16 layers (bf16 is timed second, on fewer layers, to fit the
+        /// GPU check's time slot; per-layer time does not depend on the count).
+        #[arg(long, env = "GPU_BENCH_MAX_BF16_LAYERS", default_value_t = 16)]
+        max_bf16_layers: usize,
+        /// Precisions to run, comma separated (FP8 is skipped on GPUs without it).
+        #[arg(long, value_delimiter = ',', default_value = "fp8,bf16")]
+        dtype: Vec<String>,
         /// Timed repetitions per batch (after one warm-up).
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -331,17 +424,38 @@ fn probe() -> Result<()> {
     Ok(())
 }
 
+/// GPU 0, opened for the best precision it has (FP8 from sm_89, else bf16).
 fn open() -> Result<GpuDevice> {
+    use scorestream::engine::cuda::precision::choose;
     let cache = scorestream::engine::cuda::compile::default_cache_dir();
-    let dev = GpuDevice::open(0, &cache)?;
+    let facts = scorestream::engine::cuda::probe::gpu_facts(&[0])?;
+    let precision = choose(scorestream::model::Dtype::Auto, &facts)?;
+    let dev = GpuDevice::open(0, &cache, precision)?;
     println!(
-        r#"{{"kind":"device","name":{},"arch":"{}","sms":{},"kernels":{}}}"#,
+        r#"{{"kind":"device","name":{},"capability":"{}.{}","arch":"{}","sms":{},"precision":"{}","kernels":{}}}"#,
         json_str(&dev.name),
+        dev.capability.0,
+        dev.capability.1,
         dev.arch,
         dev.sm_count,
+        precision.dtype(),
         json_str(&format!("{:?}", dev.origin))
     );
     Ok(dev)
+}
+
+/// The precisions `names` asks for that `dev` can run.
+fn precisions(dev: &GpuDevice, names: &[String]) -> Result<Vec<Precision>> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "fp8" if has_fp8(dev) => out.push(Precision::Fp8),
+            "fp8" => println!(r#"{{"kind":"note","text":"no FP8 on {} (sm_{}{}): fp8 skipped"}}"#, dev.name, dev.capability.0, dev.capability.1),
+            "bf16" => out.push(Precision::Bf16),
+            other => bail!("unknown precision {other:?} (fp8, bf16)"),
+        }
+    }
+    Ok(out)
 }
 
 fn write_kernels(arch: &str, out: &std::path::Path) -> Result<()> {
@@ -372,12 +486,26 @@ fn main() -> Result<()> {
                 bail!("some kernels differ from their CPU reference");
             }
         }
-        Cmd::Gemm => perf::gemm_bench(&open()?)?,
-        Cmd::Time => perf::kernel_times(&open()?)?,
-        Cmd::Layers { max_layers, reps } => perf::layers_bench(&open()?, max_layers, reps)?,
+        Cmd::Gemm => {
+            let dev = open()?;
+            perf::gemm_bench(&dev, &precisions(&dev, &["fp8".into(), "bf16".into()])?)?
+        }
+        Cmd::Time => {
+            let dev = open()?;
+            perf::kernel_times(&dev, has_fp8(&dev))?
+        }
+        Cmd::Layers { max_layers, max_bf16_layers, reps, dtype } => {
+            let dev = open()?;
+            for p in precisions(&dev, &dtype)? {
+                let most = if p == Precision::Bf16 { max_bf16_layers } else { max_layers };
+                perf::layers_bench(&dev, p, most, reps)?;
+            }
+        }
         Cmd::Parity { dir } => {
-            drop(open()?);
-            if !parity(&dir)? {
+            let dev = open()?;
+            let all = precisions(&dev, &["fp8".into(), "bf16".into()])?;
+            drop(dev);
+            if !parity(&dir, &all)? {
                 bail!("the CUDA stage differs from the CPU stage");
             }
         }

@@ -1,13 +1,14 @@
-//! The timed parts of gpu_bench: the cuBLASLt FP8 GEMM ceiling, each kernel alone at the
-//! Llama-3.1-70B shape, and the 70B-shape layer loop. Times are medians of CUDA-event
+//! The timed parts of gpu_bench: the cuBLASLt FP8 and bf16 GEMM ceilings, each kernel alone
+//! at the Llama-3.1-70B shape, and the 70B-shape layer loop in FP8 and in bf16. Times are medians of CUDA-event
 //! intervals (events created with timing enabled) after warm-up; each result is printed as one
 //! JSON line as soon as it is measured, so a step cut short by its timeout keeps what finished.
 
 use anyhow::Result;
 use scorestream::engine::cuda::device::GpuDevice;
-use scorestream::engine::cuda::gemm::{Fp8Gemm, ScaleMode};
+use scorestream::engine::cuda::gemm::{Gemm, ScaleMode};
 use scorestream::engine::cuda::layer::{forward, LayerConfig, LayerWeights, Workspace};
 use scorestream::engine::cuda::plan::{attention_tiles, LayerShape};
+use scorestream::engine::cuda::precision::Precision;
 
 /// Deterministic xorshift, for batch layouts.
 pub struct Rng(pub u64);
@@ -38,14 +39,32 @@ pub fn time_ms(dev: &GpuDevice, warm: usize, reps: usize, mut f: impl FnMut() ->
     Ok(times[times.len() / 2])
 }
 
-pub fn gemm_bench(dev: &GpuDevice) -> Result<()> {
+/// The GEMMs at 8192³ and the 70B projections for 16k tokens, in each of `precisions`.
+pub fn gemm_bench(dev: &GpuDevice, precisions: &[Precision]) -> Result<()> {
     let shape = LayerShape::LLAMA_70B;
     let mut shapes = vec![("square", 8192usize, 8192usize, 8192usize)];
     for (name, (o, i)) in ["qkv", "o", "gate_up", "down"].iter().zip(shape.linears()) {
         shapes.push((name, 16384, o, i));
     }
-    let mut gemm = Fp8Gemm::new(dev)?;
-    for (name, m, n, k) in shapes {
+    let mut gemm = Gemm::new(dev)?;
+    if precisions.contains(&Precision::Fp8) {
+        fp8_gemms(dev, &mut gemm, &shapes)?;
+    }
+    if precisions.contains(&Precision::Bf16) {
+        for &(name, m, n, k) in &shapes {
+            let (a, w, y) = (dev.alloc(m * k * 2)?, dev.alloc(n * k * 2)?, dev.alloc(m * n * 2)?);
+            dev.fill_uniform(false, a.ptr, m * k, 1, 1.0)?;
+            dev.fill_uniform(false, w.ptr, n * k, 2, 1.0 / (k as f32).sqrt())?;
+            let ms = time_ms(dev, 2, 20, || Ok(gemm.matmul_bf16(dev, a.ptr, w.ptr, y.ptr, 0, m, n, k)?))?;
+            let tflops = 2.0 * (m * n * k) as f64 / ms / 1e9;
+            println!(r#"{{"kind":"gemm","dtype":"bf16","shape":"{name}","m":{m},"n":{n},"k":{k},"fast_accum":false,"mode":"-","ms":{ms:.4},"tflops":{tflops:.1}}}"#);
+        }
+    }
+    Ok(())
+}
+
+fn fp8_gemms(dev: &GpuDevice, gemm: &mut Gemm, shapes: &[(&str, usize, usize, usize)]) -> Result<()> {
+    for &(name, m, n, k) in shapes {
         let (a, w, y) = (dev.alloc(m * k)?, dev.alloc(n * k)?, dev.alloc(m * n * 2)?);
         let (asc, wsc) = (dev.alloc(m * 4)?, dev.alloc(n * 4)?);
         dev.fill_uniform(true, a.ptr, m * k, 1, 448.0)?;
@@ -62,7 +81,7 @@ pub fn gemm_bench(dev: &GpuDevice) -> Result<()> {
                     Ok(())
                 })?;
                 let tflops = 2.0 * (m * n * k) as f64 / ms / 1e9;
-                println!(r#"{{"kind":"gemm","shape":"{name}","m":{m},"n":{n},"k":{k},"fast_accum":{fast},"mode":"{mode:?}","ms":{ms:.4},"tflops":{tflops:.1}}}"#);
+                println!(r#"{{"kind":"gemm","dtype":"fp8","shape":"{name}","m":{m},"n":{n},"k":{k},"fast_accum":{fast},"mode":"{mode:?}","ms":{ms:.4},"tflops":{tflops:.1}}}"#);
             }
         }
     }
@@ -96,10 +115,10 @@ fn kernel_line(kernel: &str, tokens: usize, ms: f64, bytes: f64) {
 
 /// Each kernel alone on one 70B-shape layer's buffers, 16,384 tokens: memory-bound kernels
 /// with their bytes moved per second, attention with its TFLOP/s (batch of 512–4096-token
-/// sequences, and 4 sequences of 4096).
-pub fn kernel_times(dev: &GpuDevice) -> Result<()> {
+/// sequences, and 4 sequences of 4096). The FP8 kernels only when `fp8`.
+pub fn kernel_times(dev: &GpuDevice, fp8: bool) -> Result<()> {
     let (s, t) = (LayerShape::LLAMA_70B, 16384usize);
-    let mut ws = Workspace::new(dev, &s, t, t / 512 + 1, &llama3_inv_freq(&s))?;
+    let mut ws = Workspace::new(dev, &s, t, t / 512 + 1, &llama3_inv_freq(&s), Precision::Bf16)?;
     let mut rng = Rng(777);
     let cu = batch(t, &mut rng);
     ws.set_batch(dev, &cu)?;
@@ -108,21 +127,32 @@ pub fn kernel_times(dev: &GpuDevice) -> Result<()> {
     for (ptr, n) in [(x, t * s.hidden), (h, t * s.hidden), (qkv, t * s.qkv_width()), (attn, t * s.attn_width()), (up, t * s.up_width())] {
         dev.fill_uniform(false, ptr, n, 3, 1.0)?;
     }
-    let w = LayerWeights::random(dev, &s, 5)?;
+    let w = LayerWeights::random(dev, &s, 5, Precision::Bf16)?;
     let (th, hid) = ((t * s.hidden) as f64, s.hidden);
-    let ms = time_ms(dev, 2, 20, || Ok(dev.norm(false, x, h, w.norm1.ptr, 0, 1e-5, t, hid, 0, q8, qs)?))?;
-    kernel_line("rmsnorm_bf16+residual+fp8", t, ms, 7.0 * th);
+    if fp8 {
+        let ms = time_ms(dev, 2, 20, || Ok(dev.norm(false, x, h, w.norm1.ptr, 0, 1e-5, t, hid, 0, q8, qs)?))?;
+        kernel_line("rmsnorm_bf16+residual+fp8", t, ms, 7.0 * th);
+    }
+    // The bf16 path writes the normalized row as bf16 (q8 holds two bytes per value there).
+    let ms = time_ms(dev, 2, 20, || Ok(dev.norm(false, x, h, w.norm1.ptr, 0, 1e-5, t, hid, q8, 0, 0)?))?;
+    kernel_line("rmsnorm_bf16+residual", t, ms, 8.0 * th);
     let rot_heads = s.heads + s.kv_heads;
     let ms = time_ms(dev, 2, 20, || Ok(dev.rotary(qkv, t, rot_heads, s.head_dim, s.qkv_width(), s.head_dim, ws.at(p.positions), ws.inv_freq.ptr)?))?;
     kernel_line("rotary_bf16", t, ms, 4.0 * (t * rot_heads * s.head_dim) as f64);
-    let ms = time_ms(dev, 2, 20, || Ok(dev.act_quant("swiglu_quant_bf16", up, t, s.inter, 0, q8, qs)?))?;
-    kernel_line("swiglu_quant_bf16", t, ms, 5.0 * (t * s.inter) as f64);
-    let ms = time_ms(dev, 2, 20, || Ok(dev.quant_rows(attn, t, s.attn_width(), q8, qs)?))?;
-    kernel_line("quant_rows_bf16", t, ms, 3.0 * (t * s.attn_width()) as f64);
+    if fp8 {
+        let ms = time_ms(dev, 2, 20, || Ok(dev.act_quant("swiglu_quant_bf16", up, t, s.inter, 0, q8, qs)?))?;
+        kernel_line("swiglu_quant_bf16", t, ms, 5.0 * (t * s.inter) as f64);
+        let ms = time_ms(dev, 2, 20, || Ok(dev.quant_rows(attn, t, s.attn_width(), q8, qs)?))?;
+        kernel_line("quant_rows_bf16", t, ms, 3.0 * (t * s.attn_width()) as f64);
+        let ones = dev.alloc(hid * 4)?;
+        dev.upload(ones.ptr, &vec![1.0f32; hid])?;
+        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, ones.ptr, 0)?))?;
+        kernel_line("scale_epilogue_bf16", t, ms, 4.0 * th);
+    }
+    let ms = time_ms(dev, 2, 20, || Ok(dev.act_quant("swiglu_quant_bf16", up, t, s.inter, q8, 0, 0)?))?;
+    kernel_line("swiglu_quant_bf16 (bf16 out)", t, ms, 6.0 * (t * s.inter) as f64);
     let ms = time_ms(dev, 2, 20, || Ok(dev.add(x, h, t * hid)?))?;
     kernel_line("add_bf16", t, ms, 6.0 * th);
-    let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, w.scale[1].ptr, 0)?))?;
-    kernel_line("scale_epilogue_bf16", t, ms, 4.0 * th);
     let uniform: Vec<u32> = (0..=4u32).map(|i| i * 4096).collect();
     for (label, cu) in [("512-4096", cu.clone()), ("4x4096", uniform)] {
         ws.set_batch(dev, &cu)?;
@@ -139,23 +169,25 @@ pub fn kernel_times(dev: &GpuDevice) -> Result<()> {
     Ok(())
 }
 
-/// The layer loop at the 70B shape over as many layers as fit (at most `max_layers`).
-pub fn layers_bench(dev: &GpuDevice, max_layers: usize, reps: usize) -> Result<()> {
+/// The layer loop at the 70B shape in `precision` over as many layers as fit (at most
+/// `max_layers`); the weights are freed before returning, so the next precision has the GPU.
+pub fn layers_bench(dev: &GpuDevice, precision: Precision, max_layers: usize, reps: usize) -> Result<()> {
     let shape = LayerShape::LLAMA_70B;
     let batches = [4096usize, 16384, 65536];
     let max_tokens = 65536;
-    let mut ws = Workspace::new(dev, &shape, max_tokens, max_tokens / 512 + 1, &llama3_inv_freq(&shape))?;
+    let dtype = precision.dtype();
+    let mut ws = Workspace::new(dev, &shape, max_tokens, max_tokens / 512 + 1, &llama3_inv_freq(&shape), precision)?;
     let (free, total) = dev.ctx.mem_get_info()?;
-    let fit = free.saturating_sub(3 << 30) / shape.fp8_layer_bytes();
+    let layer_bytes = shape.layer_bytes(precision);
+    let fit = free.saturating_sub(3 << 30) / layer_bytes;
     let n_layers = fit.min(max_layers).max(1);
-    let layers = (0..n_layers).map(|i| LayerWeights::random(dev, &shape, 1000 + i as u64)).collect::<Result<Vec<_>, _>>()?;
+    let layers = (0..n_layers).map(|i| LayerWeights::random(dev, &shape, 1000 + i as u64, precision)).collect::<Result<Vec<_>, _>>()?;
     let (free_after, _) = dev.ctx.mem_get_info()?;
     println!(
-        r#"{{"kind":"layers_memory","layers":{n_layers},"fit":{fit},"layer_bytes":{},"workspace_bytes":{},"free_before":{free},"free_after":{free_after},"total":{total}}}"#,
-        shape.fp8_layer_bytes(),
+        r#"{{"kind":"layers_memory","dtype":"{dtype}","layers":{n_layers},"fit":{fit},"layer_bytes":{layer_bytes},"workspace_bytes":{},"free_before":{free},"free_after":{free_after},"total":{total}}}"#,
         ws.plan.total
     );
-    let mut gemm = Fp8Gemm::new(dev)?;
+    let mut gemm = Gemm::new(dev)?;
     let cfg = LayerConfig::llama(shape);
     let mut rng = Rng(12345);
     for tokens in batches {
@@ -175,7 +207,7 @@ pub fn layers_bench(dev: &GpuDevice, max_layers: usize, reps: usize) -> Result<(
             + cu.windows(2).map(|w| shape.attention_flops((w[1] - w[0]) as usize)).sum::<f64>();
         let tflops = flops / per_layer / 1e9;
         let tok_s_80 = tokens as f64 / (per_layer * 80.0 / 1e3);
-        println!(r#"{{"kind":"layers","tokens":{tokens},"seqs":{},"layers":{n_layers},"ms_per_layer":{per_layer:.3},"tflops":{tflops:.1},"tokens_per_s_80_layers":{tok_s_80:.0},"nan":{nan}}}"#, cu.len() - 1);
+        println!(r#"{{"kind":"layers","dtype":"{dtype}","tokens":{tokens},"seqs":{},"layers":{n_layers},"ms_per_layer":{per_layer:.3},"tflops":{tflops:.1},"tokens_per_s_80_layers":{tok_s_80:.0},"nan":{nan}}}"#, cu.len() - 1);
     }
     Ok(())
 }

@@ -61,7 +61,12 @@ def table(header, body):
 
 def environment(rows):
     dev = next((r for r in rows if r.get("kind") == "device"), None)
-    print(f"Device: {dev.get('name', '?') if dev else '?'}" + (f" ({dev.get('arch')}, {dev.get('sms')} SMs)" if dev and "arch" in dev else "") + "\n")
+    detail = ""
+    if dev and "arch" in dev:
+        cap = f"compute capability {dev['capability']}, " if "capability" in dev else ""
+        prec = f", best precision {dev['precision']}" if "precision" in dev else ""
+        detail = f" ({cap}{dev.get('arch')}, {dev.get('sms')} SMs{prec})"
+    print(f"Device: {dev.get('name', '?') if dev else '?'}" + detail + "\n")
     for e in of(rows, "env")[:1]:
         print(f"- driver CUDA {e.get('driver_cuda')}; NVRTC {e.get('nvrtc')} ({e.get('nvrtc_path')}); "
               f"cuBLASLt {e.get('cublaslt')}")
@@ -88,10 +93,11 @@ def checks(rows):
         print(f"Kernel checks: {len(cs) - len(bad)}/{len(cs)} pass; worst {worst['kernel']} "
               f"rel err {worst['rel_err']:.2e}" + (f"; FAILED: {', '.join(bad)}" if bad else "") + "\n")
     for p in of(rows, "parity"):
+        prec = f" {p['precision']}" if "precision" in p else ""
         if "skipped" in p:
-            print(f"- parity {p['fixture']}: skipped ({p['skipped']})")
+            print(f"- parity {p['fixture']}{prec}: skipped ({p['skipped']})")
         else:
-            print(f"- parity {p['fixture']} vs {p['against']}: max |Δreward| {p['max_abs_diff']:.2e} "
+            print(f"- parity {p['fixture']}{prec} vs {p['against']}: max |Δreward| {p['max_abs_diff']:.2e} "
                   f"(max |reward| {p['max_abs_reward']:.2e}) {'pass' if p['pass'] else 'FAIL'}")
     print()
 
@@ -99,8 +105,9 @@ def checks(rows):
 def gemms(rows):
     gs = of(rows, "gemm")
     if gs:
-        table(["cuBLASLt FP8 GEMM", "m×n×k", "fast accum", "scales", "ms", "TFLOP/s"],
-              [[g["shape"], f"{g['m']}×{g['n']}×{g['k']}", g["fast_accum"], g["mode"], g["ms"], g["tflops"]] for g in gs])
+        table(["cuBLASLt GEMM", "dtype", "m×n×k", "fast accum", "scales", "ms", "TFLOP/s"],
+              [[g["shape"], g.get("dtype", "fp8"), f"{g['m']}×{g['n']}×{g['k']}", g["fast_accum"], g["mode"], g["ms"],
+                g["tflops"]] for g in gs])
     tg = of(rows, "torch_gemm")
     if tg:
         table(["torch GEMM only", "tokens", "variant", "ms", "TFLOP/s"],
@@ -120,17 +127,20 @@ def kernel_times(rows):
 
 
 def layers(rows, ceiling):
-    for m in of(rows, "layers_memory")[:1]:
-        print(f"Layer loop: {m['layers']} layers resident ({m['layers'] * m['layer_bytes'] / 2**30:.1f} GiB of FP8 "
-              f"weights, {m['workspace_bytes'] / 2**30:.1f} GiB of activations; {m['free_after'] / 2**30:.1f} GiB left)\n")
-    ours = {r["tokens"]: r for r in of(rows, "layers")}
+    for m in of(rows, "layers_memory"):
+        dtype = m.get("dtype", "fp8")
+        print(f"Layer loop ({dtype}): {m['layers']} layers resident ({m['layers'] * m['layer_bytes'] / 2**30:.1f} GiB of "
+              f"{dtype} weights, {m['workspace_bytes'] / 2**30:.1f} GiB of activations; "
+              f"{m['free_after'] / 2**30:.1f} GiB left)\n")
+    ours = {(r.get("dtype", "fp8"), r["tokens"]): r for r in of(rows, "layers")}
     torch_rows = {(r["variant"], r["tokens"]): r for r in of(rows, "torch")}
     if not (ours or torch_rows):
         return
     body = []
-    for tokens in sorted(set(ours) | {t for _, t in torch_rows}):
+    for tokens in sorted({t for _, t in ours} | {t for _, t in torch_rows}):
         tb, tf = torch_rows.get(("bf16", tokens)), torch_rows.get(("fp8", tokens))
-        for name, r in [("scorestream fp8", ours.get(tokens)), ("torch bf16", tb), ("torch fp8 _scaled_mm", tf)]:
+        for name, r in [("scorestream fp8", ours.get(("fp8", tokens))), ("scorestream bf16", ours.get(("bf16", tokens))),
+                        ("torch bf16", tb), ("torch fp8 _scaled_mm", tf)]:
             if not r:
                 continue
             pct = f"{100 * r['tflops'] / ceiling:.0f} %" if ceiling else "-"
@@ -158,14 +168,18 @@ def main():
         print(SAMPLE_BANNER + "\n")
     for fn in (environment, steps, checks, gemms, kernel_times):
         section(fn, rows)
-    ceiling = None
+    ceiling = bf16_ceiling = None
     try:
-        ceiling = max((g["tflops"] for g in of(rows, "gemm") if g.get("shape") == "square"), default=None)
+        square = [g for g in of(rows, "gemm") if g.get("shape") == "square"]
+        ceiling = max((g["tflops"] for g in square if g.get("dtype", "fp8") == "fp8"), default=None)
+        bf16_ceiling = max((g["tflops"] for g in square if g.get("dtype") == "bf16"), default=None)
     except (KeyError, TypeError):
         pass
     section(layers, rows, ceiling)
     if ceiling:
         print(f"FP8 ceiling: {ceiling} TFLOP/s (best cuBLASLt 8192³ run above).")
+    if bf16_ceiling:
+        print(f"bf16 ceiling: {bf16_ceiling} TFLOP/s (best cuBLASLt bf16 8192³ run above).")
     if sample:
         print("\n" + SAMPLE_BANNER)
 

@@ -1,7 +1,6 @@
-// Small memory-bound kernels: residual add, per-token quantization of a bf16 row, the
-// per-channel-scale epilogue of an FP8 GEMM (when cuBLASLt cannot apply outer-vector scales),
-// row gather (embedding lookup and the reward head's last tokens), and device-side random
-// fill for benchmarks (so 70B of random weights need no host transfer).
+// Small memory-bound kernels: residual add, the bias of a bf16 GEMM, row gather (embedding
+// lookup and the reward head's last tokens), and device-side random fill for benchmarks (so
+// 70B of random weights need no host transfer). The FP8-only ones are in fp8.cu.
 
 // a = bf16(a + b), n elements.
 extern "C" __global__ void add_bf16(long long n, bf16* a /* [n] in/out */, const bf16* b /* [n] */) {
@@ -9,32 +8,13 @@ extern "C" __global__ void add_bf16(long long n, bf16* a /* [n] in/out */, const
         a[i] = to_bf(bf(a[i]) + bf(b[i]));
 }
 
-// One block per row: q = e4m3(x / scale), scale = max(amax, 1e-12) / 448.
-extern "C" __global__ void quant_rows_bf16(const bf16* x /* [rows, cols] */, int cols, fp8* q /* [rows, cols] */,
-                                           float* q_scale /* [rows] */) {
-    __shared__ float red[32];
-    const size_t base = (size_t)blockIdx.x * cols;
-    float amax = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf(x[base + i])));
-    amax = block_reduce<true>(amax, red);
-    const float scale = fmaxf(amax, MIN_AMAX) / E4M3_MAX;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) q[base + i] = to_e4m3(bf(x[base + i]) / scale);
-    if (threadIdx.x == 0) q_scale[blockIdx.x] = scale;
-}
-
-// y = bf16(bf16(y · row_scale[t] · col_scale[n]) + bias[n]) in place; bias may be null.
-extern "C" __global__ void scale_epilogue_bf16(bf16* y /* [rows, cols] */, long long rows, int cols,
-                                               const float* row_scale /* [rows] */,
-                                               const float* col_scale /* [cols] */,
-                                               const float* bias /* [cols] or null */) {
+// y = bf16(y + bf16(bias[n])) in place: the bias of a bf16 GEMM (the FP8 path adds it in
+// scale_epilogue_bf16).
+extern "C" __global__ void add_bias_bf16(bf16* y /* [rows, cols] */, long long rows, int cols,
+                                         const float* bias /* [cols] */) {
     const long long n = rows * cols;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / cols;
-        const int c = (int)(i % cols);
-        float v = bfr(bf(y[i]) * (row_scale[r] * col_scale[c]));
-        if (bias) v = bfr(v + bfr(bias[c]));
-        y[i] = to_bf(v);
-    }
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = to_bf(bf(y[i]) + bfr(bias[(int)(i % cols)]));
 }
 
 // dst[m] = src[idx[m]]; rows whose index is out of range (>= src_rows) are written as zeros.
@@ -62,11 +42,6 @@ __device__ __forceinline__ float hash_uniform(unsigned long long seed, unsigned 
 extern "C" __global__ void fill_uniform_bf16(long long n, bf16* out, unsigned long long seed, float amp) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         out[i] = to_bf((2.0f * hash_uniform(seed, i) - 1.0f) * amp);
-}
-
-extern "C" __global__ void fill_uniform_e4m3(long long n, fp8* out, unsigned long long seed, float amp) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        out[i] = to_e4m3((2.0f * hash_uniform(seed, i) - 1.0f) * amp);
 }
 
 // Every byte of `n` set to `value`: poisons output buffers before a check.

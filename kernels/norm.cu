@@ -1,4 +1,5 @@
-// RMSNorm and Nemotron's LayerNorm1P over each token's row, optionally adding the residual
+// RMSNorm and Nemotron's LayerNorm1P over each token's row (and Qwen3's per-head q/k RMSNorm
+// at the end of this file), optionally adding the residual
 // first (x += res, written back: the residual stream), and writing the normalized row as bf16
 // and/or quantized per token to E4M3 (+ one f32 scale per token).
 // One block per token row; the row lives in dynamic shared memory (hidden * 2 bytes).
@@ -72,4 +73,28 @@ extern "C" __global__ void rmsnorm_bf16(bf16* x, const bf16* res, const float* w
 extern "C" __global__ void layernorm1p_bf16(bf16* x, const bf16* res, const float* w, const float* b, float eps,
                                             int hidden, bf16* y, fp8* q, float* q_scale) {
     norm_body<true>(x, res, w, b, eps, hidden, y, q, q_scale);
+}
+
+// Qwen3's per-head RMSNorm of q and k, in place on the fused QKV rows, before rotary: each of
+// the first q_heads + kv_heads heads of a token's row is normalized over its head_dim values
+// (q heads with q_w, k heads with k_w). One warp per (token, head), grid-stride.
+// CPU mirror: as rmsnorm_bf16 with hidden = head_dim: y = bf16(bf16(x / sqrt(mean(x²) + eps)) * w).
+extern "C" __global__ void head_rmsnorm_bf16(bf16* x /* [tokens, row_stride] */, int tokens, int q_heads, int kv_heads,
+                                             int head_dim, int row_stride, const float* q_w /* [head_dim] */,
+                                             const float* k_w /* [head_dim] */, float eps) {
+    const int heads = q_heads + kv_heads, lane = threadIdx.x & 31;
+    const long long rows = (long long)tokens * heads;
+    const long long step = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += step) {
+        const int t = (int)(r / heads), h = (int)(r % heads);
+        bf16* p = x + (size_t)t * row_stride + (size_t)h * head_dim;
+        const float* w = h < q_heads ? q_w : k_w;
+        float sum = 0.0f;
+        for (int i = lane; i < head_dim; i += 32) {
+            const float v = bf(p[i]);
+            sum += v * v;
+        }
+        const float denom = sqrtf(warp_sum(sum) / head_dim + eps);
+        for (int i = lane; i < head_dim; i += 32) p[i] = to_bf(bfr(bfr(bf(p[i]) / denom) * bfr(w[i])));
+    }
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one script to run on a Hopper GPU machine (H100/H200, driver ≥ 580 / CUDA 13.0), built to
+# The one script to run on a Hopper GPU machine (H100/H200, driver ≥ 580 / CUDA 13.0; on an
+# Ampere GPU it runs the bf16 parts and notes the FP8 ones as skipped), built to
 # run unattended in a short slot: at most GPU_CHECK_BUDGET_S seconds (default 470, under 8
 # minutes on an H200), each step under its own timeout within that budget, each step's output
 # written to its own file under $OUT as it runs (a step cut off by its timeout keeps the lines
@@ -12,11 +13,13 @@
 #
 # Steps (file under $OUT, default timeout in seconds; GPU_CHECK_TIMEOUT_<STEP> overrides):
 #   probe.jsonl   40  nvidia-smi; driver, NVRTC, cuBLASLt versions and files; GPU; free memory
-#   check.jsonl   60  every kernel against its CPU reference (outputs poisoned with NaN first)
-#   parity.jsonl  60  the CUDA stage against the CPU stage on every committed fixture
-#   gemm.jsonl    60  cuBLASLt FP8 GEMM ceiling (8192³ and the 70B projections)
+#   check.jsonl   60  every kernel and both GEMMs (FP8, bf16) against their CPU references
+#                     (outputs poisoned with NaN first)
+#   parity.jsonl  60  the CUDA stage, in FP8 and in bf16, against the CPU stage on every fixture
+#   gemm.jsonl    60  cuBLASLt FP8 and bf16 GEMM ceilings (8192³ and the 70B projections)
 #   time.jsonl    45  each kernel alone at the 70B shape (attention's TFLOP/s)
-#   layers.jsonl 170  70B-shape FP8 layer loop, as many layers as fit (80 on an H200)
+#   layers.jsonl 200  70B-shape layer loop: FP8 on as many layers as fit (80 on an H200), then
+#                     bf16 (the Ampere path, measured here on Hopper) on 16 layers
 #   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
 #                     attention-only (bench/torch_ref.py)
 #   table.md      15  bench/report.py over the files above (printed last)
@@ -94,7 +97,7 @@ step check 60 '"$BIN" check'
 step parity 60 '"$BIN" parity tests/fixtures'
 step gemm 60 '"$BIN" gemm'
 step time 45 '"$BIN" time'
-step layers 170 '"$BIN" layers'
+step layers 200 '"$BIN" layers'
 step torch 150 "$TORCH_REF"
 
 files=()

@@ -122,7 +122,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     liveness.model_loaded();
     liveness.watch_stages(engine.stage_health());
     let info = engine.info();
-    metrics.set_model_info(&info.name, config.model.dtype.as_str(), &config.model.devices);
+    metrics.set_model_info(&info.name, info.dtype.as_str(), &config.model.devices);
     spawn_stage_busy_updates(engine.clone(), metrics.clone());
     warm_up(&preparer, &engine).await?;
     readiness.set_warmed_up();

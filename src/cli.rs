@@ -43,17 +43,18 @@ pub enum Command {
     Run(ConfigArgs),
     /// Validate a worker config file without starting anything.
     CheckConfig(ConfigArgs),
-    /// Compile every CUDA kernel to CUBIN for one architecture (no GPU needed; needs the `cuda`
-    /// feature); point SCORESTREAM_PREBUILT_KERNELS at the output folder to load them.
+    /// Compile every CUDA kernel to CUBIN for each GPU architecture (no GPU needed; needs the
+    /// `cuda` feature); point SCORESTREAM_PREBUILT_KERNELS at the output folder to load them.
     Kernels(KernelsArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct KernelsArgs {
-    /// GPU architecture (`sm_90a` for H100/H200).
-    #[arg(long, default_value = "sm_90a")]
-    pub arch: String,
-    /// Output folder (gets kernels-<arch>.cubin and kernels-<arch>.json).
+    /// GPU architectures, comma separated, or `all` (sm_80 A100, sm_86 A10/A40, sm_89
+    /// L4/L40S, sm_90a H100/H200; the FP8 kernels only for sm_89 and later).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub arch: Vec<String>,
+    /// Output folder (gets kernels-<arch>.cubin and kernels-<arch>.json per architecture).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -71,8 +72,9 @@ pub struct ModelArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Numeric format.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    /// Numeric format: auto (f32 on the CPU; fp8 on GPUs from sm_89, else bf16), f32 (CPU
+    /// only), bf16, fp8 (GPUs from sm_89, or emulated on the CPU).
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
     pub dtype: Dtype,
     /// Devices to split the layers over, comma separated ("cpu,cpu" pipelines two CPU stages).
     #[arg(long, value_delimiter = ',', default_value = "cpu")]

@@ -137,6 +137,11 @@ fn mistakes_are_reported_with_the_field() {
     // A conversation of max_tokens must fit one batch (the engine is sized for the batch).
     let unbatchable = error_of(&file, &[("SCORESTREAM__BATCH__MAX_BATCH_TOKENS", "2048")]);
     assert!(unbatchable.contains("model.max_tokens") && unbatchable.contains("2048"), "{unbatchable}");
+    // f32 is the CPU reference format: refused with a GPU before anything loads; f16 is no dtype.
+    let f32_gpu = error_of(&file, &[("SCORESTREAM__MODEL__DEVICES", r#"["cuda:0"]"#)]);
+    assert!(f32_gpu.contains("model.dtype") && f32_gpu.contains("\"bf16\""), "{f32_gpu}");
+    let f16 = error_of(&file.replace("dtype = \"f32\"", "dtype = \"f16\""), &[]);
+    assert!(f16.contains("f16") && f16.contains("auto") && f16.contains("bf16"), "{f16}");
 }
 
 #[test]
@@ -177,7 +182,9 @@ fn overrides_follow_the_types_of_the_schema() {
 fn the_config_check_and_the_engine_read_devices_alike() {
     for name in ["cpu", "cuda", "cuda:0", "cuda:7", "cuda:", "cuda:+1", "gpu", "cuda:x"] {
         let list = format!(r#"["{name}"]"#);
-        let config = parse(&example("file.toml"), &[("SCORESTREAM__MODEL__DEVICES", list.as_str())]);
+        // (dtype "auto": "f32", the file's, is refused with a GPU whatever the syntax.)
+        let env = [("SCORESTREAM__MODEL__DEVICES", list.as_str()), ("SCORESTREAM__MODEL__DTYPE", "auto")];
+        let config = parse(&example("file.toml"), &env);
         let engine = scorestream::engine::parse_device(name);
         // A build without the CUDA engine refuses what it cannot run; the syntax is shared.
         if cfg!(feature = "cuda") || name == "cpu" || config.is_err() {

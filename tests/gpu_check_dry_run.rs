@@ -64,6 +64,10 @@ fn every_step_runs_and_the_table_comes_last() {
     assert!(stdout.trim_end().ends_with(table.trim_end()), "the table is not printed last:\n{stdout}");
     assert!(table.trim_end().ends_with("NOT a measurement.**"), "{table}");
     assert!(table.contains("| 4096 | scorestream fp8 | 80 |"), "{table}");
+    // The bf16 path (what Ampere GPUs run) is measured beside FP8 and PyTorch bf16.
+    assert!(table.contains("| 4096 | scorestream bf16 | 16 |") && table.contains("| 4096 | torch bf16 |"), "{table}");
+    assert!(table.contains("| square | bf16 | 8192×8192×8192 |") && table.contains("bf16 ceiling: 578.7 TFLOP/s"), "{table}");
+    assert!(table.contains("parity arith bf16 vs cpu_bf16") && table.contains("Layer loop (bf16): 16 layers"), "{table}");
     assert!(table.contains("| probe | ok | 0 |") && table.contains("| torch | ok | 0 |"), "{table}");
     assert!(table.contains("FP8 ceiling: 845.8 TFLOP/s"), "{table}");
 }

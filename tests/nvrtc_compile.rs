@@ -1,6 +1,8 @@
-//! Every kernel in `kernels/*.cu` compiles with NVRTC 13.0 to CUBIN for `sm_90a` (Hopper), with
-//! no GPU, within its register budget and without spills (from ptxas's own report in NVRTC's
-//! log); the CUBIN cache and the prebuilt kernels (`scorestream kernels`) round-trip. NVRTC and
+//! Every kernel in `kernels/*.cu` compiles with NVRTC 13.0 to CUBIN for each architecture the
+//! engine runs on (sm_80 A100, sm_86 A10/A40, sm_89 L4/L40S, sm_90a H100/H200; the FP8 kernels
+//! only for sm_89 and later), with no GPU, within its register budget and without spills (from
+//! ptxas's own report in NVRTC's log); the CUBIN cache and the prebuilt kernels (`scorestream
+//! kernels`) round-trip. NVRTC and
 //! the CUDA headers come from the `nvidia-cuda-nvrtc==13.0.*` and `nvidia-cuda-runtime==13.0.*`
 //! wheels (found through `SCORESTREAM_NVRTC` / `SCORESTREAM_NVRTC_LIB` /
 //! `SCORESTREAM_CUDA_INCLUDE`, or by asking `python3`). Without them the tests skip, unless `CI`
@@ -9,7 +11,8 @@
 
 use std::path::PathBuf;
 
-use scorestream::engine::cuda::compile::{cached_cubin, check_resources, compile_cubin, include_dirs, source_hash, KERNELS};
+use scorestream::engine::cuda::compile::{cached_cubin, check_resources, compile_cubin, include_dirs, kernels_for, source_hash, FP8_KERNELS};
+use scorestream::engine::cuda::precision::ARCHES;
 use scorestream::engine::cuda::{nvrtc, prebuilt};
 
 fn missing(what: &str) {
@@ -38,21 +41,29 @@ fn toolchain() -> Option<Vec<PathBuf>> {
 }
 
 #[test]
-fn every_kernel_compiles_to_cubin_for_sm_90a_without_spills() {
+fn every_kernel_compiles_to_cubin_for_every_architecture_without_spills() {
     let Some(includes) = toolchain() else { return };
-    let image = compile_cubin("sm_90a", &includes).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(&image.cubin[..4], b"\x7fELF", "NVRTC returned no CUBIN (ELF) image");
-    let names = String::from_utf8_lossy(&image.cubin);
-    for k in KERNELS {
-        assert!(names.contains(k), "kernel {k} missing from the CUBIN");
-    }
-    // ptxas's report, parsed from NVRTC's log: every kernel, ≤ 255 registers, no spills.
-    assert_eq!(image.resources.len(), KERNELS.len(), "ptxas reported {:?}\n{}", image.resources, image.log);
-    if let Err(problems) = check_resources(&image.resources) {
-        panic!("kernels over their resource budget:\n{problems}\n\nNVRTC log:\n{}", image.log);
-    }
-    for r in &image.resources {
-        eprintln!("{:<28} {:>3} registers, {} B stack", r.name, r.registers, r.stack_bytes);
+    for arch in ARCHES {
+        let image = compile_cubin(arch, &includes).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(&image.cubin[..4], b"\x7fELF", "{arch}: NVRTC returned no CUBIN (ELF) image");
+        let names = String::from_utf8_lossy(&image.cubin);
+        let kernels = kernels_for(arch);
+        for k in &kernels {
+            assert!(names.contains(k), "{arch}: kernel {k} missing from the CUBIN");
+        }
+        // The FP8-only kernels exist exactly where FP8 tensor cores do (sm_89 and later).
+        let fp8 = arch == "sm_89" || arch == "sm_90a";
+        for k in FP8_KERNELS {
+            assert_eq!(names.contains(k), fp8, "{arch}: {k}");
+        }
+        // ptxas's report, parsed from NVRTC's log: every kernel, ≤ 255 registers, no spills.
+        assert_eq!(image.resources.len(), kernels.len(), "{arch}: ptxas reported {:?}\n{}", image.resources, image.log);
+        if let Err(problems) = check_resources(arch, &image.resources) {
+            panic!("{arch}: kernels over their resource budget:\n{problems}\n\nNVRTC log:\n{}", image.log);
+        }
+        for r in &image.resources {
+            eprintln!("{arch:<7} {:<28} {:>3} registers, {} B stack", r.name, r.registers, r.stack_bytes);
+        }
     }
 }
 
@@ -97,17 +108,23 @@ fn the_kernels_command_writes_cubins_the_engine_accepts() {
         return;
     }
     let out = tempfile::tempdir().expect("temp dir");
+    // One architecture without FP8 and one with; `--arch all` (the default) writes all four.
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_scorestream"))
-        .args(["kernels", "--arch", "sm_90a", "--out"])
+        .args(["kernels", "--arch", "sm_80,sm_90a", "--out"])
         .arg(out.path())
         .output()
         .expect("run scorestream kernels");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("attention_varlen_d128_bf16") && stdout.contains("SCORESTREAM_PREBUILT_KERNELS="), "{stdout}");
-    let (cubin, manifest) = prebuilt::load("sm_90a", out.path()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(&cubin[..4], b"\x7fELF");
-    assert_eq!(manifest.source_hash, source_hash());
-    assert!(manifest.nvrtc.starts_with("13."), "{}", manifest.nvrtc);
-    assert_eq!(manifest.kernels.len(), KERNELS.len());
+    for arch in ["sm_80", "sm_90a"] {
+        let (cubin, manifest) = prebuilt::load(arch, out.path()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF");
+        assert_eq!(manifest.source_hash, source_hash());
+        assert!(manifest.nvrtc.starts_with("13."), "{}", manifest.nvrtc);
+        assert_eq!(manifest.kernels.len(), kernels_for(arch).len(), "{arch}");
+    }
+    // The prebuilt sm_80 kernels hold no FP8 kernel.
+    let (_, ampere) = prebuilt::load("sm_80", out.path()).expect("sm_80");
+    assert!(ampere.kernels.iter().all(|k| !FP8_KERNELS.contains(&k.name.as_str())), "{:?}", ampere.kernels);
 }

@@ -216,6 +216,9 @@ fn sigterm_drains_counts_and_exits_zero() {
     assert!(failed >= (bad.len() + 1) as f64, "{failed} dead letters");
     assert_eq!(metric(&text, "scorestream_events_scored_total{delivery=\"first\"}") + failed, sent as f64);
     assert_eq!(metric(&text, "scorestream_inflight_events"), 0.0);
+    // The precision that runs (the default dtype "auto" is f32 on the CPU), not the configured one.
+    let info: Vec<&str> = text.lines().filter(|l| l.starts_with("scorestream_model_info{")).collect();
+    assert!(info.len() == 1 && info[0].contains("dtype=\"f32\"") && info[0].ends_with(" 1"), "{info:?}");
 
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());

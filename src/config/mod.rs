@@ -256,6 +256,10 @@ impl Config {
                 return invalid("model.devices", &format!("{d:?}: {message}"));
             }
         }
+        // f32 never runs on a GPU; what a GPU can run is checked against it at `run`.
+        if self.model.dtype == crate::model::Dtype::F32 && self.model.devices.iter().any(|d| d.starts_with("cuda")) {
+            return invalid("model.dtype", &crate::engine::cuda::precision::PrecisionError::F32OnGpu.to_string());
+        }
         if self.shutdown_timeout.is_zero() {
             return invalid("shutdown_timeout", "must be above zero");
         }

@@ -71,9 +71,54 @@ pub fn length_limit(max_tokens: usize, cfg: &ArchConfig) -> usize {
 
 fn compute_dtype(d: Dtype) -> DType {
     match d {
-        Dtype::F32 | Dtype::Fp8 => DType::F32,
+        Dtype::Auto | Dtype::F32 | Dtype::Fp8 => DType::F32,
         Dtype::Bf16 => DType::BF16,
     }
+}
+
+/// What a CPU-only model reports as its dtype: `auto` is f32, and an FP8 checkpoint's linear
+/// layers run in fp8 whatever was asked (its stored FP8 weights quantize their inputs).
+fn cpu_dtype(requested: Dtype, fp8_checkpoint: bool) -> Dtype {
+    match requested {
+        _ if fp8_checkpoint => Dtype::Fp8,
+        Dtype::Auto => Dtype::F32,
+        d => d,
+    }
+}
+
+/// The dtype the stages are loaded with. With GPUs it is chosen by
+/// [`crate::engine::cuda::precision::choose`] from their compute capabilities (a dtype they
+/// cannot run is an error naming the GPU); CPU stages beside them run the same one. Without,
+/// `auto` is f32.
+fn resolve_dtype(requested: Dtype, devices: &[DeviceSpec]) -> Result<Dtype, ModelError> {
+    let gpus: Vec<usize> = devices.iter().filter_map(|d| if let DeviceSpec::Cuda(i) = d { Some(*i) } else { None }).collect();
+    if gpus.is_empty() {
+        return Ok(cpu_dtype(requested, false));
+    }
+    gpu_dtype(requested, &gpus)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_dtype(requested: Dtype, ordinals: &[usize]) -> Result<Dtype, ModelError> {
+    use crate::engine::cuda::{precision, probe};
+    let device = format!("cuda:{}", ordinals[0]);
+    let backend = |e: crate::engine::cuda::CudaError| ModelError::Backend { device: device.clone(), source: Box::new(e) };
+    let gpus = probe::gpu_facts(ordinals).map_err(backend)?;
+    let chosen = precision::choose(requested, &gpus).map_err(|e| backend(e.into()))?;
+    let driver = crate::engine::cuda::nvrtc::driver_version().map_or("unknown".to_owned(), |(a, b)| format!("CUDA {a}.{b}"));
+    for g in &gpus {
+        tracing::info!(
+            gpu = %g.name, ordinal = g.ordinal, capability = %format!("{}.{}", g.major, g.minor), driver = %driver,
+            requested = %requested, precision = %chosen.dtype(), supports = g.supports(),
+            "GPU {}: {} (sm_{}{}), driver {driver}: running {}", g.ordinal, g.name, g.major, g.minor, chosen.dtype()
+        );
+    }
+    Ok(chosen.dtype())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_dtype(_: Dtype, ordinals: &[usize]) -> Result<Dtype, ModelError> {
+    Err(ModelError::Device { device: format!("cuda:{}", ordinals[0]), message: "not built with --features cuda".into() })
 }
 
 /// Bytes on disk of every tensor under `prefix.`.
@@ -126,9 +171,13 @@ pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelE
         })
         .collect();
     let mut info = describe(&opts.path, &cfg, &weights, opts, stages);
-    if cfg.quantization_config.is_some() && opts.dtype != Dtype::Fp8 {
-        tracing::info!(requested = %opts.dtype, "the checkpoint is FP8-quantized: linear layers run in fp8");
-        info.dtype = Dtype::Fp8;
+    // Without a GPU the dtype is known now; with one it is chosen when the model loads
+    // ([`loaders`]), so `inspect` shows what was asked ("auto") for GPU plans.
+    if devices.iter().all(|d| *d == DeviceSpec::Cpu) {
+        info.dtype = cpu_dtype(opts.dtype, cfg.quantization_config.is_some());
+        if cfg.quantization_config.is_some() && opts.dtype != Dtype::Fp8 {
+            tracing::info!(requested = %opts.dtype, "the checkpoint is FP8-quantized: linear layers run in fp8");
+        }
     }
     Ok(Plan { cfg, weights, devices, ranges, info })
 }
@@ -138,7 +187,11 @@ pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
 
 /// Plan the model described by `opts` and return one loader per stage.
 pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
-    let plan = plan(opts, limits.max_tokens)?;
+    let mut plan = plan(opts, limits.max_tokens)?;
+    let dtype = resolve_dtype(opts.dtype, &plan.devices)?;
+    if plan.devices.iter().any(|d| *d != DeviceSpec::Cpu) {
+        plan.info.dtype = dtype;
+    }
     tracing::info!(
         max_tokens = plan.info.max_tokens,
         configured_max_tokens = opts.max_tokens,
@@ -163,7 +216,7 @@ pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoa
         .zip(&plan.devices)
         .map(|(range, &device)| {
             let (cfg, weights, range, opts) = (cfg.clone(), plan.weights.clone(), range.clone(), opts.clone());
-            Box::new(move || load_stage(device, weights, &cfg, range, &opts, limits)) as StageLoader
+            Box::new(move || load_stage(device, weights, &cfg, range, &opts, dtype, limits)) as StageLoader
         })
         .collect();
     Ok((loaders, plan.info))
@@ -175,25 +228,28 @@ fn load_stage(
     cfg: &ArchConfig,
     range: std::ops::Range<usize>,
     opts: &ModelOptions,
+    dtype: Dtype,
     limits: BatchLimits,
 ) -> Result<AnyStage, ModelError> {
     let attr = opts.attribute_weights.as_deref();
     match device {
         DeviceSpec::Cpu => {
-            let vb = Vb::new(weights, compute_dtype(opts.dtype), Device::Cpu).with_fp8(opts.dtype == Dtype::Fp8);
+            let vb = Vb::new(weights, compute_dtype(dtype), Device::Cpu).with_fp8(dtype == Dtype::Fp8);
             Ok(AnyStage::Cpu(Stage::load(&vb, cfg, range, opts.reward_row, attr)?))
         }
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(ordinal) => {
+            use crate::engine::cuda::precision::Precision;
             let vb = Vb::new(weights, DType::F32, Device::Cpu);
+            let precision = if dtype == Dtype::Fp8 { Precision::Fp8 } else { Precision::Bf16 };
             let (max_tokens, max_seqs) = (limits.max_tokens, limits.max_events);
-            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, max_tokens, max_seqs)
+            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, precision, max_tokens, max_seqs)
                 .map(|s| AnyStage::Cuda(Box::new(s)))
                 .map_err(|e| ModelError::Backend { device: format!("cuda:{ordinal}"), source: Box::new(e) })
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(ordinal) => {
-            let _ = limits;
+            let _ = (limits, dtype);
             Err(ModelError::Device { device: format!("cuda:{ordinal}"), message: "not built with --features cuda".into() })
         }
     }
@@ -228,5 +284,22 @@ fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, sta
         max_position_embeddings: cfg.max_position_embeddings,
         vocab_size: cfg.vocab_size,
         stages,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_model_runs_what_was_asked_and_auto_is_f32() {
+        let cpu = [DeviceSpec::Cpu, DeviceSpec::Cpu];
+        assert_eq!(resolve_dtype(Dtype::Auto, &cpu).unwrap(), Dtype::F32);
+        assert_eq!(cpu_dtype(Dtype::Auto, false), Dtype::F32);
+        for d in [Dtype::F32, Dtype::Bf16, Dtype::Fp8] {
+            assert_eq!(resolve_dtype(d, &cpu).unwrap(), d);
+            // An FP8 checkpoint's linear layers are FP8 on the CPU whatever was asked.
+            assert_eq!(cpu_dtype(d, true), Dtype::Fp8);
+        }
     }
 }

@@ -12,8 +12,11 @@ use crate::prompt::TruncationPolicy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
-    /// 32-bit floats everywhere: the reference format.
+    /// The best the devices run: f32 on the CPU; on CUDA fp8 where every GPU has FP8 tensor
+    /// cores (compute capability 8.9 and later), else bf16 (see `engine::cuda::precision`).
     #[default]
+    Auto,
+    /// 32-bit floats everywhere: the reference format (CPU only).
     F32,
     /// bfloat16 weights and activations; norms and softmax in f32.
     Bf16,
@@ -24,6 +27,7 @@ pub enum Dtype {
 impl Dtype {
     pub fn as_str(self) -> &'static str {
         match self {
+            Dtype::Auto => "auto",
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
             Dtype::Fp8 => "fp8",
@@ -72,7 +76,9 @@ impl std::str::FromStr for DeviceSpec {
 pub struct ModelOptions {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json, chat template).
     pub path: PathBuf,
-    /// Numeric format: "f32", "bf16" or "fp8".
+    /// Numeric format: "auto" (default: f32 on the CPU; fp8 on GPUs with FP8 tensor cores,
+    /// sm_89 and later, else bf16), "f32" (CPU only), "bf16" (CPU, or GPUs from sm_80) or "fp8"
+    /// (CPU emulation, or GPUs from sm_89). A dtype the GPU cannot run is refused at start.
     #[serde(default)]
     pub dtype: Dtype,
     /// Devices the decoder layers are split over, in order: "cpu", "cuda:0", ...

@@ -1,5 +1,6 @@
 //! Compilation of `kernels/*.cu` with NVRTC straight to CUBIN for the device's own
-//! architecture (`sm_90a` on Hopper): the driver loads machine code and never JIT-compiles
+//! architecture (`sm_80` on A100 … `sm_90a` on Hopper; the FP8-only kernels of `fp8.cu` only
+//! where FP8 exists, see [`super::precision`]): the driver loads machine code and never JIT-compiles
 //! PTX, so a PTX version newer than the driver cannot stop the engine. CUBINs are cached on
 //! disk by a hash of the source, the architecture and the NVRTC version; prebuilt ones
 //! ([`super::prebuilt`]) need no NVRTC at all. The sources are built into the binary; the CUDA
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::nvrtc;
 use super::CudaError;
 
-/// Every kernel source, in the order they are concatenated after `common.cuh`.
+/// Every kernel source every architecture compiles, in the order they are concatenated.
 pub const SOURCES: [(&str, &str); 6] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
@@ -20,20 +21,25 @@ pub const SOURCES: [(&str, &str); 6] = [
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
 ];
 
-/// Every `extern "C"` kernel the engine loads.
-pub const KERNELS: [&str; 18] = [
+/// The FP8-only source, appended for architectures with FP8 tensor cores.
+pub const FP8_SOURCE: (&str, &str) = ("fp8.cu", include_str!("../../../kernels/fp8.cu"));
+
+/// The `extern "C"` kernels of `fp8.cu`.
+pub const FP8_KERNELS: [&str; 3] = ["quant_rows_bf16", "scale_epilogue_bf16", "fill_uniform_e4m3"];
+
+/// Every `extern "C"` kernel every architecture loads.
+pub const KERNELS: [&str; 17] = [
     "rmsnorm_bf16",
     "layernorm1p_bf16",
+    "head_rmsnorm_bf16",
     "rotary_bf16",
     "swiglu_quant_bf16",
     "geglu_quant_bf16",
     "relu2_quant_bf16",
     "add_bf16",
-    "quant_rows_bf16",
-    "scale_epilogue_bf16",
+    "add_bias_bf16",
     "gather_rows_bf16",
     "fill_uniform_bf16",
-    "fill_uniform_e4m3",
     "fill_bytes",
     "attention_varlen_d16_bf16",
     "attention_varlen_d32_bf16",
@@ -42,11 +48,18 @@ pub const KERNELS: [&str; 18] = [
     "attention_varlen_d192_bf16",
 ];
 
-/// The whole program: `common.cuh` then every `.cu`, each preceded by a `#line` marker so
-/// compiler messages name the original file.
-pub fn program_source() -> String {
+/// The kernels compiled for `arch`: [`KERNELS`], plus [`FP8_KERNELS`] where FP8 exists.
+pub fn kernels_for(arch: &str) -> Vec<&'static str> {
+    let fp8: &[&'static str] = if arch_has_fp8(arch) { &FP8_KERNELS } else { &[] };
+    KERNELS.iter().chain(fp8).copied().collect()
+}
+
+/// The whole program for `arch`: `common.cuh` then every `.cu` (`fp8.cu` last, where FP8
+/// exists), each preceded by a `#line` marker so compiler messages name the original file.
+pub fn program_source(arch: &str) -> String {
     let mut s = String::new();
-    for (name, src) in SOURCES {
+    let fp8 = arch_has_fp8(arch).then_some(FP8_SOURCE);
+    for (name, src) in SOURCES.into_iter().chain(fp8) {
         s.push_str(&format!("#line 1 \"kernels/{name}\"\n"));
         s.push_str(src);
         s.push('\n');
@@ -125,7 +138,7 @@ pub fn compile_cubin(arch: &str, includes: &[PathBuf]) -> Result<KernelImage, Cu
         });
     }
     let compiled = nv
-        .compile_cubin(&program_source(), "scorestream_kernels.cu", &compile_options(arch, includes))
+        .compile_cubin(&program_source(arch), "scorestream_kernels.cu", &compile_options(arch, includes))
         .map_err(|log| CudaError::Compile { arch: arch.to_owned(), log })?;
     let resources = parse_ptxas_log(&compiled.log);
     Ok(KernelImage { arch: arch.to_owned(), cubin: compiled.cubin, log: compiled.log, resources, nvrtc: (nv.version, nv.path.clone()) })
@@ -167,11 +180,11 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     out
 }
 
-/// Every kernel of [`KERNELS`] reported, with at most 255 registers and no spills; the
-/// problems found otherwise, one per line.
-pub fn check_resources(resources: &[KernelResources]) -> Result<(), String> {
+/// Every kernel of [`kernels_for`] `arch` reported, with at most 255 registers and no spills;
+/// the problems found otherwise, one per line.
+pub fn check_resources(arch: &str, resources: &[KernelResources]) -> Result<(), String> {
     let mut problems = Vec::new();
-    for k in KERNELS {
+    for k in kernels_for(arch) {
         match resources.iter().find(|r| r.name == k) {
             None => problems.push(format!("{k}: not in the ptxas report")),
             Some(r) if r.registers == 0 || r.registers > 255 => problems.push(format!("{k}: {} registers", r.registers)),
@@ -184,9 +197,9 @@ pub fn check_resources(resources: &[KernelResources]) -> Result<(), String> {
     if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }
 }
 
-/// Identifies the kernel sources (not the architecture or compiler).
+/// Identifies the kernel sources, all of them (not the architecture or compiler).
 pub fn source_hash() -> String {
-    format!("{:016x}", fnv1a(program_source().as_bytes()))
+    format!("{:016x}", fnv1a(program_source("sm_90a").as_bytes()))
 }
 
 /// CUBIN for `arch` from the cache in `dir`, compiling and storing it on a miss. The key
@@ -194,7 +207,7 @@ pub fn source_hash() -> String {
 pub fn cached_cubin(arch: &str, dir: &Path) -> Result<(Vec<u8>, PathBuf), CudaError> {
     let nv = nvrtc::global()?;
     let (major, minor) = nv.version;
-    let key = fnv1a(format!("{arch}\0{major}.{minor}\0{}", program_source()).as_bytes());
+    let key = fnv1a(format!("{arch}\0{major}.{minor}\0{}", program_source(arch)).as_bytes());
     let path = dir.join(format!("kernels-{arch}-{key:016x}.cubin"));
     if let Ok(bytes) = std::fs::read(&path) {
         return Ok((bytes, path));
@@ -223,11 +236,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// The NVRTC architecture for a compute capability: the `a` variant (wgmma, setmaxnreg) on
-/// Hopper and later.
-pub fn arch_for(major: i32, minor: i32) -> String {
-    if major >= 9 { format!("sm_{major}{minor}a") } else { format!("sm_{major}{minor}") }
-}
+pub use super::precision::arch_for;
+use super::precision::arch_has_fp8;
 
 #[cfg(test)]
 mod tests {
@@ -235,16 +245,22 @@ mod tests {
 
     #[test]
     fn every_kernel_is_defined_once_in_the_program() {
-        let src = program_source();
-        for k in KERNELS {
+        let src = program_source("sm_90a");
+        for k in kernels_for("sm_90a") {
             let def = match k.strip_prefix("attention_varlen_d").and_then(|r| r.strip_suffix("_bf16")) {
                 Some(d) => format!("ATTENTION_KERNEL({d})"),
                 None => format!("void {k}("),
             };
             assert_eq!(src.matches(&def).count(), 1, "{k} must be defined once");
         }
-        assert_eq!(arch_for(9, 0), "sm_90a");
-        assert_eq!(arch_for(8, 9), "sm_89");
+        // Ampere gets no FP8 kernels, and its program does not hold them.
+        let ampere = program_source("sm_80");
+        assert_eq!(kernels_for("sm_80").len(), KERNELS.len());
+        assert_eq!(kernels_for("sm_89").len(), KERNELS.len() + FP8_KERNELS.len());
+        for k in FP8_KERNELS {
+            assert!(!ampere.contains(&format!("void {k}(")), "{k} in the sm_80 program");
+            assert!(src.contains(&format!("void {k}(")), "{k} missing from the sm_90a program");
+        }
     }
 
     /// NVRTC 13.0's log for `--ptxas-options=-v` (abridged from a real compile).
@@ -270,14 +286,18 @@ ptxas info    : Used 22 registers, used 0 barriers
                 KernelResources { name: "fill_bytes".into(), registers: 22, stack_bytes: 8, spill_stores: 12, spill_loads: 4 },
             ]
         );
-        let problems = check_resources(&r).unwrap_err();
+        let problems = check_resources("sm_90a", &r).unwrap_err();
         assert!(problems.contains("fill_bytes: spills (12 bytes stored, 4 loaded)"), "{problems}");
         assert!(problems.contains("rmsnorm_bf16: not in the ptxas report"), "{problems}");
         assert!(!problems.contains("attention_varlen_d192_bf16"), "{problems}");
-        let mut all: Vec<KernelResources> = KERNELS.iter().map(|k| KernelResources { name: (*k).into(), registers: 40, stack_bytes: 0, spill_stores: 0, spill_loads: 0 }).collect();
-        assert_eq!(check_resources(&all), Ok(()));
+        let mut all: Vec<KernelResources> = kernels_for("sm_90a").iter().map(|k| KernelResources { name: (*k).into(), registers: 40, stack_bytes: 0, spill_stores: 0, spill_loads: 0 }).collect();
+        assert_eq!(check_resources("sm_90a", &all), Ok(()));
+        // sm_80 does not ask for the FP8 kernels.
+        let ampere: Vec<KernelResources> = all.iter().filter(|k| !FP8_KERNELS.contains(&k.name.as_str())).cloned().collect();
+        assert_eq!(check_resources("sm_80", &ampere), Ok(()));
+        assert!(check_resources("sm_89", &ampere).unwrap_err().contains("quant_rows_bf16: not in the ptxas report"));
         all[0].registers = 256;
-        assert!(check_resources(&all).unwrap_err().contains("256 registers"));
+        assert!(check_resources("sm_90a", &all).unwrap_err().contains("256 registers"));
         assert!(compile_options("sm_90a", &[]).contains(&"--gpu-architecture=sm_90a".to_owned()));
     }
 }

@@ -10,8 +10,9 @@ use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum as FuncAttr};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use super::compile::{arch_for, KERNELS};
+use super::compile::{arch_for, kernels_for};
 use super::launch::{self, Arg, Limits, Planned};
+use super::precision::{GpuFacts, Precision, PrecisionError};
 use super::prebuilt::{kernel_image, Origin};
 use super::probe::{require, Library};
 use super::CudaError;
@@ -50,6 +51,8 @@ pub struct GpuDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub name: String,
+    /// Compute capability `(major, minor)`.
+    pub capability: (i32, i32),
     pub arch: String,
     pub sm_count: u32,
     /// Dynamic shared memory every kernel may use (the opt-in limit less static use).
@@ -60,16 +63,20 @@ pub struct GpuDevice {
 }
 
 impl GpuDevice {
-    /// Open GPU `ordinal`: probe the libraries, refuse GPUs older than sm_90 (FP8 tensor cores
-    /// and the cuBLASLt FP8 kernels need Hopper), load the kernels as CUBIN for the device's
-    /// architecture (prebuilt, cached, or compiled now), and log what was loaded from where.
-    pub fn open(ordinal: usize, cache_dir: &Path) -> Result<Self> {
+    /// Open GPU `ordinal` to run `precision`: probe the libraries, refuse a GPU that cannot run
+    /// it (bf16 needs sm_80, FP8 sm_89; see [`super::precision`]), load the kernels as CUBIN for
+    /// the device's architecture (prebuilt, cached, or compiled now; the FP8 ones only where
+    /// FP8 exists), and log the GPU, its capability, the driver, the precision and the kernels.
+    pub fn open(ordinal: usize, cache_dir: &Path, precision: Precision) -> Result<Self> {
         require(&[Library::Driver, Library::CublasLt])?;
         let ctx = CudaContext::new(ordinal).map_err(CudaError::driver(format!("open GPU {ordinal}")))?;
         let name = ctx.name().map_err(CudaError::driver("device name"))?;
         let (major, minor) = ctx.compute_capability().map_err(CudaError::driver("compute capability"))?;
-        if major < 9 {
-            return Err(CudaError::UnsupportedGpu { name, major, minor });
+        let facts = GpuFacts { ordinal, name: name.clone(), major, minor };
+        match precision {
+            _ if !facts.has_bf16() => return Err(PrecisionError::TooOld { gpu: facts }.into()),
+            Precision::Fp8 if !facts.has_fp8() => return Err(PrecisionError::NoFp8 { gpu: facts }.into()),
+            _ => {}
         }
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -78,13 +85,14 @@ impl GpuDevice {
         let (cubin, origin) = kernel_image(&arch, Some(cache_dir))?;
         let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(CudaError::driver(format!("load kernels ({origin:?})")))?;
         let env = super::probe::environment();
-        tracing::info!(gpu = %name, %arch, kernels = ?origin, "{env}");
+        let capability = format!("{major}.{minor}");
+        tracing::info!(gpu = %name, ordinal, %capability, %arch, ?precision, kernels = ?origin, "{env}");
         let optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(CudaError::driver("shared memory opt-in limit"))?;
         let mut funcs = HashMap::new();
         let mut max_dynamic_smem = u32::MAX;
-        for k in KERNELS {
+        for k in kernels_for(&arch) {
             let f = module.load_function(k).map_err(CudaError::driver(format!("kernel {k}")))?;
             // Static + dynamic shared memory may not exceed the device's opt-in limit.
             // SAFETY: a function of a loaded module; the value is within the device limit.
@@ -105,7 +113,7 @@ impl GpuDevice {
             funcs.insert(k, f);
         }
         let stream = ctx.default_stream();
-        Ok(Self { ctx, stream, name, arch, sm_count, max_dynamic_smem, origin, funcs })
+        Ok(Self { ctx, stream, name, capability: (major, minor), arch, sm_count, max_dynamic_smem, origin, funcs })
     }
 
     /// Allocate `bytes` of device memory (uninitialized).
@@ -176,6 +184,13 @@ impl GpuDevice {
         self.run(launch::norm(&self.limits(), ln1p, x, res, w, b, eps, rows, hidden, y, q, q_scale))
     }
 
+    /// Qwen3's per-head q/k RMSNorm, in place on the fused QKV rows; see kernels/norm.cu.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm(&self, x: u64, tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, row_stride: usize,
+                     q_w: u64, k_w: u64, eps: f32) -> Result<()> {
+        self.run(launch::head_norm(&self.limits(), x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps))
+    }
+
     /// In-place rotary on the first `heads` heads of each row.
     #[allow(clippy::too_many_arguments)]
     pub fn rotary(&self, x: u64, tokens: usize, heads: usize, head_dim: usize, row_stride: usize, rot_dim: usize,
@@ -202,6 +217,11 @@ impl GpuDevice {
     /// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply them.
     pub fn scale_epilogue(&self, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64) -> Result<()> {
         self.run(launch::scale_epilogue(&self.limits(), y, rows, cols, rs, cs, bias))
+    }
+
+    /// `y = bf16(y + bf16(bias))` over `[rows, cols]` (f32 bias): a bf16 GEMM's bias.
+    pub fn add_bias(&self, y: u64, rows: usize, cols: usize, bias: u64) -> Result<()> {
+        self.run(launch::add_bias(&self.limits(), y, rows, cols, bias))
     }
 
     /// `dst[m] = src[idx[m]]`.

@@ -1,11 +1,13 @@
-//! FP8 GEMMs through cuBLASLt's raw API: `y [tokens, n] (bf16) = x [tokens, k] (E4M3) ·
-//! w [n, k]ᵀ (E4M3)`, f32 accumulation, scaled per token (`x_scale`) and per output channel
-//! (`w_scale`). Per-channel scales use cuBLASLt's outer-vector scale mode when the library
-//! offers an algorithm for it; otherwise the GEMM runs unscaled and `scale_epilogue_bf16`
-//! applies both vectors (bf16 keeps its relative precision, so only one extra rounding).
+//! GEMMs through cuBLASLt's raw API. FP8 (sm_89 and later): `y [tokens, n] (bf16) =
+//! x [tokens, k] (E4M3) · w [n, k]ᵀ (E4M3)`, f32 accumulation, scaled per token (`x_scale`) and
+//! per output channel (`w_scale`). bf16 (sm_80 and later): the same product with bf16 `x` and
+//! `w`, f32 accumulation, the bias added by `add_bias_bf16`. FP8 per-channel scales use
+//! cuBLASLt's outer-vector scale mode when the library offers an algorithm for it; otherwise
+//! the GEMM runs unscaled and `scale_epilogue_bf16` applies both vectors (bf16 keeps its
+//! relative precision, so only one extra rounding).
 //!
-//! Layout: cuBLASLt is column-major and FP8 wants "TN". Row-major `w [n, k]` is a column-major
-//! `[k, n]`, used transposed as A (m = n); row-major `x [tokens, k]` is column-major
+//! Layout: cuBLASLt is column-major and FP8 wants "TN" (bf16 uses the same). Row-major
+//! `w [n, k]` is a column-major `[k, n]`, used transposed as A (m = n); row-major `x [tokens, k]` is column-major
 //! `[k, tokens]`, used as B; column-major D `[n, tokens]` is row-major `y [tokens, n]`.
 
 use std::collections::HashMap;
@@ -38,6 +40,13 @@ pub enum ScaleMode {
     Epilogue,
 }
 
+/// What a plan computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Fp8(ScaleMode),
+    Bf16,
+}
+
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3], // A, B, D (C = D)
@@ -45,20 +54,20 @@ struct Plan {
 }
 
 /// A cuBLASLt handle, its workspace and the plans for the shapes seen so far.
-pub struct Fp8Gemm {
+pub struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceBuf,
     /// Use Hopper's fast FP8 accumulation (no periodic promotion to full f32).
     pub fast_accum: bool,
     /// Try outer-vector scales first; off forces the epilogue path.
     pub prefer_outer_vector: bool,
-    plans: HashMap<(usize, usize, usize, ScaleMode, bool), Plan>,
+    plans: HashMap<(usize, usize, usize, Kind, bool), Plan>,
 }
 
 // SAFETY: the handle and descriptors are used from one thread at a time (the stage's thread).
-unsafe impl Send for Fp8Gemm {}
+unsafe impl Send for Gemm {}
 
-impl Fp8Gemm {
+impl Gemm {
     pub fn new(dev: &GpuDevice) -> Result<Self> {
         dev.ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
         let handle = lt::create_handle().map_err(CudaError::blas("create handle"))?;
@@ -76,13 +85,13 @@ impl Fp8Gemm {
         }
         super::plan::check_fp8_gemm_shape(tokens, n, k).map_err(CudaError::Shape)?;
         // A bias needs the epilogue anyway: let it apply the scales too.
-        let mode = if self.prefer_outer_vector && bias == 0 && self.plan(tokens, n, k, ScaleMode::OuterVector).is_ok() {
+        let mode = if self.prefer_outer_vector && bias == 0 && self.plan(tokens, n, k, Kind::Fp8(ScaleMode::OuterVector)).is_ok() {
             ScaleMode::OuterVector
         } else {
-            self.plan(tokens, n, k, ScaleMode::Epilogue)?;
+            self.plan(tokens, n, k, Kind::Fp8(ScaleMode::Epilogue))?;
             ScaleMode::Epilogue
         };
-        if let Err(e) = self.launch(dev, x, x_scale, w, w_scale, y, tokens, n, k, mode) {
+        if let Err(e) = self.launch(dev, x, x_scale, w, w_scale, y, tokens, n, k, Kind::Fp8(mode)) {
             if mode == ScaleMode::Epilogue {
                 return Err(e);
             }
@@ -98,11 +107,27 @@ impl Fp8Gemm {
         Ok(mode)
     }
 
+    /// `y [tokens, n] = x [tokens, k] · w [n, k]ᵀ (+ bias)`, all bf16 (bias f32 `[n]`, or 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16(&mut self, dev: &GpuDevice, x: u64, w: u64, y: u64, bias: u64, tokens: usize, n: usize, k: usize) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        super::plan::check_bf16_gemm_shape(tokens, n, k).map_err(CudaError::Shape)?;
+        self.plan(tokens, n, k, Kind::Bf16)?;
+        self.launch(dev, x, 0, w, 0, y, tokens, n, k, Kind::Bf16)?;
+        if bias != 0 {
+            dev.add_bias(y, tokens, n, bias)?;
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn launch(&self, dev: &GpuDevice, x: u64, x_scale: u64, w: u64, w_scale: u64, y: u64, tokens: usize, n: usize, k: usize,
-              mode: ScaleMode) -> Result<()> {
-        let plan = &self.plans[&(tokens, n, k, mode, self.fast_accum)];
-        if mode == ScaleMode::OuterVector {
+              kind: Kind) -> Result<()> {
+        let fast = self.fast_accum && kind != Kind::Bf16;
+        let plan = &self.plans[&(tokens, n, k, kind, fast)];
+        if kind == Kind::Fp8(ScaleMode::OuterVector) {
             set_attr(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale)?;
             set_attr(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale)?;
         }
@@ -129,12 +154,14 @@ impl Fp8Gemm {
                 stream,
             )
         }
-        .map_err(CudaError::blas(format!("FP8 matmul {tokens}x{n}x{k} ({mode:?})")))
+        .map_err(CudaError::blas(format!("matmul {tokens}x{n}x{k} ({kind:?})")))
     }
 
-    /// Build (once) the descriptors and pick an algorithm for this shape and mode.
-    fn plan(&mut self, tokens: usize, n: usize, k: usize, mode: ScaleMode) -> Result<()> {
-        let key = (tokens, n, k, mode, self.fast_accum);
+    /// Build (once) the descriptors and pick an algorithm for this shape and kind.
+    fn plan(&mut self, tokens: usize, n: usize, k: usize, kind: Kind) -> Result<()> {
+        // Fast accumulation is an FP8 switch; bf16 plans ignore it.
+        let fast = self.fast_accum && kind != Kind::Bf16;
+        let key = (tokens, n, k, kind, fast);
         if self.plans.contains_key(&key) {
             return Ok(());
         }
@@ -152,16 +179,18 @@ impl Fp8Gemm {
         let result = (|| {
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
-            set_attr(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &i8::from(self.fast_accum))?;
-            if mode == ScaleMode::OuterVector {
+            if kind != Kind::Bf16 {
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &i8::from(fast))?;
+            }
+            if kind == Kind::Fp8(ScaleMode::OuterVector) {
                 let outer = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
                 set_attr(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
                 set_attr(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
             }
-            let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
-            plan.layouts[0] = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).map_err(CudaError::blas("layout A"))?;
+            let input = if kind == Kind::Bf16 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_8F_E4M3 };
+            plan.layouts[0] = lt::create_matrix_layout(input, k as u64, n as u64, k as i64).map_err(CudaError::blas("layout A"))?;
             plan.layouts[1] =
-                lt::create_matrix_layout(e4m3, k as u64, tokens as u64, k as i64).map_err(CudaError::blas("layout B"))?;
+                lt::create_matrix_layout(input, k as u64, tokens as u64, k as i64).map_err(CudaError::blas("layout B"))?;
             plan.layouts[2] = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, n as u64, tokens as u64, n as i64)
                 .map_err(CudaError::blas("layout D"))?;
             let pref = lt::create_matmul_pref().map_err(CudaError::blas("preference"))?;
@@ -188,7 +217,7 @@ impl Fp8Gemm {
             };
             // SAFETY: created above, destroyed once.
             let _ = unsafe { lt::destroy_matmul_pref(pref) };
-            plan.algo = heuristic.map_err(CudaError::blas(format!("no FP8 algorithm for {tokens}x{n}x{k} ({mode:?})")))?.algo;
+            plan.algo = heuristic.map_err(CudaError::blas(format!("no algorithm for {tokens}x{n}x{k} ({kind:?})")))?.algo;
             Ok(())
         })();
         match result {
@@ -220,7 +249,7 @@ fn destroy_plan(plan: &Plan) {
     }
 }
 
-impl Drop for Fp8Gemm {
+impl Drop for Gemm {
     fn drop(&mut self) {
         for plan in self.plans.values() {
             destroy_plan(plan);

@@ -98,6 +98,25 @@ pub fn norm(limits: &Limits, ln1p: bool, x: u64, res: u64, w: u64, b: u64, eps: 
     one_per_row(if ln1p { "layernorm1p_bf16" } else { "rmsnorm_bf16" }, rows, hidden, args, smem)
 }
 
+/// Qwen3's per-head RMSNorm, in place on the first `q_heads + kv_heads` heads of each row:
+/// one warp per head, eight per block.
+#[allow(clippy::too_many_arguments)]
+pub fn head_norm(limits: &Limits, x: u64, tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, row_stride: usize, q_w: u64, k_w: u64, eps: f32) -> Planned {
+    let rows = tokens * (q_heads + kv_heads);
+    let args = vec![
+        Arg::Ptr(x),
+        i32_of(tokens, "tokens")?,
+        i32_of(q_heads, "q_heads")?,
+        i32_of(kv_heads, "kv_heads")?,
+        i32_of(head_dim, "head_dim")?,
+        i32_of(row_stride, "row_stride")?,
+        Arg::Ptr(q_w),
+        Arg::Ptr(k_w),
+        Arg::F32(eps),
+    ];
+    strided("head_rmsnorm_bf16", limits, rows * 32, args)
+}
+
 /// In-place rotary on the first `heads` heads of each row.
 #[allow(clippy::too_many_arguments)]
 pub fn rotary(limits: &Limits, x: u64, tokens: usize, heads: usize, head_dim: usize, row_stride: usize, rot_dim: usize, positions: u64, inv_freq: u64) -> Planned {
@@ -145,6 +164,12 @@ pub fn quant_rows(x: u64, rows: usize, cols: usize, q: u64, q_scale: u64) -> Pla
 pub fn scale_epilogue(limits: &Limits, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64) -> Planned {
     let args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(rs), Arg::Ptr(cs), Arg::Ptr(bias)];
     strided("scale_epilogue_bf16", limits, rows * cols, args)
+}
+
+/// `y = bf16(y + bf16(bias))` over `[rows, cols]`: the bias of a bf16 GEMM.
+pub fn add_bias(limits: &Limits, y: u64, rows: usize, cols: usize, bias: u64) -> Planned {
+    let args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(bias)];
+    strided("add_bias_bf16", limits, rows * cols, args)
 }
 
 /// `dst[m] = src[idx[m]]`.

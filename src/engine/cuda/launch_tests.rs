@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-const CU: [&str; 5] = [
+const CU: [&str; 6] = [
     include_str!("../../../kernels/norm.cu"),
     include_str!("../../../kernels/rotary.cu"),
     include_str!("../../../kernels/act.cu"),
     include_str!("../../../kernels/elementwise.cu"),
     include_str!("../../../kernels/attention.cu"),
+    include_str!("../../../kernels/fp8.cu"),
 ];
 
 /// The source without comments, with backslash-continued lines joined.
@@ -101,9 +102,11 @@ fn every_launch() -> Vec<Launch> {
         norm(l, false, 1, 2, 3, 0, 1e-5, 4, 8192, 5, 6, 7),
         norm(l, true, 1, 2, 3, 4, 1e-5, 4, 8192, 5, 6, 7),
         rotary(l, 1, 16, 72, 128, 10240, 128, 2, 3),
+        head_norm(l, 1, 16, 64, 8, 128, 10240, 2, 3, 1e-6),
         add(l, 1, 2, 1000),
         quant_rows(1, 4, 8192, 2, 3),
         scale_epilogue(l, 1, 4, 8192, 2, 3, 0),
+        add_bias(l, 1, 4, 8192, 2),
         gather_rows(l, 1, 100, 8192, 2, 4, 3),
         fill_uniform(l, false, 1, 1000, 7, 1.0),
         fill_uniform(l, true, 1, 1000, 7, 448.0),
@@ -131,7 +134,7 @@ fn every_launcher_passes_its_kernels_parameter_list() {
     for name in table.keys() {
         assert!(launched.contains(name.as_str()), "{name} has no launcher");
     }
-    assert_eq!(table.len(), 18);
+    assert_eq!(table.len(), 20);
 }
 
 #[test]

@@ -1,15 +1,17 @@
 //! The CUDA decoder layer loop: pre-norm (RMSNorm or LayerNorm1P), GQA attention with full or
 //! partial rotary and an optional sliding window, gated (SwiGLU/GeGLU) or relu² MLP, optional
-//! biases; FP8 weights with per-channel scales and per-token FP8 activations, over the
-//! persistent buffers of [`super::plan::BufferPlan`]. The benchmark runs it on random weights,
+//! biases; FP8 weights with per-channel scales and per-token FP8 activations, or bf16 weights
+//! and activations ([`Precision`]), over the persistent buffers of
+//! [`super::plan::BufferPlan`]. The benchmark runs it on random weights,
 //! [`super::stage::CudaStage`] on a checkpoint's.
 //!
 //! The residual add of each block is fused into the next norm: after `forward` the block's
 //! output is pending in `h`, and the next layer's first norm adds it into `x`.
 
 use super::device::{DeviceBuf, GpuDevice};
-use super::gemm::Fp8Gemm;
+use super::gemm::Gemm;
 use super::plan::{attention_tiles, plan_buffers, BufferPlan, LayerShape};
+use super::precision::Precision;
 use super::CudaError;
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -27,33 +29,46 @@ pub struct LayerConfig {
     pub eps: f32,
     /// Sliding window in tokens, 0 for none.
     pub window: usize,
+    /// Qwen3's per-head RMSNorm of q and k before rotary.
+    pub qk_norm: bool,
 }
 
 impl LayerConfig {
     /// A Llama layer of `shape` (RMSNorm, SwiGLU, full rotary, eps 1e-5).
     pub fn llama(shape: LayerShape) -> Self {
-        Self { shape, ln1p: false, act: "swiglu_quant_bf16", rot_dim: shape.head_dim, eps: 1e-5, window: 0 }
+        Self { shape, ln1p: false, act: "swiglu_quant_bf16", rot_dim: shape.head_dim, eps: 1e-5, window: 0, qk_norm: false }
     }
 }
 
-/// One linear layer as the host prepares it: E4M3 codes `[out, in]`, f32 per-channel scales
-/// `[out]`, optional f32 bias `[out]`.
+/// A linear layer's weight as the host prepares it: `[out, in]`.
+pub enum HostWeight {
+    /// E4M3 codes and f32 per-channel scales `[out]`.
+    Fp8 { codes: Vec<u8>, scales: Vec<f32> },
+    /// bf16 bits.
+    Bf16(Vec<u16>),
+}
+
+/// One linear layer as the host prepares it: the weight and an optional f32 bias `[out]`.
 pub struct HostLinear {
-    pub codes: Vec<u8>,
-    pub scales: Vec<f32>,
+    pub weight: HostWeight,
     pub bias: Option<Vec<f32>>,
 }
 
-/// One layer's weights on the device: qkv, o, gate|up, down (E4M3 `[out, in]`), their f32
-/// per-channel scales and biases, and the two norms (f32 weight, LayerNorm1P bias).
+/// One layer's weights on the device: qkv, o, gate|up, down (`[out, in]`, E4M3 or bf16), their
+/// f32 per-channel scales (FP8 only) and biases, and the two norms (f32 weight, LayerNorm1P
+/// bias).
 pub struct LayerWeights {
+    pub precision: Precision,
     pub w: [DeviceBuf; 4],
-    pub scale: [DeviceBuf; 4],
+    /// Empty for bf16.
+    pub scale: Vec<DeviceBuf>,
     pub bias: [Option<DeviceBuf>; 4],
     pub norm1: DeviceBuf,
     pub norm1_bias: Option<DeviceBuf>,
     pub norm2: DeviceBuf,
     pub norm2_bias: Option<DeviceBuf>,
+    /// Qwen3's q and k head norms (f32 `[head_dim]` each).
+    pub qk_norm: Option<(DeviceBuf, DeviceBuf)>,
 }
 
 fn upload_f32(dev: &GpuDevice, v: &[f32]) -> Result<DeviceBuf> {
@@ -67,15 +82,21 @@ fn ptr(b: &Option<DeviceBuf>) -> u64 {
 }
 
 impl LayerWeights {
-    /// Random weights: E4M3 codes uniform in ±448 with scales `1 / (448 · √in)`, so each
-    /// product keeps the activations' magnitude; norms of ones.
-    pub fn random(dev: &GpuDevice, shape: &LayerShape, seed: u64) -> Result<Self> {
+    /// Random weights, so each product keeps the activations' magnitude: FP8 codes uniform in
+    /// ±448 with scales `1 / (448 · √in)`, or bf16 uniform in ±√(3 / in); norms of ones.
+    pub fn random(dev: &GpuDevice, shape: &LayerShape, seed: u64, precision: Precision) -> Result<Self> {
         let lin = shape.linears();
         let mut w = Vec::with_capacity(4);
         let mut scale = Vec::with_capacity(4);
         for (i, &(out, inp)) in lin.iter().enumerate() {
-            let buf = dev.alloc(out * inp)?;
-            dev.fill_uniform(true, buf.ptr, out * inp, seed.wrapping_mul(31).wrapping_add(i as u64), 448.0)?;
+            let buf = dev.alloc(out * inp * precision.weight_bytes())?;
+            let seed = seed.wrapping_mul(31).wrapping_add(i as u64);
+            if precision == Precision::Bf16 {
+                dev.fill_uniform(false, buf.ptr, out * inp, seed, (3.0 / inp as f32).sqrt())?;
+                w.push(buf);
+                continue;
+            }
+            dev.fill_uniform(true, buf.ptr, out * inp, seed, 448.0)?;
             let s = dev.alloc(out * 4)?;
             dev.upload(s.ptr, &vec![1.0f32 / (448.0 * (inp as f32).sqrt()); out])?;
             w.push(buf);
@@ -86,33 +107,49 @@ impl LayerWeights {
         dev.upload(norm1.ptr, &ones)?;
         dev.upload(norm2.ptr, &ones)?;
         let arr = |v: Vec<DeviceBuf>| -> [DeviceBuf; 4] { v.try_into().unwrap_or_else(|_| unreachable!("four linears")) };
-        Ok(Self { w: arr(w), scale: arr(scale), bias: [None, None, None, None], norm1, norm1_bias: None, norm2, norm2_bias: None })
+        Ok(Self { precision, w: arr(w), scale, bias: [None, None, None, None], norm1, norm1_bias: None, norm2, norm2_bias: None, qk_norm: None })
     }
 
-    /// Upload prepared weights: `linears` in the order qkv, o, gate|up, down; norms as
-    /// `(weight, bias)` in f32.
+    /// Upload prepared weights: `linears` in the order qkv, o, gate|up, down, all FP8 or all
+    /// bf16; norms as `(weight, bias)` in f32.
     pub fn upload(dev: &GpuDevice, linears: [HostLinear; 4], norms: [(Vec<f32>, Option<Vec<f32>>); 2]) -> Result<Self> {
+        let precision = match linears[0].weight {
+            HostWeight::Fp8 { .. } => Precision::Fp8,
+            HostWeight::Bf16(_) => Precision::Bf16,
+        };
         let mut w = Vec::with_capacity(4);
         let mut scale = Vec::with_capacity(4);
         let mut bias = Vec::with_capacity(4);
         for l in &linears {
-            let b = dev.alloc(l.codes.len())?;
-            dev.upload(b.ptr, &l.codes)?;
-            w.push(b);
-            scale.push(upload_f32(dev, &l.scales)?);
+            match (&l.weight, precision) {
+                (HostWeight::Fp8 { codes, scales }, Precision::Fp8) => {
+                    let b = dev.alloc(codes.len())?;
+                    dev.upload(b.ptr, codes)?;
+                    w.push(b);
+                    scale.push(upload_f32(dev, scales)?);
+                }
+                (HostWeight::Bf16(bits), Precision::Bf16) => {
+                    let b = dev.alloc(bits.len() * 2)?;
+                    dev.upload(b.ptr, bits)?;
+                    w.push(b);
+                }
+                _ => return Err(CudaError::Shape("a layer's linears mix FP8 and bf16 weights".into())),
+            }
             bias.push(l.bias.as_deref().map(|v| upload_f32(dev, v)).transpose()?);
         }
         let [(n1, b1), (n2, b2)] = norms;
         let four = |v: Vec<DeviceBuf>| -> [DeviceBuf; 4] { v.try_into().unwrap_or_else(|_| unreachable!("four linears")) };
         let bias: [Option<DeviceBuf>; 4] = bias.try_into().unwrap_or_else(|_| unreachable!("four linears"));
         Ok(Self {
+            precision,
             w: four(w),
-            scale: four(scale),
+            scale,
             bias,
             norm1: upload_f32(dev, &n1)?,
             norm1_bias: b1.as_deref().map(|v| upload_f32(dev, v)).transpose()?,
             norm2: upload_f32(dev, &n2)?,
             norm2_bias: b2.as_deref().map(|v| upload_f32(dev, v)).transpose()?,
+            qk_norm: None,
         })
     }
 }
@@ -128,8 +165,8 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    pub fn new(dev: &GpuDevice, shape: &LayerShape, max_tokens: usize, max_seqs: usize, inv_freq: &[f32]) -> Result<Self> {
-        let plan = plan_buffers(shape, max_tokens, max_seqs);
+    pub fn new(dev: &GpuDevice, shape: &LayerShape, max_tokens: usize, max_seqs: usize, inv_freq: &[f32], precision: Precision) -> Result<Self> {
+        let plan = plan_buffers(shape, max_tokens, max_seqs, precision);
         let arena = dev.alloc(plan.total)?;
         let inv = dev.alloc(inv_freq.len() * 4)?;
         dev.upload(inv.ptr, inv_freq)?;
@@ -161,25 +198,51 @@ impl Workspace {
     }
 }
 
+/// `out = input · w.w[i]ᵀ (+ bias)` in the layer's precision; `input_scale` is the FP8 input's
+/// per-token scales (unused for bf16).
+#[allow(clippy::too_many_arguments)]
+fn linear(dev: &GpuDevice, gemm: &mut Gemm, w: &LayerWeights, i: usize, input: u64, input_scale: u64, out: u64, tokens: usize,
+          (n, k): (usize, usize)) -> Result<()> {
+    match w.precision {
+        Precision::Fp8 => gemm.matmul(dev, input, input_scale, w.w[i].ptr, w.scale[i].ptr, out, ptr(&w.bias[i]), tokens, n, k).map(|_| ()),
+        Precision::Bf16 => gemm.matmul_bf16(dev, input, w.w[i].ptr, out, ptr(&w.bias[i]), tokens, n, k),
+    }
+}
+
 /// Run one layer on `ws.x`. `pending`: the previous block's output waits in `h` and is added
-/// into `x` by this layer's first norm. Leaves this layer's MLP output pending in `h`.
-pub fn forward(dev: &GpuDevice, gemm: &mut Fp8Gemm, cfg: &LayerConfig, w: &LayerWeights, ws: &Workspace, pending: bool) -> Result<()> {
+/// into `x` by this layer's first norm. Leaves this layer's MLP output pending in `h`. The norms
+/// and the activation write the next GEMM's input into `q8`: quantized per token (FP8), or as
+/// bf16; the attention output feeds the o projection as it is (bf16) or quantized (FP8).
+pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWeights, ws: &Workspace, pending: bool) -> Result<()> {
     let (t, p, shape) = (ws.tokens, &ws.plan, &cfg.shape);
     let (x, h, qkv, attn, up) = (ws.at(p.x), ws.at(p.h), ws.at(p.qkv), ws.at(p.attn), ws.at(p.up));
-    let (q8, qs) = (ws.at(p.q8), ws.at(p.q_scale));
+    let (xin, qs) = (ws.at(p.q8), ws.at(p.q_scale));
+    // Where norms and the activation write: (bf16 y, E4M3 q, scales).
+    let (y, q, s) = match w.precision {
+        Precision::Fp8 => (0, xin, qs),
+        Precision::Bf16 => (xin, 0, 0),
+    };
     let [qkv_w, o_w, up_w, down_w] = shape.linears();
     let res = if pending { h } else { 0 };
-    dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, 0, q8, qs)?;
-    gemm.matmul(dev, q8, qs, w.w[0].ptr, w.scale[0].ptr, qkv, ptr(&w.bias[0]), t, qkv_w.0, qkv_w.1)?;
+    dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, y, q, s)?;
+    linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
     let rot_heads = shape.heads + shape.kv_heads;
+    if let Some((qn, kn)) = &w.qk_norm {
+        dev.head_norm(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps)?;
+    }
     dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, ws.at(p.positions), ws.inv_freq.ptr)?;
     let (tiles, cu) = (ws.at(p.tiles), ws.at(p.cu_seqlens));
     dev.attention(qkv, attn, tiles, ws.tiles, cu, shape.qkv_width(), shape.heads, shape.kv_heads, shape.head_dim, cfg.window)?;
-    dev.quant_rows(attn, t, shape.attn_width(), q8, qs)?;
-    gemm.matmul(dev, q8, qs, w.w[1].ptr, w.scale[1].ptr, h, ptr(&w.bias[1]), t, o_w.0, o_w.1)?;
-    dev.norm(cfg.ln1p, x, h, w.norm2.ptr, ptr(&w.norm2_bias), cfg.eps, t, shape.hidden, 0, q8, qs)?;
-    gemm.matmul(dev, q8, qs, w.w[2].ptr, w.scale[2].ptr, up, ptr(&w.bias[2]), t, up_w.0, up_w.1)?;
-    dev.act_quant(cfg.act, up, t, shape.inter, 0, q8, qs)?;
-    gemm.matmul(dev, q8, qs, w.w[3].ptr, w.scale[3].ptr, h, ptr(&w.bias[3]), t, down_w.0, down_w.1)?;
-    Ok(())
+    let o_in = match w.precision {
+        Precision::Fp8 => {
+            dev.quant_rows(attn, t, shape.attn_width(), xin, qs)?;
+            xin
+        }
+        Precision::Bf16 => attn,
+    };
+    linear(dev, gemm, w, 1, o_in, qs, h, t, o_w)?;
+    dev.norm(cfg.ln1p, x, h, w.norm2.ptr, ptr(&w.norm2_bias), cfg.eps, t, shape.hidden, y, q, s)?;
+    linear(dev, gemm, w, 2, xin, qs, up, t, up_w)?;
+    dev.act_quant(cfg.act, up, t, shape.inter, y, q, s)?;
+    linear(dev, gemm, w, 3, xin, qs, h, t, down_w)
 }

@@ -1,4 +1,5 @@
-//! The CUDA engine: FP8 GEMMs through cuBLASLt and fused kernels (`kernels/*.cu`) compiled at
+//! The CUDA engine: FP8 or bf16 GEMMs through cuBLASLt (the precision chosen per GPU by
+//! [`precision`]) and fused kernels (`kernels/*.cu`) compiled at
 //! start-up by NVRTC to CUBIN for the device's own architecture, or prebuilt. Everything that
 //! touches the GPU is behind the `cuda` feature and loads `libcuda`, `libnvrtc` and
 //! `libcublasLt` dynamically, after probing for them, so one binary serves CPU and GPU
@@ -7,6 +8,7 @@
 
 pub mod launch;
 pub mod plan;
+pub mod precision;
 
 #[cfg(feature = "cuda")]
 pub mod compile;
@@ -35,8 +37,8 @@ mod error {
     pub enum CudaError {
         #[error("CUDA library {library} cannot be loaded ({hint})")]
         MissingLibrary { library: &'static str, hint: String },
-        #[error("GPU {name} has compute capability {major}.{minor}; the FP8 engine needs sm_90 (Hopper) or newer")]
-        UnsupportedGpu { name: String, major: i32, minor: i32 },
+        #[error(transparent)]
+        Precision(#[from] super::precision::PrecisionError),
         #[error("CUDA driver call failed: {context}")]
         Driver {
             context: String,

@@ -5,6 +5,8 @@
 
 use std::ops::Range;
 
+use super::precision::Precision;
+
 /// Bytes every buffer in the arena is aligned to (cuBLASLt wants 16; 256 keeps rows of
 /// different buffers off shared cache lines).
 pub const ALIGN: usize = 256;
@@ -51,8 +53,15 @@ impl LayerShape {
     }
     /// Device bytes of one FP8 layer: E4M3 weights, f32 per-channel scales, two f32 norms.
     pub fn fp8_layer_bytes(&self) -> usize {
-        let scales: usize = self.linears().iter().map(|(o, _)| o * 4).sum();
-        self.linear_params() + scales + 2 * self.hidden * 4
+        self.layer_bytes(Precision::Fp8)
+    }
+    /// Device bytes of one layer: weights (E4M3 + f32 per-channel scales, or bf16), two f32 norms.
+    pub fn layer_bytes(&self, precision: Precision) -> usize {
+        let scales: usize = match precision {
+            Precision::Fp8 => self.linears().iter().map(|(o, _)| o * 4).sum(),
+            Precision::Bf16 => 0,
+        };
+        self.linear_params() * precision.weight_bytes() + scales + 2 * self.hidden * 4
     }
     /// FLOPs of the layer's linear layers per token (2 per multiply-add).
     pub fn linear_flops_per_token(&self) -> f64 {
@@ -84,12 +93,29 @@ pub fn check_fp8_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), Str
     Err(format!("FP8 GEMM {tokens}x{n}x{k} (tokens x out x in) cannot run on cuBLASLt: {}", bad.join("; ")))
 }
 
+/// cuBLASLt's bf16 GEMM takes any positive shape (unaligned ones run slower kernels).
+pub fn check_bf16_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), String> {
+    if n == 0 || k == 0 {
+        return Err(format!("bf16 GEMM {tokens}x{n}x{k} (tokens x out x in): empty weight"));
+    }
+    Ok(())
+}
+
 impl LayerShape {
     /// [`check_fp8_gemm_shape`] for each of the layer's four projections.
     pub fn check_fp8(&self) -> Result<(), String> {
+        self.check_gemms(Precision::Fp8)
+    }
+
+    /// The GEMM shape check of `precision` for each of the layer's four projections.
+    pub fn check_gemms(&self, precision: Precision) -> Result<(), String> {
         let names = ["qkv", "o", "gate|up", "down"];
         for (name, (out, inp)) in names.iter().zip(self.linears()) {
-            check_fp8_gemm_shape(1, out, inp).map_err(|e| format!("{name} projection: {e}"))?;
+            let check = match precision {
+                Precision::Fp8 => check_fp8_gemm_shape(1, out, inp),
+                Precision::Bf16 => check_bf16_gemm_shape(1, out, inp),
+            };
+            check.map_err(|e| format!("{name} projection: {e}"))?;
         }
         Ok(())
     }
@@ -123,9 +149,9 @@ pub struct BufferPlan {
     pub attn: Region,
     /// `[tokens, up_width]` bf16.
     pub up: Region,
-    /// `[tokens, max(hidden, attn_width, inter)]` E4M3: the next GEMM's quantized input.
+    /// `[tokens, max(hidden, attn_width, inter)]`: the next GEMM's input, E4M3 (FP8) or bf16.
     pub q8: Region,
-    /// `[tokens]` f32: its per-token scales.
+    /// `[tokens]` f32: its per-token scales (FP8).
     pub q_scale: Region,
     /// `[tokens]` u32 positions.
     pub positions: Region,
@@ -144,8 +170,9 @@ pub fn max_tiles(max_tokens: usize, max_seqs: usize) -> usize {
     max_tokens / ATTN_QUERY_TILE + max_seqs
 }
 
-/// Lay out the buffers for batches of up to `max_tokens` tokens in `max_seqs` sequences.
-pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize) -> BufferPlan {
+/// Lay out the buffers for batches of up to `max_tokens` tokens in `max_seqs` sequences, with
+/// GEMM inputs in `precision`.
+pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, precision: Precision) -> BufferPlan {
     let t = max_tokens;
     let mut next = 0usize;
     let mut take = |bytes: usize| {
@@ -159,7 +186,7 @@ pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize) -> B
     let qkv = take(t * shape.qkv_width() * 2);
     let attn = take(t * shape.attn_width() * 2);
     let up = take(t * shape.up_width() * 2);
-    let q8 = take(t * widest_q);
+    let q8 = take(t * widest_q * precision.weight_bytes());
     let q_scale = take(t * 4);
     let positions = take(t * 4);
     let cu_seqlens = take((max_seqs + 1) * 4);
@@ -234,7 +261,7 @@ mod tests {
     #[test]
     fn buffers_are_aligned_disjoint_and_sized_for_the_batch() {
         let s = LayerShape::LLAMA_70B;
-        let p = plan_buffers(&s, 16384, 64);
+        let p = plan_buffers(&s, 16384, 64, Precision::Fp8);
         let mut regions = p.regions().to_vec();
         regions.sort_by_key(|r| r.offset);
         for w in regions.windows(2) {
@@ -247,6 +274,21 @@ mod tests {
         assert!(p.total >= regions.last().unwrap().range().end);
         // 70B at 16k tokens stays under 4 GiB of activations.
         assert!(p.total < 4 << 30, "{}", p.total);
+        // bf16 GEMM inputs take two bytes per value.
+        let b = plan_buffers(&s, 16384, 64, Precision::Bf16);
+        assert_eq!(b.q8.bytes, 2 * p.q8.bytes);
+        assert_eq!(b.total - p.total, p.q8.bytes.div_ceil(ALIGN) * ALIGN);
+    }
+
+    #[test]
+    fn bf16_layers_hold_two_bytes_per_weight_and_take_any_shape() {
+        let s = LayerShape::LLAMA_70B;
+        assert_eq!(s.layer_bytes(Precision::Bf16), 2 * s.linear_params() + 2 * 8192 * 4);
+        assert_eq!(s.layer_bytes(Precision::Fp8), s.fp8_layer_bytes());
+        let odd = LayerShape { hidden: 100, heads: 4, kv_heads: 2, head_dim: 25, inter: 300, gated: true };
+        assert!(odd.check_gemms(Precision::Fp8).is_err());
+        assert_eq!(odd.check_gemms(Precision::Bf16), Ok(()));
+        assert!(check_bf16_gemm_shape(4, 0, 8).is_err());
     }
 
     #[test]

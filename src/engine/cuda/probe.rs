@@ -58,6 +58,31 @@ pub fn require(libs: &[Library]) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// Name and compute capability of each GPU in `ordinals`, read from the driver without
+/// creating a context (so the precision is chosen before any stage loads).
+pub fn gpu_facts(ordinals: &[usize]) -> Result<Vec<super::precision::GpuFacts>, CudaError> {
+    use cudarc::driver::result::{self, device};
+    use cudarc::driver::sys::CUdevice_attribute as Attr;
+    require(&[Library::Driver])?;
+    result::init().map_err(CudaError::driver("initialize the CUDA driver"))?;
+    let count = device::get_count().map_err(CudaError::driver("count GPUs"))?;
+    ordinals
+        .iter()
+        .map(|&ordinal| {
+            let context = format!("GPU {ordinal}");
+            let index = i32::try_from(ordinal).ok().filter(|&i| i < count).ok_or_else(|| {
+                CudaError::Unsupported(format!("GPU {ordinal} (this machine has {count}: cuda:0 to cuda:{})", count - 1))
+            })?;
+            let dev = device::get(index).map_err(CudaError::driver(context.clone()))?;
+            let name = device::get_name(dev).map_err(CudaError::driver(format!("{context} name")))?;
+            // SAFETY: a device handle from `device::get`; both attributes are plain integers.
+            let cap = |a| unsafe { device::get_attribute(dev, a) }.map_err(CudaError::driver(format!("{context} compute capability")));
+            let (major, minor) = (cap(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, cap(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+            Ok(super::precision::GpuFacts { ordinal, name, major, minor })
+        })
+        .collect()
+}
+
 /// What the engine runs on: versions as the libraries report them, and the files mapped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Environment {

@@ -1,8 +1,9 @@
 //! A model stage on one GPU: the CUDA counterpart of [`crate::model::stage::Stage`], with the
 //! same inputs and outputs (packed batch + token ids or hidden states → hidden states or
 //! scores). Weights are read with the CPU loader (so FP8 checkpoints are dequantized exactly
-//! as on the CPU), quantized per output channel to E4M3 with the shared quantizer
-//! ([`crate::engine::reference::fp8`]), and uploaded layer by layer. The embedding lives on
+//! as on the CPU), then, in FP8 ([`Precision::Fp8`]), quantized per output channel to E4M3
+//! with the shared quantizer ([`crate::engine::reference::fp8`]), or in bf16 kept as the
+//! checkpoint's bf16 values, and uploaded layer by layer. The embedding lives on
 //! the GPU in bf16; the final norm runs on the GPU over the last tokens only; the reward head
 //! (a few rows) runs on the CPU with the CPU engine's own [`RewardHead`].
 //!
@@ -15,9 +16,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::compile::default_cache_dir;
 use super::device::{DeviceBuf, GpuDevice};
-use super::gemm::Fp8Gemm;
-use super::layer::{forward, HostLinear, LayerConfig, LayerWeights, Workspace};
+use super::gemm::Gemm;
+use super::layer::{forward, HostLinear, HostWeight, LayerConfig, LayerWeights, Workspace};
 use super::plan::LayerShape;
+use super::precision::Precision;
 use super::CudaError;
 use crate::engine::reference::fp8;
 use crate::model::config::{Activation, ArchConfig, NormKind};
@@ -34,7 +36,8 @@ type Result<T> = std::result::Result<T, CudaError>;
 pub struct CudaStage {
     pub range: Range<usize>,
     dev: GpuDevice,
-    gemm: Fp8Gemm,
+    precision: Precision,
+    gemm: Gemm,
     ws: Workspace,
     layers: Vec<(LayerConfig, LayerWeights)>,
     /// `[vocab, hidden]` bf16 and the vocabulary size, on the first stage.
@@ -56,11 +59,8 @@ fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).map_err(|e| model_err(e.into()))
 }
 
-/// The layer's shape and switches from the model config.
-pub fn layer_config(cfg: &ArchConfig, index: usize) -> Result<LayerConfig> {
-    if cfg.qk_norm {
-        return Err(CudaError::Unsupported("per-head q/k norm (Qwen3)".into()));
-    }
+/// The layer's shape and switches from the model config, checked for GEMMs in `precision`.
+pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision) -> Result<LayerConfig> {
     if ![16, 32, 64, 128, 192].contains(&cfg.head_dim) {
         return Err(CudaError::Unsupported(format!("head_dim {}", cfg.head_dim)));
     }
@@ -73,7 +73,7 @@ pub fn layer_config(cfg: &ArchConfig, index: usize) -> Result<LayerConfig> {
         inter: cfg.intermediate_size,
         gated,
     };
-    shape.check_fp8().map_err(CudaError::Shape)?;
+    shape.check_gemms(precision).map_err(CudaError::Shape)?;
     let act = match cfg.activation {
         Activation::SwiGlu => "swiglu_quant_bf16",
         Activation::GeGluTanh => "geglu_quant_bf16",
@@ -86,12 +86,14 @@ pub fn layer_config(cfg: &ArchConfig, index: usize) -> Result<LayerConfig> {
         rot_dim: cfg.rotary_dim,
         eps: cfg.norm_eps as f32,
         window: cfg.sliding_window.get(index).copied().flatten().unwrap_or(0),
+        qk_norm: cfg.qk_norm,
     })
 }
 
 /// Concatenate the rows of several linear layers (`names` under `vb`, each `[out_i, in]`),
-/// then quantize each output channel to E4M3.
-fn host_linear(vb: &Vb, names: &[&str], outs: &[usize], inp: usize, bias: bool) -> Result<HostLinear> {
+/// then quantize each output channel to E4M3 (FP8) or round to bf16 (exact for a bf16
+/// checkpoint).
+fn host_linear(vb: &Vb, names: &[&str], outs: &[usize], inp: usize, bias: bool, precision: Precision) -> Result<HostLinear> {
     let mut w = Vec::new();
     let mut b = bias.then(Vec::new);
     for (name, &out) in names.iter().zip(outs) {
@@ -101,8 +103,14 @@ fn host_linear(vb: &Vb, names: &[&str], outs: &[usize], inp: usize, bias: bool) 
             b.extend(f32_vec(&vb.pp(name).get_as(out, "bias", DType::F32).map_err(model_err)?)?);
         }
     }
-    let (codes, scales) = fp8::quantize_rows(&w, inp);
-    Ok(HostLinear { codes, scales, bias: b })
+    let weight = match precision {
+        Precision::Fp8 => {
+            let (codes, scales) = fp8::quantize_rows(&w, inp);
+            HostWeight::Fp8 { codes, scales }
+        }
+        Precision::Bf16 => HostWeight::Bf16(to_bf16_bits(&w)),
+    };
+    Ok(HostLinear { weight, bias: b })
 }
 
 fn host_norm(vb: &Vb, dim: usize, ln1p: bool) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
@@ -127,7 +135,8 @@ fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
 impl CudaStage {
     /// Load layers `range` onto GPU `ordinal`; `vb` is the checkpoint root read as f32 on the
     /// CPU (`Vb::new(weights, DType::F32, Device::Cpu)`). Activation buffers are sized once for
-    /// `max_tokens` tokens in up to `max_seqs` sequences.
+    /// `max_tokens` tokens in up to `max_seqs` sequences. The linear layers run in `precision`
+    /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         ordinal: usize,
@@ -136,18 +145,19 @@ impl CudaStage {
         range: Range<usize>,
         reward_row: usize,
         attribute_weights: Option<&[f32]>,
+        precision: Precision,
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self> {
-        let dev = GpuDevice::open(ordinal, &default_cache_dir())?;
-        let first = layer_config(cfg, range.start.min(cfg.num_layers.saturating_sub(1)))?;
+        let dev = GpuDevice::open(ordinal, &default_cache_dir(), precision)?;
+        let first = layer_config(cfg, range.start.min(cfg.num_layers.saturating_sub(1)), precision)?;
         let inv = crate::model::rope::inv_freq(cfg.rope_theta, cfg.rotary_dim, &cfg.rope_scaling);
-        let ws = Workspace::new(&dev, &first.shape, max_tokens, max_seqs, &inv)?;
+        let ws = Workspace::new(&dev, &first.shape, max_tokens, max_seqs, &inv, precision)?;
         let model = vb.pp("model");
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
-            let lc = layer_config(cfg, i)?;
-            layers.push((lc, Self::load_layer(&dev, &model.pp("layers").pp(i), cfg, &lc)?));
+            let lc = layer_config(cfg, i, precision)?;
+            layers.push((lc, Self::load_layer(&dev, &model.pp("layers").pp(i), cfg, &lc, precision)?));
         }
         let (h, ln1p) = (cfg.hidden_size, cfg.norm == NormKind::LayerNorm1P);
         let embed = if range.start == 0 {
@@ -165,30 +175,40 @@ impl CudaStage {
         } else {
             None
         };
-        let gemm = Fp8Gemm::new(&dev)?;
+        let gemm = Gemm::new(&dev)?;
         let ids = dev.alloc(max_tokens * 4)?;
-        Ok(Self { range, dev, gemm, ws, layers, embed, ids, tail, hidden: h, ln1p, eps: cfg.norm_eps as f32 })
+        Ok(Self { range, dev, precision, gemm, ws, layers, embed, ids, tail, hidden: h, ln1p, eps: cfg.norm_eps as f32 })
     }
 
-    fn load_layer(dev: &GpuDevice, vb: &Vb, cfg: &ArchConfig, lc: &LayerConfig) -> Result<LayerWeights> {
+    fn load_layer(dev: &GpuDevice, vb: &Vb, cfg: &ArchConfig, lc: &LayerConfig, p: Precision) -> Result<LayerWeights> {
         let s = &lc.shape;
         let (h, kv) = (s.hidden, s.kv_heads * s.head_dim);
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
-        let qkv = host_linear(&attn, &["q_proj", "k_proj", "v_proj"], &[s.attn_width(), kv, kv], h, cfg.qkv_bias)?;
-        let o = host_linear(&attn, &["o_proj"], &[h], s.attn_width(), cfg.o_bias)?;
+        let qkv = host_linear(&attn, &["q_proj", "k_proj", "v_proj"], &[s.attn_width(), kv, kv], h, cfg.qkv_bias, p)?;
+        let o = host_linear(&attn, &["o_proj"], &[h], s.attn_width(), cfg.o_bias, p)?;
         let up = if s.gated {
-            host_linear(&mlp, &["gate_proj", "up_proj"], &[s.inter, s.inter], h, cfg.mlp_bias)?
+            host_linear(&mlp, &["gate_proj", "up_proj"], &[s.inter, s.inter], h, cfg.mlp_bias, p)?
         } else {
-            host_linear(&mlp, &["up_proj"], &[s.inter], h, cfg.mlp_bias)?
+            host_linear(&mlp, &["up_proj"], &[s.inter], h, cfg.mlp_bias, p)?
         };
-        let down = host_linear(&mlp, &["down_proj"], &[h], s.inter, cfg.mlp_bias)?;
+        let down = host_linear(&mlp, &["down_proj"], &[h], s.inter, cfg.mlp_bias, p)?;
         let norms = [host_norm(&vb.pp("input_layernorm"), h, lc.ln1p)?, host_norm(&vb.pp("post_attention_layernorm"), h, lc.ln1p)?];
-        LayerWeights::upload(dev, [qkv, o, up, down], norms)
+        let mut w = LayerWeights::upload(dev, [qkv, o, up, down], norms)?;
+        if lc.qk_norm {
+            let head = |name: &str| host_norm(&attn.pp(name), s.head_dim, false).and_then(|(w, _)| upload_f32(dev, &w));
+            w.qk_norm = Some((head("q_norm")?, head("k_norm")?));
+        }
+        Ok(w)
     }
 
     pub fn device_name(&self) -> &str {
         &self.dev.name
+    }
+
+    /// What the linear layers compute in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Run the packed batch through this stage.
@@ -235,5 +255,29 @@ impl CudaStage {
         let v: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
         let normed = Tensor::from_vec(v, (rows.len(), h), &Device::Cpu).map_err(|e| model_err(e.into()))?;
         Ok(StageOutput::Scores(head.forward(&normed).map_err(model_err)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> ArchConfig {
+        ArchConfig::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).expect("fixture config")
+    }
+
+    #[test]
+    fn qwen3_layers_run_with_their_head_norm_in_both_precisions() {
+        let mut cfg = fixture("qwen3_seqcls");
+        assert!(cfg.qk_norm);
+        // The fixture's head_dim of 24 has no attention kernel; Qwen3's checkpoints use 128.
+        let e = layer_config(&cfg, 0, Precision::Bf16).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("head_dim 24") && !e.contains("q/k"), "{e}");
+        cfg.head_dim = 32;
+        for p in [Precision::Fp8, Precision::Bf16] {
+            let lc = layer_config(&cfg, 0, p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+            assert!(lc.qk_norm, "{p:?}");
+        }
+        assert!(!layer_config(&fixture("arith"), 0, Precision::Bf16).expect("arith").qk_norm);
     }
 }

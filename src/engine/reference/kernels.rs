@@ -141,6 +141,42 @@ pub fn scale_epilogue(y: &mut [f32], cols: usize, row_scale: &[f32], col_scale: 
     }
 }
 
+/// `head_rmsnorm_bf16`: Qwen3's per-head RMSNorm in place on the first `q_heads + kv_heads`
+/// heads of each `row_stride`-wide row (q heads with `q_w`, k heads with `k_w`).
+#[allow(clippy::too_many_arguments)]
+pub fn head_rms_norm(x: &mut [f32], tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, row_stride: usize,
+                     q_w: &[f32], k_w: &[f32], eps: f32) {
+    for t in 0..tokens {
+        for h in 0..q_heads + kv_heads {
+            let at = t * row_stride + h * head_dim;
+            let w = if h < q_heads { q_w } else { k_w };
+            let y = norm(NormKind::Rms, &mut x[at..at + head_dim], None, w, None, eps, head_dim);
+            x[at..at + head_dim].copy_from_slice(&y);
+        }
+    }
+}
+
+/// `add_bias_bf16`: `y = bf16(y + bf16(bias[n]))`.
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_mut(bias.len().max(1)) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v = bf16r(*v + bf16r(*b));
+        }
+    }
+}
+
+/// The bf16 GEMM (cuBLASLt, f32 accumulation): `y [t, n] = bf16(x [t, k] · w [n, k]ᵀ)`, inputs
+/// already bf16 values.
+pub fn bf16_gemm(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len() / k.max(1) * (w.len() / k.max(1)));
+    for row in x.chunks(k) {
+        for wrow in w.chunks(k) {
+            y.push(bf16r(row.iter().zip(wrow).map(|(a, b)| a * b).sum()));
+        }
+    }
+    y
+}
+
 /// `gather_rows_bf16`: `dst[m] = src[idx[m]]`, zeros for an index past the end.
 pub fn gather_rows(src: &[f32], cols: usize, idx: &[u32]) -> Vec<f32> {
     let rows = src.len() / cols.max(1);
@@ -229,5 +265,23 @@ mod tests {
         assert_eq!(fp8_gemm(&a, &[0.5], &w, &[2.0], 2), vec![10.0]);
         assert_eq!(gather_rows(&[1.0, 2.0, 3.0, 4.0], 2, &[1, 9]), vec![3.0, 4.0, 0.0, 0.0]);
         assert!(rel_err(&[1.0, f32::NAN], &[1.0, 1.0]).is_infinite());
+    }
+
+    #[test]
+    fn head_norm_normalizes_each_q_and_k_head_and_leaves_v() {
+        // One token: 1 q head, 1 k head, 1 v head of 2 values.
+        let mut x = vec![3.0, 4.0, 1.0, 1.0, 7.0, 8.0];
+        head_rms_norm(&mut x, 1, 1, 1, 2, 6, &[1.0, 2.0], &[0.5, 0.5], 0.0);
+        let r = (12.5f32).sqrt();
+        assert_eq!(x[..2], [bf16r(bf16r(3.0 / r)), bf16r(bf16r(4.0 / r) * 2.0)]);
+        assert_eq!(x[2..], [0.5, 0.5, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn bf16_gemm_and_its_bias() {
+        let mut y = bf16_gemm(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 0.5, -1.0], 2);
+        assert_eq!(y, vec![3.0, -1.5, 7.0, -2.5]);
+        add_bias(&mut y, &[1.0, 0.25]);
+        assert_eq!(y, vec![4.0, -1.25, 8.0, -2.25]);
     }
 }

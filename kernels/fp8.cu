@@ -1,0 +1,38 @@
+// The kernels only the FP8 path uses, compiled only for architectures with FP8 tensor cores
+// (sm_89 and later; see src/engine/cuda/precision.rs): per-token quantization of a bf16 row,
+// the per-channel-scale epilogue of an FP8 GEMM (when cuBLASLt cannot apply outer-vector
+// scales), and E4M3 random fill for benchmarks. The norm and activation kernels' fused
+// quantization is compiled everywhere but reached only when the host passes an E4M3 output.
+
+// One block per row: q = e4m3(x / scale), scale = max(amax, 1e-12) / 448.
+extern "C" __global__ void quant_rows_bf16(const bf16* x /* [rows, cols] */, int cols, fp8* q /* [rows, cols] */,
+                                           float* q_scale /* [rows] */) {
+    __shared__ float red[32];
+    const size_t base = (size_t)blockIdx.x * cols;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf(x[base + i])));
+    amax = block_reduce<true>(amax, red);
+    const float scale = fmaxf(amax, MIN_AMAX) / E4M3_MAX;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) q[base + i] = to_e4m3(bf(x[base + i]) / scale);
+    if (threadIdx.x == 0) q_scale[blockIdx.x] = scale;
+}
+
+// y = bf16(bf16(y · row_scale[t] · col_scale[n]) + bias[n]) in place; bias may be null.
+extern "C" __global__ void scale_epilogue_bf16(bf16* y /* [rows, cols] */, long long rows, int cols,
+                                               const float* row_scale /* [rows] */,
+                                               const float* col_scale /* [cols] */,
+                                               const float* bias /* [cols] or null */) {
+    const long long n = rows * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / cols;
+        const int c = (int)(i % cols);
+        float v = bfr(bf(y[i]) * (row_scale[r] * col_scale[c]));
+        if (bias) v = bfr(v + bfr(bias[c]));
+        y[i] = to_bf(v);
+    }
+}
+
+extern "C" __global__ void fill_uniform_e4m3(long long n, fp8* out, unsigned long long seed, float amp) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = to_e4m3((2.0f * hash_uniform(seed, i) - 1.0f) * amp);
+}
