@@ -21,7 +21,7 @@ use kafka_common::broker::Broker;
 use kafka_common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset};
+use rdkafka::ClientConfig;
 
 /// The worker tests each run a model on both cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -46,11 +46,6 @@ fn counts(outputs: &[Output]) -> HashMap<String, usize> {
         *seen.entry(id).or_default() += 1;
     }
     seen
-}
-
-/// The group's committed input offsets summed over partitions (none committed counts 0).
-fn committed_sum(bootstrap: &str) -> i64 {
-    committed(bootstrap).into_iter().map(|o| if let Offset::Offset(o) = o { o } else { 0 }).sum()
 }
 
 /// Whether `topic` holds records of a transaction still open: on some partition the high

@@ -271,6 +271,12 @@ pub fn committed_total(bootstrap: &str) -> i64 {
         .sum()
 }
 
+/// The group's committed offsets of the input topic summed over partitions, a partition with
+/// none (nothing committed yet, or an empty partition) counting 0.
+pub fn committed_sum(bootstrap: &str) -> i64 {
+    committed(bootstrap).into_iter().map(|o| if let Offset::Offset(o) = o { o } else { 0 }).sum()
+}
+
 /// One metric's value from the worker's /metrics on `port`.
 pub fn metric(port: u16, series: &str) -> f64 {
     let body = metrics_text(port);
