@@ -26,7 +26,7 @@ pub const INFLIGHT: usize = 256;
 pub type Output = (Option<String>, Value, Vec<(String, Option<String>)>);
 
 /// Reads a topic from the beginning, every partition, without a consumer group. It does not
-/// trust high watermarks (tansu's count record batches, not records): a read is complete once
+/// trust high watermarks (transaction markers take offsets too): a read is complete once
 /// nothing new arrived for a while.
 pub struct Reader {
     consumer: BaseConsumer,
