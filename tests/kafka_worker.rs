@@ -1,8 +1,8 @@
 //! `scorestream run` against librdkafka's mock cluster (`rdkafka::mocking`, a real Kafka
 //! protocol peer on loopback, in this test process; the worker is always a child process;
 //! crashes, SIGTERM and rebalances are in `kafka_churn.rs`):
-//! - 10k events, on the mock cluster and on tansu (a real Kafka-protocol broker, when installed;
-//!   required under CI): every input lands scored or dead-lettered, per-key (so per-partition) order is
+//! - 10k events, on the mock cluster and on an Apache Kafka broker (`kafka_common/broker.rs`;
+//!   skipped when not installed, required under CI): every input lands scored or dead-lettered, per-key (so per-partition) order is
 //!   kept, keys and headers (a null value stays null) carry over, rewards equal `scorestream score`, SIGTERM exits 0 and
 //!   the group's committed offsets cover every input;
 //! - `delivery = "exactly_once"`: outputs and offsets go through producer transactions, and a
@@ -10,17 +10,20 @@
 //!   aborted transactions from read-committed readers, so this checks the call sequence and the
 //!   abort handling, not the isolation itself;
 //! - a client configured for TLS through the pass-through options fails at start, clearly, and
-//!   so does a SCRAM login with wrong credentials on tansu with authentication on.
+//!   so does a SCRAM login with wrong credentials or TLS towards an untrusted certificate on
+//!   Apache Kafka, where SCRAM-SHA-512 with the right credentials and TLS with the broker's CA
+//!   score every input.
 
 mod common_fixtures;
 mod kafka_common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use kafka_common::broker::{Broker, SCRAM_USER};
 use kafka_common::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset};
@@ -28,68 +31,7 @@ use rdkafka::{ClientConfig, Offset};
 /// The worker tests each run a model on both cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// A tansu broker (a real Kafka-protocol broker, memory storage) on loopback with the test
-/// topics; `None` when tansu is not installed outside CI (`.ci/run` installs it).
-struct Tansu {
-    child: Child,
-    bootstrap: String,
-}
-
-impl Tansu {
-    /// With `authenticate`, clients must log in (SASL SCRAM); no user exists, and no topic is
-    /// created.
-    async fn start(authenticate: bool) -> Option<Self> {
-        let cargo_bin = std::env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-            .map(|c| c.join("bin/tansu"));
-        let exe = ["tansu".into()].into_iter().chain(cargo_bin).find(|p: &PathBuf| Command::new(p).arg("--help").output().is_ok());
-        let Some(exe) = exe else {
-            assert!(std::env::var_os("CI").is_none(), "tansu is missing: .ci/run installs it with cargo install");
-            eprintln!("tansu is not installed: skipping (see .ci/run)");
-            return None;
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let mut args = vec!["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"];
-        if authenticate {
-            args.push("--authentication");
-        }
-        let child = Command::new(exe)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "tansu did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let bootstrap = format!("127.0.0.1:{port}");
-        if authenticate {
-            return Some(Self { child, bootstrap });
-        }
-        // tansu does not create topics on demand.
-        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
-        let topics: Vec<rdkafka::admin::NewTopic> = ["conv-in", "conv-scored", "conv-dead"]
-            .iter()
-            .map(|t| rdkafka::admin::NewTopic::new(t, PARTITIONS, rdkafka::admin::TopicReplication::Fixed(1)))
-            .collect();
-        for r in admin.create_topics(&topics, &rdkafka::admin::AdminOptions::new()).await.unwrap() {
-            r.unwrap();
-        }
-        Some(Self { child, bootstrap })
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+const TOPICS: [(&str, i32); 3] = [("conv-in", PARTITIONS), ("conv-scored", PARTITIONS), ("conv-dead", PARTITIONS)];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_is_scored_in_order_and_committed() {
@@ -99,10 +41,10 @@ async fn every_input_is_scored_in_order_and_committed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_input_is_scored_in_order_and_committed_on_tansu() {
+async fn every_input_is_scored_in_order_and_committed_on_apache_kafka() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(tansu) = Tansu::start(false).await else { return };
-    end_to_end(&tansu.bootstrap, 10_000).await;
+    let Some(broker) = Broker::start(&TOPICS).await else { return };
+    end_to_end(&broker.bootstrap, 10_000).await;
 }
 
 /// `n` good events and one broken one through a worker: every input scored or dead-lettered,
@@ -236,14 +178,62 @@ fn a_client_with_wrong_tls_or_sasl_options_fails_at_start_naming_the_cause() {
     );
 }
 
+/// A worker config at `dir` for `bootstrap` whose three clients (source, sink, dead letter) all
+/// use the librdkafka `options` (`"key" = "value", ...`).
+fn write_secured_config(dir: &Path, bootstrap: &str, options: &str) -> std::path::PathBuf {
+    let config = write_config(dir, bootstrap, "", 0);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(r#""heartbeat.interval.ms" = "1000""#, &format!(r#""heartbeat.interval.ms" = "1000", {options}"#))
+        .replace(r#"topic = "conv-scored""#, &format!("topic = \"conv-scored\"\n        options = {{ {options} }}"))
+        .replace(r#"topic = "conv-dead""#, &format!("topic = \"conv-dead\"\n        options = {{ {options} }}"));
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// A worker whose clients use `options` against `bootstrap` scores `n` new inputs (read back
+/// over `plain`, the broker's plaintext listener) and exits 0 on SIGTERM.
+async fn scores_through(plain: &str, bootstrap: &str, options: &str, first: usize, n: usize) {
+    let events: Vec<(String, String)> = keyed_events(first + n).split_off(first);
+    produce(plain, &events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_secured_config(dir.path(), bootstrap, options);
+    let log = dir.path().join("worker.log");
+    let mut worker = spawn(&config, &log);
+    let total = first + n;
+    let scored = wait_for(plain, "conv-scored", &mut worker, Duration::from_secs(300), move |o| unique_ids(o).len() >= total).await;
+    assert_eq!(unique_ids(&scored).len(), total);
+    terminate(worker);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sasl_with_wrong_credentials_fails_at_start_on_tansu() {
+async fn sasl_scram_and_tls_logins_succeed_and_wrong_ones_fail_at_start_on_apache_kafka() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(tansu) = Tansu::start(true).await else { return };
-    // A real broker that authenticates: SCRAM login with credentials it does not know.
+    let Some(broker) = Broker::start(&TOPICS).await else { return };
+    let (user, password) = SCRAM_USER;
+    let scram = |password: &str| {
+        format!(r#""security.protocol" = "SASL_PLAINTEXT", "sasl.mechanisms" = "SCRAM-SHA-512", "sasl.username" = "{user}", "sasl.password" = "{password}""#)
+    };
+    // SCRAM-SHA-512 with the user created when the broker's storage was formatted.
+    scores_through(&broker.bootstrap, &broker.sasl_bootstrap, &scram(password), 0, 200).await;
+    // TLS, the broker's certificate checked against the CA made for it (host name included).
+    let tls = format!(r#""security.protocol" = "SSL", "ssl.ca.location" = "{}""#, broker.ca().display());
+    scores_through(&broker.bootstrap, &broker.tls_bootstrap, &tls, 200, 200).await;
+
+    // A wrong password: the broker refuses the login, and the error says so.
     assert_fails_to_start(
-        &tansu.bootstrap,
-        r#""security.protocol" = "SASL_PLAINTEXT", "sasl.mechanisms" = "SCRAM-SHA-512", "sasl.username" = "scorer", "sasl.password" = "wrong""#,
-        &["cannot reach the Kafka brokers at", "SASL authentication error", "SCRAM authentication failed"],
+        &broker.sasl_bootstrap,
+        &scram("wrong"),
+        &["cannot reach the Kafka brokers at", &broker.sasl_bootstrap, "SASL authentication error", "Authentication failed"],
     );
+    // A CA that did not sign the broker's certificate.
+    let other = tempfile::tempdir().unwrap();
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=another-ca"])
+        .current_dir(other.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let untrusted = format!(r#""security.protocol" = "SSL", "ssl.ca.location" = "{}""#, other.path().join("ca.pem").display());
+    assert_fails_to_start(&broker.tls_bootstrap, &untrusted, &["cannot reach the Kafka brokers at", "certificate verify failed"]);
 }

@@ -13,9 +13,12 @@
 //! abort the transaction and replay the batch, and a fatal one (fenced by a newer instance with
 //! the same `transactional.id`, a refused abort, a retriable error past the bound) stops the
 //! worker; its inputs are re-read from the last committed offsets by whoever owns the
-//! partitions next. A rebalance that revokes a partition while its batch is in flight can replay
-//! that batch: exactly-once holds across crashes and restarts, at-least-once across such
-//! rebalances. Every error keeps librdkafka's reason as its source.
+//! partitions next. So does an offset commit refused because the consumer is no longer the
+//! group member it was (its session expired, e.g. through a broker outage): replaying the batch
+//! could never commit, and its partitions may be someone else's; the transaction is aborted and
+//! the worker stops, for a restart to resume from the committed offsets. A rebalance that
+//! revokes a partition while its batch is in flight can replay that batch: exactly-once holds
+//! across crashes and restarts, at-least-once across such rebalances. Every error keeps librdkafka's reason as its source.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -300,11 +303,21 @@ enum Class {
     Abortable,
     /// The producer cannot go on (fenced, or a state librdkafka gives no way out of).
     Fatal,
+    /// The consumer is no longer the group member whose offsets the transaction would commit
+    /// (its session expired, e.g. through a broker outage, or the group moved on): replaying
+    /// the batch can never commit, and the partitions may be someone else's by now. Fatal: the
+    /// next process resumes from the last committed offsets.
+    GroupLost,
 }
 
 fn classify(e: &KafkaError) -> Class {
     match e {
         KafkaError::Transaction(t) if t.is_fatal() => Class::Fatal,
+        KafkaError::Transaction(t)
+            if matches!(t.code(), RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::IllegalGeneration | RDKafkaErrorCode::FencedInstanceId) =>
+        {
+            Class::GroupLost
+        }
         KafkaError::Transaction(t) if t.is_retriable() => Class::Retriable,
         KafkaError::Transaction(t) if t.txn_requires_abort() => Class::Abortable,
         // Neither retriable nor abortable (`_STATE`, `_CONFLICT`, ...): librdkafka's examples
@@ -325,6 +338,14 @@ fn txn_err(step: &str, class: Class, e: KafkaError) -> SinkError {
             source,
         },
         Class::Fatal => SinkError::Fatal { kind: KIND, message: format!("{step} failed"), source },
+        Class::GroupLost => SinkError::Fatal {
+            kind: KIND,
+            message: format!(
+                "{step} failed: the consumer lost its group membership (session expired or group rebalanced); \
+                 stopping so that a restart resumes exactly-once from the last committed offsets"
+            ),
+            source,
+        },
     }
 }
 
@@ -357,6 +378,14 @@ impl Transactions {
                 Class::Abortable if abort => Class::Fatal,
                 class => class,
             };
+            if class == Class::GroupLost {
+                // The producer itself is sound: abort, so that readers are not held back by an
+                // open transaction until it times out.
+                let (producer, timeout) = (self.producer.clone(), self.timeout);
+                if let Ok(Err(abort)) = tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await {
+                    tracing::warn!(error = %crate::kafka::reason(abort), "cannot abort the transaction of a lost group member");
+                }
+            }
             if class != Class::Retriable || attempt == STEP_ATTEMPTS {
                 return Err(txn_err(step, class, e));
             }

@@ -23,10 +23,14 @@
 //! acks do nothing; the sink commits each batch's input offsets inside its producer
 //! transaction, with this consumer's group metadata ([`KafkaSource::group_metadata`]).
 //!
+//! Connection (`/readyz`): [`connection`] asks the brokers for a subscribed topic's metadata
+//! every second; `connected` turns false when none answers and true again when one does.
+//!
 //! `scorestream_consumer_lag{topic,partition}`: for exactly the assigned partitions, from
 //! librdkafka's statistics: the end offset (last stable offset under `read_committed`) minus
 //! the consumer's position, else the committed offset, else the partition's start offset.
 
+mod connection;
 mod offsets;
 
 use std::sync::Arc;
@@ -147,6 +151,8 @@ pub struct KafkaSource {
     /// Records consumed and not yet committed, at most (at-least-once).
     max_uncommitted: usize,
     committer: Option<JoinHandle<()>>,
+    /// The task that keeps `connected` up to date.
+    probe: Option<JoinHandle<()>>,
     /// The task that serves the consumer once the pipeline stopped fetching.
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -196,7 +202,16 @@ impl KafkaSource {
         })?;
         tracing::info!(?topics, group = %c.group_id, "Kafka consumer subscribed");
         let committer = (!transactional).then(|| tokio::spawn(commit_loop(consumer.clone(), shared.clone())));
-        let (_tx, connected) = watch::channel(true);
+        let (connected_tx, connected) = watch::channel(true);
+        let (weak, topic) = (Arc::downgrade(&consumer), c.topics.first().cloned().unwrap_or_default());
+        let probe = connection::spawn_probe(
+            move || {
+                let Some(consumer) = weak.upgrade() else { return false };
+                let topic = Some(topic.as_str()).filter(|t| !t.is_empty());
+                consumer.client().fetch_metadata(topic, connection::PROBE_TIMEOUT).is_ok()
+            },
+            connected_tx,
+        );
         Ok(Self {
             consumer,
             shared,
@@ -204,6 +219,7 @@ impl KafkaSource {
             transactional,
             max_uncommitted: ctx.max_inflight_events.max(1),
             committer,
+            probe: Some(probe),
             server: None,
         })
     }
@@ -287,9 +303,16 @@ impl KafkaSource {
             let _ = stop.send(());
             let _ = task.await;
         }
-        if let Some(committer) = self.committer.take() {
-            committer.abort();
-            let _ = committer.await;
+        for task in [self.committer.take(), self.probe.take()].into_iter().flatten() {
+            task.abort();
+            let _ = task.await;
+        }
+        // A probe still asking the brokers holds the consumer for at most its timeout.
+        for _ in 0..CLOSE_ATTEMPTS {
+            if Arc::strong_count(&self.consumer) == 1 {
+                break;
+            }
+            tokio::time::sleep(CLOSE_PAUSE / 4).await;
         }
         // Dropping the last handle closes the consumer, blocking until it has left the group.
         let consumer = self.consumer;

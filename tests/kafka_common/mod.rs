@@ -3,6 +3,8 @@
 //! the group's committed offsets and the worker's metrics.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,7 +26,7 @@ pub const INFLIGHT: usize = 256;
 pub type Output = (Option<String>, Value, Vec<(String, Option<String>)>);
 
 /// Reads a topic from the beginning, every partition, without a consumer group. It does not
-/// trust high watermarks (tansu's count record batches, not records): a read is complete once
+/// trust high watermarks (transaction markers take offsets too): a read is complete once
 /// nothing new arrived for a while.
 pub struct Reader {
     consumer: BaseConsumer,
@@ -32,15 +34,22 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// A `read_committed` reader (librdkafka's default).
     pub fn new(bootstrap: &str, topic: &str) -> Self {
+        Self::with_isolation(bootstrap, topic, "read_committed")
+    }
+
+    /// A reader of every partition of `topic` with `isolation.level` = `isolation`.
+    pub fn with_isolation(bootstrap: &str, topic: &str, isolation: &str) -> Self {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "reader")
             .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation)
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
+        for p in 0..partitions(&consumer, topic) {
             tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
@@ -68,9 +77,24 @@ impl Reader {
     }
 }
 
-/// Everything in `topic` now.
+/// The number of partitions of `topic`.
+fn partitions<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> i32 {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).unwrap();
+    let n = metadata.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()).unwrap_or(0);
+    assert!(n > 0, "topic {topic} has no partitions");
+    n as i32
+}
+
+/// Everything in `topic` now (committed transactions only).
 pub fn read_topic(bootstrap: &str, topic: &str) -> Vec<Output> {
     let mut reader = Reader::new(bootstrap, topic);
+    reader.drain(Duration::from_secs(2), Duration::MAX);
+    reader.out
+}
+
+/// Everything in `topic` now, records of open and aborted transactions included.
+pub fn read_topic_uncommitted(bootstrap: &str, topic: &str) -> Vec<Output> {
+    let mut reader = Reader::with_isolation(bootstrap, topic, "read_uncommitted");
     reader.drain(Duration::from_secs(2), Duration::MAX);
     reader.out
 }
@@ -220,9 +244,15 @@ pub fn terminate(mut worker: Worker) {
 
 /// The group's committed offsets of the input topic, per partition.
 pub fn committed(bootstrap: &str) -> Vec<Offset> {
-    let group: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", "scorestream").create().unwrap();
+    // read_uncommitted: the offsets committed so far, without waiting for an open transaction.
+    let group: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "scorestream")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions(&group, "conv-in") {
         tpl.add_partition("conv-in", p);
     }
     let committed = group.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
@@ -239,6 +269,12 @@ pub fn committed_total(bootstrap: &str) -> i64 {
             other => panic!("partition {p} has no committed offset: {other:?}"),
         })
         .sum()
+}
+
+/// The group's committed offsets of the input topic summed over partitions, a partition with
+/// none (nothing committed yet, or an empty partition) counting 0.
+pub fn committed_sum(bootstrap: &str) -> i64 {
+    committed(bootstrap).into_iter().map(|o| if let Offset::Offset(o) = o { o } else { 0 }).sum()
 }
 
 /// One metric's value from the worker's /metrics on `port`.
