@@ -1,7 +1,8 @@
 //! NATS connections shared by the JetStream source and sink: authentication (credentials file,
-//! token, user/password), TLS files, and the server version check. JetStream features that
-//! nats-server 2.9 silently ignores (plural `filter_subjects`, stream metadata, create-only
-//! consumer actions) are never used; a server older than 2.9 is refused.
+//! token, user/password), TLS files, and the server version check. A server older than 2.9 is
+//! refused; JetStream features that nats-server 2.9 silently ignores (plural `filter_subjects`,
+//! stream metadata, create-only consumer actions) are used only where the connected server's
+//! version (its INFO) is 2.10 or later, and a setting that needs them is refused on 2.9.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,7 +84,7 @@ pub async fn connect(c: &Connection<'_>, name: &str) -> Result<async_nats::Clien
         .await
         .map_err(|source| ConnectError::Connect { url: c.url.to_owned(), source })?;
     let version = client.server_info().version;
-    if !at_least_2_9(&version) {
+    if !at_least(&version, (2, 9)) {
         return Err(ConnectError::TooOld { url: c.url.to_owned(), version });
     }
     tracing::info!(url = c.url, server = %version, "connected to NATS");
@@ -152,10 +153,11 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn at_least_2_9(version: &str) -> bool {
+/// Whether a server version ("2.10.0-beta.1") is at least `(major, minor)`.
+pub fn at_least(version: &str, wanted: (u32, u32)) -> bool {
     let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (2, 9)
+    (major, minor) >= wanted
 }
 
 #[cfg(test)]
@@ -177,8 +179,10 @@ mod tests {
 
     #[test]
     fn version_check() {
-        assert!(super::at_least_2_9("2.9.10"));
-        assert!(super::at_least_2_9("2.10.0-beta.1"));
-        assert!(!super::at_least_2_9("2.8.4"));
+        assert!(super::at_least("2.9.10", (2, 9)));
+        assert!(super::at_least("2.10.0-beta.1", (2, 9)));
+        assert!(super::at_least("2.15.1", (2, 10)));
+        assert!(!super::at_least("2.9.10", (2, 10)));
+        assert!(!super::at_least("2.8.4", (2, 9)));
     }
 }

@@ -309,8 +309,14 @@ pub struct NatsSourceConfig {
     pub url: String,
     /// JetStream stream holding the input subject (must exist).
     pub stream: String,
-    /// The consumer's single `filter_subject` (nats-server 2.9 ignores plural filters).
+    /// The consumer's filter subject (`filter_subject`; wildcards allowed).
     pub subject: String,
+    /// More filter subjects of the same stream for the same durable consumer (sent with
+    /// `subject` as `filter_subjects`). Needs nats-server 2.10 or later: an older server would
+    /// silently ignore them and deliver every subject of the stream, so the worker refuses to
+    /// start on one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<String>,
     /// Durable pull consumer name, created with explicit ack if absent; shared by replicas.
     pub durable: String,
     /// How long JetStream waits for an ack before redelivering; the worker sends in-progress
@@ -364,6 +370,19 @@ pub struct NatsSinkConfig {
     /// TLS files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<NatsTls>,
+}
+
+impl NatsSourceConfig {
+    /// Every filter subject of the consumer: `subject`, then `subjects` (repeats left out).
+    pub fn filter_subjects(&self) -> Vec<String> {
+        let mut all = vec![self.subject.clone()];
+        for s in &self.subjects {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        all
+    }
 }
 
 fn default_lag_interval() -> Duration {

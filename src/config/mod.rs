@@ -316,6 +316,9 @@ fn validate_source(s: &SourceConfig) -> Result<(), ConfigError> {
             non_empty("source.url", &n.url)?;
             non_empty("source.stream", &n.stream)?;
             non_empty("source.subject", &n.subject)?;
+            if n.subjects.iter().any(|s| s.is_empty()) {
+                return invalid("source.subjects", "list non-empty subjects");
+            }
             non_empty("source.durable", &n.durable)?;
             if n.ack_wait < Duration::from_secs(1) {
                 return invalid("source.ack_wait", "must be at least 1s");

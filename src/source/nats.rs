@@ -1,5 +1,9 @@
-//! JetStream source: a durable pull consumer with explicit acks on one stream, filtered by a
-//! single `filter_subject` (nats-server 2.9 silently ignores plural filters), created when absent.
+//! JetStream source: a durable pull consumer with explicit acks on one stream, created when
+//! absent. One subject is its `filter_subject`; several (`subject` plus `subjects`) are its
+//! `filter_subjects`, which needs nats-server 2.10: on an older server (read from its INFO) the
+//! source refuses to open, since 2.9 would silently drop the field and deliver the whole stream.
+//! An existing durable whose filters differ from the config is refused too (the server keeps an
+//! existing consumer's config as it is).
 //!
 //! Delivery: a message is acked (`+ACK` on its reply subject) only when the pipeline acks its
 //! record, i.e. after its output's PubAck. From the moment a message arrives (prefetched, queued
@@ -29,7 +33,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::NatsSourceConfig;
 use crate::metrics::Metrics;
-use crate::nats::{connect, connection_of};
+use crate::nats::{at_least, connect, connection_of};
 
 const KIND: &str = "nats";
 
@@ -116,9 +120,28 @@ impl NatsSource {
             .await
             .map_err(|e| open_err(format!("cannot read the info of stream {:?}", c.stream), e))?
             .created;
+        let filters = c.filter_subjects();
+        let version = client.server_info().version;
+        if filters.len() > 1 && !at_least(&version, (2, 10)) {
+            return Err(SourceError::Open {
+                kind: KIND,
+                message: format!(
+                    "source.subjects needs nats-server 2.10 or later (several filter_subjects on one consumer), \
+                     but the server at {} is {version}, which would silently ignore them and deliver every subject \
+                     of stream {:?}: use a single source.subject or upgrade the server",
+                    c.url, c.stream
+                ),
+                source: None,
+            });
+        }
+        let (filter_subject, filter_subjects) = match filters.as_slice() {
+            [one] => (one.clone(), Vec::new()),
+            _ => (String::new(), filters.clone()),
+        };
         let config = pull::Config {
             durable_name: Some(c.durable.clone()),
-            filter_subject: c.subject.clone(),
+            filter_subject,
+            filter_subjects,
             ack_policy: AckPolicy::Explicit,
             ack_wait: c.ack_wait,
             max_deliver: c.max_deliver,
@@ -129,6 +152,7 @@ impl NatsSource {
             .get_or_create_consumer(&c.durable, config)
             .await
             .map_err(|e| open_err(format!("cannot get or create the durable consumer {:?}", c.durable), e))?;
+        check_filters(&c.durable, &consumer.cached_info().config, &filters)?;
         let (messages, bytes) = prefetch_bounds(&ctx, client.max_payload());
         let room = Arc::new(Room::new(messages, bytes));
         let (tx, prefetched) = mpsc::channel(messages);
@@ -148,6 +172,30 @@ impl NatsSource {
         };
         Ok(Self { client, prefetched, room, identity, outstanding, connected, tasks })
     }
+}
+
+/// Refuse a durable consumer whose filter subjects are not the configured ones: an existing
+/// consumer keeps its config, and a server that ignored a field would have dropped it.
+fn check_filters(durable: &str, config: &jetstream::consumer::Config, wanted: &[String]) -> Result<(), SourceError> {
+    let mut has: Vec<&str> = config.filter_subjects.iter().map(String::as_str).collect();
+    if !config.filter_subject.is_empty() {
+        has.push(&config.filter_subject);
+    }
+    let mut want: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    has.sort_unstable();
+    has.dedup();
+    want.sort_unstable();
+    if has == want {
+        return Ok(());
+    }
+    Err(SourceError::Open {
+        kind: KIND,
+        message: format!(
+            "the durable consumer {durable:?} filters {has:?} but the config asks for {want:?} (source.subject and \
+             source.subjects): delete the consumer or choose another source.durable"
+        ),
+        source: None,
+    })
 }
 
 /// The prefetch buffer's bounds: at most the in-flight bound of messages (and 512), and a

@@ -24,10 +24,17 @@ pub struct NatsServer {
     pub port: u16,
     _dir: tempfile::TempDir,
     conf: std::path::PathBuf,
+    binary: std::ffi::OsString,
 }
 
 impl NatsServer {
     pub fn start(extra_config: &str) -> Self {
+        Self::start_binary(server_binary(), extra_config)
+    }
+
+    /// [`NatsServer::start`] with a given nats-server binary.
+    pub fn start_binary(binary: impl Into<std::ffi::OsString>, extra_config: &str) -> Self {
+        let binary = binary.into();
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let conf = dir.path().join("nats.conf");
@@ -37,8 +44,8 @@ impl NatsServer {
             format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra_config}\n", store.display()),
         )
         .unwrap();
-        let child = spawn_server(&conf, port);
-        Self { child, port, _dir: dir, conf }
+        let child = spawn_server(&binary, &conf, port);
+        Self { child, port, _dir: dir, conf, binary }
     }
 
     /// SIGKILL the server (what JetStream wrote stays in its store directory).
@@ -50,7 +57,7 @@ impl NatsServer {
     /// Start the server again on the same port and store directory.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn_server(&self.conf, self.port);
+        self.child = spawn_server(&self.binary, &self.conf, self.port);
     }
 
     pub fn url(&self) -> String {
@@ -58,10 +65,10 @@ impl NatsServer {
     }
 }
 
-fn spawn_server(conf: &Path, port: u16) -> Child {
-    let child = match Command::new(server_binary()).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+fn spawn_server(binary: &std::ffi::OsStr, conf: &Path, port: u16) -> Child {
+    let child = match Command::new(binary).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
         Ok(c) => c,
-        Err(e) => panic!("nats-server could not start ({e}); install Debian's nats-server package"),
+        Err(e) => panic!("{binary:?} could not start ({e}); install Debian's nats-server package"),
     };
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
