@@ -2,9 +2,9 @@
 //! a real nats-server (Debian's, default `max_payload` of 1 MB, monitoring on), on the trained
 //! fixture, under hostile input and a burst of large events.
 //!
-//! - fuzz: N events, each a good conversation or one of many kinds of broken input (random
-//!   bytes, cut JSON, wrong types, missing turns, deep nesting, oversized, the poison pill whose
-//!   dead letter exceeds the server's limit), in random order. Checks that every input ends
+//! - fuzz: N events from `common/hostile.rs`, each a good conversation or one of many kinds of
+//!   broken input (random bytes, cut JSON, wrong types, lone surrogates, NUL bytes, deep nesting,
+//!   oversized, 10,000 messages, the poison pill whose dead letter exceeds the server's limit). Checks that every input ends
 //!   scored or dead-lettered, that every input is acked, and that the worker is still running.
 //! - burst: M events of about 500 KB each published at once, worker at the default in-flight
 //!   bounds. Reports the worker's peak resident memory, JetStream redeliveries (deliveries minus
@@ -21,7 +21,7 @@ use clap::Parser;
 use serde_json::Value;
 
 mod common;
-use common::{events, free_port, scorestream_binary, start_nats_with, write_worker_config, Guard};
+use common::{events, free_port, hostile, scorestream_binary, start_nats_with, write_worker_config, Guard};
 
 #[derive(Parser)]
 #[command(about = "Fuzz and burst figures of `scorestream run` against a real nats-server")]
@@ -32,47 +32,6 @@ struct Args {
     /// Events of ~500 KB published at once.
     #[arg(long, default_value_t = 2_000)]
     burst: usize,
-}
-
-/// xorshift64*: reproducible inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// One fuzzed payload: a good event (`good` is a valid event line) or a broken one.
-fn fuzzed(rng: &mut Rng, good: &str, i: usize) -> Vec<u8> {
-    let conv = |content: &str| {
-        format!(r#"{{"id":"f{i}","messages":[{{"role":"user","content":"2+2"}},{{"role":"assistant","content":{content}}}]}}"#)
-    };
-    match rng.below(16) {
-        0..=6 => good.as_bytes().to_vec(),
-        7 => (0..rng.below(300) + 1).map(|_| rng.next() as u8).collect(),
-        8 => good.as_bytes()[..rng.below(good.len())].to_vec(),
-        9 => format!(r#"{{"id":{i},"messages":"none"}}"#).into_bytes(),
-        10 => format!(r#"{{"id":"f{i}","messages":[{{"role":"assistant","content":""}}]}}"#).into_bytes(),
-        11 => format!("{}{}", "[".repeat(rng.below(200_000)), "]".repeat(10)).into_bytes(),
-        12 => conv(&Value::String("x".repeat(1_000_000)).to_string()).into_bytes(),
-        13 => conv(&Value::String("9\"".repeat(250_000)).to_string()).into_bytes(),
-        14 => {
-            let mut b = good.as_bytes().to_vec();
-            for _ in 0..3 {
-                let at = rng.below(b.len());
-                b[at] = rng.next() as u8;
-            }
-            b
-        }
-        _ => conv(&format!(r#""{}", "metadata": {{"n": 123456789012345678901234567890, "z": -0}}"#, "4")).into_bytes(),
-    }
 }
 
 async fn publish(js: &jetstream::Context, payloads: &[Vec<u8>]) -> anyhow::Result<()> {
@@ -198,8 +157,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let good = events(root, args.fuzz.max(1))?;
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
-    let fuzz: Vec<Vec<u8>> = good.iter().enumerate().map(|(i, g)| fuzzed(&mut rng, g, i)).collect();
+    let fuzz = hostile::payloads(&good, args.fuzz);
     let big: Vec<Vec<u8>> = events(root, args.burst)?
         .into_iter()
         .map(|line| {
