@@ -6,8 +6,9 @@
 //!   baseline + COPIES × min(max_inflight_events × max_payload_bytes, max_inflight_bytes) + SLACK
 //!
 //! (in flight, each payload is held as received and once more decoded; SLACK covers the client's
-//! buffers, the allocator and a tokenized batch). Two backlogs: 100,000 small events and 2,000
-//! events of 500 KB (1 GB, 4× `max_inflight_bytes`). A worker that fetched the whole backlog
+//! buffers, the allocator and a tokenized batch). Two backlogs: small events (100,000 with
+//! `SCORESTREAM_MEMORY_BACKLOG=100000`; 20,000 by default, for CI's time) and 2,000 events of
+//! 500 KB (1 GB, 15× `max_inflight_bytes`). A worker that fetched the whole backlog
 //! would hold it all; the figures are printed.
 
 mod common_fixtures;
@@ -22,7 +23,7 @@ use serde_json::Value;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const COPIES: f64 = 2.0;
-const SLACK_MIB: f64 = 64.0;
+const SLACK_MIB: f64 = 32.0;
 
 /// `(VmRSS, VmHWM)` of a process, in MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
@@ -101,7 +102,9 @@ async fn backlog(name: &str, payloads: Vec<Vec<u8>>, bounds: Bounds) {
     let (mut scored, mut dead, mut backlog_max) = (0, 0, 0u64);
     while scored + dead < n {
         assert!(worker.try_wait().unwrap().is_none(), "the worker exited: {}", show_log());
-        assert!(start.elapsed() < Duration::from_secs(900), "{} of {n} outputs after 15 min", scored + dead);
+        // Debug builds on 2 shared cores score ~80 small events a second.
+        let limit = Duration::from_secs(600) + Duration::from_millis(15) * n as u32;
+        assert!(start.elapsed() < limit, "{} of {n} outputs after {limit:?}", scored + dead);
         tokio::time::sleep(Duration::from_millis(500)).await;
         (scored, dead) = (count(&js, "SCORED").await, count(&js, "DEAD").await);
         backlog_max = backlog_max.max(n - scored - dead);
@@ -123,11 +126,19 @@ async fn backlog(name: &str, payloads: Vec<Vec<u8>>, bounds: Bounds) {
     assert!(terminate(worker).success(), "{}", show_log());
 }
 
+/// The small-event backlog: `SCORESTREAM_MEMORY_BACKLOG` events (RELIABILITY.md's figure is
+/// 100,000), else 20,000 (20 × `max_inflight_events`), which keeps CI's debug build within a few
+/// minutes on 2 cores.
+fn small_backlog() -> usize {
+    std::env::var("SCORESTREAM_MEMORY_BACKLOG").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_of_100_000_small_events_stays_within_the_inflight_bound() {
-    let payloads = events(100_000).into_iter().map(String::into_bytes).collect();
-    let bounds = Bounds { max_inflight_events: 1024, max_payload_bytes: 16 << 10, max_inflight_bytes: 256 << 20 };
-    backlog("100,000 small events", payloads, bounds).await;
+async fn a_backlog_of_small_events_stays_within_the_inflight_bound() {
+    let n = small_backlog();
+    let payloads = events(n).into_iter().map(String::into_bytes).collect();
+    let bounds = Bounds { max_inflight_events: 1024, max_payload_bytes: 4 << 10, max_inflight_bytes: 256 << 20 };
+    backlog(&format!("{n} small events"), payloads, bounds).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
