@@ -18,6 +18,17 @@ use nats_support::{count, events, free_port, read_all, setup_streams, terminate,
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// SIGKILLs the worker (pid) when the test fails before it is stopped (while `.1` holds).
+struct KillOnFailure(u32, bool);
+
+impl Drop for KillOnFailure {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
 /// Inputs through `score`.
 const SCORE_INPUTS: usize = 10_000;
 /// Inputs through NATS: fewer, so that the run fits CI's 2 cores (see RELIABILITY.md).
@@ -119,6 +130,7 @@ async fn hostile_events_through_nats_each_end_scored_or_dead_lettered_with_their
     let mut worker =
         Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::from(log)).spawn().unwrap();
     let show_log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    let mut guard = KillOnFailure(worker.id(), true);
     let start = Instant::now();
     let n = NATS_INPUTS as u64;
     loop {
@@ -157,5 +169,6 @@ async fn hostile_events_through_nats_each_end_scored_or_dead_lettered_with_their
         dead.len(),
         kinds(dead.iter())
     );
+    guard.1 = false;
     assert!(terminate(worker).success(), "{}", show_log());
 }

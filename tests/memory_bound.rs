@@ -21,6 +21,17 @@ use async_nats::jetstream::{self, stream};
 use nats_support::{count, events, free_port, http_status, terminate, write_config_with, NatsServer};
 use serde_json::Value;
 
+/// SIGKILLs the worker (pid) when the test fails before it is stopped (while `.1` holds).
+struct KillOnFailure(u32, bool);
+
+impl Drop for KillOnFailure {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
 const MIB: f64 = 1024.0 * 1024.0;
 const COPIES: f64 = 2.0;
 const SLACK_MIB: f64 = 32.0;
@@ -77,6 +88,7 @@ async fn backlog(name: &str, payloads: Vec<Vec<u8>>, bounds: Bounds) {
     let mut worker =
         Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::from(log)).spawn().unwrap();
     let show_log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    let mut guard = KillOnFailure(worker.id(), true);
     let start = Instant::now();
     while http_status(port, "/readyz").await != Some(200) {
         assert!(start.elapsed() < Duration::from_secs(60), "not ready: {}", show_log());
@@ -123,6 +135,7 @@ async fn backlog(name: &str, payloads: Vec<Vec<u8>>, bounds: Bounds) {
     );
     assert_eq!((scored, dead), (n, 0), "{}", show_log());
     assert!(peak < bound, "{name}: peak RSS {peak:.0} MiB over the bound {bound:.0} MiB");
+    guard.1 = false;
     assert!(terminate(worker).success(), "{}", show_log());
 }
 
