@@ -50,6 +50,8 @@ pub enum AppError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("invalid config: {0}")]
+    Route(#[from] crate::route::RouteError),
     #[error("shutdown did not finish within {0:?}; unacknowledged inputs will be redelivered")]
     ShutdownTimeout(std::time::Duration),
     #[error("cannot start the async runtime: {0}")]
@@ -185,8 +187,9 @@ async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<()
     }
 }
 
-/// The scored and dead-letter sinks, opened before the model loads (at-least-once).
-type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>);
+/// The scored, dead-letter and named sinks (in the config's name order), opened before the
+/// model loads (at-least-once).
+type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>, Vec<Arc<dyn crate::sink::Sink>>);
 
 /// Before the model loads: check the source (broker, credentials, secret files, stream or
 /// topics) and open the sinks, which check their own. Exactly-once sinks need the source's
@@ -200,10 +203,19 @@ async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sin
             return Ok(None);
         }
     }
+    Ok(Some(open_sinks(config, metrics).await?))
+}
+
+/// Open `[sink]`, `[dead_letter]` and every `[sinks.<name>]`.
+async fn open_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<Sinks, AppError> {
     let kctx = SinkContext { metrics: metrics.clone() };
     let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
-    let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
-    Ok(Some((sink, dead_letter)))
+    let dead_letter = crate::sink::open(&config.dead_letter, kctx.clone()).await?;
+    let mut named = Vec::with_capacity(config.sinks.len());
+    for routed in config.sinks.values() {
+        named.push(crate::sink::open(routed, kctx.clone()).await?);
+    }
+    Ok((sink, dead_letter, named))
 }
 
 async fn open_parts(
@@ -219,21 +231,23 @@ async fn open_parts(
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
-    let (source, sink, dead_letter, commit) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
-        (Some((sink, dead_letter)), ..) => (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None),
+    let router = Arc::new(crate::route::Router::compile(&config.route, config.sinks.keys())?);
+    let (source, sink, dead_letter, commit, named) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
+        (Some((sink, dead_letter, named)), ..) => {
+            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
+        }
         // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
         (None, SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) => {
             let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
             let (sink, dead_letter, commit) =
                 crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
-            (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit))
+            // Validated: exactly-once has no named sinks.
+            (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit), Vec::new())
         }
         // Not reached: preflight opens the sinks unless the delivery is exactly-once over Kafka.
         (None, ..) => {
-            let kctx = SinkContext { metrics: metrics.clone() };
-            let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
-            let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
-            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None)
+            let (sink, dead_letter, named) = open_sinks(config, &metrics).await?;
+            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
         }
     };
     Ok(Parts {
@@ -243,6 +257,7 @@ async fn open_parts(
         scorer: Arc::new(engine),
         sink,
         dead_letter,
+        routes: crate::pipeline::Routes { router, sinks: named },
         commit,
         metrics,
         liveness,

@@ -18,5 +18,6 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod route;
 pub mod sink;
 pub mod source;

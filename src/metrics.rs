@@ -61,10 +61,12 @@ pub struct Metrics {
     pub dedup_collisions: IntCounter,
     /// Seconds the model (tokenizer, weights onto every device) took to load at start.
     pub model_load_seconds: Gauge,
+    /// Scored events delivered, by route: a `[sinks.<name>]` name, "drop" or "default".
+    pub routed: IntCounterVec,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 18] = [
+pub const NAMES: [&str; 19] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -83,6 +85,7 @@ pub const NAMES: [&str; 18] = [
     "scorestream_publish_rejected_total",
     "scorestream_dedup_collisions_total",
     "scorestream_model_load_seconds",
+    "scorestream_routed_total",
 ];
 
 /// The `delivery` label values of `scorestream_events_scored_total`.
@@ -167,6 +170,8 @@ impl Metrics {
             )
             .map_err(r)?,
             model_load_seconds: Gauge::new(NAMES[17], "Seconds the model took to load at start.").map_err(r)?,
+            routed: IntCounterVec::new(Opts::new(NAMES[18], "Scored events delivered, by route."), &["route"])
+                .map_err(r)?,
         };
         m.register_all()?;
         for kind in ErrorKind::ALL {
@@ -178,6 +183,9 @@ impl Metrics {
         for delivery in DELIVERIES {
             m.events_scored.with_label_values(&[delivery]);
         }
+        for route in [crate::route::DEFAULT, crate::route::DROP] {
+            m.routed.with_label_values(&[route]);
+        }
         for output in ["scored", "dead_letter"] {
             m.publish_retries.with_label_values(&[output]);
             m.publish_rejected.with_label_values(&[output]);
@@ -186,7 +194,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -205,6 +213,7 @@ impl Metrics {
             Box::new(self.publish_rejected.clone()),
             Box::new(self.dedup_collisions.clone()),
             Box::new(self.model_load_seconds.clone()),
+            Box::new(self.routed.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;

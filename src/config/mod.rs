@@ -8,6 +8,7 @@ pub mod brokers;
 mod env;
 mod redact;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -61,6 +62,14 @@ pub struct Config {
     pub sink: SinkConfig,
     /// Where events that cannot be scored go, with the reason and the original payload.
     pub dead_letter: SinkConfig,
+    /// Named outputs (`[sinks.<name>]`, any sink type) that `[[route]]` rules send scored
+    /// events to; `[sink]` stays the default for events no rule matches.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Ordered routing rules over each scored event: the first whose `when` is true sends the
+    /// event to its `to`; no match sends it to `[sink]`.
+    #[serde(default)]
+    pub route: Vec<RouteRule>,
     /// The metrics and health endpoint.
     #[serde(default)]
     pub http: HttpConfig,
@@ -69,6 +78,18 @@ pub struct Config {
     /// above it.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+}
+
+/// One `[[route]]` rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// A CEL expression over the scored event as published (`reward`, `attributes.<name>`,
+    /// `tokens`, `truncated`, `model`, `metadata.<key>`); it must give a boolean. One that fails
+    /// on an event dead-letters that event (kind `route`).
+    pub when: String,
+    /// The name of a `[sinks.<name>]` table, or `"drop"` to discard the event.
+    pub to: String,
 }
 
 /// The `[batch]` section.
@@ -251,7 +272,25 @@ impl Config {
         validate_source(&self.source)?;
         validate_sink("sink", &self.sink)?;
         validate_sink("dead_letter", &self.dead_letter)?;
+        self.validate_routes()?;
         self.validate_exactly_once()
+    }
+
+    /// Named sinks are valid sinks under names that are not reserved, and every rule compiles
+    /// and names one of them (or `drop`).
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        for (name, sink) in &self.sinks {
+            if name == crate::route::DROP || name == crate::route::DEFAULT || name.is_empty() {
+                return invalid(&format!("sinks.{name}"), "this name is reserved for routing; choose another");
+            }
+            validate_sink(&format!("sinks.{name}"), sink)?;
+            if matches!(sink, SinkConfig::Kafka(k) if k.delivery == Delivery::ExactlyOnce) {
+                return invalid(&format!("sinks.{name}.delivery"), "exactly_once is set on [sink] only");
+            }
+        }
+        crate::route::Router::compile(&self.route, self.sinks.keys())
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid { field: "route".into(), message: e.to_string() })
     }
 
     /// Move credentials written into a NATS URL into the section's user/password or token, so
@@ -260,9 +299,11 @@ impl Config {
         if let SourceConfig::Nats(n) = &mut self.source {
             take_url_credentials("source", &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
         }
-        for (section, sink) in [("sink", &mut self.sink), ("dead_letter", &mut self.dead_letter)] {
+        let named = self.sinks.iter_mut().map(|(name, sink)| (format!("sinks.{name}"), sink));
+        let fixed = [("sink".to_owned(), &mut self.sink), ("dead_letter".to_owned(), &mut self.dead_letter)];
+        for (section, sink) in fixed.into_iter().chain(named) {
             if let SinkConfig::Nats(n) = sink {
-                take_url_credentials(section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
+                take_url_credentials(&section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
             }
         }
         Ok(())
@@ -272,6 +313,13 @@ impl Config {
         let SinkConfig::Kafka(sink) = &self.sink else { return Ok(()) };
         if sink.delivery != Delivery::ExactlyOnce {
             return Ok(());
+        }
+        if !self.sinks.is_empty() {
+            // Each sink has its own producer, and one transaction spans one producer.
+            return invalid(
+                "sink.delivery",
+                "exactly_once cannot be combined with named [sinks.*] yet: their writes would not share the transaction",
+            );
         }
         match (&self.source, &self.dead_letter) {
             (SourceConfig::Kafka(src), SinkConfig::Kafka(dl))
