@@ -19,5 +19,6 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod route;
+pub mod score_api;
 pub mod sink;
 pub mod source;

@@ -92,6 +92,15 @@ impl Router {
         }
     }
 
+    /// The route of a scored event from `origin`: posted events (`/v1/score`) are answered to
+    /// their request, never routed.
+    pub fn route_from(&self, origin: &crate::source::Origin, scored: &[u8]) -> Result<Route, String> {
+        match origin {
+            crate::source::Origin::Http { .. } => Ok(Route::Default),
+            _ => self.route(scored),
+        }
+    }
+
     /// The route of the scored event whose JSON line is `scored`; `Err` with the message when a
     /// rule's expression fails on it.
     pub fn route(&self, scored: &[u8]) -> Result<Route, String> {

@@ -163,6 +163,20 @@ pub struct HttpConfig {
     /// Most open HTTP connections; a connection beyond it is closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Serve `POST /v1/score` on this listener (`scorestream serve` always does).
+    #[serde(default)]
+    pub score_api: bool,
+    /// Most posted events waiting to be scored at a time; a request that would go over gets 429
+    /// with `Retry-After`.
+    #[serde(default = "default_max_pending_events")]
+    pub max_pending_events: usize,
+    /// Largest `/v1/score` request body in bytes; a larger one gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// A file holding the bearer token `/v1/score` requires (`Authorization: Bearer <token>`);
+    /// without it, no token is asked for.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -172,6 +186,10 @@ impl Default for HttpConfig {
             stall_timeout: default_stall_timeout(),
             header_timeout: default_header_timeout(),
             max_connections: default_max_connections(),
+            score_api: false,
+            max_pending_events: default_max_pending_events(),
+            max_body_bytes: default_max_body_bytes(),
+            token_file: None,
         }
     }
 }
@@ -209,6 +227,12 @@ fn default_header_timeout() -> Duration {
 const fn default_max_connections() -> usize {
     128
 }
+const fn default_max_pending_events() -> usize {
+    1024
+}
+const fn default_max_body_bytes() -> usize {
+    8 * 1024 * 1024
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
 }
@@ -219,6 +243,32 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// The config of `scorestream serve`: the same file, where `[source]`, `[sink]` and
+    /// `[dead_letter]` may be left out (they are not used: posted events are answered to their
+    /// requests).
+    pub fn load_for_serve(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let origin = path.display().to_string();
+        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin: origin.clone(),
+            message: redact::redact_toml_error(&text, &e.to_string()),
+        })?;
+        for section in ["source", "sink", "dead_letter"] {
+            if !tree.contains_key(section) {
+                let mut unused = toml::Table::new();
+                unused.insert("type".into(), "file".into());
+                unused.insert("path".into(), "-".into());
+                tree.insert(section.into(), toml::Value::Table(unused));
+            }
+        }
+        let mut config: Config = overlay(tree, std::env::vars())?;
+        config.take_url_credentials()?;
+        config.http.score_api = true;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parse TOML text, overlay the given `(name, value)` variables, validate.
@@ -255,6 +305,8 @@ impl Config {
             );
         }
         positive("http.max_connections", self.http.max_connections)?;
+        positive("http.max_pending_events", self.http.max_pending_events)?;
+        positive("http.max_body_bytes", self.http.max_body_bytes)?;
         positive("model.max_tokens", self.model.max_tokens)?;
         if self.model.devices.is_empty() {
             return invalid("model.devices", "at least one device is needed");

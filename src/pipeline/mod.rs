@@ -183,6 +183,9 @@ pub struct Parts {
 pub struct Routes {
     pub router: Arc<Router>,
     pub sinks: Vec<Arc<dyn Sink>>,
+    /// Where the outputs of events posted to `/v1/score` go (their requests); they are never
+    /// routed.
+    pub reply: Option<Arc<dyn Sink>>,
 }
 
 /// Flow-control settings.
@@ -245,6 +248,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         dead_letter: dead_letter.clone(),
         routes: routes.sinks.clone(),
         router: routes.router.clone(),
+        reply: routes.reply.clone(),
         commit,
         metrics,
         liveness,

@@ -61,6 +61,8 @@ pub(super) struct Publisher {
     /// Named sinks, by the index the router gives.
     pub routes: Vec<Arc<dyn Sink>>,
     pub router: Arc<Router>,
+    /// The outputs of posted events (`Origin::Http`), scored or not, go back to their requests.
+    pub reply: Option<Arc<dyn Sink>>,
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
@@ -113,6 +115,9 @@ impl Publisher {
     }
 
     fn sink_for(&self, msg: &Outgoing) -> &Arc<dyn Sink> {
+        if let (Origin::Http { .. }, Some(reply)) = (&msg.origin, &self.reply) {
+            return reply;
+        }
         match msg.kind {
             OutputKind::Scored => msg.sink.and_then(|i| self.routes.get(i)).unwrap_or(&self.sink),
             OutputKind::DeadLetter => &self.dead_letter,
@@ -128,7 +133,7 @@ impl Publisher {
                 rewards.extend(score.attributes.iter().cloned());
                 let id = Some(event.id.clone());
                 let payload = scored_payload(event, score, tokens, truncated, &self.model);
-                let route = match self.router.route(&payload) {
+                let route = match self.router.route_from(&input.origin, &payload) {
                     Ok(route) => route,
                     Err(message) => {
                         let e = EventError::new(ErrorKind::Route, message).with_id(id);
@@ -281,7 +286,9 @@ impl Publisher {
         match tally {
             Tally::Scored { tokens, rewards, route } => {
                 m.events_scored.with_label_values(&[delivery]).inc();
-                m.routed.with_label_values(&[route.as_str()]).inc();
+                if !matches!(origin, Origin::Http { .. }) {
+                    m.routed.with_label_values(&[route.as_str()]).inc();
+                }
                 m.tokens_scored.inc_by(tokens as u64);
                 for (attribute, value) in rewards {
                     m.reward.with_label_values(&[attribute.as_str()]).observe(f64::from(value));
