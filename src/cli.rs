@@ -41,6 +41,9 @@ pub enum Command {
     Compare(CompareArgs),
     /// Run the streaming worker described by a config file.
     Run(ConfigArgs),
+    /// Serve `POST /v1/score` with the resident model, without a stream source (`[source]`,
+    /// `[sink]` and `[dead_letter]` may be left out of the config).
+    Serve(ConfigArgs),
     /// Validate a worker config file without starting anything.
     CheckConfig(ConfigArgs),
     /// Compile every CUDA kernel to CUBIN for each GPU architecture (no GPU needed; needs the

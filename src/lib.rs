@@ -18,5 +18,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod route;
+pub mod score_api;
 pub mod sink;
 pub mod source;

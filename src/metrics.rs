@@ -111,10 +111,12 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Seconds the model (tokenizer, weights onto every device) took to load at start.
     pub model_load_seconds: Gauge,
+    /// Scored events delivered, by route: a `[sinks.<name>]` name, "drop" or "default".
+    pub routed: IntCounterVec,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 19] = [
+pub const NAMES: [&str; 20] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -134,6 +136,7 @@ pub const NAMES: [&str; 19] = [
     "scorestream_dedup_collisions_total",
     "scorestream_build_info",
     "scorestream_model_load_seconds",
+    "scorestream_routed_total",
 ];
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
@@ -232,6 +235,8 @@ impl Metrics {
             )
             .map_err(r)?,
             model_load_seconds: Gauge::new(NAMES[18], "Seconds the model took to load at start.").map_err(r)?,
+            routed: IntCounterVec::new(Opts::new(NAMES[19], "Scored events delivered, by route."), &["route"])
+                .map_err(r)?,
         };
         m.register_all()?;
         m.build_info.with_label_values(&BUILD).set(1);
@@ -244,6 +249,9 @@ impl Metrics {
         for delivery in DELIVERIES {
             m.events_scored.with_label_values(&[delivery]);
         }
+        for route in [crate::route::DEFAULT, crate::route::DROP] {
+            m.routed.with_label_values(&[route]);
+        }
         for output in ["scored", "dead_letter"] {
             m.publish_retries.with_label_values(&[output]);
             m.publish_rejected.with_label_values(&[output]);
@@ -252,7 +260,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -272,6 +280,7 @@ impl Metrics {
             Box::new(self.dedup_collisions.clone()),
             Box::new(self.build_info.clone()),
             Box::new(self.model_load_seconds.clone()),
+            Box::new(self.routed.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;

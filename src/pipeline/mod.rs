@@ -35,6 +35,7 @@ use crate::engine::EngineError;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
 use crate::source::{AckHandle, Origin, Source, SourceError};
 
@@ -168,11 +169,23 @@ pub struct Parts {
     pub scorer: Arc<dyn Scorer>,
     pub sink: Arc<dyn Sink>,
     pub dead_letter: Arc<dyn Sink>,
+    /// Named sinks and the `[[route]]` rules that pick them (none: everything to `sink`).
+    pub routes: Routes,
     /// Exactly-once hook; `None` for at-least-once.
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
     /// Where the publish stage reports progress (`/healthz`).
     pub liveness: Arc<Liveness>,
+}
+
+/// The named sinks, in the order of [`Router::names`], and the rules over them.
+#[derive(Clone, Default)]
+pub struct Routes {
+    pub router: Arc<Router>,
+    pub sinks: Vec<Arc<dyn Sink>>,
+    /// Where the outputs of events posted to `/v1/score` go (their requests); they are never
+    /// routed.
+    pub reply: Option<Arc<dyn Sink>>,
 }
 
 /// Flow-control settings.
@@ -206,7 +219,7 @@ impl Settings {
 /// stops fetching too, and so does a model that failed `max_failed_batches` batches in a row;
 /// the run then ends with that error after the same orderly close.
 pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
-    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, commit, metrics, liveness } = parts;
+    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, routes, commit, metrics, liveness } = parts;
     let limits = Limits::new(&settings);
     let lane = settings.limits.max_events.max(1);
     let (fetch_tx, fetch_rx) = mpsc::channel::<InFlight>(lane);
@@ -233,6 +246,9 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     let publisher = publish::Publisher {
         sink: sink.clone(),
         dead_letter: dead_letter.clone(),
+        routes: routes.sinks.clone(),
+        router: routes.router.clone(),
+        reply: routes.reply.clone(),
         commit,
         metrics,
         liveness,
@@ -251,6 +267,11 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     let published = publish.await.map_err(|e| PipelineError::Task(format!("publish: {e}")))?;
     if let Err(e) = sink.flush().await {
         tracing::warn!(error = %crate::error::Chain(&e), "flushing the sink failed");
+    }
+    for (name, routed) in routes.router.names().iter().zip(&routes.sinks) {
+        if let Err(e) = routed.flush().await {
+            tracing::warn!(error = %crate::error::Chain(&e), sink = %name, "flushing a named sink failed");
+        }
     }
     if let Err(e) = dead_letter.flush().await {
         tracing::warn!(error = %crate::error::Chain(&e), "flushing the dead-letter sink failed");

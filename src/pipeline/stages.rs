@@ -32,6 +32,7 @@ pub(super) async fn fetch(
     mut abort: watch::Receiver<bool>,
 ) -> (Box<dyn Source>, Result<(), PipelineError>) {
     let consumed = metrics.events_consumed.with_label_values(&[kind]);
+    let posted = metrics.events_consumed.with_label_values(&["http"]);
     loop {
         // Biased toward stopping: once a signal arrived, nothing more is fetched.
         let permit = tokio::select! {
@@ -60,7 +61,10 @@ pub(super) async fn fetch(
             _ = abort.wait_for(|s| *s) => break,
             p = limits.bytes.clone().acquire_many_owned(size) => match p { Ok(p) => p, Err(_) => break },
         };
-        consumed.inc();
+        match record.origin {
+            crate::source::Origin::Http { .. } => posted.inc(),
+            _ => consumed.inc(),
+        }
         metrics.inflight_events.inc();
         let item = InFlight {
             origin: record.origin,
