@@ -111,10 +111,12 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Seconds the model (tokenizer, weights onto every device) took to load at start.
     pub model_load_seconds: Gauge,
+    /// Tokens not recomputed because a batch's sequences shared a prefix.
+    pub prefix_tokens_shared: IntCounter,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 19] = [
+pub const NAMES: [&str; 20] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -134,6 +136,7 @@ pub const NAMES: [&str; 19] = [
     "scorestream_dedup_collisions_total",
     "scorestream_build_info",
     "scorestream_model_load_seconds",
+    "scorestream_prefix_tokens_shared_total",
 ];
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
@@ -232,6 +235,8 @@ impl Metrics {
             )
             .map_err(r)?,
             model_load_seconds: Gauge::new(NAMES[18], "Seconds the model took to load at start.").map_err(r)?,
+            prefix_tokens_shared: IntCounter::new(NAMES[19], "Tokens not recomputed because sequences of a batch shared a prefix.")
+                .map_err(r)?,
         };
         m.register_all()?;
         m.build_info.with_label_values(&BUILD).set(1);
@@ -252,7 +257,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -272,6 +277,7 @@ impl Metrics {
             Box::new(self.dedup_collisions.clone()),
             Box::new(self.build_info.clone()),
             Box::new(self.model_load_seconds.clone()),
+            Box::new(self.prefix_tokens_shared.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;
@@ -296,6 +302,12 @@ impl Metrics {
                 c.inc_by(delta);
             }
         }
+    }
+
+    /// Bring `scorestream_prefix_tokens_shared_total` up to the engine's total.
+    pub fn update_prefix_tokens_shared(&self, total: u64) {
+        let delta = total.saturating_sub(self.prefix_tokens_shared.get());
+        self.prefix_tokens_shared.inc_by(delta);
     }
 
     /// Events scored, whatever their delivery.

@@ -165,3 +165,28 @@ fn exit_status_is_3_when_no_line_could_be_scored() {
     let empty = score("arith", b"\n\n", &[]);
     assert_eq!((empty.code, empty.out.len(), empty.errors.len()), (0, 0, 0), "nothing to score is no failure");
 }
+
+/// Conversations with one long system prompt score the same with the prompt computed once per
+/// batch (`--min-shared-prefix`) as with every conversation computed whole.
+#[test]
+fn a_shared_system_prompt_changes_no_score() {
+    let system = "You are a careful assistant. Answer briefly and check each step twice. ".repeat(6);
+    let mut input = String::new();
+    for (i, q) in ["What is 2+2?", "Name a prime.", "Capital of France?", "Spell cat.", "2*3?"].iter().enumerate() {
+        let line = serde_json::json!({"id": format!("c{i}"), "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": q},
+            {"role": "assistant", "content": format!("Answer number {i}.")}]});
+        input.push_str(&format!("{line}\n"));
+    }
+    for name in ["qwen3_seqcls", "mistral_seqcls", "nemotron_seqcls"] {
+        let whole = score(name, input.as_bytes(), &["--min-shared-prefix", "0"]);
+        let shared = score(name, input.as_bytes(), &["--min-shared-prefix", "16"]);
+        assert_eq!((whole.code, shared.code), (0, 0), "{name}: {:?} {:?}", whole.errors, shared.errors);
+        assert_eq!(whole.out.len(), 5, "{name}: {:?}", whole.errors);
+        for (a, b) in whole.out.iter().zip(&shared.out) {
+            assert_eq!(a["id"], b["id"]);
+            let (a, b) = (a["reward"].as_f64().unwrap(), b["reward"].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{name}: {b} shared vs {a} whole");
+        }
+    }
+}

@@ -55,7 +55,7 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let opts = args.model.options();
     let prompter = Arc::new(Prompter::load(&opts.path).context("cannot load the tokenizer and chat template")?);
     let limits = BatchLimits { max_tokens: args.batch_tokens, max_events: args.batch_events };
-    let engine = Engine::start_with_limits(&opts, limits)?;
+    let engine = Engine::start_with_limits(&opts, limits)?.with_min_shared_prefix(args.min_shared_prefix);
     // The length limit (`--max-tokens` capped by the model's positions) must fit one batch.
     if engine.info().max_tokens > args.batch_tokens {
         anyhow::bail!(
