@@ -114,6 +114,9 @@ pub struct BatchConfig {
     /// them, with the same scores. 0 turns sharing off. CPU engines only for now.
     #[serde(default = "default_min_shared_prefix")]
     pub min_shared_prefix: usize,
+    /// Most candidates of one best-of-N event; an event with more is dead-lettered (`schema`).
+    #[serde(default = "default_max_candidates")]
+    pub max_candidates: usize,
 }
 
 impl Default for BatchConfig {
@@ -127,6 +130,7 @@ impl Default for BatchConfig {
             max_inflight_bytes: default_max_inflight_bytes(),
             max_failed_batches: default_max_failed_batches(),
             min_shared_prefix: default_min_shared_prefix(),
+            max_candidates: default_max_candidates(),
         }
     }
 }
@@ -170,6 +174,9 @@ impl Default for HttpConfig {
 
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+const fn default_max_candidates() -> usize {
+    crate::candidates::DEFAULT_MAX_CANDIDATES
 }
 const fn default_min_shared_prefix() -> usize {
     128

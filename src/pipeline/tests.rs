@@ -77,6 +77,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -128,6 +129,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -195,6 +197,7 @@ async fn fetching_stops_at_the_inflight_bound() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -258,6 +261,7 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -319,6 +323,7 @@ proptest::proptest! {
                 max_inflight_bytes: 1 << 20,
                 max_payload_bytes: 150,
                 max_failed_batches: 3,
+                max_candidates: 64,
             };
             let (_stop_tx, stop) = watch::channel(false);
             run(parts, settings, stop).await.unwrap();
@@ -437,6 +442,7 @@ async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atom
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let result = tokio::time::timeout(Duration::from_secs(20), run(parts, settings, stop)).await.unwrap();
