@@ -1,7 +1,8 @@
 //! Shared-prefix scoring on the CPU: the same conversations scored with their common prefix
 //! computed once per batch (`Engine::with_min_shared_prefix`) and computed whole, side by side.
 //!
-//! `cargo bench --bench shared_prefix` (no options). Two workloads on two model shapes with
+//! `cargo bench --bench shared_prefix [-- --reps N --shapes arith,qwen --workloads bon,system]`
+//! (defaults: 3 repetitions, the best kept; every shape and workload). Two workloads on two model shapes with
 //! random f32 weights written to a temporary directory:
 //! - best-of-8: one batch of 8 candidates, a 1,000-token prompt and 300-token answers each;
 //! - system prompt: one batch of 32 conversations, a 1,500-token system prompt and 200 tokens each;
@@ -24,6 +25,7 @@ use scorestream::model::{Dtype, ModelOptions};
 
 struct Shape {
     name: &'static str,
+    key: &'static str,
     hidden: usize,
     layers: usize,
     heads: usize,
@@ -112,16 +114,23 @@ fn time(engine: &Engine, batch: &[Vec<u32>], reps: usize) -> anyhow::Result<(f64
 }
 
 fn main() -> anyhow::Result<()> {
-    let benchmarking = std::env::args().any(|a| a == "--bench");
-    let (scale, reps) = if benchmarking { (1, 3) } else { (20, 1) };
+    let args: Vec<String> = std::env::args().collect();
+    let benchmarking = args.iter().any(|a| a == "--bench");
+    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let (scale, mut reps) = if benchmarking { (1, 3) } else { (20, 1) };
+    if let Some(r) = opt("--reps") {
+        reps = r.parse()?;
+    }
+    let shapes_wanted = opt("--shapes").unwrap_or_else(|| "arith,qwen".into());
+    let workloads_wanted = opt("--workloads").unwrap_or_else(|| "bon,system".into());
     let shapes = [
-        Shape { name: "arith-shaped", hidden: 128, layers: 4, heads: 4, kv_heads: 4, head_dim: 32, inter: 256, bias: false },
-        Shape { name: "Qwen2.5-0.5B-shaped", hidden: 896, layers: 2, heads: 14, kv_heads: 2, head_dim: 64, inter: 4864, bias: true },
+        Shape { name: "arith-shaped", key: "arith", hidden: 128, layers: 4, heads: 4, kv_heads: 4, head_dim: 32, inter: 256, bias: false },
+        Shape { name: "Qwen2.5-0.5B-shaped", key: "qwen", hidden: 896, layers: 2, heads: 14, kv_heads: 2, head_dim: 64, inter: 4864, bias: true },
     ];
-    let workloads = [("best-of-8, 1,000 + 300", 8, 1000 / scale, 300 / scale), ("32 events, 1,500 + 200", 32, 1500 / scale, 200 / scale)];
+    let workloads = [("bon", "best-of-8, 1,000 + 300", 8, 1000 / scale, 300 / scale), ("system", "32 events, 1,500 + 200", 32, 1500 / scale, 200 / scale)];
     println!("| workload | model | sequences/s whole | sequences/s shared | speed-up | tokens whole → shared | FLOPs saved | max |Δ reward| |");
     println!("|---|---|---|---|---|---|---|---|");
-    for shape in &shapes {
+    for shape in shapes.iter().filter(|s| shapes_wanted.split(',').any(|w| w == s.key)) {
         let dir = tempfile::tempdir()?;
         write_checkpoint(dir.path(), shape)?;
         let mut opts = ModelOptions::new(dir.path());
@@ -129,7 +138,10 @@ fn main() -> anyhow::Result<()> {
         let limits = BatchLimits { max_tokens: 65_536, max_events: 256 };
         let whole = Engine::start_with_limits(&opts, limits)?;
         let shared = whole.clone().with_min_shared_prefix(128 / scale);
-        for (name, members, prefix, own) in workloads {
+        for (key, name, members, prefix, own) in workloads {
+            if !workloads_wanted.split(',').any(|w| w == key) {
+                continue;
+            }
             let batch = workload(members, prefix, own);
             whole.score_blocking(batch[..1].to_vec())?; // warm-up
             let (t_whole, r_whole) = time(&whole, &batch, reps)?;

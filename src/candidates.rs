@@ -55,8 +55,8 @@ struct Probe {
 impl Event {
     /// Parse and validate one payload of either form; errors as [`InputEvent::parse`].
     pub fn parse(bytes: &[u8], max_bytes: usize, max_candidates: usize) -> Result<Self, EventError> {
-        let best_of_n = serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.candidates.is_some());
-        if !best_of_n || (max_bytes > 0 && bytes.len() > max_bytes) {
+        let oversized = max_bytes > 0 && bytes.len() > max_bytes;
+        if oversized || !serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.candidates.is_some()) {
             return InputEvent::parse(bytes, max_bytes).map(Event::Single);
         }
         let event: BestOfNEvent = serde_json::from_slice(bytes).map_err(|e| {
