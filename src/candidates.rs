@@ -55,8 +55,11 @@ struct Probe {
 impl Event {
     /// Parse and validate one payload of either form; errors as [`InputEvent::parse`].
     pub fn parse(bytes: &[u8], max_bytes: usize, max_candidates: usize) -> Result<Self, EventError> {
+        // Only an object can be a best-of-N event (serde would also read a struct from an
+        // array); anything else gets the ordinary parser's errors.
+        let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let oversized = max_bytes > 0 && bytes.len() > max_bytes;
-        if oversized || !serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.candidates.is_some()) {
+        if oversized || !object || !serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.candidates.is_some()) {
             return InputEvent::parse(bytes, max_bytes).map(Event::Single);
         }
         let event: BestOfNEvent = serde_json::from_slice(bytes).map_err(|e| {
@@ -221,6 +224,9 @@ mod tests {
         assert_eq!(convs[1].as_ref().unwrap().messages.len(), 2);
         assert_eq!(convs[1].as_ref().unwrap().id, "x");
         assert!(matches!(parse(r#"{"id":"s","messages":[{"role":"assistant","content":"a"}]}"#), Ok(Event::Single(_))));
+        // An array is never read as a best-of-N event (serde reads structs from arrays too).
+        assert_eq!(parse(r#"[[{"content":"4"}]]"#).unwrap_err().kind, ErrorKind::Schema);
+        assert_eq!(parse(&format!("{}{}", "[".repeat(5000), "]".repeat(5000))).unwrap_err().kind, ErrorKind::InvalidJson);
     }
 
     #[test]
