@@ -128,6 +128,9 @@ fn main() -> anyhow::Result<()> {
         Shape { name: "Qwen2.5-0.5B-shaped", key: "qwen", hidden: 896, layers: 2, heads: 14, kv_heads: 2, head_dim: 64, inter: 4864, bias: true },
     ];
     let workloads = [("bon", "best-of-8, 1,000 + 300", 8, 1000 / scale, 300 / scale), ("system", "32 events, 1,500 + 200", 32, 1500 / scale, 200 / scale)];
+    if !benchmarking {
+        println!("smoke run (not `--bench`): every length below divided by {scale}");
+    }
     println!("| workload | model | sequences/s whole | sequences/s shared | speed-up | tokens whole → shared | FLOPs saved | max |Δ reward| |");
     println!("|---|---|---|---|---|---|---|---|");
     for shape in shapes.iter().filter(|s| shapes_wanted.split(',').any(|w| w == s.key)) {
