@@ -163,6 +163,7 @@ pub async fn run_as(config: Config, mode: Mode) -> Result<(), AppError> {
         tracing::info!(model = %config.model.path.display(), "source and sinks reachable; loading the model");
         let started = std::time::Instant::now();
         let loaded = load_model(&config.model, config.batch.limits()).await?;
+        let loaded = (loaded.0, loaded.1.with_min_shared_prefix(config.batch.min_shared_prefix));
         metrics.model_load_seconds.set(started.elapsed().as_secs_f64());
         Ok::<_, AppError>((sinks, loaded))
     };
@@ -350,7 +351,8 @@ fn serve_parts(
     }
 }
 
-/// Keep `scorestream_stage_busy_seconds_total` in step with the engine, once a second.
+/// Keep `scorestream_stage_busy_seconds_total` and `scorestream_prefix_tokens_shared_total` in
+/// step with the engine, once a second.
 fn spawn_stage_busy_updates(engine: Engine, metrics: Arc<Metrics>) {
     let devices: Vec<String> = engine.info().stages.iter().map(|s| s.device.clone()).collect();
     tokio::spawn(async move {
@@ -358,6 +360,7 @@ fn spawn_stage_busy_updates(engine: Engine, metrics: Arc<Metrics>) {
         loop {
             tick.tick().await;
             metrics.update_stage_busy(&engine.stage_busy_seconds(), &devices);
+            metrics.update_prefix_tokens_shared(engine.prefix_tokens_shared());
         }
     });
 }

@@ -129,6 +129,10 @@ pub struct ScoreArgs {
     /// Most conversations in one forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch_events: usize,
+    /// Conversations of a batch beginning with this many or more identical tokens compute
+    /// that prefix once (same scores; 0 = off; CPU only for now).
+    #[arg(long, default_value_t = 128)]
+    pub min_shared_prefix: usize,
     /// Largest accepted input line, in bytes (0 = unlimited).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_line_bytes: usize,

@@ -3,6 +3,7 @@
 //! Data flows one way: source → event → prompt → batch → engine → sink, with acks flowing back.
 
 pub mod batch;
+pub mod candidates;
 pub mod cli;
 pub mod commands;
 pub mod engine;

@@ -113,10 +113,14 @@ pub struct Metrics {
     pub model_load_seconds: Gauge,
     /// Scored events delivered, by route: a `[sinks.<name>]` name, "drop" or "default".
     pub routed: IntCounterVec,
+    /// Tokens not recomputed because a batch's sequences shared a prefix.
+    pub prefix_tokens_shared: IntCounter,
+    /// Candidates per best-of-N event.
+    pub candidates: Histogram,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 20] = [
+pub const NAMES: [&str; 22] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -137,6 +141,8 @@ pub const NAMES: [&str; 20] = [
     "scorestream_build_info",
     "scorestream_model_load_seconds",
     "scorestream_routed_total",
+    "scorestream_prefix_tokens_shared_total",
+    "scorestream_candidates",
 ];
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
@@ -184,7 +190,7 @@ impl Metrics {
             events_failed: IntCounterVec::new(Opts::new(NAMES[2], "Events dead-lettered, by reason."), &["reason"])
                 .map_err(r)?,
             tokens_scored: IntCounter::new(NAMES[3], "Tokens of scored events.").map_err(r)?,
-            batch_events: hist(NAMES[4], "Conversations per forward pass.", sizes)?,
+            batch_events: hist(NAMES[4], "Conversations per forward pass.", sizes.clone())?,
             batch_tokens: hist(NAMES[5], "Tokens per forward pass.", tokens)?,
             forward_seconds: hist(NAMES[6], "Time of one forward pass.", seconds.clone())?,
             event_latency_seconds: hist(NAMES[7], "Consume to publish acknowledgement.", seconds)?,
@@ -237,6 +243,9 @@ impl Metrics {
             model_load_seconds: Gauge::new(NAMES[18], "Seconds the model took to load at start.").map_err(r)?,
             routed: IntCounterVec::new(Opts::new(NAMES[19], "Scored events delivered, by route."), &["route"])
                 .map_err(r)?,
+            prefix_tokens_shared: IntCounter::new(NAMES[20], "Tokens not recomputed because sequences of a batch shared a prefix.")
+                .map_err(r)?,
+            candidates: hist(NAMES[21], "Candidates per best-of-N event.", sizes)?,
         };
         m.register_all()?;
         m.build_info.with_label_values(&BUILD).set(1);
@@ -260,7 +269,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -281,6 +290,8 @@ impl Metrics {
             Box::new(self.build_info.clone()),
             Box::new(self.model_load_seconds.clone()),
             Box::new(self.routed.clone()),
+            Box::new(self.prefix_tokens_shared.clone()),
+            Box::new(self.candidates.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;
@@ -305,6 +316,12 @@ impl Metrics {
                 c.inc_by(delta);
             }
         }
+    }
+
+    /// Bring `scorestream_prefix_tokens_shared_total` up to the engine's total.
+    pub fn update_prefix_tokens_shared(&self, total: u64) {
+        let delta = total.saturating_sub(self.prefix_tokens_shared.get());
+        self.prefix_tokens_shared.inc_by(delta);
     }
 
     /// Events scored, whatever their delivery.

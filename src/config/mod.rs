@@ -130,6 +130,14 @@ pub struct BatchConfig {
     /// neither dead-lettered nor acknowledged; `/healthz` fails meanwhile.
     #[serde(default = "default_max_failed_batches")]
     pub max_failed_batches: usize,
+    /// Conversations of one batch whose token ids begin with the same `min_shared_prefix` or
+    /// more tokens (a common system prompt) share that prefix: it is computed once for all of
+    /// them, with the same scores. 0 turns sharing off. CPU engines only for now.
+    #[serde(default = "default_min_shared_prefix")]
+    pub min_shared_prefix: usize,
+    /// Most candidates of one best-of-N event; an event with more is dead-lettered (`schema`).
+    #[serde(default = "default_max_candidates")]
+    pub max_candidates: usize,
 }
 
 impl Default for BatchConfig {
@@ -142,6 +150,8 @@ impl Default for BatchConfig {
             max_payload_bytes: default_max_payload_bytes(),
             max_inflight_bytes: default_max_inflight_bytes(),
             max_failed_batches: default_max_failed_batches(),
+            min_shared_prefix: default_min_shared_prefix(),
+            max_candidates: default_max_candidates(),
         }
     }
 }
@@ -203,6 +213,12 @@ impl Default for HttpConfig {
 
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+const fn default_max_candidates() -> usize {
+    crate::candidates::DEFAULT_MAX_CANDIDATES
+}
+const fn default_min_shared_prefix() -> usize {
+    128
 }
 const fn default_max_batch_tokens() -> usize {
     16_384

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::batch::actor::Weighted;
 use crate::batch::policy::BatchLimits;
 use crate::engine::EngineError;
+use crate::candidates::BestOfNEvent;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
@@ -137,6 +138,9 @@ impl Drop for Permit {
 /// What the prepare stage made of a record.
 pub enum Verdict {
     Ready { event: InputEvent, ids: Vec<u32>, truncated: bool },
+    /// A best-of-N event: each candidate's token ids and truncation flag, or why it cannot be
+    /// scored.
+    Group { event: BestOfNEvent, candidates: Vec<Result<(Vec<u32>, bool), EventError>> },
     Failed(EventError),
 }
 
@@ -150,7 +154,15 @@ impl Weighted for Work {
     fn tokens(&self) -> usize {
         match &self.verdict {
             Verdict::Ready { ids, .. } => ids.len(),
+            Verdict::Group { candidates, .. } => candidates.iter().flatten().map(|c| c.0.len()).sum(),
             Verdict::Failed(_) => 0,
+        }
+    }
+
+    fn sequences(&self) -> usize {
+        match &self.verdict {
+            Verdict::Group { candidates, .. } => candidates.iter().flatten().count(),
+            _ => 1,
         }
     }
 }
@@ -158,6 +170,8 @@ impl Weighted for Work {
 /// The final result for one record.
 pub enum Outcome {
     Scored { event: InputEvent, score: Score, tokens: usize, truncated: bool },
+    /// A best-of-N event: one outcome per candidate, in order.
+    Ranked { event: BestOfNEvent, outcomes: Vec<crate::candidates::Outcome> },
     Failed(EventError),
 }
 
@@ -198,6 +212,8 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     /// Failed batches in a row after which the run ends with [`PipelineError::Engine`].
     pub max_failed_batches: usize,
+    /// Most candidates of one best-of-N event.
+    pub max_candidates: usize,
 }
 
 impl Settings {
@@ -210,6 +226,7 @@ impl Settings {
             max_inflight_bytes: batch.max_inflight_bytes,
             max_payload_bytes: batch.max_payload_bytes,
             max_failed_batches: batch.max_failed_batches,
+            max_candidates: batch.max_candidates,
         }
     }
 }
@@ -229,7 +246,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     let (abort_tx, abort) = watch::channel(false);
 
     let fetch = tokio::spawn(stages::fetch(source, source_kind, limits, metrics.clone(), fetch_tx, stop, abort));
-    let max_payload = settings.max_payload_bytes;
+    let max_payload = (settings.max_payload_bytes, settings.max_candidates);
     let prepare = std::thread::Builder::new()
         .name("scorestream-prepare".into())
         .spawn(move || stages::prepare(&*preparer, max_payload, fetch_rx, work_tx))

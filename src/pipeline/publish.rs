@@ -148,6 +148,21 @@ impl Publisher {
                 let tally = Tally::Scored { tokens, rewards, route: self.router.label(route).to_owned() };
                 (Some(msg).filter(|_| route != Route::Drop), Done { input, id, tally })
             }
+            Outcome::Ranked { event, outcomes } => {
+                self.metrics.candidates.observe(outcomes.len() as f64);
+                let (mut tokens, mut rewards) = (0, Vec::new());
+                for (score, n, _) in outcomes.iter().flatten() {
+                    tokens += n;
+                    rewards.push(("reward".to_owned(), score.reward));
+                    rewards.extend(score.attributes.iter().cloned());
+                }
+                let id = Some(event.id.clone());
+                let ranked = crate::candidates::RankedEvent::new(event, outcomes, &self.model);
+                // Serializing a struct of strings, numbers and JSON values cannot fail.
+                let payload = Bytes::from(serde_json::to_vec(&ranked).unwrap_or_default());
+                let msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
+                (msg, Done { input, id, tally: Tally::Scored { tokens, rewards } })
+            }
             Outcome::Failed(e) => {
                 tracing::debug!(origin = %input.origin, kind = %e.kind, message = %e.message, "dead letter");
                 let msg = self.dead_letter_for(&input, &e, self.dead_letter_limit(&input));

@@ -78,6 +78,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -130,6 +131,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -198,6 +200,7 @@ async fn fetching_stops_at_the_inflight_bound() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -262,6 +265,7 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -324,6 +328,7 @@ proptest::proptest! {
                 max_inflight_bytes: 1 << 20,
                 max_payload_bytes: 150,
                 max_failed_batches: 3,
+                max_candidates: 64,
             };
             let (_stop_tx, stop) = watch::channel(false);
             run(parts, settings, stop).await.unwrap();
@@ -443,6 +448,7 @@ async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atom
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let result = tokio::time::timeout(Duration::from_secs(20), run(parts, settings, stop)).await.unwrap();
