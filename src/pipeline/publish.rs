@@ -133,20 +133,7 @@ impl Publisher {
                 rewards.extend(score.attributes.iter().cloned());
                 let id = Some(event.id.clone());
                 let payload = scored_payload(event, score, tokens, truncated, &self.model);
-                let route = match self.router.route_from(&input.origin, &payload) {
-                    Ok(route) => route,
-                    Err(message) => {
-                        let e = EventError::new(ErrorKind::Route, message).with_id(id);
-                        return self.build(input, Outcome::Failed(e));
-                    }
-                };
-                let mut msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
-                msg.sink = match route {
-                    Route::Sink(i) => Some(i),
-                    Route::Default | Route::Drop => None,
-                };
-                let tally = Tally::Scored { tokens, rewards, route: self.router.label(route).to_owned() };
-                (Some(msg).filter(|_| route != Route::Drop), Done { input, id, tally })
+                self.routed(input, id, payload, tokens, rewards)
             }
             Outcome::Ranked { event, outcomes } => {
                 self.metrics.candidates.observe(outcomes.len() as f64);
@@ -160,8 +147,7 @@ impl Publisher {
                 let ranked = crate::candidates::RankedEvent::new(event, outcomes, &self.model);
                 // Serializing a struct of strings, numbers and JSON values cannot fail.
                 let payload = Bytes::from(serde_json::to_vec(&ranked).unwrap_or_default());
-                let msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
-                (msg, Done { input, id, tally: Tally::Scored { tokens, rewards } })
+                self.routed(input, id, payload, tokens, rewards)
             }
             Outcome::Failed(e) => {
                 tracing::debug!(origin = %input.origin, kind = %e.kind, message = %e.message, "dead letter");
@@ -169,6 +155,32 @@ impl Publisher {
                 (Some(msg), Done { id: e.id.clone(), input, tally: Tally::Failed(e.kind.as_str()) })
             }
         }
+    }
+
+    /// The scored (or ranked) output `payload` of `input`, sent where the routes say (`None`:
+    /// dropped); a route expression that fails on it makes the event's dead letter instead.
+    fn routed(
+        &self,
+        input: InFlight,
+        id: Option<String>,
+        payload: Bytes,
+        tokens: usize,
+        rewards: Vec<(String, f32)>,
+    ) -> (Option<Outgoing>, Done) {
+        let route = match self.router.route_from(&input.origin, &payload) {
+            Ok(route) => route,
+            Err(message) => {
+                let e = EventError::new(ErrorKind::Route, message).with_id(id);
+                return self.build(input, Outcome::Failed(e));
+            }
+        };
+        let mut msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
+        msg.sink = match route {
+            Route::Sink(i) => Some(i),
+            Route::Default | Route::Drop => None,
+        };
+        let tally = Tally::Scored { tokens, rewards, route: self.router.label(route).to_owned() };
+        (Some(msg).filter(|_| route != Route::Drop), Done { input, id, tally })
     }
 
     fn outgoing(&self, input: &InFlight, kind: OutputKind, id: Option<&str>, payload: Bytes) -> Outgoing {
