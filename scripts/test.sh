@@ -18,7 +18,7 @@ cargo test --locked --all-targets --features cuda
 if [ -n "${SCORESTREAM_CURRENT_NATS_SERVER:-}" ]; then
     "$SCORESTREAM_CURRENT_NATS_SERVER" --version
     SCORESTREAM_NATS_SERVER="$SCORESTREAM_CURRENT_NATS_SERVER" \
-        cargo test --locked --features cuda --test nats_worker --test nats_reliability --test nats_outage
+        cargo test --locked --features cuda --test nats_worker --test nats_reliability --test nats_outage --test nats_routing
 elif [ -n "${CI:-}" ]; then
     echo "SCORESTREAM_CURRENT_NATS_SERVER is not set: .ci/run installs a current nats-server" >&2
     exit 1

@@ -24,6 +24,8 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::model::ModelOptions;
 use crate::pipeline::{Parts, PipelineError, Preparer, Scorer, Settings};
 use crate::prompt::{PromptError, Prompter, TruncationPolicy};
+use crate::score_api::ScoreApi;
+use crate::source::http::{LaneReceiver, Merged};
 use crate::sink::{SinkContext, SinkError};
 use crate::source::{SourceContext, SourceError};
 
@@ -50,10 +52,18 @@ pub enum AppError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("invalid config: {0}")]
+    Route(#[from] crate::route::RouteError),
     #[error("shutdown did not finish within {0:?}; unacknowledged inputs will be redelivered")]
     ShutdownTimeout(std::time::Duration),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot read http.token_file {path}: {source}")]
+    TokenFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -62,13 +72,21 @@ pub enum AppError {
 /// return when it has drained. Blocking reads that cannot be cancelled (stdin) are abandoned
 /// rather than waited for.
 pub fn run_command(path: &Path) -> Result<(), AppError> {
-    let config = Config::load(path)?;
+    block_on(run(Config::load(path)?))
+}
+
+/// `scorestream serve --config FILE`: the worker with `POST /v1/score` and no stream source.
+pub fn serve_command(path: &Path) -> Result<(), AppError> {
+    block_on(run_as(Config::load_for_serve(path)?, Mode::Serve))
+}
+
+fn block_on(worker: impl std::future::Future<Output = Result<(), AppError>>) -> Result<(), AppError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("scorestream-worker")
         .build()
         .map_err(AppError::Runtime)?;
-    let result = runtime.block_on(run(config));
+    let result = runtime.block_on(worker);
     runtime.shutdown_background();
     result
 }
@@ -87,16 +105,50 @@ impl Preparer for PromptPreparer {
     }
 }
 
+/// A stream worker (`run`), or an HTTP reward server without a stream (`serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Serve,
+}
+
 /// `scorestream run --config FILE` (after [`Config::load`]).
 pub async fn run(config: Config) -> Result<(), AppError> {
-    tracing::info!(?config, "starting");
+    run_as(config, Mode::Run).await
+}
+
+/// The HTTP lane's ends and the `/v1/score` endpoint, when served.
+fn score_api(config: &Config) -> Result<Option<(ScoreApi, LaneReceiver, Arc<dyn crate::sink::Sink>)>, AppError> {
+    if !config.http.score_api {
+        return Ok(None);
+    }
+    let token = match &config.http.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| AppError::TokenFile { path: path.display().to_string(), source })?;
+            Some(Arc::from(text.trim()))
+        }
+        None => None,
+    };
+    let (lane, rx, reply) = crate::source::http::lane(config.http.max_pending_events);
+    let api = ScoreApi { lane, max_body_bytes: config.http.max_body_bytes, token };
+    Ok(Some((api, rx, reply)))
+}
+
+/// Run the worker in `mode` until it has drained.
+pub async fn run_as(config: Config, mode: Mode) -> Result<(), AppError> {
+    tracing::info!(?config, ?mode, "starting");
     let metrics = Arc::new(Metrics::with_config(&config.metrics)?);
     let readiness = Arc::new(Readiness::default());
     let liveness = Arc::new(Liveness::loading());
     let (stop_tx, stop) = watch::channel(false);
     let (http_stop_tx, http_stop) = watch::channel(false);
     spawn_signal_handler(stop_tx)?;
-    let endpoints = Endpoints { metrics: metrics.clone(), readiness: readiness.clone(), liveness: liveness.clone() };
+    let (score, lane) = match score_api(&config)? {
+        Some((api, rx, reply)) => (Some(api), Some((rx, reply))),
+        None => (None, None),
+    };
+    let endpoints = Endpoints { metrics: metrics.clone(), readiness: readiness.clone(), liveness: liveness.clone(), score };
     let (addr, http) = crate::http::serve(&config.http, endpoints, http_stop).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
@@ -104,10 +156,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // flight yet.
     let mut early_stop = stop.clone();
     let start = async {
-        let sinks = preflight(&config, &metrics).await?;
+        let sinks = match mode {
+            Mode::Run => preflight(&config, &metrics).await?,
+            Mode::Serve => None,
+        };
         tracing::info!(model = %config.model.path.display(), "source and sinks reachable; loading the model");
         let started = std::time::Instant::now();
         let loaded = load_model(&config.model, config.batch.limits()).await?;
+        let loaded = (loaded.0, loaded.1.with_min_shared_prefix(config.batch.min_shared_prefix));
         metrics.model_load_seconds.set(started.elapsed().as_secs_f64());
         Ok::<_, AppError>((sinks, loaded))
     };
@@ -128,7 +184,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     readiness.set_warmed_up();
     tracing::info!(model = %info.name, "model loaded and warmed up");
 
-    let parts = open_parts(&config, sinks, preparer, engine, metrics.clone(), liveness).await?;
+    let parts = match (mode, lane) {
+        (Mode::Serve, Some((rx, reply))) => serve_parts(rx, reply, preparer, engine, metrics.clone(), liveness),
+        (_, lane) => {
+            let mut parts = open_parts(&config, sinks, preparer, engine, metrics.clone(), liveness).await?;
+            if let Some((rx, reply)) = lane {
+                parts.source = Box::new(Merged::new(Some(parts.source), rx));
+                parts.routes.reply = Some(reply);
+            }
+            parts
+        }
+    };
     readiness.set_source(parts.source.connected());
     let settings = Settings::of(&config.batch);
     let result = run_until_drained(parts, settings, stop, config.shutdown_timeout).await;
@@ -185,8 +251,9 @@ async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<()
     }
 }
 
-/// The scored and dead-letter sinks, opened before the model loads (at-least-once).
-type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>);
+/// The scored, dead-letter and named sinks (in the config's name order), opened before the
+/// model loads (at-least-once).
+type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>, Vec<Arc<dyn crate::sink::Sink>>);
 
 /// Before the model loads: check the source (broker, credentials, secret files, stream or
 /// topics) and open the sinks, which check their own. Exactly-once sinks need the source's
@@ -200,10 +267,19 @@ async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sin
             return Ok(None);
         }
     }
+    Ok(Some(open_sinks(config, metrics).await?))
+}
+
+/// Open `[sink]`, `[dead_letter]` and every `[sinks.<name>]`.
+async fn open_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<Sinks, AppError> {
     let kctx = SinkContext { metrics: metrics.clone() };
     let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
-    let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
-    Ok(Some((sink, dead_letter)))
+    let dead_letter = crate::sink::open(&config.dead_letter, kctx.clone()).await?;
+    let mut named = Vec::with_capacity(config.sinks.len());
+    for routed in config.sinks.values() {
+        named.push(crate::sink::open(routed, kctx.clone()).await?);
+    }
+    Ok((sink, dead_letter, named))
 }
 
 async fn open_parts(
@@ -219,21 +295,23 @@ async fn open_parts(
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
-    let (source, sink, dead_letter, commit) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
-        (Some((sink, dead_letter)), ..) => (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None),
+    let router = Arc::new(crate::route::Router::compile(&config.route, config.sinks.keys())?);
+    let (source, sink, dead_letter, commit, named) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
+        (Some((sink, dead_letter, named)), ..) => {
+            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
+        }
         // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
         (None, SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) => {
             let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
             let (sink, dead_letter, commit) =
                 crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
-            (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit))
+            // Validated: exactly-once has no named sinks.
+            (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit), Vec::new())
         }
         // Not reached: preflight opens the sinks unless the delivery is exactly-once over Kafka.
         (None, ..) => {
-            let kctx = SinkContext { metrics: metrics.clone() };
-            let sink = crate::sink::open(&config.sink, kctx.clone()).await?;
-            let dead_letter = crate::sink::open(&config.dead_letter, kctx).await?;
-            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None)
+            let (sink, dead_letter, named) = open_sinks(config, &metrics).await?;
+            (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
         }
     };
     Ok(Parts {
@@ -243,13 +321,38 @@ async fn open_parts(
         scorer: Arc::new(engine),
         sink,
         dead_letter,
+        routes: crate::pipeline::Routes { router, sinks: named, reply: None },
         commit,
         metrics,
         liveness,
     })
 }
 
-/// Keep `scorestream_stage_busy_seconds_total` in step with the engine, once a second.
+/// `serve`: the HTTP lane is the only source, and every output goes back to its request.
+fn serve_parts(
+    rx: LaneReceiver,
+    reply: Arc<dyn crate::sink::Sink>,
+    preparer: Arc<dyn Preparer>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
+) -> Parts {
+    Parts {
+        source: Box::new(Merged::new(None, rx)),
+        source_kind: "http",
+        preparer,
+        scorer: Arc::new(engine),
+        sink: reply.clone(),
+        dead_letter: reply.clone(),
+        routes: crate::pipeline::Routes { reply: Some(reply), ..Default::default() },
+        commit: None,
+        metrics,
+        liveness,
+    }
+}
+
+/// Keep `scorestream_stage_busy_seconds_total` and `scorestream_prefix_tokens_shared_total` in
+/// step with the engine, once a second.
 fn spawn_stage_busy_updates(engine: Engine, metrics: Arc<Metrics>) {
     let devices: Vec<String> = engine.info().stages.iter().map(|s| s.device.clone()).collect();
     tokio::spawn(async move {
@@ -257,6 +360,7 @@ fn spawn_stage_busy_updates(engine: Engine, metrics: Arc<Metrics>) {
         loop {
             tick.tick().await;
             metrics.update_stage_busy(&engine.stage_busy_seconds(), &devices);
+            metrics.update_prefix_tokens_shared(engine.prefix_tokens_shared());
         }
     });
 }

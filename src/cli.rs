@@ -41,6 +41,9 @@ pub enum Command {
     Compare(CompareArgs),
     /// Run the streaming worker described by a config file.
     Run(ConfigArgs),
+    /// Serve `POST /v1/score` with the resident model, without a stream source (`[source]`,
+    /// `[sink]` and `[dead_letter]` may be left out of the config).
+    Serve(ConfigArgs),
     /// Validate a worker config file without starting anything.
     CheckConfig(ConfigArgs),
     /// Compile every CUDA kernel to CUBIN for each GPU architecture (no GPU needed; needs the
@@ -126,6 +129,10 @@ pub struct ScoreArgs {
     /// Most conversations in one forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch_events: usize,
+    /// Conversations of a batch beginning with this many or more identical tokens compute
+    /// that prefix once (same scores; 0 = off; CPU only for now).
+    #[arg(long, default_value_t = 128)]
+    pub min_shared_prefix: usize,
     /// Largest accepted input line, in bytes (0 = unlimited).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_line_bytes: usize,

@@ -30,11 +30,13 @@ pub enum ErrorKind {
     Model,
     /// The sink refused the event's output for good (e.g. larger than the broker's limit).
     Publish,
+    /// A `[[route]]` expression failed on this event (a missing field, a wrong type).
+    Route,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::InvalidUtf8,
         ErrorKind::InvalidJson,
         ErrorKind::Schema,
@@ -44,6 +46,7 @@ impl ErrorKind {
         ErrorKind::Template,
         ErrorKind::Model,
         ErrorKind::Publish,
+        ErrorKind::Route,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl ErrorKind {
             ErrorKind::Template => "template",
             ErrorKind::Model => "model",
             ErrorKind::Publish => "publish",
+            ErrorKind::Route => "route",
         }
     }
 }

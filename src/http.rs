@@ -1,7 +1,8 @@
 //! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (503 when an engine stage thread
 //! has died, while the model fails on batches, or when events wait and none finished within the
 //! stall timeout: [`Liveness::check`]), `/readyz` (model loaded,
-//! warm-up batch done, source connected; 503 with the missing parts otherwise).
+//! warm-up batch done, source connected; 503 with the missing parts otherwise), and with
+//! `http.score_api` `POST /v1/score` ([`crate::score_api`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{watch, Semaphore};
 
@@ -81,6 +82,8 @@ pub struct Endpoints {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub liveness: Arc<Liveness>,
+    /// `POST /v1/score`, when served.
+    pub score: Option<crate::score_api::ScoreApi>,
 }
 
 /// Bind `config.listen` and serve until `stop` turns true. Returns the bound address (port 0
@@ -98,12 +101,15 @@ pub async fn serve(
     let addr = config.listen;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
-    let Endpoints { metrics, readiness, liveness } = endpoints;
-    let app = Router::new()
+    let Endpoints { metrics, readiness, liveness, score } = endpoints;
+    let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState { metrics, readiness, liveness, stall_timeout: config.stall_timeout });
+    if let Some(api) = score {
+        app = app.merge(Router::new().route("/v1/score", post(crate::score_api::score)).with_state(api));
+    }
     let limits = Limits { max_connections: config.max_connections.max(1), header_timeout: config.header_timeout };
     Ok((bound, tokio::spawn(accept_loop(listener, app, limits, stop))))
 }

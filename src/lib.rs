@@ -3,6 +3,7 @@
 //! Data flows one way: source → event → prompt → batch → engine → sink, with acks flowing back.
 
 pub mod batch;
+pub mod candidates;
 pub mod cli;
 pub mod commands;
 pub mod engine;
@@ -18,5 +19,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod route;
+pub mod score_api;
 pub mod sink;
 pub mod source;

@@ -29,6 +29,7 @@ fn main() -> std::process::ExitCode {
         Command::Quantize(args) => commands::quantize::run(&args),
         Command::Compare(args) => commands::compare::run(&args),
         Command::Run(a) => scorestream::app::run_command(&a.config).map_err(Into::into),
+        Command::Serve(a) => scorestream::app::serve_command(&a.config).map_err(Into::into),
         Command::CheckConfig(a) => scorestream::config::check_config(&a.config)
             .map(|_| println!("{}: ok", a.config.display()))
             .map_err(Into::into),

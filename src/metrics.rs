@@ -111,10 +111,16 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Seconds the model (tokenizer, weights onto every device) took to load at start.
     pub model_load_seconds: Gauge,
+    /// Scored events delivered, by route: a `[sinks.<name>]` name, "drop" or "default".
+    pub routed: IntCounterVec,
+    /// Tokens not recomputed because a batch's sequences shared a prefix.
+    pub prefix_tokens_shared: IntCounter,
+    /// Candidates per best-of-N event.
+    pub candidates: Histogram,
 }
 
 /// Every metric name, for tests and dashboards.
-pub const NAMES: [&str; 19] = [
+pub const NAMES: [&str; 22] = [
     "scorestream_events_consumed_total",
     "scorestream_events_scored_total",
     "scorestream_events_failed_total",
@@ -134,6 +140,9 @@ pub const NAMES: [&str; 19] = [
     "scorestream_dedup_collisions_total",
     "scorestream_build_info",
     "scorestream_model_load_seconds",
+    "scorestream_routed_total",
+    "scorestream_prefix_tokens_shared_total",
+    "scorestream_candidates",
 ];
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
@@ -181,7 +190,7 @@ impl Metrics {
             events_failed: IntCounterVec::new(Opts::new(NAMES[2], "Events dead-lettered, by reason."), &["reason"])
                 .map_err(r)?,
             tokens_scored: IntCounter::new(NAMES[3], "Tokens of scored events.").map_err(r)?,
-            batch_events: hist(NAMES[4], "Conversations per forward pass.", sizes)?,
+            batch_events: hist(NAMES[4], "Conversations per forward pass.", sizes.clone())?,
             batch_tokens: hist(NAMES[5], "Tokens per forward pass.", tokens)?,
             forward_seconds: hist(NAMES[6], "Time of one forward pass.", seconds.clone())?,
             event_latency_seconds: hist(NAMES[7], "Consume to publish acknowledgement.", seconds)?,
@@ -232,6 +241,11 @@ impl Metrics {
             )
             .map_err(r)?,
             model_load_seconds: Gauge::new(NAMES[18], "Seconds the model took to load at start.").map_err(r)?,
+            routed: IntCounterVec::new(Opts::new(NAMES[19], "Scored events delivered, by route."), &["route"])
+                .map_err(r)?,
+            prefix_tokens_shared: IntCounter::new(NAMES[20], "Tokens not recomputed because sequences of a batch shared a prefix.")
+                .map_err(r)?,
+            candidates: hist(NAMES[21], "Candidates per best-of-N event.", sizes)?,
         };
         m.register_all()?;
         m.build_info.with_label_values(&BUILD).set(1);
@@ -244,6 +258,9 @@ impl Metrics {
         for delivery in DELIVERIES {
             m.events_scored.with_label_values(&[delivery]);
         }
+        for route in [crate::route::DEFAULT, crate::route::DROP] {
+            m.routed.with_label_values(&[route]);
+        }
         for output in ["scored", "dead_letter"] {
             m.publish_retries.with_label_values(&[output]);
             m.publish_rejected.with_label_values(&[output]);
@@ -252,7 +269,7 @@ impl Metrics {
     }
 
     fn register_all(&self) -> Result<(), MetricsError> {
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(self.events_consumed.clone()),
             Box::new(self.events_scored.clone()),
             Box::new(self.events_failed.clone()),
@@ -272,6 +289,9 @@ impl Metrics {
             Box::new(self.dedup_collisions.clone()),
             Box::new(self.build_info.clone()),
             Box::new(self.model_load_seconds.clone()),
+            Box::new(self.routed.clone()),
+            Box::new(self.prefix_tokens_shared.clone()),
+            Box::new(self.candidates.clone()),
         ];
         for c in collectors {
             self.registry.register(c).map_err(MetricsError::Register)?;
@@ -296,6 +316,12 @@ impl Metrics {
                 c.inc_by(delta);
             }
         }
+    }
+
+    /// Bring `scorestream_prefix_tokens_shared_total` up to the engine's total.
+    pub fn update_prefix_tokens_shared(&self, total: u64) {
+        let delta = total.saturating_sub(self.prefix_tokens_shared.get());
+        self.prefix_tokens_shared.inc_by(delta);
     }
 
     /// Events scored, whatever their delivery.

@@ -128,7 +128,8 @@ fn score_writes_one_line_per_input_and_never_an_invented_reward() {
     for (id, line) in [("empty", 1), ("nan", 3)] {
         let one = input.lines().nth(line).unwrap();
         let (output, out, errors) = score_cmd(&model, one, &[]);
-        assert!(output.status.success(), "{}", stderr(&output));
+        // Nothing scored: exit status 3, with the error record written.
+        assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
         assert_eq!((out.len(), errors.len()), (0, 1), "{id}: {out:?} {errors:?}");
     }
 }
@@ -166,7 +167,7 @@ fn model_positions_cap_the_length_limit() {
     edit_json(&model.join("config.json"), |c| c["max_position_embeddings"] = 16.into());
     let long = conversation("long", "What is 2+3? What is 4+4? What is 1+0?", "5");
     let (output, out, errors) = score_cmd(&model, &long, &["--max-tokens", "4096"]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(output.status.code(), Some(3), "nothing scored: {}", stderr(&output));
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(errors[0]["error"]["kind"], "too_long");
     assert!(errors[0]["error"]["message"].as_str().unwrap().contains("limit is 16"), "{errors:?}");

@@ -31,6 +31,35 @@ fn every_example_config_parses_and_validates() {
     let nats = parse(&example("nats.toml"), &[]).unwrap();
     let SourceConfig::Nats(n) = &nats.source else { panic!("nats source expected") };
     assert_eq!((n.subject.as_str(), n.ack_wait), ("conversations.in", Duration::from_secs(30)));
+
+    let review = parse(&example("route-review.toml"), &[]).unwrap();
+    assert!(matches!(review.sinks.get("review"), Some(SinkConfig::Nats(s)) if s.subject == "conversations.review"));
+    assert_eq!(review.route.iter().map(|r| r.to.as_str()).collect::<Vec<_>>(), ["review", "review"]);
+    let keep = parse(&example("route-keep-above.toml"), &[]).unwrap();
+    assert!(matches!(keep.sinks.get("archive"), Some(SinkConfig::Kafka(s)) if s.topic == "candidates.archive"));
+    assert_eq!(keep.route.iter().map(|r| r.to.as_str()).collect::<Vec<_>>(), ["drop", "archive"]);
+}
+
+/// A bad expression, an unknown sink, a reserved name and exactly-once beside named sinks are
+/// refused at config check, naming the rule.
+#[test]
+fn bad_routes_are_refused_with_the_rule_and_the_parser_message() {
+    let base = example("route-review.toml");
+    let err = |text: &str| parse(text, &[]).unwrap_err().to_string();
+    let bad = err(&format!("{base}\n[[route]]\nwhen = \"reward <\"\nto = \"review\"\n"));
+    assert!(bad.contains("route[2].when: "), "{bad}");
+    let unknown = err(&format!("{base}\n[[route]]\nwhen = \"true\"\nto = \"nowhere\"\n"));
+    assert!(unknown.contains("route[2].to") && unknown.contains("nowhere"), "{unknown}");
+    let reserved = err(&base.replace("[sinks.review]", "[sinks.drop]"));
+    assert!(reserved.contains("sinks.drop"), "{reserved}");
+    let extra = err(&format!("{base}\n[[route]]\nwhen = \"true\"\nto = \"review\"\nelse = \"x\"\n"));
+    assert!(extra.contains("else"), "{extra}");
+    let keep = example("route-keep-above.toml").replace(
+        "topic = \"candidates.kept\"",
+        "topic = \"candidates.kept\"\ndelivery = \"exactly_once\"",
+    );
+    let eos = err(&keep);
+    assert!(eos.contains("exactly_once cannot be combined with named"), "{eos}");
 }
 
 #[test]

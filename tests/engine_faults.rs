@@ -64,6 +64,7 @@ async fn parts(config: &Config, scorer: Arc<Model>) -> Parts {
         scorer,
         sink: scorestream::sink::open(&config.sink, kctx.clone()).await.unwrap(),
         dead_letter: scorestream::sink::open(&config.dead_letter, kctx).await.unwrap(),
+        routes: Default::default(),
         commit: None,
         metrics,
         liveness: Default::default(),

@@ -565,3 +565,23 @@ fn config_values_survive_the_toml_rendering() {
     assert_eq!(k.options.0["client.id"], "x y");
 }
 
+/// `config.sinks` and `config.route` render as `[sinks.<name>]` tables and `[[route]]` rules
+/// that the worker accepts; a named sink gets the same secret files as the fixed ones.
+#[test]
+fn named_sinks_and_routes_render() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, args) = support::cases().into_iter().find(|(n, _)| n == "nats").expect("helm/examples/nats.yaml");
+    let text = config_toml(&t.render(&args, dir.path()));
+    assert!(text.contains("[sinks.review]") && text.contains("[[route]]"), "{text}");
+    let config = check_config("routes", &text, dir.path());
+    assert_eq!(config.route.len(), 1);
+    assert_eq!(config.route[0].when, "reward < 0.2");
+    assert_eq!(config.route[0].to, "review");
+    let (Some(SinkConfig::Nats(review)), SinkConfig::Nats(sink)) = (config.sinks.get("review"), &config.sink) else {
+        panic!("a nats review sink expected: {text}")
+    };
+    assert_eq!(review.subject, "chat.review");
+    assert_eq!(review.credentials_file, sink.credentials_file);
+    assert!(review.credentials_file.is_some());
+}

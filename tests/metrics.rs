@@ -23,11 +23,11 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 }
 
 fn config(stall_timeout: Duration, header_timeout: Duration, max_connections: usize) -> HttpConfig {
-    HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), stall_timeout, header_timeout, max_connections }
+    HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), stall_timeout, header_timeout, max_connections, ..HttpConfig::default() }
 }
 
 fn endpoints(metrics: &Arc<Metrics>, readiness: &Arc<Readiness>, liveness: &Arc<Liveness>) -> Endpoints {
-    Endpoints { metrics: metrics.clone(), readiness: readiness.clone(), liveness: liveness.clone() }
+    Endpoints { metrics: metrics.clone(), readiness: readiness.clone(), liveness: liveness.clone(), score: None }
 }
 
 #[tokio::test]

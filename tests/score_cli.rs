@@ -165,3 +165,75 @@ fn exit_status_is_3_when_no_line_could_be_scored() {
     let empty = score("arith", b"\n\n", &[]);
     assert_eq!((empty.code, empty.out.len(), empty.errors.len()), (0, 0, 0), "nothing to score is no failure");
 }
+
+/// Conversations with one long system prompt score the same with the prompt computed once per
+/// batch (`--min-shared-prefix`) as with every conversation computed whole.
+#[test]
+fn a_shared_system_prompt_changes_no_score() {
+    let system = "You are a careful assistant. Answer briefly and check each step twice. ".repeat(6);
+    let mut input = String::new();
+    for (i, q) in ["What is 2+2?", "Name a prime.", "Capital of France?", "Spell cat.", "2*3?"].iter().enumerate() {
+        let line = serde_json::json!({"id": format!("c{i}"), "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": q},
+            {"role": "assistant", "content": format!("Answer number {i}.")}]});
+        input.push_str(&format!("{line}\n"));
+    }
+    for name in ["qwen3_seqcls", "mistral_seqcls", "nemotron_seqcls"] {
+        let whole = score(name, input.as_bytes(), &["--min-shared-prefix", "0"]);
+        let shared = score(name, input.as_bytes(), &["--min-shared-prefix", "16"]);
+        assert_eq!((whole.code, shared.code), (0, 0), "{name}: {:?} {:?}", whole.errors, shared.errors);
+        assert_eq!(whole.out.len(), 5, "{name}: {:?}", whole.errors);
+        for (a, b) in whole.out.iter().zip(&shared.out) {
+            assert_eq!(a["id"], b["id"]);
+            let (a, b) = (a["reward"].as_f64().unwrap(), b["reward"].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{name}: {b} shared vs {a} whole");
+        }
+    }
+}
+
+/// A best-of-N event gives one ranked output whose rewards are those of each candidate's
+/// conversation scored alone; a candidate that cannot be scored holds an error in its place;
+/// an event invalid as a whole is an error record.
+#[test]
+fn best_of_n_events_rank_candidates_scored_as_if_alone() {
+    let system = serde_json::json!({"role": "system", "content": "Answer in one short sentence. ".repeat(8)});
+    let user = serde_json::json!({"role": "user", "content": "What is the capital of France?"});
+    let answers = ["Paris.", "It is Paris, on the Seine.", "Lyon.", "", "I do not know."];
+    let mut input = String::new();
+    for (i, a) in answers.iter().enumerate() {
+        let line = serde_json::json!({"id": format!("alone{i}"), "messages": [system, user, {"role": "assistant", "content": a}]});
+        input.push_str(&format!("{line}\n"));
+    }
+    let mut candidates: Vec<Value> = answers.iter().map(|a| serde_json::json!({"content": a})).collect();
+    candidates[1] = serde_json::json!({"id": "turns", "messages": [{"role": "assistant", "content": answers[1]}]});
+    let group = serde_json::json!({"id": "bon", "messages": [system, user], "candidates": candidates, "metadata": {"k": 1}});
+    let empty = serde_json::json!({"id": "none", "messages": [user], "candidates": []});
+    input.push_str(&format!("{group}\n{empty}\n"));
+    for name in ["qwen3_seqcls", "llama_seqcls"] {
+        for min_shared in ["0", "16"] {
+            let run = score(name, input.as_bytes(), &["--min-shared-prefix", min_shared]);
+            assert_eq!(run.code, 0, "{name}: {:?}", run.errors);
+            // `alone3` (empty answer) and `none` (no candidates) are error records.
+            let kinds: Vec<(&str, &str)> =
+                run.errors.iter().map(|e| (e["id"].as_str().unwrap(), e["error"]["kind"].as_str().unwrap())).collect();
+            assert_eq!(kinds, vec![("alone3", "invalid_conversation"), ("none", "schema")], "{name}");
+            let alone: Vec<f64> = run.out[..4].iter().map(|o| o["reward"].as_f64().unwrap()).collect();
+            let bon = &run.out[4];
+            assert_eq!((bon["id"].as_str(), bon["metadata"]["k"].as_i64(), bon["model"].as_str()), (Some("bon"), Some(1), Some(name)));
+            let c = bon["candidates"].as_array().unwrap();
+            assert_eq!((c[1]["id"].as_str(), c[3]["error"]["kind"].as_str()), (Some("turns"), Some("invalid_conversation")));
+            let got: Vec<f64> = [0, 1, 2, 4].iter().map(|&i| c[i]["reward"].as_f64().unwrap()).collect();
+            for (g, w) in got.iter().zip(&alone) {
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{name}: {g} in the group vs {w} alone");
+            }
+            let ranking: Vec<usize> = bon["ranking"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let mut want = vec![0, 1, 2, 4];
+            want.sort_by(|&a, &b| c[b]["reward"].as_f64().partial_cmp(&c[a]["reward"].as_f64()).unwrap());
+            assert_eq!(ranking, want, "{name}");
+            assert_eq!(bon["best"].as_u64(), Some(want[0] as u64));
+            let margin = c[want[0]]["reward"].as_f64().unwrap() - c[want[1]]["reward"].as_f64().unwrap();
+            assert!((bon["margin"].as_f64().unwrap() - margin).abs() < 1e-6);
+            assert_eq!(c[0]["tokens"], run.out[0]["tokens"]);
+        }
+    }
+}

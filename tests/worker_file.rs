@@ -258,3 +258,52 @@ fn the_file_example_config_runs_as_shipped() {
     let scored = String::from_utf8(out.stdout).unwrap().lines().filter(|l| l.contains("\"reward\"")).count();
     assert!(expected > 0 && scored == expected, "{scored} of {expected} lines of {} scored", input.display());
 }
+
+/// Best-of-N events through the worker: one ranked output each, with rewards equal to the same
+/// conversations sent as ordinary events (prompts shared inside the batch); an event invalid as
+/// a whole is dead-lettered.
+#[test]
+fn best_of_n_events_are_ranked_like_their_conversations_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = |q: &str| serde_json::json!([{"role": "user", "content": q}]);
+    let mut data = String::new();
+    let groups = [("What is 7+9?", ["16", "5", "15"]), ("What is 1+4?", ["7", "5", "4"])];
+    for (g, (q, answers)) in groups.iter().enumerate() {
+        for (i, a) in answers.iter().enumerate() {
+            let line = serde_json::json!({"id": format!("g{g}-{i}"), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]});
+            data.push_str(&format!("{line}\n"));
+        }
+        let candidates: Vec<Value> = answers.iter().map(|a| serde_json::json!({"content": a})).collect();
+        data.push_str(&format!("{}\n", serde_json::json!({"id": format!("bon{g}"), "messages": user(q), "candidates": candidates})));
+    }
+    let four: Vec<Value> = (0..4).map(|i| serde_json::json!({"content": i.to_string()})).collect();
+    data.push_str(&format!("{}\n", serde_json::json!({"id": "too-many", "messages": user("q"), "candidates": four})));
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, &data).unwrap();
+    let config = write_config(dir.path(), &input.display().to_string(), free_port());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "max_batch_events = 8",
+        "max_batch_events = 8\n        max_candidates = 3\n        min_shared_prefix = 4",
+    );
+    std::fs::write(&config, text).unwrap();
+    let run = bin().args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let scored = lines(&dir.path().join("out.jsonl"));
+    let dead = lines(&dir.path().join("dl.jsonl"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0]["id"].as_str(), dead[0]["error"]["kind"].as_str()), (Some("too-many"), Some("schema")));
+    let alone: HashMap<&str, f64> = scored.iter().filter_map(|v| Some((v["id"].as_str()?, v["reward"].as_f64()?))).collect();
+    for g in 0..2 {
+        let bon = scored.iter().find(|v| v["id"] == format!("bon{g}")).expect("ranked output");
+        let c = bon["candidates"].as_array().unwrap();
+        assert_eq!(c.len(), 3);
+        for (i, cand) in c.iter().enumerate() {
+            let (got, want) = (cand["reward"].as_f64().unwrap(), alone[format!("g{g}-{i}").as_str()]);
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "bon{g}/{i}: {got} vs {want} alone");
+        }
+        let best = bon["best"].as_u64().unwrap() as usize;
+        assert!(c.iter().all(|x| x["reward"].as_f64() <= c[best]["reward"].as_f64()), "{bon}");
+        assert_eq!(bon["ranking"].as_array().unwrap().len(), 3);
+    }
+}

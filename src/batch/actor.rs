@@ -16,6 +16,11 @@ use super::policy::BatchLimits;
 /// events already known to be dead letters: they still take a slot of `max_events`).
 pub trait Weighted {
     fn tokens(&self) -> usize;
+    /// Sequences it sends to the model, counted against `max_events` (a best-of-N event sends
+    /// one per candidate). At least 1.
+    fn sequences(&self) -> usize {
+        1
+    }
 }
 
 /// Run until `rx` closes (then flush what is left) or `tx`'s receiver is gone.
@@ -26,7 +31,7 @@ pub async fn run<T: Weighted>(
     max_wait: Duration,
 ) {
     let mut batch: Vec<T> = Vec::new();
-    let mut tokens = 0usize;
+    let (mut tokens, mut sequences) = (0usize, 0usize);
     let mut deadline = Instant::now();
     loop {
         let item = if batch.is_empty() {
@@ -41,17 +46,19 @@ pub async fn run<T: Weighted>(
             }
         };
         let Some(item) = item else { break };
-        let len = item.tokens();
-        if !limits.admits(batch.len(), tokens, len) && tx.send(std::mem::take(&mut batch)).await.is_err() {
+        let (len, seqs) = (item.tokens(), item.sequences().max(1));
+        let full = !batch.is_empty() && (!limits.admits(sequences, tokens, len) || sequences + seqs > limits.max_events);
+        if full && tx.send(std::mem::take(&mut batch)).await.is_err() {
             return;
         }
         if batch.is_empty() {
-            tokens = 0;
+            (tokens, sequences) = (0, 0);
             deadline = Instant::now() + max_wait;
         }
         tokens += len;
+        sequences += seqs;
         batch.push(item);
-        if batch.len() >= limits.max_events && tx.send(std::mem::take(&mut batch)).await.is_err() {
+        if sequences >= limits.max_events && tx.send(std::mem::take(&mut batch)).await.is_err() {
             return;
         }
     }

@@ -15,6 +15,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::batch::policy::BatchLimits;
+use crate::candidates::{BestOfNEvent, Event, RankedEvent, DEFAULT_MAX_CANDIDATES};
 use crate::cli::ScoreArgs;
 use crate::engine::Engine;
 use crate::event::{ErrorBody, ErrorKind, EventError, InputEvent, Score, ScoredEvent};
@@ -42,8 +43,31 @@ pub struct NothingScored {
 /// A line ready for the model.
 struct Ready {
     line: usize,
-    event: InputEvent,
-    prepared: Prepared,
+    job: Job,
+}
+
+/// What a line asks: one conversation, or a best-of-N event with each candidate's prepared
+/// conversation (or why it cannot be scored).
+enum Job {
+    One { event: InputEvent, prepared: Prepared },
+    BestOfN { event: BestOfNEvent, candidates: Vec<Result<Prepared, EventError>> },
+}
+
+impl Ready {
+    /// The sequences this line sends to the model, in order.
+    fn sequences(&self) -> Vec<&[u32]> {
+        match &self.job {
+            Job::One { prepared, .. } => vec![prepared.ids.as_slice()],
+            Job::BestOfN { candidates, .. } => candidates.iter().flatten().map(|p| p.ids.as_slice()).collect(),
+        }
+    }
+
+    fn id(&self) -> String {
+        match &self.job {
+            Job::One { event, .. } => event.id.clone(),
+            Job::BestOfN { event, .. } => event.id.clone(),
+        }
+    }
 }
 
 type Item = Result<Ready, ErrorRecord>;
@@ -55,7 +79,7 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let opts = args.model.options();
     let prompter = Arc::new(Prompter::load(&opts.path).context("cannot load the tokenizer and chat template")?);
     let limits = BatchLimits { max_tokens: args.batch_tokens, max_events: args.batch_events };
-    let engine = Engine::start_with_limits(&opts, limits)?;
+    let engine = Engine::start_with_limits(&opts, limits)?.with_min_shared_prefix(args.min_shared_prefix);
     // The length limit (`--max-tokens` capped by the model's positions) must fit one batch.
     if engine.info().max_tokens > args.batch_tokens {
         anyhow::bail!(
@@ -108,7 +132,7 @@ impl Sink<'_> {
         writeln!(self.errors, "{}", serde_json::to_string(rec).map_err(std::io::Error::other)?)
     }
 
-    fn scored(&mut self, ev: &ScoredEvent) -> std::io::Result<()> {
+    fn scored<T: Serialize>(&mut self, ev: &T) -> std::io::Result<()> {
         self.progress.inc(1);
         self.counts.0 += 1;
         writeln!(self.output, "{}", serde_json::to_string(ev).map_err(std::io::Error::other)?)
@@ -131,8 +155,9 @@ fn score_stream(engine: &ScoreFn<'_>, rx: &Receiver<Item>, limits: BatchLimits, 
         match item {
             Err(rec) => sink.error(&rec)?,
             Ok(ready) => {
-                let len = ready.prepared.ids.len();
-                if !limits.admits(pending.len(), tokens, len) {
+                let len = ready.sequences().iter().map(|s| s.len()).sum();
+                let sequences: usize = pending.iter().map(|r| r.sequences().len()).sum();
+                if !limits.admits(sequences, tokens, len) {
                     flush(engine, &mut pending, &mut tokens, sink)?;
                 }
                 tokens += len;
@@ -149,26 +174,42 @@ fn flush(engine: &ScoreFn<'_>, pending: &mut Vec<Ready>, tokens: &mut usize, sin
     if pending.is_empty() {
         return Ok(());
     }
-    let batch: Vec<Vec<u32>> = pending.iter().map(|r| r.prepared.ids.clone()).collect();
+    let batch: Vec<Vec<u32>> = pending.iter().flat_map(|r| r.sequences()).map(<[u32]>::to_vec).collect();
+    let sequences = batch.len();
     let scores = match engine(batch) {
-        Ok(s) if s.len() == pending.len() => Ok(s),
-        Ok(s) => Err(format!("the model returned {} scores for {} sequences", s.len(), pending.len())),
+        Ok(s) if s.len() == sequences => Ok(s),
+        Ok(s) => Err(format!("the model returned {} scores for {sequences} sequences", s.len())),
         Err(e) => Err(e),
     };
     match scores {
         Ok(scores) => {
-            for (ready, score) in pending.drain(..).zip(scores) {
-                let (n, truncated) = (ready.prepared.ids.len(), ready.prepared.truncated);
-                match score.check_finite() {
-                    Ok(()) => sink.scored(&ScoredEvent::new(ready.event, score, n, truncated, &sink.model))?,
-                    Err(e) => sink.error(&record(ready.line, &model_error(ready.event.id, &e)))?,
+            let mut scores = scores.into_iter();
+            for ready in pending.drain(..) {
+                let line = ready.line;
+                match ready.job {
+                    // (The count was checked: a missing score is unreachable, and still an error.)
+                    Job::One { event, prepared } => {
+                        let score = scores.next().ok_or_else(|| "missing score".to_owned());
+                        match score.and_then(|s| s.check_finite().map(|()| s)) {
+                            Ok(s) => sink.scored(&ScoredEvent::new(event, s, prepared.ids.len(), prepared.truncated, &sink.model))?,
+                            Err(e) => sink.error(&record(line, &model_error(event.id, &e)))?,
+                        }
+                    }
+                    Job::BestOfN { event, candidates } => {
+                        let missing = || EventError::new(ErrorKind::Model, "missing score");
+                        let outcomes = candidates
+                            .into_iter()
+                            .map(|c| c.and_then(|p| scores.next().map(|s| (s, p.ids.len(), p.truncated)).ok_or_else(missing)))
+                            .collect();
+                        sink.scored(&RankedEvent::new(event, outcomes, &sink.model))?;
+                    }
                 }
             }
         }
         Err(e) => {
             tracing::error!(error = %e, events = pending.len(), "batch failed");
             for ready in pending.drain(..) {
-                sink.error(&record(ready.line, &model_error(ready.event.id, &e)))?;
+                sink.error(&record(ready.line, &model_error(ready.id(), &e)))?;
             }
         }
     }
@@ -204,12 +245,17 @@ fn read_and_prepare(
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let item = InputEvent::parse(trim_newline(&buf), max_line)
+        let prepare = |e: &InputEvent| prompter.prepare(&e.messages, max_tokens, truncation).map_err(|err| err.with_id(Some(e.id.clone())));
+        let item = Event::parse(trim_newline(&buf), max_line, DEFAULT_MAX_CANDIDATES)
             .and_then(|event| {
-                let prepared = prompter
-                    .prepare(&event.messages, max_tokens, truncation)
-                    .map_err(|e| e.with_id(Some(event.id.clone())))?;
-                Ok(Ready { line, event, prepared })
+                let job = match event {
+                    Event::Single(event) => Job::One { prepared: prepare(&event)?, event },
+                    Event::BestOfN(event) => {
+                        let candidates = event.conversations().into_iter().map(|c| c.and_then(|c| prepare(&c))).collect();
+                        Job::BestOfN { event, candidates }
+                    }
+                };
+                Ok(Ready { line, job })
             })
             .map_err(|e| record(line, &e));
         if tx.send(item).is_err() {
@@ -262,7 +308,7 @@ mod tests {
             0,
         )
         .unwrap();
-        Ready { line, event, prepared: Prepared { ids: vec![1, 2], truncated: false } }
+        Ready { line, job: Job::One { event, prepared: Prepared { ids: vec![1, 2], truncated: false } } }
     }
 
     /// Lines written to (outputs, error records) by one flush of `n` inputs.

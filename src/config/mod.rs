@@ -8,6 +8,7 @@ pub mod brokers;
 mod env;
 mod redact;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -65,6 +66,14 @@ pub struct Config {
     pub sink: SinkConfig,
     /// Where events that cannot be scored go, with the reason and the original payload.
     pub dead_letter: SinkConfig,
+    /// Named outputs (`[sinks.<name>]`, any sink type) that `[[route]]` rules send scored
+    /// events to; `[sink]` stays the default for events no rule matches.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Ordered routing rules over each scored event: the first whose `when` is true sends the
+    /// event to its `to`; no match sends it to `[sink]`.
+    #[serde(default)]
+    pub route: Vec<RouteRule>,
     /// The metrics and health endpoint.
     #[serde(default)]
     pub http: HttpConfig,
@@ -76,6 +85,18 @@ pub struct Config {
     /// above it.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+}
+
+/// One `[[route]]` rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// A CEL expression over the scored event as published (`reward`, `attributes.<name>`,
+    /// `tokens`, `truncated`, `model`, `metadata.<key>`); it must give a boolean. One that fails
+    /// on an event dead-letters that event (kind `route`).
+    pub when: String,
+    /// The name of a `[sinks.<name>]` table, or `"drop"` to discard the event.
+    pub to: String,
 }
 
 /// The `[batch]` section.
@@ -109,6 +130,14 @@ pub struct BatchConfig {
     /// neither dead-lettered nor acknowledged; `/healthz` fails meanwhile.
     #[serde(default = "default_max_failed_batches")]
     pub max_failed_batches: usize,
+    /// Conversations of one batch whose token ids begin with the same `min_shared_prefix` or
+    /// more tokens (a common system prompt) share that prefix: it is computed once for all of
+    /// them, with the same scores. 0 turns sharing off. CPU engines only for now.
+    #[serde(default = "default_min_shared_prefix")]
+    pub min_shared_prefix: usize,
+    /// Most candidates of one best-of-N event; an event with more is dead-lettered (`schema`).
+    #[serde(default = "default_max_candidates")]
+    pub max_candidates: usize,
 }
 
 impl Default for BatchConfig {
@@ -121,6 +150,8 @@ impl Default for BatchConfig {
             max_payload_bytes: default_max_payload_bytes(),
             max_inflight_bytes: default_max_inflight_bytes(),
             max_failed_batches: default_max_failed_batches(),
+            min_shared_prefix: default_min_shared_prefix(),
+            max_candidates: default_max_candidates(),
         }
     }
 }
@@ -149,6 +180,20 @@ pub struct HttpConfig {
     /// Most open HTTP connections; a connection beyond it is closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Serve `POST /v1/score` on this listener (`scorestream serve` always does).
+    #[serde(default)]
+    pub score_api: bool,
+    /// Most posted events waiting to be scored at a time; a request that would go over gets 429
+    /// with `Retry-After`.
+    #[serde(default = "default_max_pending_events")]
+    pub max_pending_events: usize,
+    /// Largest `/v1/score` request body in bytes; a larger one gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// A file holding the bearer token `/v1/score` requires (`Authorization: Bearer <token>`);
+    /// without it, no token is asked for.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -158,12 +203,22 @@ impl Default for HttpConfig {
             stall_timeout: default_stall_timeout(),
             header_timeout: default_header_timeout(),
             max_connections: default_max_connections(),
+            score_api: false,
+            max_pending_events: default_max_pending_events(),
+            max_body_bytes: default_max_body_bytes(),
+            token_file: None,
         }
     }
 }
 
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
+}
+const fn default_max_candidates() -> usize {
+    crate::candidates::DEFAULT_MAX_CANDIDATES
+}
+const fn default_min_shared_prefix() -> usize {
+    128
 }
 const fn default_max_batch_tokens() -> usize {
     16_384
@@ -195,6 +250,12 @@ fn default_header_timeout() -> Duration {
 const fn default_max_connections() -> usize {
     128
 }
+const fn default_max_pending_events() -> usize {
+    1024
+}
+const fn default_max_body_bytes() -> usize {
+    8 * 1024 * 1024
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
 }
@@ -205,6 +266,32 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// The config of `scorestream serve`: the same file, where `[source]`, `[sink]` and
+    /// `[dead_letter]` may be left out (they are not used: posted events are answered to their
+    /// requests).
+    pub fn load_for_serve(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let origin = path.display().to_string();
+        let mut tree: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin: origin.clone(),
+            message: redact::redact_toml_error(&text, &e.to_string()),
+        })?;
+        for section in ["source", "sink", "dead_letter"] {
+            if !tree.contains_key(section) {
+                let mut unused = toml::Table::new();
+                unused.insert("type".into(), "file".into());
+                unused.insert("path".into(), "-".into());
+                tree.insert(section.into(), toml::Value::Table(unused));
+            }
+        }
+        let mut config: Config = overlay(tree, std::env::vars())?;
+        config.take_url_credentials()?;
+        config.http.score_api = true;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parse TOML text, overlay the given `(name, value)` variables, validate.
@@ -242,6 +329,8 @@ impl Config {
             );
         }
         positive("http.max_connections", self.http.max_connections)?;
+        positive("http.max_pending_events", self.http.max_pending_events)?;
+        positive("http.max_body_bytes", self.http.max_body_bytes)?;
         if let Err(message) = self.metrics.check() {
             return invalid("metrics.reward_buckets", &message);
         }
@@ -266,7 +355,25 @@ impl Config {
         validate_source(&self.source)?;
         validate_sink("sink", &self.sink)?;
         validate_sink("dead_letter", &self.dead_letter)?;
+        self.validate_routes()?;
         self.validate_exactly_once()
+    }
+
+    /// Named sinks are valid sinks under names that are not reserved, and every rule compiles
+    /// and names one of them (or `drop`).
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        for (name, sink) in &self.sinks {
+            if name == crate::route::DROP || name == crate::route::DEFAULT || name.is_empty() {
+                return invalid(&format!("sinks.{name}"), "this name is reserved for routing; choose another");
+            }
+            validate_sink(&format!("sinks.{name}"), sink)?;
+            if matches!(sink, SinkConfig::Kafka(k) if k.delivery == Delivery::ExactlyOnce) {
+                return invalid(&format!("sinks.{name}.delivery"), "exactly_once is set on [sink] only");
+            }
+        }
+        crate::route::Router::compile(&self.route, self.sinks.keys())
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid { field: "route".into(), message: e.to_string() })
     }
 
     /// Move credentials written into a NATS URL into the section's user/password or token, so
@@ -275,9 +382,11 @@ impl Config {
         if let SourceConfig::Nats(n) = &mut self.source {
             take_url_credentials("source", &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
         }
-        for (section, sink) in [("sink", &mut self.sink), ("dead_letter", &mut self.dead_letter)] {
+        let named = self.sinks.iter_mut().map(|(name, sink)| (format!("sinks.{name}"), sink));
+        let fixed = [("sink".to_owned(), &mut self.sink), ("dead_letter".to_owned(), &mut self.dead_letter)];
+        for (section, sink) in fixed.into_iter().chain(named) {
             if let SinkConfig::Nats(n) = sink {
-                take_url_credentials(section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
+                take_url_credentials(&section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
             }
         }
         Ok(())
@@ -287,6 +396,13 @@ impl Config {
         let SinkConfig::Kafka(sink) = &self.sink else { return Ok(()) };
         if sink.delivery != Delivery::ExactlyOnce {
             return Ok(());
+        }
+        if !self.sinks.is_empty() {
+            // Each sink has its own producer, and one transaction spans one producer.
+            return invalid(
+                "sink.delivery",
+                "exactly_once cannot be combined with named [sinks.*] yet: their writes would not share the transaction",
+            );
         }
         match (&self.source, &self.dead_letter) {
             (SourceConfig::Kafka(src), SinkConfig::Kafka(dl))

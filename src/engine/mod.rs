@@ -98,6 +98,12 @@ pub struct Engine {
     info: Arc<ModelInfo>,
     busy_nanos: Arc<Vec<AtomicU64>>,
     health: watch::Receiver<Option<String>>,
+    /// Sequences sharing at least this many leading tokens are packed as one tree (0: never).
+    min_shared_prefix: usize,
+    /// Whether every stage takes the tree layout (the CPU stages do; the CUDA ones do not yet,
+    /// so an engine with one never shares).
+    takes_trees: bool,
+    shared_tokens: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -147,11 +153,31 @@ impl Engine {
             loaded.push(ready_rx);
         }
         wait_for_stages(&info, loaded).map_err(load_err)?;
-        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health })
+        let takes_trees = info.stages.iter().all(|s| matches!(parse_device(&s.device), Ok(DeviceSpec::Cpu)));
+        let shared_tokens = Arc::new(AtomicU64::new(0));
+        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health, min_shared_prefix: 0, takes_trees, shared_tokens })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Compute a prefix of `min` or more tokens that several sequences of a batch begin with
+    /// once for all of them (0: never). Scores are unchanged. Ignored when a stage runs on
+    /// CUDA, whose kernels do not take the tree layout yet.
+    pub fn with_min_shared_prefix(mut self, min: usize) -> Self {
+        self.min_shared_prefix = min;
+        self
+    }
+
+    /// Whether batches are packed with shared prefixes.
+    pub fn shares_prefixes(&self) -> bool {
+        self.min_shared_prefix > 0 && self.takes_trees
+    }
+
+    /// Tokens not recomputed since start, thanks to shared prefixes.
+    pub fn prefix_tokens_shared(&self) -> u64 {
+        self.shared_tokens.load(Ordering::Relaxed)
     }
 
     /// `None` while every stage thread runs; the reason once one has died (a panic outside a
@@ -169,7 +195,7 @@ impl Engine {
     /// at least one token (the one it is scored at) and at most `max_position_embeddings`.
     pub async fn score(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Score>, EngineError> {
         self.check(&batch)?;
-        let (job, rx) = Self::job(batch);
+        let (job, rx) = self.job(batch);
         self.tx.send(job).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
@@ -177,7 +203,7 @@ impl Engine {
     /// [`Engine::score`] for synchronous callers (not from inside an async runtime).
     pub fn score_blocking(&self, batch: Vec<Vec<u32>>) -> Result<Vec<Score>, EngineError> {
         self.check(&batch)?;
-        let (job, rx) = Self::job(batch);
+        let (job, rx) = self.job(batch);
         self.tx.blocking_send(job).map_err(|_| EngineError::Stopped)?;
         rx.blocking_recv().map_err(|_| EngineError::Stopped)?
     }
@@ -198,9 +224,16 @@ impl Engine {
         Ok(())
     }
 
-    fn job(batch: Vec<Vec<u32>>) -> (Job, oneshot::Receiver<Result<Vec<Score>, EngineError>>) {
+    fn job(&self, batch: Vec<Vec<u32>>) -> (Job, oneshot::Receiver<Result<Vec<Score>, EngineError>>) {
         let (reply, rx) = oneshot::channel();
-        (Job { packed: Arc::new(Packed::new(&batch)), input: Activations::Tokens, reply }, rx)
+        let packed = if self.shares_prefixes() {
+            let packed = Packed::shared(&batch, self.min_shared_prefix);
+            self.shared_tokens.fetch_add(packed.shared_tokens() as u64, Ordering::Relaxed);
+            packed
+        } else {
+            Packed::new(&batch)
+        };
+        (Job { packed: Arc::new(packed), input: Activations::Tokens, reply }, rx)
     }
 }
 

@@ -65,12 +65,17 @@ impl RewardHead {
 
     /// The packed index of the token each sequence is scored at. A sequence that is all
     /// padding is read at its first token, as transformers' `argmax` over an all-zero mask does.
+    /// A sequence in a shared-prefix group is its prefix, then its own segment.
     pub fn read_positions(&self, packed: &Packed) -> Vec<usize> {
-        packed
-            .ranges()
-            .map(|r| match self.pad_token_id {
-                None => r.end.saturating_sub(1).max(r.start),
-                Some(pad) => r.clone().rev().find(|&i| packed.ids[i] != pad).unwrap_or(r.start),
+        (0..packed.num_seqs())
+            .map(|i| {
+                let (prefix, own) = packed.seq_parts(i);
+                let first = if prefix.is_empty() { own.start } else { prefix.start };
+                let mut tokens = own.rev().chain(prefix.rev());
+                match self.pad_token_id {
+                    None => tokens.next().unwrap_or(first),
+                    Some(pad) => tokens.find(|&i| packed.ids[i] != pad).unwrap_or(first),
+                }
             })
             .collect()
     }

@@ -203,34 +203,44 @@ impl Attention {
         }
         let q = rotary.apply(&q, tables)?;
         let k = rotary.apply(&k, tables)?;
-        let mut outs = Vec::with_capacity(packed.num_seqs());
-        for r in packed.ranges().filter(|r| !r.is_empty()) {
-            let (qs, ks, vs) = (q.narrow(0, r.start, r.len())?, k.narrow(0, r.start, r.len())?, v.narrow(0, r.start, r.len())?);
-            outs.push(self.attend(&qs, &ks, &vs)?);
+        let mut outs = Vec::with_capacity(packed.prefix_of.len());
+        for (seg, r) in packed.ranges().enumerate().filter(|(_, r)| !r.is_empty()) {
+            let qs = q.narrow(0, r.start, r.len())?;
+            let (ks, vs) = (k.narrow(0, r.start, r.len())?, v.narrow(0, r.start, r.len())?);
+            outs.push(match packed.prefix_of[seg].map(|p| packed.range(p)) {
+                // A suffix: its keys are the shared prefix's, then its own.
+                Some(p) => {
+                    let kp = Tensor::cat(&[&k.narrow(0, p.start, p.len())?, &ks], 0)?;
+                    let vp = Tensor::cat(&[&v.narrow(0, p.start, p.len())?, &vs], 0)?;
+                    self.attend(&qs, &kp, &vp, p.len())?
+                }
+                None => self.attend(&qs, &ks, &vs, 0)?,
+            });
         }
         let y = Tensor::cat(&outs, 0)?;
         self.o_proj.forward(&y)
     }
 
-    /// Causal attention within one sequence: `q: [L, H, D]`, `k, v: [L, KV, D]` → `[L, H·D]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// Causal attention of queries at positions `offset..offset + L` over keys at `0..offset + L`:
+    /// `q: [L, H, D]`, `k, v: [offset + L, KV, D]` → `[L, H·D]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
         let (len, _, d) = q.dims3()?;
         let kv = self.num_kv_heads;
         let group = self.num_heads / kv;
         let scale = 1.0 / (d as f64).sqrt();
         // Heads h = kv_head * group + g share K/V: view q as [KV, group, L, D].
         let q = q.transpose(0, 1)?.reshape((kv, group, len, d))?;
-        let k = k.transpose(0, 1)?.contiguous()?; // [KV, L, D]
+        let k = k.transpose(0, 1)?.contiguous()?; // [KV, offset + L, D]
         let v = v.transpose(0, 1)?.contiguous()?;
         let mut chunks = Vec::with_capacity(len.div_ceil(QUERY_CHUNK));
         for start in (0..len).step_by(QUERY_CHUNK) {
             let n = QUERY_CHUNK.min(len - start);
-            let keys = start + n; // causal: nothing past the chunk's last query
+            let keys = offset + start + n; // causal: nothing past the chunk's last query
             let qc = q.narrow(2, start, n)?.reshape((kv, group * n, d))?.contiguous()?;
             let kc = k.narrow(1, 0, keys)?;
             let vc = v.narrow(1, 0, keys)?;
             let scores = (qc.matmul(&kc.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let mask = causal_mask(start, n, keys, self.sliding_window, group, q.device())?;
+            let mask = causal_mask(offset + start, n, keys, self.sliding_window, group, q.device())?;
             let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?.to_dtype(vc.dtype())?;
             chunks.push(probs.matmul(&vc)?.reshape((kv, group, n, d))?);
         }

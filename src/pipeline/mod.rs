@@ -32,9 +32,11 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::batch::actor::Weighted;
 use crate::batch::policy::BatchLimits;
 use crate::engine::EngineError;
+use crate::candidates::BestOfNEvent;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
 use crate::source::{AckHandle, Origin, Source, SourceError};
 
@@ -136,6 +138,9 @@ impl Drop for Permit {
 /// What the prepare stage made of a record.
 pub enum Verdict {
     Ready { event: InputEvent, ids: Vec<u32>, truncated: bool },
+    /// A best-of-N event: each candidate's token ids and truncation flag, or why it cannot be
+    /// scored.
+    Group { event: BestOfNEvent, candidates: Vec<Result<(Vec<u32>, bool), EventError>> },
     Failed(EventError),
 }
 
@@ -149,7 +154,15 @@ impl Weighted for Work {
     fn tokens(&self) -> usize {
         match &self.verdict {
             Verdict::Ready { ids, .. } => ids.len(),
+            Verdict::Group { candidates, .. } => candidates.iter().flatten().map(|c| c.0.len()).sum(),
             Verdict::Failed(_) => 0,
+        }
+    }
+
+    fn sequences(&self) -> usize {
+        match &self.verdict {
+            Verdict::Group { candidates, .. } => candidates.iter().flatten().count(),
+            _ => 1,
         }
     }
 }
@@ -157,6 +170,8 @@ impl Weighted for Work {
 /// The final result for one record.
 pub enum Outcome {
     Scored { event: InputEvent, score: Score, tokens: usize, truncated: bool },
+    /// A best-of-N event: one outcome per candidate, in order.
+    Ranked { event: BestOfNEvent, outcomes: Vec<crate::candidates::Outcome> },
     Failed(EventError),
 }
 
@@ -168,11 +183,23 @@ pub struct Parts {
     pub scorer: Arc<dyn Scorer>,
     pub sink: Arc<dyn Sink>,
     pub dead_letter: Arc<dyn Sink>,
+    /// Named sinks and the `[[route]]` rules that pick them (none: everything to `sink`).
+    pub routes: Routes,
     /// Exactly-once hook; `None` for at-least-once.
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
     /// Where the publish stage reports progress (`/healthz`).
     pub liveness: Arc<Liveness>,
+}
+
+/// The named sinks, in the order of [`Router::names`], and the rules over them.
+#[derive(Clone, Default)]
+pub struct Routes {
+    pub router: Arc<Router>,
+    pub sinks: Vec<Arc<dyn Sink>>,
+    /// Where the outputs of events posted to `/v1/score` go (their requests); they are never
+    /// routed.
+    pub reply: Option<Arc<dyn Sink>>,
 }
 
 /// Flow-control settings.
@@ -185,6 +212,8 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     /// Failed batches in a row after which the run ends with [`PipelineError::Engine`].
     pub max_failed_batches: usize,
+    /// Most candidates of one best-of-N event.
+    pub max_candidates: usize,
 }
 
 impl Settings {
@@ -197,6 +226,7 @@ impl Settings {
             max_inflight_bytes: batch.max_inflight_bytes,
             max_payload_bytes: batch.max_payload_bytes,
             max_failed_batches: batch.max_failed_batches,
+            max_candidates: batch.max_candidates,
         }
     }
 }
@@ -206,7 +236,7 @@ impl Settings {
 /// stops fetching too, and so does a model that failed `max_failed_batches` batches in a row;
 /// the run then ends with that error after the same orderly close.
 pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
-    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, commit, metrics, liveness } = parts;
+    let Parts { source, source_kind, preparer, scorer, sink, dead_letter, routes, commit, metrics, liveness } = parts;
     let limits = Limits::new(&settings);
     let lane = settings.limits.max_events.max(1);
     let (fetch_tx, fetch_rx) = mpsc::channel::<InFlight>(lane);
@@ -216,7 +246,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     let (abort_tx, abort) = watch::channel(false);
 
     let fetch = tokio::spawn(stages::fetch(source, source_kind, limits, metrics.clone(), fetch_tx, stop, abort));
-    let max_payload = settings.max_payload_bytes;
+    let max_payload = (settings.max_payload_bytes, settings.max_candidates);
     let prepare = std::thread::Builder::new()
         .name("scorestream-prepare".into())
         .spawn(move || stages::prepare(&*preparer, max_payload, fetch_rx, work_tx))
@@ -233,6 +263,9 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     let publisher = publish::Publisher {
         sink: sink.clone(),
         dead_letter: dead_letter.clone(),
+        routes: routes.sinks.clone(),
+        router: routes.router.clone(),
+        reply: routes.reply.clone(),
         commit,
         metrics,
         liveness,
@@ -251,6 +284,11 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
     let published = publish.await.map_err(|e| PipelineError::Task(format!("publish: {e}")))?;
     if let Err(e) = sink.flush().await {
         tracing::warn!(error = %crate::error::Chain(&e), "flushing the sink failed");
+    }
+    for (name, routed) in routes.router.names().iter().zip(&routes.sinks) {
+        if let Err(e) = routed.flush().await {
+            tracing::warn!(error = %crate::error::Chain(&e), sink = %name, "flushing a named sink failed");
+        }
     }
     if let Err(e) = dead_letter.flush().await {
         tracing::warn!(error = %crate::error::Chain(&e), "flushing the dead-letter sink failed");

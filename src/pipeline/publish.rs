@@ -30,6 +30,7 @@ use crate::error::Chain;
 use crate::event::{ErrorKind, EventError};
 use crate::health::Liveness;
 use crate::metrics::{delivery_label, Metrics};
+use crate::route::{Route, Router};
 use crate::sink::{BatchCommit, Confirmation, Outgoing, OutputKind, Sink, SinkError};
 use crate::source::Origin;
 
@@ -42,7 +43,8 @@ const HEADER_ALLOWANCE: usize = 512;
 
 /// What to count once an input is done.
 enum Tally {
-    Scored { tokens: usize, rewards: Vec<(String, f32)> },
+    /// `route`: the `scorestream_routed_total` label.
+    Scored { tokens: usize, rewards: Vec<(String, f32)>, route: String },
     Failed(&'static str),
 }
 
@@ -56,6 +58,11 @@ struct Done {
 pub(super) struct Publisher {
     pub sink: Arc<dyn Sink>,
     pub dead_letter: Arc<dyn Sink>,
+    /// Named sinks, by the index the router gives.
+    pub routes: Vec<Arc<dyn Sink>>,
+    pub router: Arc<Router>,
+    /// The outputs of posted events (`Origin::Http`), scored or not, go back to their requests.
+    pub reply: Option<Arc<dyn Sink>>,
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
@@ -89,9 +96,13 @@ impl Publisher {
                     Some(batch) => {
                         for (input, outcome) in batch {
                             let (msg, done) = this.build(input, outcome);
-                            let next = match this.publish(&msg).await {
-                                Ok(confirm) => this.clone().complete(msg, confirm, done).boxed(),
-                                Err(refused) => this.clone().refused(msg, refused, done).boxed(),
+                            let next = match msg {
+                                // Dropped by a route: nothing to confirm.
+                                None => this.clone().finish_owned(done).boxed(),
+                                Some(msg) => match this.publish(&msg).await {
+                                    Ok(confirm) => this.clone().complete(msg, confirm, done).boxed(),
+                                    Err(refused) => this.clone().refused(msg, refused, done).boxed(),
+                                },
                             };
                             pending.push(next);
                         }
@@ -103,29 +114,73 @@ impl Publisher {
         Ok(())
     }
 
-    fn sink_for(&self, kind: OutputKind) -> &Arc<dyn Sink> {
-        match kind {
-            OutputKind::Scored => &self.sink,
+    fn sink_for(&self, msg: &Outgoing) -> &Arc<dyn Sink> {
+        if let (Origin::Http { .. }, Some(reply)) = (&msg.origin, &self.reply) {
+            return reply;
+        }
+        match msg.kind {
+            OutputKind::Scored => msg.sink.and_then(|i| self.routes.get(i)).unwrap_or(&self.sink),
             OutputKind::DeadLetter => &self.dead_letter,
         }
     }
 
-    fn build(&self, input: InFlight, outcome: Outcome) -> (Outgoing, Done) {
+    /// The message of an outcome, routed (`None`: dropped by a route), and what to do once it
+    /// is confirmed. A route expression that fails on the event makes its dead letter instead.
+    fn build(&self, input: InFlight, outcome: Outcome) -> (Option<Outgoing>, Done) {
         match outcome {
             Outcome::Scored { event, score, tokens, truncated } => {
                 let mut rewards = vec![("reward".to_owned(), score.reward)];
                 rewards.extend(score.attributes.iter().cloned());
                 let id = Some(event.id.clone());
                 let payload = scored_payload(event, score, tokens, truncated, &self.model);
-                let msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
-                (msg, Done { input, id, tally: Tally::Scored { tokens, rewards } })
+                self.routed(input, id, payload, tokens, rewards)
+            }
+            Outcome::Ranked { event, outcomes } => {
+                self.metrics.candidates.observe(outcomes.len() as f64);
+                let (mut tokens, mut rewards) = (0, Vec::new());
+                for (score, n, _) in outcomes.iter().flatten() {
+                    tokens += n;
+                    rewards.push(("reward".to_owned(), score.reward));
+                    rewards.extend(score.attributes.iter().cloned());
+                }
+                let id = Some(event.id.clone());
+                let ranked = crate::candidates::RankedEvent::new(event, outcomes, &self.model);
+                // Serializing a struct of strings, numbers and JSON values cannot fail.
+                let payload = Bytes::from(serde_json::to_vec(&ranked).unwrap_or_default());
+                self.routed(input, id, payload, tokens, rewards)
             }
             Outcome::Failed(e) => {
                 tracing::debug!(origin = %input.origin, kind = %e.kind, message = %e.message, "dead letter");
                 let msg = self.dead_letter_for(&input, &e, self.dead_letter_limit(&input));
-                (msg, Done { id: e.id.clone(), input, tally: Tally::Failed(e.kind.as_str()) })
+                (Some(msg), Done { id: e.id.clone(), input, tally: Tally::Failed(e.kind.as_str()) })
             }
         }
+    }
+
+    /// The scored (or ranked) output `payload` of `input`, sent where the routes say (`None`:
+    /// dropped); a route expression that fails on it makes the event's dead letter instead.
+    fn routed(
+        &self,
+        input: InFlight,
+        id: Option<String>,
+        payload: Bytes,
+        tokens: usize,
+        rewards: Vec<(String, f32)>,
+    ) -> (Option<Outgoing>, Done) {
+        let route = match self.router.route_from(&input.origin, &payload) {
+            Ok(route) => route,
+            Err(message) => {
+                let e = EventError::new(ErrorKind::Route, message).with_id(id);
+                return self.build(input, Outcome::Failed(e));
+            }
+        };
+        let mut msg = self.outgoing(&input, OutputKind::Scored, id.as_deref(), payload);
+        msg.sink = match route {
+            Route::Sink(i) => Some(i),
+            Route::Default | Route::Drop => None,
+        };
+        let tally = Tally::Scored { tokens, rewards, route: self.router.label(route).to_owned() };
+        (Some(msg).filter(|_| route != Route::Drop), Done { input, id, tally })
     }
 
     fn outgoing(&self, input: &InFlight, kind: OutputKind, id: Option<&str>, payload: Bytes) -> Outgoing {
@@ -136,6 +191,7 @@ impl Publisher {
             dedup_id: input.origin.dedup_id().map(|d| format!("{d}:{kind}")),
             first_publish: input.origin.redelivered() == Some(false),
             kind,
+            sink: None,
             origin: input.origin.clone(),
         }
     }
@@ -153,10 +209,10 @@ impl Publisher {
     }
 
     /// Wait before retrying `msg` after transient error `e`, and say so.
-    async fn backoff(&self, msg: &Outgoing, e: &SinkError, delay: &mut Duration, what: &str) {
+    async fn backoff(&self, (origin, kind): (&Origin, OutputKind), e: &SinkError, delay: &mut Duration, what: &str) {
         let reason = Chain(e).to_string();
-        tracing::warn!(error = %reason, origin = %msg.origin, output = %msg.kind, "{what}; retrying in {delay:?}");
-        self.metrics.publish_retries.with_label_values(&[msg.kind.as_str()]).inc();
+        tracing::warn!(error = %reason, %origin, output = %kind, "{what}; retrying in {delay:?}");
+        self.metrics.publish_retries.with_label_values(&[kind.as_str()]).inc();
         self.liveness.retrying(reason);
         tokio::time::sleep(*delay).await;
         *delay = (*delay * 2).min(MAX_BACKOFF);
@@ -167,10 +223,10 @@ impl Publisher {
     async fn publish(&self, msg: &Outgoing) -> Result<Confirmation, SinkError> {
         let mut delay = FIRST_BACKOFF;
         loop {
-            match self.sink_for(msg.kind).publish(msg.clone()).await {
+            match self.sink_for(msg).publish(msg.clone()).await {
                 Ok(c) => return Ok(c),
                 Err(e) if e.is_permanent() => return Err(e),
-                Err(e) => self.backoff(msg, &e, &mut delay, "publish failed").await,
+                Err(e) => self.backoff((&msg.origin, msg.kind), &e, &mut delay, "publish failed").await,
             }
         }
     }
@@ -184,7 +240,7 @@ impl Publisher {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    self.backoff(msg, &e, &mut delay, "publish not confirmed").await;
+                    self.backoff((&msg.origin, msg.kind), &e, &mut delay, "publish not confirmed").await;
                     msg.first_publish = false;
                     confirm = self.publish(msg).await?;
                 }
@@ -240,6 +296,10 @@ impl Publisher {
         );
     }
 
+    async fn finish_owned(self: Arc<Self>, done: Done) {
+        self.finish(done).await;
+    }
+
     async fn finish(&self, done: Done) {
         let Done { input, tally, .. } = done;
         let InFlight { origin, ack, consumed, _permit, .. } = input;
@@ -251,8 +311,11 @@ impl Publisher {
         let m = &self.metrics;
         m.event_latency_seconds.observe(consumed.elapsed().as_secs_f64());
         match tally {
-            Tally::Scored { tokens, rewards } => {
+            Tally::Scored { tokens, rewards, route } => {
                 m.events_scored.with_label_values(&[delivery]).inc();
+                if !matches!(origin, Origin::Http { .. }) {
+                    m.routed.with_label_values(&[route.as_str()]).inc();
+                }
                 m.tokens_scored.inc_by(tokens as u64);
                 for (attribute, value) in rewards {
                     m.reward.with_label_values(&[attribute.as_str()]).observe(f64::from(value));
@@ -269,10 +332,21 @@ impl Publisher {
     /// input whose position would be committed).
     async fn transact(&self, batch: Vec<(InFlight, Outcome)>) -> Result<(), SinkError> {
         let Some(commit) = &self.commit else { return Ok(()) };
-        let (mut msgs, mut dones): (Vec<Outgoing>, Vec<Done>) = batch.into_iter().map(|(i, o)| self.build(i, o)).unzip();
+        let origins: Vec<Origin> = batch.iter().map(|(i, _)| i.origin.clone()).collect();
+        let Some(first) = origins.first().cloned() else { return Ok(()) };
+        let (mut msgs, mut dones, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+        for (input, outcome) in batch {
+            match self.build(input, outcome) {
+                (Some(msg), done) => {
+                    msgs.push(msg);
+                    dones.push(done);
+                }
+                // Dropped by a route: only its position goes into the transaction.
+                (None, done) => dropped.push(done),
+            }
+        }
         // Per message: 0 as built, 1 its dead letter cut to fit, 2 its dead letter without payload.
         let mut shrinks: Vec<u8> = msgs.iter().map(|m| u8::from(m.kind == OutputKind::DeadLetter)).collect();
-        let origins: Vec<Origin> = msgs.iter().map(|m| m.origin.clone()).collect();
         let mut delay = FIRST_BACKOFF;
         while let Err((index, e)) = self.try_transaction(commit.as_ref(), &msgs, &origins).await {
             if matches!(e, SinkError::Fatal { .. }) {
@@ -288,11 +362,14 @@ impl Publisher {
                     shrinks[i] += 1;
                     self.replace_refused(&mut msgs[i], &mut dones[i], e, shrinks[i])?;
                 }
-                None => self.backoff(&msgs[0], &e, &mut delay, "transaction failed; aborted, replaying the batch").await,
+                None => {
+                    let what = "transaction failed; aborted, replaying the batch";
+                    self.backoff((&first, OutputKind::Scored), &e, &mut delay, what).await;
+                }
             }
         }
         self.metrics.kafka_transactions.with_label_values(&["committed"]).inc();
-        for done in dones {
+        for done in dones.into_iter().chain(dropped) {
             self.finish(done).await;
         }
         Ok(())
@@ -332,7 +409,7 @@ impl Publisher {
         commit.begin().await.map_err(|e| (None, e))?;
         let mut confirmations = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
-            let c = self.sink_for(m.kind).publish(m.clone()).await.map_err(|e| (Some(i), e))?;
+            let c = self.sink_for(m).publish(m.clone()).await.map_err(|e| (Some(i), e))?;
             confirmations.push(c.map(move |r| r.map_err(|e| (Some(i), e))));
         }
         futures::future::try_join_all(confirmations).await?;

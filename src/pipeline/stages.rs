@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
 use crate::error::Chain;
+use crate::candidates::{BestOfNEvent, Event};
 use crate::event::{ErrorKind, EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
@@ -32,6 +33,7 @@ pub(super) async fn fetch(
     mut abort: watch::Receiver<bool>,
 ) -> (Box<dyn Source>, Result<(), PipelineError>) {
     let consumed = metrics.events_consumed.with_label_values(&[kind]);
+    let posted = metrics.events_consumed.with_label_values(&["http"]);
     loop {
         // Biased toward stopping: once a signal arrived, nothing more is fetched.
         let permit = tokio::select! {
@@ -60,7 +62,10 @@ pub(super) async fn fetch(
             _ = abort.wait_for(|s| *s) => break,
             p = limits.bytes.clone().acquire_many_owned(size) => match p { Ok(p) => p, Err(_) => break },
         };
-        consumed.inc();
+        match record.origin {
+            crate::source::Origin::Http { .. } => posted.inc(),
+            _ => consumed.inc(),
+        }
         metrics.inflight_events.inc();
         let item = InFlight {
             origin: record.origin,
@@ -80,19 +85,24 @@ pub(super) async fn fetch(
 }
 
 /// Decode, template and tokenize, in order, on this (dedicated) thread.
+/// `limits`: the largest payload in bytes, the most candidates of a best-of-N event.
 pub(super) fn prepare(
     preparer: &dyn Preparer,
-    max_payload: usize,
+    (max_payload, max_candidates): (usize, usize),
     mut rx: mpsc::Receiver<InFlight>,
     tx: mpsc::Sender<Work>,
 ) {
     while let Some(input) = rx.blocking_recv() {
-        let verdict = match InputEvent::parse(&input.payload, max_payload) {
+        let verdict = match Event::parse(&input.payload, max_payload, max_candidates) {
             Err(e) => Verdict::Failed(e),
-            Ok(event) => match preparer.prepare(&event) {
+            Ok(Event::Single(event)) => match preparer.prepare(&event) {
                 Ok((ids, truncated)) => Verdict::Ready { event, ids, truncated },
                 Err(e) => Verdict::Failed(e.with_id(Some(event.id))),
             },
+            Ok(Event::BestOfN(event)) => {
+                let candidates = event.conversations().into_iter().map(|c| c.and_then(|c| preparer.prepare(&c))).collect();
+                Verdict::Group { event, candidates }
+            }
         };
         if tx.blocking_send(Work { input, verdict }).is_err() {
             return;
@@ -101,7 +111,23 @@ pub(super) fn prepare(
 }
 
 /// A prepared event with its token count and truncation flag, or why it failed.
-type Checked = Result<(InputEvent, usize, bool), EventError>;
+enum Checked {
+    One(InputEvent, usize, bool),
+    /// A best-of-N event with each candidate's token count and truncation flag, or its error.
+    Group(BestOfNEvent, Vec<Result<(usize, bool), EventError>>),
+    Failed(EventError),
+}
+
+impl Checked {
+    /// Sequences this item sent to the model.
+    fn sequences(&self) -> usize {
+        match self {
+            Checked::One(..) => 1,
+            Checked::Group(_, c) => c.iter().flatten().count(),
+            Checked::Failed(_) => 0,
+        }
+    }
+}
 
 /// A batch split into its model input and the bookkeeping to reassemble it.
 struct Split {
@@ -117,9 +143,22 @@ fn split(batch: Vec<Work>) -> Split {
             Verdict::Ready { event, ids: seq, truncated } => {
                 let n = seq.len();
                 ids.push(seq);
-                (w.input, Ok((event, n, truncated)))
+                (w.input, Checked::One(event, n, truncated))
             }
-            Verdict::Failed(e) => (w.input, Err(e)),
+            Verdict::Group { event, candidates } => {
+                let checked = candidates
+                    .into_iter()
+                    .map(|c| {
+                        c.map(|(seq, truncated)| {
+                            let n = seq.len();
+                            ids.push(seq);
+                            (n, truncated)
+                        })
+                    })
+                    .collect();
+                (w.input, Checked::Group(event, checked))
+            }
+            Verdict::Failed(e) => (w.input, Checked::Failed(e)),
         })
         .collect();
     Split { items, ids }
@@ -231,24 +270,38 @@ impl Attempts {
     }
 }
 
-/// Mark the `index`-th sequence of the batch (counting only events sent to the model) failed.
-fn refuse(items: &mut [(InFlight, Checked)], index: usize, message: &str) {
-    let Some(item) = items.iter_mut().filter(|(_, c)| c.is_ok()).nth(index) else { return };
-    if let Ok((event, ..)) = &item.1 {
-        let e = EventError::new(ErrorKind::Model, format!("the model refused this event: {message}"));
-        item.1 = Err(e.with_id(Some(event.id.clone())));
+/// Mark the `index`-th sequence of the batch (counting only sequences sent to the model)
+/// failed: its event, or its candidate.
+fn refuse(items: &mut [(InFlight, Checked)], mut index: usize, message: &str) {
+    let e = EventError::new(ErrorKind::Model, format!("the model refused this event: {message}"));
+    for (_, item) in items.iter_mut() {
+        if index >= item.sequences() {
+            index -= item.sequences();
+            continue;
+        }
+        match item {
+            Checked::One(event, ..) => *item = Checked::Failed(e.with_id(Some(event.id.clone()))),
+            Checked::Group(_, candidates) => {
+                if let Some(c) = candidates.iter_mut().filter(|c| c.is_ok()).nth(index) {
+                    *c = Err(e);
+                }
+            }
+            Checked::Failed(_) => {}
+        }
+        return;
     }
 }
 
-/// Pair each event with its score, in order; events that failed before keep their error.
+/// Pair each event with its score (each candidate with its own), in order; events that failed
+/// before keep their error.
 fn assemble(items: Vec<(InFlight, Checked)>, scores: Vec<Score>) -> Vec<(InFlight, Outcome)> {
     let mut scores = scores.into_iter();
     items
         .into_iter()
         .map(|(input, item)| {
             let outcome = match item {
-                Err(e) => Outcome::Failed(e),
-                Ok((event, tokens, truncated)) => match scores.next() {
+                Checked::Failed(e) => Outcome::Failed(e),
+                Checked::One(event, tokens, truncated) => match scores.next() {
                     // JSON has no NaN or infinity; a non-finite score of one event is a fault
                     // of that event's numbers, and scoring it again would give the same.
                     Some(score) => match score.check_finite() {
@@ -258,6 +311,14 @@ fn assemble(items: Vec<(InFlight, Checked)>, scores: Vec<Score>) -> Vec<(InFligh
                     // Unreachable: the count was checked.
                     None => Outcome::Failed(EventError::new(ErrorKind::Model, "missing score").with_id(Some(event.id))),
                 },
+                Checked::Group(event, candidates) => {
+                    let missing = || EventError::new(ErrorKind::Model, "missing score");
+                    let outcomes = candidates
+                        .into_iter()
+                        .map(|c| c.and_then(|(n, truncated)| scores.next().map(|s| (s, n, truncated)).ok_or_else(missing)))
+                        .collect();
+                    Outcome::Ranked { event, outcomes }
+                }
             };
             (input, outcome)
         })

@@ -66,6 +66,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         scorer: Arc::new(Length),
         sink: Arc::new(FileSink::open(&FileSinkConfig { path: out.clone() }, ctx.clone()).await.unwrap()),
         dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dl.clone() }, ctx).await.unwrap()),
+        routes: Default::default(),
         commit: None,
         metrics: metrics.clone(),
         liveness: Default::default(),
@@ -77,6 +78,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -117,6 +119,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         scorer: Arc::new(Length),
         sink: Arc::new(FileSink::open(&FileSinkConfig { path: out.clone() }, ctx.clone()).await.unwrap()),
         dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("dl") }, ctx).await.unwrap()),
+        routes: Default::default(),
         commit: None,
         metrics: metrics.clone(),
         liveness: Default::default(),
@@ -128,6 +131,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -184,6 +188,7 @@ async fn fetching_stops_at_the_inflight_bound() {
         scorer: Arc::new(Length),
         sink: sink.clone(),
         dead_letter: sink,
+        routes: Default::default(),
         commit: None,
         metrics: metrics.clone(),
         liveness: Default::default(),
@@ -195,6 +200,7 @@ async fn fetching_stops_at_the_inflight_bound() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
@@ -247,6 +253,7 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         scorer: Arc::new(Length),
         sink: sink.clone(),
         dead_letter: sink.clone(),
+        routes: Default::default(),
         commit: Some(Arc::new(Txn(log.clone(), Default::default()))),
         metrics: metrics.clone(),
         liveness: Default::default(),
@@ -258,6 +265,7 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -308,6 +316,7 @@ proptest::proptest! {
                 scorer: Arc::new(Length),
                 sink: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("o") }, ctx.clone()).await.unwrap()),
                 dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("d") }, ctx).await.unwrap()),
+                routes: Default::default(),
                 commit: None,
                 metrics: metrics.clone(),
                 liveness: Default::default(),
@@ -319,6 +328,7 @@ proptest::proptest! {
                 max_inflight_bytes: 1 << 20,
                 max_payload_bytes: 150,
                 max_failed_batches: 3,
+                max_candidates: 64,
             };
             let (_stop_tx, stop) = watch::channel(false);
             run(parts, settings, stop).await.unwrap();
@@ -426,6 +436,7 @@ async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atom
         scorer: scorer(Arc::clone(&calls)),
         sink: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("o") }, ctx.clone()).await.unwrap()),
         dead_letter: Arc::new(FileSink::open(&FileSinkConfig { path: dir.path().join("d") }, ctx).await.unwrap()),
+        routes: Default::default(),
         commit: None,
         metrics: metrics.clone(),
         liveness: liveness.clone(),
@@ -437,6 +448,7 @@ async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atom
         max_inflight_bytes: 1 << 20,
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
+        max_candidates: 64,
     };
     let (_stop_tx, stop) = watch::channel(false);
     let result = tokio::time::timeout(Duration::from_secs(20), run(parts, settings, stop)).await.unwrap();

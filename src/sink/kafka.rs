@@ -475,6 +475,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"{}"),
             dedup_id: Some("x".into()),
             first_publish: true,
+            sink: None,
             kind: super::super::OutputKind::Scored,
             origin: Origin::File { path: "f".into(), line: 1 },
         }

@@ -112,6 +112,9 @@ pub struct Outgoing {
     /// id collision (counted and logged by the sink).
     pub first_publish: bool,
     pub kind: OutputKind,
+    /// For a scored output routed by a `[[route]]` rule: the index of its named sink (in the
+    /// pipeline's `Routes`); `None` for the default `[sink]` (and for dead letters).
+    pub sink: Option<usize>,
     /// The input this message answers (for logs and exactly-once offset bookkeeping).
     pub origin: Origin,
 }

@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod file;
+pub mod http;
 pub mod kafka;
 pub mod nats;
 
@@ -88,6 +89,11 @@ pub enum Origin {
         path: String,
         line: u64,
     },
+    /// An event posted to `/v1/score`: its request and its place in the request.
+    Http {
+        request: u64,
+        index: u64,
+    },
 }
 
 impl Origin {
@@ -102,6 +108,7 @@ impl Origin {
                 json!({"stream": stream, "consumer": consumer, "sequence": sequence, "delivered": delivered})
             }
             Origin::File { path, line } => json!({"file": path, "line": line}),
+            Origin::Http { request, index } => json!({"http": {"request": request, "index": index}}),
         }
     }
 
@@ -116,6 +123,8 @@ impl Origin {
                 sequence.map(|seq| format!("nats:{stream}@{stream_created}:{consumer}:{seq}"))
             }
             Origin::File { path, line } => Some(format!("file:{path}:{line}")),
+            // Answered to the request, never published: nothing to de-duplicate.
+            Origin::Http { .. } => None,
         }
     }
 
@@ -124,7 +133,7 @@ impl Origin {
     pub fn redelivered(&self) -> Option<bool> {
         match self {
             Origin::Nats { delivered, .. } => Some(*delivered > 1),
-            Origin::File { .. } => Some(false),
+            Origin::File { .. } | Origin::Http { .. } => Some(false),
             Origin::Kafka { .. } => None,
         }
     }

@@ -118,7 +118,10 @@ pub fn run_score(model: &Path, input: &[u8], extra: &[&str]) -> (std::process::O
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
+    // A run that fails at start (a broken model) may exit before reading its input.
+    if let Err(e) = child.stdin.take().unwrap().write_all(input) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "writing the input: {e}");
+    }
     let output = child.wait_with_output().unwrap();
     let lines = |s: &str| -> Vec<serde_json::Value> {
         s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()

@@ -170,6 +170,11 @@ app.kubernetes.io/component: worker
 {{- include "scorestream.refuseInlineSecrets" (dict "section" $section "table" $t) -}}
 {{- include "scorestream.sectionSecrets" (dict "table" $t "secrets" $.Values.secrets) -}}
 {{- end -}}
+{{- range $name, $t := ($cfg.sinks | default dict) -}}
+{{- if not (kindIs "map" $t) -}}{{- fail (printf "config.sinks.%s must be a table with a type" $name) -}}{{- end -}}
+{{- include "scorestream.refuseInlineSecrets" (dict "section" (printf "sinks.%s" $name) "table" $t) -}}
+{{- include "scorestream.sectionSecrets" (dict "table" $t "secrets" $.Values.secrets) -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 

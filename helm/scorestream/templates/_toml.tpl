@@ -2,7 +2,8 @@
 A TOML writer for the worker config. Helm's own toToml prints every number from a values file as
 a float (16384.0), which the worker's integer fields reject; this one prints integral numbers as
 integers. Tables become [a.b] headers, scalars and arrays `key = value`; null values are left out
-(so a user can unset a default with `key: null`); arrays of tables are not needed and refused.
+(so a user can unset a default with `key: null`); a list of maps becomes an array of tables
+(`[[route]]`), written after the tables.
 */ -}}
 
 {{- define "scorestream.toml.key" -}}
@@ -33,7 +34,7 @@ integers. Tables become [a.b] headers, scalars and arrays `key = value`; null va
 {{- $t := .table -}}
 {{- range $k := keys $t | sortAlpha -}}
 {{- $v := get $t $k -}}
-{{- if not (or (kindIs "map" $v) (kindIs "invalid" $v)) }}
+{{- if not (or (kindIs "map" $v) (kindIs "invalid" $v) (include "scorestream.toml.isTables" $v)) }}
 {{ include "scorestream.toml.key" $k }} = {{ include "scorestream.toml.value" $v }}
 {{- end -}}
 {{- end -}}
@@ -46,5 +47,26 @@ integers. Tables become [a.b] headers, scalars and arrays `key = value`; null va
 [{{ $path }}]
 {{- include "scorestream.toml.table" (dict "prefix" $path "table" $v) -}}
 {{- end -}}
+{{- end -}}
+{{- range $k := keys $t | sortAlpha -}}
+{{- $v := get $t $k -}}
+{{- if include "scorestream.toml.isTables" $v -}}
+{{- $name := include "scorestream.toml.key" $k -}}
+{{- $path := ternary $name (printf "%s.%s" $prefix $name) (eq $prefix "") -}}
+{{- range $item := $v }}
+
+[[{{ $path }}]]
+{{- include "scorestream.toml.table" (dict "prefix" $path "table" $item) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* "true" when the value is a non-empty list whose items are all maps (an array of tables). */ -}}
+{{- define "scorestream.toml.isTables" -}}
+{{- if and (kindIs "slice" .) (gt (len .) 0) -}}
+{{- $all := true -}}
+{{- range . -}}{{- if not (kindIs "map" .) -}}{{- $all = false -}}{{- end -}}{{- end -}}
+{{- if $all -}}true{{- end -}}
 {{- end -}}
 {{- end -}}
