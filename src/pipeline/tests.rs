@@ -71,15 +71,7 @@ async fn every_input_ends_scored_or_dead_lettered_in_order() {
         metrics: metrics.clone(),
         liveness: Default::default(),
     };
-    let settings = Settings {
-        limits: BatchLimits { max_tokens: 64, max_events: 8 },
-        max_wait: Duration::from_millis(5),
-        max_inflight_events: 16,
-        max_inflight_bytes: 1 << 20,
-        max_payload_bytes: 1 << 20,
-        max_failed_batches: 3,
-        max_candidates: 64,
-    };
+    let settings = settings(8, 5, 16);
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
 
@@ -124,15 +116,7 @@ async fn stop_drains_what_was_fetched_from_an_open_stream() {
         metrics: metrics.clone(),
         liveness: Default::default(),
     };
-    let settings = Settings {
-        limits: BatchLimits { max_tokens: 64, max_events: 4 },
-        max_wait: Duration::from_millis(5),
-        max_inflight_events: 8,
-        max_inflight_bytes: 1 << 20,
-        max_payload_bytes: 1 << 20,
-        max_failed_batches: 3,
-        max_candidates: 64,
-    };
+    let settings = settings(4, 5, 8);
     let (stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
     for i in 0..50 {
@@ -193,15 +177,7 @@ async fn fetching_stops_at_the_inflight_bound() {
         metrics: metrics.clone(),
         liveness: Default::default(),
     };
-    let settings = Settings {
-        limits: BatchLimits { max_tokens: 64, max_events: 4 },
-        max_wait: Duration::from_millis(1),
-        max_inflight_events: 10,
-        max_inflight_bytes: 1 << 20,
-        max_payload_bytes: 1 << 20,
-        max_failed_batches: 3,
-        max_candidates: 64,
-    };
+    let settings = settings(4, 1, 10);
     let (_stop_tx, stop) = watch::channel(false);
     let worker = tokio::spawn(run(parts, settings, stop));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -258,15 +234,7 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         metrics: metrics.clone(),
         liveness: Default::default(),
     };
-    let settings = Settings {
-        limits: BatchLimits { max_tokens: 64, max_events: 8 },
-        max_wait: Duration::from_millis(50),
-        max_inflight_events: 8,
-        max_inflight_bytes: 1 << 20,
-        max_payload_bytes: 1 << 20,
-        max_failed_batches: 3,
-        max_candidates: 64,
-    };
+    let settings = settings(8, 50, 8);
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
     assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 3"]);
@@ -321,15 +289,7 @@ proptest::proptest! {
                 metrics: metrics.clone(),
                 liveness: Default::default(),
             };
-            let settings = Settings {
-                limits: BatchLimits { max_tokens: 64, max_events: 4 },
-                max_wait: Duration::from_millis(1),
-                max_inflight_events: 8,
-                max_inflight_bytes: 1 << 20,
-                max_payload_bytes: 150,
-                max_failed_batches: 3,
-                max_candidates: 64,
-            };
+            let settings = Settings { max_payload_bytes: 150, ..settings(4, 1, 8) };
             let (_stop_tx, stop) = watch::channel(false);
             run(parts, settings, stop).await.unwrap();
             let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
@@ -441,15 +401,7 @@ async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atom
         metrics: metrics.clone(),
         liveness: liveness.clone(),
     };
-    let settings = Settings {
-        limits: BatchLimits { max_tokens: 64, max_events: 4 },
-        max_wait: Duration::from_millis(1),
-        max_inflight_events: 8,
-        max_inflight_bytes: 1 << 20,
-        max_payload_bytes: 1 << 20,
-        max_failed_batches: 3,
-        max_candidates: 64,
-    };
+    let settings = settings(4, 1, 8);
     let (_stop_tx, stop) = watch::channel(false);
     let result = tokio::time::timeout(Duration::from_secs(20), run(parts, settings, stop)).await.unwrap();
     let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
@@ -521,4 +473,18 @@ async fn a_sequence_the_engine_refuses_is_dead_lettered_alone() {
     r.result.unwrap();
     assert_eq!((r.scored, r.dead.len(), r.acks), (8, 4, 12));
     assert!(r.dead.iter().all(|d| d["error"]["kind"] == "model"), "{:?}", r.dead);
+}
+
+/// Flow settings for these tests: batches of up to `max_events` (64 tokens), `wait_ms` of
+/// batching wait, `inflight` events in flight, 1 MiB of payload and in-flight bytes.
+fn settings(max_events: usize, wait_ms: u64, inflight: usize) -> Settings {
+    Settings {
+        limits: BatchLimits { max_tokens: 64, max_events },
+        max_wait: Duration::from_millis(wait_ms),
+        max_inflight_events: inflight,
+        max_inflight_bytes: 1 << 20,
+        max_payload_bytes: 1 << 20,
+        max_failed_batches: 3,
+        max_candidates: 64,
+    }
 }
