@@ -14,20 +14,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use nats_support::{count, events, free_port, read_all, setup_streams, terminate, write_config_with, NatsServer};
+use nats_support::{
+    count, events, free_port, read_all, setup_streams, spawn_logged_worker, terminate, write_config_with, KillOnFailure, NatsServer,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-/// SIGKILLs the worker (pid) when the test fails before it is stopped (while `.1` holds).
-struct KillOnFailure(u32, bool);
-
-impl Drop for KillOnFailure {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
-        }
-    }
-}
 
 /// Inputs through `score`.
 const SCORE_INPUTS: usize = 10_000;
@@ -126,9 +117,7 @@ async fn hostile_events_through_nats_each_end_scored_or_dead_lettered_with_their
     let config = write_config_with(dir.path(), &server.url(), "", free_port(), |t| {
         t.replace("max_inflight_events = 64", "max_inflight_events = 64\n        max_payload_bytes = 900000")
     });
-    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
-    let mut worker =
-        Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::from(log)).spawn().unwrap();
+    let mut worker = spawn_logged_worker(&config, &dir.path().join("worker.log"));
     let show_log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
     let mut guard = KillOnFailure(worker.id(), true);
     let start = Instant::now();

@@ -14,23 +14,11 @@
 mod common_fixtures;
 mod nats_support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use nats_support::{count, events, free_port, http_status, terminate, write_config_with, NatsServer};
+use nats_support::{count, events, free_port, http_status, spawn_logged_worker, terminate, write_config_with, KillOnFailure, NatsServer};
 use serde_json::Value;
-
-/// SIGKILLs the worker (pid) when the test fails before it is stopped (while `.1` holds).
-struct KillOnFailure(u32, bool);
-
-impl Drop for KillOnFailure {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
-        }
-    }
-}
 
 const MIB: f64 = 1024.0 * 1024.0;
 const COPIES: f64 = 2.0;
@@ -84,9 +72,7 @@ async fn backlog(name: &str, payloads: Vec<Vec<u8>>, bounds: Bounds) {
         bounds.max_inflight_events, bounds.max_payload_bytes, bounds.max_inflight_bytes
     );
     let config = write_config_with(dir.path(), &server.url(), "", port, |t| t.replace("max_inflight_events = 64", &batch));
-    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
-    let mut worker =
-        Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::from(log)).spawn().unwrap();
+    let mut worker = spawn_logged_worker(&config, &dir.path().join("worker.log"));
     let show_log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
     let mut guard = KillOnFailure(worker.id(), true);
     let start = Instant::now();

@@ -204,6 +204,23 @@ pub fn spawn_worker(config: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::null()).spawn().unwrap()
 }
 
+/// `spawn_worker` with its log written to `log`.
+pub fn spawn_logged_worker(config: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(config).stderr(Stdio::from(log)).spawn().unwrap()
+}
+
+/// SIGKILLs the worker (pid) when the test fails before it is stopped (while `.1` holds).
+pub struct KillOnFailure(pub u32, pub bool);
+
+impl Drop for KillOnFailure {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
 pub async fn count(js: &jetstream::Context, name: &str) -> u64 {
     js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
 }
