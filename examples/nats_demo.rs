@@ -14,13 +14,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 
 mod common;
-use common::{free_port, start_nats, Guard};
-
-fn scorestream_binary() -> PathBuf {
-    // The example lives next to the binary in target/<profile>/examples/.
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent().and_then(|p| p.parent()).map(|p| p.join("scorestream")).unwrap_or_else(|| "scorestream".into())
-}
+use common::{free_port, scorestream_binary, start_nats, Guard};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -46,16 +40,8 @@ async fn main() -> anyhow::Result<()> {
             model.display()
         ),
     )?;
-    // Under `cargo run`, run the worker through cargo too so that it is built and current
-    // (cargo execs the binary, so signals reach the worker itself).
-    let mut cmd = match std::env::var_os("CARGO") {
-        Some(cargo) => {
-            let mut c = Command::new(cargo);
-            c.args(["run", "--release", "--quiet", "--bin", "scorestream", "--manifest-path"]).arg(root.join("Cargo.toml")).arg("--");
-            c
-        }
-        None => Command::new(scorestream_binary()),
-    };
+    // Under `cargo run`, common::scorestream_binary builds the worker first, so it is current.
+    let mut cmd = Command::new(scorestream_binary(&root)?);
     let worker = cmd.args(["run", "--config"]).arg(&config).stderr(Stdio::null()).spawn();
     let mut worker = Guard(worker.context("cannot start scorestream (build it with `cargo build --release`)")?);
 

@@ -101,6 +101,11 @@ pub fn scorestream_binary(root: &Path) -> anyhow::Result<PathBuf> {
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
+        // Build the worker as this example was built: without the feature, cargo would overwrite a
+        // `--features cuda` build of target/<profile>/scorestream with one that has no CUDA engine.
+        if cfg!(feature = "cuda") {
+            build.args(["--features", "cuda"]);
+        }
         let status = build.status().context("cannot run cargo to build scorestream")?;
         if !status.success() {
             bail!("building scorestream failed ({status})");
