@@ -6,9 +6,12 @@
 //! machines. The buffer planner, the attention tile schedule and every kernel launch's
 //! arguments and dimensions are plain Rust, compiled and tested without the feature.
 
+pub mod fit;
+pub mod hop;
 pub mod launch;
 pub mod plan;
 pub mod precision;
+pub mod upload_plan;
 
 #[cfg(feature = "cuda")]
 pub mod compile;
@@ -26,6 +29,8 @@ pub mod prebuilt;
 pub mod probe;
 #[cfg(feature = "cuda")]
 pub mod stage;
+#[cfg(feature = "cuda")]
+pub mod upload;
 
 #[cfg(feature = "cuda")]
 pub use error::CudaError;
