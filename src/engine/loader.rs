@@ -418,6 +418,27 @@ fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, sta
 mod tests {
     use super::*;
 
+    /// Each stage gets the ends of the device hops around it: a CUDA stage after a CUDA stage
+    /// receives, one before a CUDA stage sends; CPU stages and their neighbours get none.
+    #[test]
+    fn device_hops_are_wired_between_cuda_neighbours_only() {
+        use crate::engine::cuda::hop::HopKind;
+        let devices = [DeviceSpec::Cuda(0), DeviceSpec::Cuda(0), DeviceSpec::Cuda(1), DeviceSpec::Cpu, DeviceSpec::Cuda(1)];
+        let mut wiring = hops::Wiring::new(&devices);
+        let ends: Vec<(Option<HopKind>, bool)> =
+            (0..devices.len()).map(|i| wiring.take(i)).map(|e| (e.input.map(|(k, _)| k), e.output.is_some())).collect();
+        assert_eq!(
+            ends,
+            [
+                (None, true),
+                (Some(HopKind::SameDevice { ordinal: 0 }), true),
+                (Some(HopKind::Peer { from: 0, to: 1 }), false),
+                (None, false),
+                (None, false),
+            ]
+        );
+    }
+
     #[test]
     fn a_cpu_model_runs_what_was_asked_and_auto_is_f32() {
         let cpu = [DeviceSpec::Cpu, DeviceSpec::Cpu];

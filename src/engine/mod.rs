@@ -304,10 +304,12 @@ fn wait_for_stages(info: &ModelInfo, loaded: Vec<std::sync::mpsc::Receiver<Resul
             started.elapsed().as_secs_f64()
         );
     }
+    let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        "model loaded: {layers} layers, {:.2} GB in {:.1} s",
+        gb_per_s = gb(bytes) / seconds.max(1e-9),
+        "model loaded: {layers} layers, {:.2} GB in {seconds:.1} s ({:.2} GB/s)",
         gb(bytes),
-        started.elapsed().as_secs_f64()
+        gb(bytes) / seconds.max(1e-9)
     );
     Ok(())
 }

@@ -175,6 +175,7 @@ mod gpu {
         /// record the slot free and release it (also when a step fails).
         pub fn take(&self, dev: &GpuDevice, a: &Arrived, x: u64) -> Result<()> {
             let release = ReleaseOnDrop(self, a.seq);
+            dev.ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
             let stream = dev.stream.cu_stream();
             let ready = self.ready.get().ok_or_else(|| CudaError::Shape("a hop arrived before its sender attached".into()))?[a.slot];
             // SAFETY: live events and stream of this process; the slot holds `a.bytes`.
@@ -235,6 +236,7 @@ mod gpu {
         pub fn send(&mut self, dev: &GpuDevice, x: u64, tokens: usize, bytes: usize) -> Result<Arrived> {
             let seq = self.next;
             let slot = self.inbox.gate.acquire(seq, STALL_LIMIT).map_err(|e| CudaError::Shape(e.to_string()))?;
+            dev.ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
             let stream = dev.stream.cu_stream();
             let dst = self.inbox.slots[slot].ptr;
             if bytes > self.inbox.slots[slot].bytes {
