@@ -20,8 +20,11 @@ use crate::model::ModelError;
 
 type Result<T> = std::result::Result<T, CudaError>;
 
-/// Pinned host buffers of the pipeline (one is filled while the others upload).
-const HOST_BUFFERS: usize = 4;
+/// Pinned host buffers of the pipeline, and the reader threads filling them (the others hold
+/// uploads in flight). Several readers keep a fast NVMe busy where one `memcpy` out of the
+/// mapping (page faults included) would not.
+const HOST_BUFFERS: usize = 6;
+const READERS: usize = 3;
 
 /// Page-locked host memory, freed on drop.
 pub struct PinnedBuf {
@@ -234,14 +237,16 @@ pub fn upload_pieces(dev: &GpuDevice, weights: &Weights, pieces: &[Piece]) -> Re
     let quantizes = pieces.iter().any(|p| p.op == Op::Quantize);
     let staging = if quantizes { vec![dev.alloc(largest)?, dev.alloc(largest)?] } else { Vec::new() };
     let mut up = DeviceUploader { dev, staging };
-    let mut reader = ShardReader::new(weights);
-    let read = move |p: &Piece, c: &Chunk, out: &mut [u8]| -> Result<()> {
-        let (start, len) = (c.first_row * p.row_stored_bytes(), c.rows * p.row_stored_bytes());
-        let bytes = reader.bytes(&p.name, start, len).map_err(model_err)?;
-        p.convert.apply(bytes, out);
-        Ok(())
+    let make_reader = || {
+        let mut reader = ShardReader::new(weights);
+        move |p: &Piece, c: &Chunk, _: usize, out: &mut [u8]| -> Result<()> {
+            let (start, len) = (c.first_row * p.row_stored_bytes(), c.rows * p.row_stored_bytes());
+            let bytes = reader.bytes(&p.name, start, len).map_err(model_err)?;
+            p.convert.apply(bytes, out);
+            Ok(())
+        }
     };
-    let stats = run(pieces, &chunks, buffers, read, &mut up)?;
+    let stats = run(pieces, &chunks, buffers, READERS, make_reader, &mut up)?;
     dev.sync()?;
     Ok(stats)
 }

@@ -1,18 +1,20 @@
 //! The on-device load, free of any GPU call: a stage's weight tensors ([`Piece`]s) cut into
-//! chunks of rows that fit one staging buffer, and the pipeline that moves them: a reader
-//! thread copies each chunk out of the memory-mapped shard (this is where the disk is read)
-//! into one of a few host buffers (pinned, on the GPU), converting it on the way where needed,
-//! while the stage's thread starts the upload (and quantization) of the chunk before. A
-//! bounded channel carries full buffers one way and a second one empty buffers back, so at
-//! most `buffers` chunks are read ahead and nothing is read twice.
+//! chunks of rows that fit one staging buffer, and the pipeline that moves them: reader
+//! threads copy chunks out of the memory-mapped shards (this is where the disk is read) into a
+//! few host buffers (pinned, on the GPU), converting them on the way where needed, while the
+//! stage's thread starts the upload (and quantization) of the chunks before. Buffers go to the
+//! readers in chunk order and come back once their upload has finished, so at most `buffers`
+//! chunks are read ahead and nothing is read twice.
 //!
 //! Guarantees (tested here with a fake uploader): chunks are uploaded in order, each exactly
 //! once, at the rows of its tensor; chunk `i + 1` is read before the upload of chunk `i` is
-//! waited for (read and upload overlap); a host buffer is handed back to the reader only after
-//! the upload that reads it has finished, also when the load fails half-way.
+//! waited for (read and upload overlap); several readers read at once; a host buffer is
+//! handed back only after the upload that reads it has finished, also when the load fails
+//! half-way.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the device does with a chunk's bytes.
@@ -135,7 +137,8 @@ pub struct LoadStats {
     /// Bytes the weights take on the device.
     pub device_bytes: usize,
     pub seconds: f64,
-    /// Time the reader spent filling buffers, and the stage's thread waiting for uploads.
+    /// Time the readers spent filling buffers (summed over them), and the stage's thread
+    /// waiting for uploads.
     pub read_seconds: f64,
     pub wait_seconds: f64,
 }
@@ -170,30 +173,77 @@ pub trait Uploader {
     fn finish(&mut self, ticket: Self::Ticket) -> Result<(), Self::Error>;
 }
 
+/// Host buffers handed to the readers in chunk order: the reader of chunk `i` gets a buffer
+/// only after the readers of every chunk before it did, so a buffer never waits in a later
+/// chunk while the chunk the uploader needs next has none (no deadlock, whatever the number
+/// of readers and buffers).
+struct Pool<B> {
+    state: Mutex<(Vec<B>, usize, bool)>,
+    changed: Condvar,
+}
+
+impl<B> Pool<B> {
+    fn new(buffers: Vec<B>) -> Self {
+        Self { state: Mutex::new((buffers, 0, false)), changed: Condvar::new() }
+    }
+
+    /// A buffer for chunk `turn`, once every earlier chunk has one; `None` once closed.
+    fn take(&self, turn: usize) -> Option<B> {
+        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.changed.wait_while(guard, |(free, next, closed)| !*closed && (*next != turn || free.is_empty())).unwrap_or_else(|p| p.into_inner());
+        if s.2 {
+            return None;
+        }
+        s.1 += 1;
+        let b = s.0.pop();
+        self.changed.notify_all();
+        b
+    }
+
+    fn give(&self, b: B) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0.push(b);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
+        self.changed.notify_all();
+    }
+}
+
+type Filled<B, E> = Result<(usize, B, Duration), E>;
+
 /// Move `chunks` of `pieces` through `buffers` (each at least as large as the largest chunk):
-/// `read(piece, chunk, out)` fills `out` (the chunk's uploaded bytes) on a reader thread,
-/// `up` uploads on this one. At most `buffers.len() - 1` uploads are in flight while the
-/// reader fills the last buffer.
-pub fn run<B, U, R>(pieces: &[Piece], chunks: &[Chunk], buffers: Vec<B>, mut read: R, up: &mut U) -> Result<LoadStats, U::Error>
+/// `readers` threads, each with its own reader from `make_reader`, read chunks `r, r +
+/// readers, …` (`read(piece, chunk, index, out)` fills `out` with the chunk's uploaded bytes);
+/// `up` uploads them in order on this thread. Up to `buffers - readers` uploads are in flight
+/// (at least one) while the readers fill the other buffers.
+pub fn run<B, U, F, R>(pieces: &[Piece], chunks: &[Chunk], buffers: Vec<B>, readers: usize, make_reader: F, up: &mut U) -> Result<LoadStats, U::Error>
 where
     B: AsMut<[u8]> + AsRef<[u8]> + Send,
     U: Uploader,
     U::Error: Send,
-    R: FnMut(&Piece, &Chunk, &mut [u8]) -> Result<(), U::Error> + Send,
+    F: Fn() -> R,
+    R: FnMut(&Piece, &Chunk, usize, &mut [u8]) -> Result<(), U::Error> + Send,
 {
     let started = Instant::now();
-    let n = buffers.len().max(2);
-    let (free_tx, free_rx) = sync_channel::<B>(n);
-    let (full_tx, full_rx) = sync_channel::<Result<(usize, B, Duration), U::Error>>(n);
-    for b in buffers {
-        free_tx.send(b).expect("the channel holds every buffer");
-    }
+    let readers = readers.clamp(1, buffers.len().max(1));
+    let in_flight_limit = buffers.len().saturating_sub(readers).max(1);
+    let pool = Pool::new(buffers);
     let mut stats = LoadStats::of(pieces, chunks);
     let result = std::thread::scope(|s| {
-        s.spawn(move || reader(pieces, chunks, free_rx, full_tx, &mut read));
-        let result = upload_all(pieces, chunks, n, full_rx, &free_tx, up, &mut stats);
-        // Whatever happened, the reader ends: its receiver of free buffers goes with `free_tx`.
-        drop(free_tx);
+        let mut filled = Vec::with_capacity(readers);
+        for r in 0..readers {
+            let (tx, rx) = sync_channel::<Filled<B, U::Error>>(1);
+            filled.push(rx);
+            let (pool, mut read) = (&pool, make_reader());
+            s.spawn(move || reader(pieces, chunks, r, readers, pool, tx, &mut read));
+        }
+        let result = upload_all(pieces, chunks, in_flight_limit, &filled, &pool, up, &mut stats);
+        // Whatever happened, the readers end: those waiting for a buffer see the pool closed,
+        // those waiting to hand one over see their channel gone.
+        pool.close();
+        drop(filled);
         result
     });
     stats.seconds = started.elapsed().as_secs_f64();
@@ -203,21 +253,23 @@ where
 fn reader<B: AsMut<[u8]>, E>(
     pieces: &[Piece],
     chunks: &[Chunk],
-    free: Receiver<B>,
-    full: SyncSender<Result<(usize, B, Duration), E>>,
-    read: &mut impl FnMut(&Piece, &Chunk, &mut [u8]) -> Result<(), E>,
+    first: usize,
+    step: usize,
+    pool: &Pool<B>,
+    filled: SyncSender<Filled<B, E>>,
+    read: &mut impl FnMut(&Piece, &Chunk, usize, &mut [u8]) -> Result<(), E>,
 ) {
-    for (i, c) in chunks.iter().enumerate() {
-        let Ok(mut buf) = free.recv() else { return };
+    for i in (first..chunks.len()).step_by(step) {
+        let Some(mut buf) = pool.take(i) else { return };
+        let (c, t) = (&chunks[i], Instant::now());
         let p = &pieces[c.piece];
-        let t = Instant::now();
         let len = c.rows * p.row_upload_bytes();
-        let message = match read(p, c, &mut buf.as_mut()[..len]) {
+        let message = match read(p, c, i, &mut buf.as_mut()[..len]) {
             Ok(()) => Ok((i, buf, t.elapsed())),
             Err(e) => Err(e),
         };
         let failed = message.is_err();
-        if full.send(message).is_err() || failed {
+        if filled.send(message).is_err() || failed {
             return;
         }
     }
@@ -226,30 +278,30 @@ fn reader<B: AsMut<[u8]>, E>(
 fn upload_all<B: AsRef<[u8]>, U: Uploader>(
     pieces: &[Piece],
     chunks: &[Chunk],
-    buffers: usize,
-    full: Receiver<Result<(usize, B, Duration), U::Error>>,
-    free: &SyncSender<B>,
+    in_flight_limit: usize,
+    filled: &[Receiver<Filled<B, U::Error>>],
+    pool: &Pool<B>,
     up: &mut U,
     stats: &mut LoadStats,
 ) -> Result<(), U::Error> {
     let mut in_flight: VecDeque<(U::Ticket, B)> = VecDeque::new();
     let outcome = (|| {
         for (expected, c) in chunks.iter().enumerate() {
-            // The reader sends every chunk or an error; it stops only by panicking.
-            let Ok(message) = full.recv() else { panic!("the reader thread of the load stopped") };
+            // Each reader sends its every chunk, or an error and stops; it ends otherwise only
+            // by panicking.
+            let Ok(message) = filled[expected % filled.len()].recv() else { panic!("a reader thread of the load stopped") };
             let (i, buf, read) = message?;
-            debug_assert_eq!(i, expected, "the reader keeps the order");
+            debug_assert_eq!(i, expected, "chunks arrive in order");
             stats.read_seconds += read.as_secs_f64();
             let p = &pieces[c.piece];
             let ticket = up.start(p, c, i, &buf.as_ref()[..c.rows * p.row_upload_bytes()])?;
             in_flight.push_back((ticket, buf));
-            while in_flight.len() >= buffers - 1 {
+            while in_flight.len() >= in_flight_limit {
                 let (ticket, buf) = in_flight.pop_front().expect("non-empty");
                 let t = Instant::now();
                 up.finish(ticket)?;
                 stats.wait_seconds += t.elapsed().as_secs_f64();
-                // The reader may have stopped (it failed); the buffer is then simply dropped.
-                let _ = free.try_send(buf);
+                pool.give(buf);
             }
         }
         Ok(())
@@ -325,16 +377,25 @@ mod tests {
         Fake { memory: vec![0; 248], log: log.clone(), fail_at, in_flight: 0, most_in_flight: 0, finished: Vec::new() }
     }
 
-    fn reader_of(stored: Vec<Vec<u8>>, pieces: Vec<Piece>, log: Arc<Mutex<Vec<String>>>) -> impl FnMut(&Piece, &Chunk, &mut [u8]) -> Result<(), String> + Send {
-        let mut index = 0;
-        move |p: &Piece, c: &Chunk, out: &mut [u8]| {
-            let src = &stored[pieces.iter().position(|q| q.name == p.name).unwrap()];
-            let bytes = &src[c.first_row * p.row_stored_bytes()..(c.first_row + c.rows) * p.row_stored_bytes()];
-            p.convert.apply(bytes, out);
-            log.lock().unwrap().push(format!("read {index}"));
-            index += 1;
-            Ok(())
+    /// A reader over `stored` (one byte vector per piece) that logs each chunk it read and the
+    /// thread that read it.
+    fn reader_of(stored: &[Vec<u8>], pieces: &[Piece], log: &Arc<Mutex<Vec<String>>>) -> impl Fn() -> Box<dyn FnMut(&Piece, &Chunk, usize, &mut [u8]) -> Result<(), String> + Send> {
+        let (stored, pieces, log) = (stored.to_vec(), pieces.to_vec(), log.clone());
+        move || {
+            let (stored, pieces, log) = (stored.clone(), pieces.clone(), log.clone());
+            Box::new(move |p: &Piece, c: &Chunk, index: usize, out: &mut [u8]| {
+                let src = &stored[pieces.iter().position(|q| q.name == p.name).unwrap()];
+                let bytes = &src[c.first_row * p.row_stored_bytes()..(c.first_row + c.rows) * p.row_stored_bytes()];
+                p.convert.apply(bytes, out);
+                log.lock().unwrap().push(format!("read {index} on {:?}", std::thread::current().id()));
+                Ok(())
+            })
         }
+    }
+
+    /// The log without the reading threads.
+    fn events(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+        log.lock().unwrap().iter().map(|l| l.split(" on ").next().unwrap_or_default().to_owned()).collect()
     }
 
     #[test]
@@ -360,7 +421,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut up = fake(&log, None);
         let buffers = vec![vec![0u8; 48]; 3];
-        let stats = run(&p, &c, buffers, reader_of(stored.clone(), p.clone(), log.clone()), &mut up).unwrap();
+        let stats = run(&p, &c, buffers, 1, reader_of(&stored, &p, &log), &mut up).unwrap();
         // Every byte at its place: a and b as stored, c converted to bf16.
         let mut want = [stored[0].clone(), stored[1].clone()].concat();
         let mut c_bf16 = vec![0u8; 40];
@@ -371,7 +432,7 @@ mod tests {
         assert_eq!(stats, LoadStats { seconds: stats.seconds, read_seconds: stats.read_seconds, wait_seconds: stats.wait_seconds, ..LoadStats::of(&p, &c) });
         // Overlap: chunk i + 1 was read before the upload of chunk i was waited for, and no
         // more uploads were in flight than buffers less the one being read.
-        let log = log.lock().unwrap().clone();
+        let log = events(&log);
         let at = |e: String| log.iter().position(|l| *l == e).unwrap_or_else(|| panic!("{e} missing from {log:?}"));
         for i in 0..c.len() - 1 {
             assert!(at(format!("read {}", i + 1)) < at(format!("finish {i}")), "{log:?}");
@@ -391,7 +452,7 @@ mod tests {
         let c = chunks(&p, 48);
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut up = fake(&log, Some(3));
-        let e = run(&p, &c, vec![vec![0u8; 48]; 3], reader_of(stored, p.clone(), log.clone()), &mut up).unwrap_err();
+        let e = run(&p, &c, vec![vec![0u8; 48]; 3], 1, reader_of(&stored, &p, &log), &mut up).unwrap_err();
         assert_eq!(e, "upload of chunk 3 failed");
         assert_eq!(up.in_flight, 0, "every started upload was waited for");
         let reads = log.lock().unwrap().iter().filter(|l| l.starts_with("read")).count();
@@ -404,13 +465,43 @@ mod tests {
         let c = chunks(&p, 48);
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut up = fake(&log, None);
-        let mut n = 0;
-        let read = move |_: &Piece, _: &Chunk, _: &mut [u8]| {
-            n += 1;
-            if n == 2 { Err("disk gone".to_owned()) } else { Ok(()) }
-        };
-        assert_eq!(run(&p, &c, vec![vec![0u8; 48]; 3], read, &mut up).unwrap_err(), "disk gone");
+        let read = || |_: &Piece, _: &Chunk, index: usize, _: &mut [u8]| if index == 1 { Err("disk gone".to_owned()) } else { Ok(()) };
+        assert_eq!(run(&p, &c, vec![vec![0u8; 48]; 3], 1, read, &mut up).unwrap_err(), "disk gone");
         assert_eq!(up.in_flight, 0);
+        // With several readers too, whichever chunk fails.
+        for readers in [2, 3] {
+            let mut up = fake(&log, None);
+            assert_eq!(run(&p, &c, vec![vec![0u8; 48]; 4], readers, read, &mut up).unwrap_err(), "disk gone");
+            assert_eq!(up.in_flight, 0);
+        }
+    }
+
+    /// Three readers over many small chunks: every byte in place, uploads in order, reads
+    /// spread over the threads, and never more buffers out than there are.
+    #[test]
+    fn several_readers_read_at_once_and_the_uploads_stay_in_order() {
+        let (p, stored) = pieces();
+        let c = chunks(&p, 16);
+        assert_eq!(c.len(), 10 + 3 + 3);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut up = fake(&log, None);
+        run(&p, &c, vec![vec![0u8; 16]; 5], 3, reader_of(&stored, &p, &log), &mut up).unwrap();
+        let mut want = [stored[0].clone(), stored[1].clone()].concat();
+        let mut c_bf16 = vec![0u8; 40];
+        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
+        want.extend(c_bf16);
+        assert_eq!(up.memory, want);
+        assert_eq!(up.finished, (0..c.len()).collect::<Vec<_>>());
+        assert!(up.most_in_flight <= 2, "5 buffers less 3 readers");
+        let raw = log.lock().unwrap().clone();
+        let threads: std::collections::HashSet<&str> = raw.iter().filter_map(|l| l.split(" on ").nth(1)).collect();
+        assert_eq!(threads.len(), 3, "{raw:?}");
+        let log = events(&log);
+        let at = |e: String| log.iter().position(|l| *l == e).unwrap_or_else(|| panic!("{e} missing from {log:?}"));
+        for i in 0..c.len() - 5 {
+            // Chunk i + 5 reuses the buffer of an upload at or before chunk i.
+            assert!(at(format!("finish {i}")) < at(format!("read {}", i + 5)), "{log:?}");
+        }
     }
 
     /// The device path quantizes each staged chunk of bf16 rows with `quant_rows_bf16`, whose
