@@ -132,7 +132,8 @@ mod gpu {
 
     fn events(dev: &GpuDevice) -> Result<[Event; SLOTS]> {
         dev.ctx.bind_to_thread().map_err(CudaError::driver("bind context"))?;
-        let one = || result::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map(Event).map_err(CudaError::driver("create a hop event"));
+        // Default flags, as for every event of the engine (tests/gpu_bench_cli.rs).
+        let one = || result::event::create(CUevent_flags::CU_EVENT_DEFAULT).map(Event).map_err(CudaError::driver("create a hop event"));
         Ok([one()?, one()?])
     }
 

@@ -99,7 +99,7 @@ impl Uploader for DeviceUploader<'_> {
                 self.dev.quant_rows(slot.ptr, c.rows, p.cols, codes, scales)?;
             }
         }
-        self.dev.stream.record_event(None).map_err(CudaError::driver("record an upload event"))
+        self.dev.stream.record_event(Some(super::device::TIMING_EVENT_FLAGS)).map_err(CudaError::driver("record an upload event"))
     }
 
     fn finish(&mut self, ticket: Self::Ticket) -> Result<()> {
