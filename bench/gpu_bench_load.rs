@@ -142,9 +142,8 @@ fn disk_free(dir: &Path) -> Result<u64> {
 
 /// A 70B-shaped LlamaForSequenceClassification checkpoint of `layers` layers under `dir`: one
 /// shard per layer, one for the embedding, final norm and score head. Returns its bytes.
-fn write_checkpoint(dir: &Path, layers: usize) -> Result<u64> {
-    let s = LayerShape::LLAMA_70B;
-    let (h, kv, vocab) = (s.hidden, s.kv_heads * s.head_dim, 128_256usize);
+fn write_checkpoint(dir: &Path, layers: usize, s: LayerShape, vocab: usize) -> Result<u64> {
+    let (h, kv) = (s.hidden, s.kv_heads * s.head_dim);
     let config = serde_json::json!({
         "architectures": ["LlamaForSequenceClassification"], "model_type": "llama", "hidden_size": h,
         "intermediate_size": s.inter, "num_hidden_layers": layers, "num_attention_heads": s.heads,
@@ -153,7 +152,7 @@ fn write_checkpoint(dir: &Path, layers: usize) -> Result<u64> {
         "num_labels": 1
     });
     std::fs::write(dir.join("config.json"), config.to_string())?;
-    let block = random_bf16(32 << 20, 77);
+    let block = random_bf16((32 << 20).min(vocab * h), 77);
     let mut map = serde_json::Map::new();
     let mut total = 0;
     let head = vec![
@@ -206,7 +205,7 @@ fn load_bench_in(dir: &Path, max_layers: usize, precisions: &[Precision]) -> Res
         bail!("{free} bytes free on the disk of {}: not enough for two 70B layers", dir.display());
     }
     let t = Instant::now();
-    let bytes = write_checkpoint(dir, layers)?;
+    let bytes = write_checkpoint(dir, layers, s, 128_256)?;
     let write_s = t.elapsed().as_secs_f64();
     println!(
         r#"{{"kind":"load_checkpoint","layers":{layers},"fit":{fit},"bytes":{bytes},"disk_free":{free},"write_seconds":{write_s:.1},"write_gb_per_s":{:.2}}}"#,
@@ -322,4 +321,35 @@ fn hop_parity(fixtures: &Path) -> Result<bool> {
         }
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checkpoint the load step writes reads back through the engine's own loader: config,
+    /// index, shards, shapes and bytes (a small shape here; the step writes the 70B one).
+    #[test]
+    fn the_written_checkpoint_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LayerShape { hidden: 64, heads: 4, kv_heads: 2, head_dim: 16, inter: 128, gated: true };
+        let bytes = write_checkpoint(dir.path(), 3, s, 100).unwrap();
+        let cfg = scorestream::model::ArchConfig::from_dir(dir.path()).unwrap();
+        assert_eq!((cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.num_kv_heads), (3, 64, 100, 2));
+        let w = Weights::open(dir.path()).unwrap();
+        assert_eq!(w.files.len(), 4);
+        let on_disk: usize = w.names().map(|n| w.nbytes(n)).sum();
+        assert!(bytes as usize > on_disk, "{bytes} vs {on_disk}");
+        assert_eq!(w.info("model.layers.2.mlp.down_proj.weight").unwrap(), (vec![64, 128], "BF16".to_owned()));
+        let mut r = scorestream::model::weights::ShardReader::new(&w);
+        let norm = r.bytes("model.layers.1.input_layernorm.weight", 0, 128).unwrap().to_vec();
+        assert!(norm.chunks(2).all(|b| half::bf16::from_le_bytes([b[0], b[1]]) == half::bf16::ONE));
+        let q = r.bytes("model.layers.0.self_attn.q_proj.weight", 0, 64 * 64 * 2).unwrap();
+        let vals: Vec<f32> = q.chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+        let most = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(most <= 0.0302 && most > 0.01, "{most}");
+        // The CPU model loads it (so the host path and the parity of the step can too).
+        let vb = Vb::new(Arc::new(w), candle_core::DType::F32, candle_core::Device::Cpu);
+        scorestream::model::stage::Stage::load(&vb, &cfg, 0..3, 0, None).expect("the CPU stage loads the checkpoint");
+    }
 }
