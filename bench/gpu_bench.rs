@@ -11,10 +11,16 @@
 //!   gemm                  cuBLASLt FP8 and bf16 GEMM ceilings (8192³, and the 70B layer shapes)
 //!   time                  each kernel alone at the 70B shape (attention in TFLOP/s)
 //!   layers                the 70B-shape layer loop in FP8 and bf16, as many layers as fit
+//!   load-parity [DIR]     each fixture loaded on the device and on the host: every weight byte
+//!   load                  a 70B-shaped bf16 checkpoint of as many layers as the disk holds:
+//!                         on-device load (FP8, bf16) and one layer on the host, GB/s
+//!   hop [DIR]             two stages on one GPU vs one (scores), and the 70B hop vs one layer
 //!   kernels --out DIR     every kernel's CUBIN for --arch (no GPU needed)
 
 #[path = "gpu_bench_perf.rs"]
 mod perf;
+#[path = "gpu_bench_load.rs"]
+mod load;
 
 use std::path::PathBuf;
 
@@ -379,6 +385,27 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Each fixture under DIR loaded by the device path and by the host path: every weight
+    /// byte compared (the GPU's FP8 quantization against the CPU's).
+    LoadParity {
+        #[arg(default_value = "tests/fixtures")]
+        dir: PathBuf,
+    },
+    /// Write a Llama-3.1-70B-shaped bf16 checkpoint of as many layers as the disk holds (at
+    /// most --max-layers) under --dir, drop it from the page cache, time its on-device load
+    /// in each precision and one layer by the host path; the directory is removed after.
+    Load {
+        #[arg(long, env = "GPU_BENCH_LOAD_DIR", default_value = "/tmp/scorestream-load-check")]
+        dir: PathBuf,
+        #[arg(long, env = "GPU_BENCH_LOAD_MAX_LAYERS", default_value_t = 12)]
+        max_layers: usize,
+    },
+    /// Two stages on one GPU against one stage (scores of the fixtures under DIR), and the hop
+    /// of a 70B-shape 16k-token batch timed against one layer and the host round trip.
+    Hop {
+        #[arg(default_value = "tests/fixtures")]
+        dir: PathBuf,
+    },
     /// Write every kernel's CUBIN and its manifest for ARCH under OUT (no GPU needed); point
     /// SCORESTREAM_PREBUILT_KERNELS at OUT to load them instead of compiling.
     Kernels {
@@ -499,6 +526,27 @@ fn main() -> Result<()> {
             for p in precisions(&dev, &dtype)? {
                 let most = if p == Precision::Bf16 { max_bf16_layers } else { max_layers };
                 perf::layers_bench(&dev, p, most, reps)?;
+            }
+        }
+        Cmd::LoadParity { dir } => {
+            let dev = open()?;
+            let all = precisions(&dev, &["fp8".into(), "bf16".into()])?;
+            drop(dev);
+            if !load::load_parity(&dir, &all)? {
+                bail!("the device load differs from the host load");
+            }
+        }
+        Cmd::Load { dir, max_layers } => {
+            let dev = open()?;
+            let all = precisions(&dev, &["fp8".into(), "bf16".into()])?;
+            drop(dev);
+            load::load_bench(&dir, max_layers, &all)?;
+        }
+        Cmd::Hop { dir } => {
+            let dev = open()?;
+            let p = precisions(&dev, &["fp8".into(), "bf16".into()])?.first().copied().unwrap_or(Precision::Bf16);
+            if !load::hop_bench(&dev, &dir, p)? {
+                bail!("hidden states changed on a device hop");
             }
         }
         Cmd::Parity { dir } => {

@@ -153,6 +153,43 @@ def layers(rows, ceiling):
            "% of FP8 ceiling", "× torch bf16", "× torch fp8"], body)
 
 
+def loads(rows):
+    for p in of(rows, "load_parity"):
+        if "skipped" in p:
+            print(f"- load parity {p['fixture']} {p['precision']}: skipped ({p['skipped']})")
+            continue
+        where = "on the device" if p.get("on_device") else "host fallback"
+        gate = "" if p.get("gated", True) else ", not gated: FP8 checkpoint codes as stored"
+        print(f"- load parity {p['fixture']} {p['precision']} ({where}): {p['differing_bytes']} of {p['bytes']} "
+              f"weight bytes differ from the host load{gate} {'pass' if p['pass'] else 'FAIL'}")
+    if of(rows, "load_parity"):
+        print()
+    for c in of(rows, "load_checkpoint"):
+        print(f"Load checkpoint: 70B-shaped bf16, {c['layers']} layers (the disk held {c['fit']}), "
+              f"{c['bytes'] / 1e9:.1f} GB written at {c['write_gb_per_s']} GB/s\n")
+    ls = of(rows, "load")
+    if ls:
+        table(["load path", "precision", "layers", "GB read", "seconds", "GB/s", "reader s", "upload wait s", "cold cache"],
+              [[l["path"], l["precision"], l["layers"], f"{l['read_bytes'] / 1e9:.2f}", l["seconds"], l["gb_per_s"],
+                l["reader_seconds"], l["upload_wait_seconds"], l["page_cache_dropped"]] for l in ls])
+
+
+def hops(rows):
+    for p in of(rows, "hop_parity"):
+        if "error" in p:
+            print(f"- hop parity {p['fixture']}: FAIL ({p['error']})")
+        else:
+            print(f"- hop parity {p['fixture']} ({p['stages']}): max |Δreward| {p['max_abs_diff']:.2e} "
+                  f"{'pass' if p['pass'] else 'FAIL'}")
+    if of(rows, "hop_parity"):
+        print()
+    hs = of(rows, "hop")
+    if hs:
+        table(["hop", "tokens", "MB", "hop ms", "GB/s", "layer ms", "hop / layer", "host round trip ms", "exact"],
+              [[h["hop"], h["tokens"], f"{h['bytes'] / 1e6:.0f}", h["hop_ms"], h["gb_per_s"], h["layer_ms"],
+                h["hop_per_layer"], h["host_round_trip_ms"], h["exact"]] for h in hs])
+
+
 def section(fn, *args):
     """One section; a malformed row loses only its own section, never the rest of the table."""
     try:
@@ -176,6 +213,8 @@ def main():
     except (KeyError, TypeError):
         pass
     section(layers, rows, ceiling)
+    section(loads, rows)
+    section(hops, rows)
     if ceiling:
         print(f"FP8 ceiling: {ceiling} TFLOP/s (best cuBLASLt 8192³ run above).")
     if bf16_ceiling:

@@ -15,15 +15,24 @@
 #   probe.jsonl   40  nvidia-smi; driver, NVRTC, cuBLASLt versions and files; GPU; free memory
 #   check.jsonl   60  every kernel and both GEMMs (FP8, bf16) against their CPU references
 #                     (outputs poisoned with NaN first)
-#   parity.jsonl  60  the CUDA stage, in FP8 and in bf16, against the CPU stage on every fixture
+#   parity.jsonl  90  the CUDA stage, in FP8 and in bf16, against the CPU stage on every fixture;
+#                     then each fixture loaded on the device and on the host, every weight byte
+#                     compared (the GPU's FP8 quantization against the CPU's)
 #   gemm.jsonl    60  cuBLASLt FP8 and bf16 GEMM ceilings (8192³ and the 70B projections)
 #   time.jsonl    45  each kernel alone at the 70B shape (attention's TFLOP/s)
 #   layers.jsonl 200  70B-shape layer loop: FP8 on as many layers as fit (80 on an H200), then
 #                     bf16 (the Ampere path, measured here on Hopper) on 16 layers
+#   hop.jsonl     60  two stages on one GPU against one (scores, bit for bit), and the hop of a
+#                     70B-shape 16k-token batch timed against one layer and the host round trip
+#   load.jsonl   120  a 70B-shaped bf16 checkpoint of as many layers as the disk holds (at most
+#                     GPU_BENCH_LOAD_MAX_LAYERS, default 12, to fit the slot; 80 for the whole
+#                     disk) written to GPU_BENCH_LOAD_DIR (not under $OUT; removed after), dropped
+#                     from the page cache, loaded on the device in FP8 and bf16, and one layer by
+#                     the host path: seconds and GB/s
 #   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
 #                     attention-only (bench/torch_ref.py)
 #   table.md      15  bench/report.py over the files above (printed last)
-# Eight files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
+# Ten files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
 # code), timeout, or skipped (budget spent). The script exits 1 when any step did not end ok.
 #
 # Overrides for a dry run (tests/gpu_check_dry_run.rs): GPU_BENCH (the bench command, instead
@@ -35,7 +44,7 @@ TORCH_REF=${TORCH_REF:-python3 bench/torch_ref.py}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 REPORT_RESERVE=15
-STEPS=(probe check parity gemm time layers torch)
+STEPS=(probe check parity gemm time layers hop load torch)
 mkdir -p "$OUT"
 for s in "${STEPS[@]}"; do rm -f "$OUT/$s.jsonl"; done
 rm -f "$OUT/table.md"
@@ -94,10 +103,12 @@ step() {
 export BIN
 step probe 40 'nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free,clocks.max.sm --format=csv 2>&1 || true; "$BIN" probe'
 step check 60 '"$BIN" check'
-step parity 60 '"$BIN" parity tests/fixtures'
+step parity 90 '"$BIN" parity tests/fixtures; a=$?; "$BIN" load-parity tests/fixtures; b=$?; exit $((a | b))'
 step gemm 60 '"$BIN" gemm'
 step time 45 '"$BIN" time'
 step layers 200 '"$BIN" layers'
+step hop 60 '"$BIN" hop tests/fixtures'
+step load 120 '"$BIN" load'
 step torch 150 "$TORCH_REF"
 
 files=()

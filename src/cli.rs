@@ -145,6 +145,13 @@ pub struct InspectArgs {
     /// Plan activation memory for batches of this many tokens.
     #[arg(long, default_value_t = 16_384)]
     pub batch_tokens: usize,
+    /// Plan GPU buffers for batches of at most this many conversations.
+    #[arg(long, default_value_t = 256)]
+    pub batch_events: usize,
+    /// Free memory of the GPUs in --devices, to check the plan against without a GPU: one size
+    /// for all, or one per device, comma separated (e.g. 80GiB or 79GB,79GB).
+    #[arg(long, value_delimiter = ',')]
+    pub device_memory: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -29,7 +29,7 @@ fn help_prints_usage_and_exits_zero_without_a_gpu() {
     let (code, stdout, stderr) = gpu_bench(&["--help"]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("Usage: gpu_bench <COMMAND>"), "{stdout}");
-    for cmd in ["probe", "check", "parity", "gemm", "time", "layers", "kernels"] {
+    for cmd in ["probe", "check", "parity", "gemm", "time", "layers", "load-parity", "load", "hop", "kernels"] {
         assert!(stdout.contains(cmd), "--help does not list {cmd}:\n{stdout}");
     }
     no_cuda(&(stdout + &stderr));
@@ -40,7 +40,7 @@ fn help_prints_usage_and_exits_zero_without_a_gpu() {
 
 #[test]
 fn usage_errors_exit_two_before_any_gpu_is_opened() {
-    for args in [&["bogus"][..], &[], &["layers", "--max-layers", "many"], &["kernels"]] {
+    for args in [&["bogus"][..], &[], &["layers", "--max-layers", "many"], &["kernels"], &["load", "--max-layers", "all"]] {
         let (code, stdout, stderr) = gpu_bench(args);
         assert_eq!(code, Some(2), "{args:?}: {stdout}\n{stderr}");
         assert!(stderr.contains("Usage: gpu_bench") || stderr.contains("try '--help'"), "{args:?}: {stderr}");
@@ -55,7 +55,7 @@ fn no_event_is_created_with_timing_disabled() {
     // cudarc's `new_event(None)` means CU_EVENT_DISABLE_TIMING: nothing in the bench or the
     // engine may create an event that way, or spell the flag out.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = vec![root.join("bench/gpu_bench.rs"), root.join("bench/gpu_bench_perf.rs")];
+    let mut files = vec![root.join("bench/gpu_bench.rs"), root.join("bench/gpu_bench_perf.rs"), root.join("bench/gpu_bench_load.rs")];
     files.extend(std::fs::read_dir(root.join("src/engine/cuda")).expect("src/engine/cuda").map(|e| e.expect("entry").path()));
     for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "rs")) {
         let text = std::fs::read_to_string(f).expect("source");

@@ -1,7 +1,7 @@
 //! The control flow of `scripts/gpu_check.sh` without a GPU: the bench and PyTorch commands are
 //! replaced by `bench/sample/fake_gpu_bench.sh`, which prints the committed sample output
 //! (marked as sample, not measured), and `bench/report.py` runs on what the steps wrote. So the
-//! script cannot be what breaks in a rare GPU slot: at most 8 files under `$OUT`, a failing or
+//! script cannot be what breaks in a rare GPU slot: at most 10 files under `$OUT`, a failing or
 //! timed-out step never stops the later ones and keeps what it printed, and the table comes last.
 //! Needs bash, coreutils' `timeout` and python3 (standard library only).
 
@@ -45,7 +45,7 @@ fn files_in(out: &Path) -> Vec<String> {
     names
 }
 
-const STEPS: [&str; 7] = ["probe", "check", "parity", "gemm", "time", "layers", "torch"];
+const STEPS: [&str; 9] = ["probe", "check", "parity", "gemm", "time", "layers", "hop", "load", "torch"];
 
 #[test]
 fn every_step_runs_and_the_table_comes_last() {
@@ -54,8 +54,8 @@ fn every_step_runs_and_the_table_comes_last() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     let names = files_in(out.path());
-    assert!(names.len() <= 8, "{names:?}");
-    assert_eq!(names.len(), 8, "{names:?}");
+    assert!(names.len() <= 10, "{names:?}");
+    assert_eq!(names.len(), 10, "{names:?}");
     for s in STEPS {
         assert_eq!(step_status(out.path(), s), "ok", "{s}");
     }
@@ -70,6 +70,9 @@ fn every_step_runs_and_the_table_comes_last() {
     assert!(table.contains("parity arith bf16 vs cpu_bf16") && table.contains("Layer loop (bf16): 16 layers"), "{table}");
     assert!(table.contains("| probe | ok | 0 |") && table.contains("| torch | ok | 0 |"), "{table}");
     assert!(table.contains("FP8 ceiling: 845.8 TFLOP/s"), "{table}");
+    // The on-device load (bit-for-bit against the host load, GB/s) and the device hop.
+    assert!(table.contains("- load parity arith fp8 (on the device): 0 of 1") && table.contains("| device | fp8 | 12 |"), "{table}");
+    assert!(table.contains("| same_device | 16384 |") && table.contains("- hop parity arith (cuda:0,cuda:0): max |Δreward| 0.00e+00 pass"), "{table}");
 }
 
 #[test]
@@ -80,7 +83,7 @@ fn a_failing_and_a_hanging_step_do_not_stop_the_later_ones() {
     let run = run_script(out.path(), &[("FAKE_FAIL", "check"), ("FAKE_HANG", "layers"), ("GPU_CHECK_TIMEOUT_LAYERS", "2")]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert_eq!(run.status.code(), Some(1), "a failed step makes the script fail:\n{stdout}");
-    assert!(files_in(out.path()).len() <= 8);
+    assert!(files_in(out.path()).len() <= 10);
     assert_eq!(step_status(out.path(), "check"), "failed");
     assert!(read(out.path(), "check.jsonl").contains("sample failure of check"), "stderr kept in the step's file");
     assert!(!read(out.path(), "check.jsonl").contains("stale"));
@@ -108,7 +111,7 @@ fn a_spent_budget_skips_the_remaining_steps_and_still_prints_the_table() {
     for s in &STEPS[1..] {
         assert_eq!(step_status(out.path(), s), "skipped", "{s}");
     }
-    assert!(files_in(out.path()).len() <= 8);
+    assert!(files_in(out.path()).len() <= 10);
     let table = read(out.path(), "table.md");
     assert!(table.contains("| torch | skipped |") && table.contains("NVIDIA H200 (sample)"), "{table}");
     assert!(stdout.trim_end().ends_with(table.trim_end()));

@@ -182,6 +182,59 @@ pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelE
     Ok(Plan { cfg, weights, devices, ranges, info })
 }
 
+/// The precision a CUDA stage runs for a resolved dtype.
+pub fn gpu_precision(dtype: Dtype) -> crate::engine::cuda::precision::Precision {
+    use crate::engine::cuda::precision::Precision;
+    if dtype == Dtype::Fp8 { Precision::Fp8 } else { Precision::Bf16 }
+}
+
+/// Each GPU stage's device bytes ([`crate::engine::cuda::fit`]) for `plan`'s stages in
+/// `dtype`, with batches of `limits`.
+pub fn gpu_needs(plan: &Plan, dtype: Dtype, limits: BatchLimits) -> Vec<crate::engine::cuda::fit::StageNeed> {
+    let names: Vec<String> = plan.info.stages.iter().map(|s| s.device.clone()).collect();
+    let on_device = plan.cfg.quantization_config.is_none();
+    crate::engine::cuda::fit::stage_needs(&plan.cfg, gpu_precision(dtype), &plan.ranges, &names, limits, on_device)
+}
+
+/// Refuse, before anything is uploaded, a model whose GPU stages do not fit their devices'
+/// free memory (stages sharing a device summed); the error names the stage, the device, the
+/// need and the free memory.
+fn check_gpu_fit(plan: &Plan, dtype: Dtype, limits: BatchLimits) -> Result<(), ModelError> {
+    let needs = gpu_needs(plan, dtype, limits);
+    let mut free = std::collections::HashMap::new();
+    for (name, spec) in plan.info.stages.iter().map(|s| &s.device).zip(&plan.devices) {
+        if let DeviceSpec::Cuda(ordinal) = spec {
+            if !free.contains_key(name) {
+                free.insert(name.clone(), device_free_bytes(*ordinal)?);
+            }
+        }
+    }
+    for n in &needs {
+        if let Some(f) = free.get(&n.device) {
+            tracing::info!(stage = n.stage, device = %n.device, need_gib = n.total() as f64 / (1u64 << 30) as f64,
+                free_gib = *f as f64 / (1u64 << 30) as f64, "stage {} needs {} on {}", n.stage,
+                crate::engine::cuda::fit::gib(n.total()), n.device);
+        }
+    }
+    crate::engine::cuda::fit::check_fit(&needs, |d| free.get(d).copied())
+        .map_err(|e| ModelError::Device { device: e.device.clone(), message: e.to_string() })
+}
+
+#[cfg(feature = "cuda")]
+fn device_free_bytes(ordinal: usize) -> Result<usize, ModelError> {
+    let device = format!("cuda:{ordinal}");
+    let backend = |e: cudarc::driver::DriverError| ModelError::Backend { device: device.clone(), source: Box::new(e) };
+    crate::engine::cuda::probe::require(&[crate::engine::cuda::probe::Library::Driver])
+        .map_err(|e| ModelError::Backend { device: device.clone(), source: Box::new(e) })?;
+    let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(backend)?;
+    Ok(ctx.mem_get_info().map_err(backend)?.0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_free_bytes(ordinal: usize) -> Result<usize, ModelError> {
+    Err(ModelError::Device { device: format!("cuda:{ordinal}"), message: "not built with --features cuda".into() })
+}
+
 /// Loads one stage; run on the stage's own thread (a GPU context belongs to its thread).
 pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
 
@@ -191,6 +244,7 @@ pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoa
     let dtype = resolve_dtype(opts.dtype, &plan.devices)?;
     if plan.devices.iter().any(|d| *d != DeviceSpec::Cpu) {
         plan.info.dtype = dtype;
+        check_gpu_fit(&plan, dtype, limits)?;
     }
     tracing::info!(
         max_tokens = plan.info.max_tokens,
@@ -210,16 +264,89 @@ pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoa
         );
     }
     let cfg = std::sync::Arc::new(plan.cfg);
+    let mut hops = hops::Wiring::new(&plan.devices);
     let loaders = plan
         .ranges
         .iter()
         .zip(&plan.devices)
-        .map(|(range, &device)| {
+        .enumerate()
+        .map(|(i, (range, &device))| {
             let (cfg, weights, range, opts) = (cfg.clone(), plan.weights.clone(), range.clone(), opts.clone());
-            Box::new(move || load_stage(device, weights, &cfg, range, &opts, dtype, limits)) as StageLoader
+            let ends = hops.take(i);
+            Box::new(move || ends.connect(load_stage(device, weights, &cfg, range, &opts, dtype, limits)?)) as StageLoader
         })
         .collect();
     Ok((loaders, plan.info))
+}
+
+/// The wiring of device hops ([`crate::engine::cuda::hop`]) between the stage threads while
+/// they load: a receiving CUDA stage makes its input slots and hands them, over a channel, to
+/// the CUDA stage before it, which sends its hidden states there from then on.
+mod hops {
+    use super::{AnyStage, DeviceSpec, ModelError};
+    use crate::engine::cuda::hop::{hop_kinds, HopKind};
+
+    #[cfg(feature = "cuda")]
+    type Slots = std::sync::Arc<crate::engine::cuda::hop::Inbox>;
+    #[cfg(not(feature = "cuda"))]
+    type Slots = std::convert::Infallible;
+
+    /// One stage's ends of the hops before and after it.
+    #[derive(Default)]
+    pub struct Ends {
+        /// The hop into this stage and where to hand its slots.
+        pub input: Option<(HopKind, std::sync::mpsc::SyncSender<Slots>)>,
+        /// Where the next stage's slots arrive.
+        pub output: Option<std::sync::mpsc::Receiver<Slots>>,
+    }
+
+    pub struct Wiring {
+        ends: Vec<Ends>,
+    }
+
+    impl Wiring {
+        pub fn new(devices: &[DeviceSpec]) -> Self {
+            let mut ends: Vec<Ends> = devices.iter().map(|_| Ends::default()).collect();
+            for (i, kind) in hop_kinds(devices).into_iter().enumerate() {
+                if kind.on_device() {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    ends[i].output = Some(rx);
+                    ends[i + 1].input = Some((kind, tx));
+                }
+            }
+            Self { ends }
+        }
+
+        pub fn take(&mut self, stage: usize) -> Ends {
+            std::mem::take(&mut self.ends[stage])
+        }
+    }
+
+    impl Ends {
+        /// Make this stage's input slots and hand them over, then wait for the next stage's
+        /// (it loads meanwhile on its thread; if it fails, this stage keeps the host path and
+        /// the engine reports that stage's error).
+        pub fn connect(self, stage: AnyStage) -> Result<AnyStage, ModelError> {
+            match stage {
+                #[cfg(feature = "cuda")]
+                AnyStage::Cuda(mut s) => {
+                    let device = format!("cuda:{}", s.device().ctx.ordinal());
+                    let backend = |e: crate::engine::cuda::CudaError| ModelError::Backend { device: device.clone(), source: Box::new(e) };
+                    if let Some((kind, tx)) = self.input {
+                        let _ = tx.send(s.make_inbox(kind).map_err(backend)?);
+                    }
+                    if let Some(rx) = self.output {
+                        if let Ok(inbox) = rx.recv() {
+                            s.attach_outbox(inbox).map_err(backend)?;
+                        }
+                    }
+                    Ok(AnyStage::Cuda(s))
+                }
+                // A CPU stage has no device hop (hop_kinds gives it none).
+                other => Ok(other),
+            }
+        }
+    }
 }
 
 fn load_stage(
@@ -290,6 +417,27 @@ fn describe(path: &Path, cfg: &ArchConfig, w: &Weights, opts: &ModelOptions, sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each stage gets the ends of the device hops around it: a CUDA stage after a CUDA stage
+    /// receives, one before a CUDA stage sends; CPU stages and their neighbours get none.
+    #[test]
+    fn device_hops_are_wired_between_cuda_neighbours_only() {
+        use crate::engine::cuda::hop::HopKind;
+        let devices = [DeviceSpec::Cuda(0), DeviceSpec::Cuda(0), DeviceSpec::Cuda(1), DeviceSpec::Cpu, DeviceSpec::Cuda(1)];
+        let mut wiring = hops::Wiring::new(&devices);
+        let ends: Vec<(Option<HopKind>, bool)> =
+            (0..devices.len()).map(|i| wiring.take(i)).map(|e| (e.input.map(|(k, _)| k), e.output.is_some())).collect();
+        assert_eq!(
+            ends,
+            [
+                (None, true),
+                (Some(HopKind::SameDevice { ordinal: 0 }), true),
+                (Some(HopKind::Peer { from: 0, to: 1 }), false),
+                (None, false),
+                (None, false),
+            ]
+        );
+    }
 
     #[test]
     fn a_cpu_model_runs_what_was_asked_and_auto_is_f32() {

@@ -23,7 +23,7 @@ use crate::model::stage::{Activations, Stage, StageOutput};
 use crate::model::{ModelError, ModelOptions};
 
 pub use crate::model::DeviceSpec;
-pub use loader::{length_limit, parse_device, plan, ModelInfo, Plan, StageInfo};
+pub use loader::{gpu_needs, gpu_precision, length_limit, parse_device, plan, ModelInfo, Plan, StageInfo};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -70,24 +70,49 @@ pub enum AnyStage {
     Cuda(Box<cuda::stage::CudaStage>),
 }
 
+/// What a job brings to a stage, and what a stage passes on: token ids, scores or hidden
+/// states on the host, or (between two CUDA stages, [`cuda::hop`]) hidden states already
+/// copied into the next stage's input slot.
+enum Hop<T> {
+    Host(T),
+    #[cfg(feature = "cuda")]
+    Device(cuda::hop::Arrived),
+}
+
 impl AnyStage {
-    fn forward(&mut self, packed: &Packed, input: Activations, device: &str) -> Result<StageOutput, ModelError> {
-        match self {
-            AnyStage::Cpu(s) => {
-                let _ = device;
-                s.forward(packed, input)
+    fn forward(&mut self, packed: &Packed, input: Hop<Activations>, device: &str) -> Result<Hop<StageOutput>, ModelError> {
+        match (self, input) {
+            (AnyStage::Cpu(s), Hop::Host(input)) => s.forward(packed, input).map(Hop::Host),
+            #[cfg(feature = "cuda")]
+            (AnyStage::Cpu(_), Hop::Device(_)) => {
+                Err(ModelError::Device { device: device.to_owned(), message: "a CPU stage got hidden states left on a GPU".into() })
             }
             #[cfg(feature = "cuda")]
-            AnyStage::Cuda(s) => s
-                .forward(packed, input)
-                .map_err(|e| ModelError::Backend { device: device.to_owned(), source: Box::new(e) }),
+            (AnyStage::Cuda(s), input) => {
+                use cuda::stage::{Sent, StageInput};
+                let input = match input {
+                    Hop::Host(a) => StageInput::Host(a),
+                    Hop::Device(a) => StageInput::Device(a),
+                };
+                match s.forward_hop(packed, input) {
+                    Ok(Sent::Host(out)) => Ok(Hop::Host(out)),
+                    Ok(Sent::Device(a)) => Ok(Hop::Device(a)),
+                    Err(e) => Err(ModelError::Backend { device: device.to_owned(), source: Box::new(e) }),
+                }
+            }
         }
     }
 }
 
+/// What a stage does with a job once it ran it.
+enum Step {
+    Pass(Hop<Activations>),
+    Reply(Result<Vec<Score>, EngineError>),
+}
+
 struct Job {
     packed: Arc<Packed>,
-    input: Activations,
+    input: Hop<Activations>,
     reply: oneshot::Sender<Result<Vec<Score>, EngineError>>,
 }
 
@@ -233,7 +258,7 @@ impl Engine {
         } else {
             Packed::new(&batch)
         };
-        (Job { packed: Arc::new(packed), input: Activations::Tokens, reply }, rx)
+        (Job { packed: Arc::new(packed), input: Hop::Host(Activations::Tokens), reply }, rx)
     }
 }
 
@@ -279,10 +304,12 @@ fn wait_for_stages(info: &ModelInfo, loaded: Vec<std::sync::mpsc::Receiver<Resul
             started.elapsed().as_secs_f64()
         );
     }
+    let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        "model loaded: {layers} layers, {:.2} GB in {:.1} s",
+        gb_per_s = gb(bytes) / seconds.max(1e-9),
+        "model loaded: {layers} layers, {:.2} GB in {seconds:.1} s ({:.2} GB/s)",
         gb(bytes),
-        started.elapsed().as_secs_f64()
+        gb(bytes) / seconds.max(1e-9)
     );
     Ok(())
 }
@@ -342,17 +369,21 @@ fn stage_loop(
                 message: panic_message(&panic),
             }),
         };
-        match (outcome, &next) {
-            (Ok(StageOutput::Hidden(h)), Some(next)) => {
-                let job = Job { packed, input: Activations::Hidden(h), reply };
+        let step = match outcome {
+            Ok(Hop::Host(StageOutput::Hidden(h))) => Step::Pass(Hop::Host(Activations::Hidden(h))),
+            #[cfg(feature = "cuda")]
+            Ok(Hop::Device(a)) => Step::Pass(Hop::Device(a)),
+            Ok(Hop::Host(StageOutput::Scores(s))) => Step::Reply(Ok(s)),
+            Err(e) => Step::Reply(Err(e)),
+        };
+        match (step, &next) {
+            (Step::Pass(input), Some(next)) => {
+                let job = Job { packed, input, reply };
                 if next.blocking_send(job).is_err() {
                     return false;
                 }
             }
-            (Ok(StageOutput::Scores(s)), _) => {
-                let _ = reply.send(Ok(s));
-            }
-            (Ok(StageOutput::Hidden(_)), None) => {
+            (Step::Pass(_), None) => {
                 let _ = reply.send(Err(EngineError::Stage {
                     stage: index,
                     layers: layers.to_owned(),
@@ -360,9 +391,9 @@ fn stage_loop(
                     source: ModelError::weights("the last stage produced no scores", None),
                 }));
             }
-            (Err(e), _) => {
-                // The caller may have gone away (shutdown): nothing to tell.
-                let _ = reply.send(Err(e));
+            // The caller may have gone away (shutdown): nothing to tell.
+            (Step::Reply(r), _) => {
+                let _ = reply.send(r);
             }
         }
     }

@@ -140,6 +140,34 @@ impl Weights {
     }
 }
 
+/// Reads tensors' stored bytes, keeping the last shard mapped: the on-device load reads the
+/// tensors of a stage in order, most of them from the shard of the one before.
+pub struct ShardReader<'a> {
+    weights: &'a Weights,
+    current: Option<(usize, MmapedSafetensors)>,
+}
+
+impl<'a> ShardReader<'a> {
+    pub fn new(weights: &'a Weights) -> Self {
+        Self { weights, current: None }
+    }
+
+    /// Bytes `start..start + len` of tensor `name` as stored.
+    pub fn bytes(&mut self, name: &str, start: usize, len: usize) -> Result<&[u8], ModelError> {
+        let file = self.weights.entry(name)?.file;
+        if self.current.as_ref().map(|(f, _)| *f) != Some(file) {
+            self.current = Some((file, map(&self.weights.files[file])?));
+        }
+        let (_, st) = self.current.as_ref().expect("mapped just above");
+        let view = st.get(name).map_err(|e| ModelError::weights(format!("tensor {name}"), Some(e)))?;
+        let data = view.data();
+        if start + len > data.len() {
+            return Err(ModelError::weights(format!("{name}: bytes {start}..{} out of {}", start + len, data.len()), None));
+        }
+        Ok(&data[start..start + len])
+    }
+}
+
 /// Map one shard read-only.
 fn map(file: &Path) -> Result<MmapedSafetensors, ModelError> {
     if !file.exists() {

@@ -3,12 +3,17 @@
 //! start-up by NVRTC to CUBIN for the device's own architecture, or prebuilt. Everything that
 //! touches the GPU is behind the `cuda` feature and loads `libcuda`, `libnvrtc` and
 //! `libcublasLt` dynamically, after probing for them, so one binary serves CPU and GPU
-//! machines. The buffer planner, the attention tile schedule and every kernel launch's
-//! arguments and dimensions are plain Rust, compiled and tested without the feature.
+//! machines. The buffer planner, the attention tile schedule, every kernel launch's
+//! arguments and dimensions, the memory fit ([`fit`]), the load pipeline ([`upload_plan`]) and
+//! the hand-off of hidden states between stages ([`hop`]) are plain Rust, compiled and tested
+//! without the feature.
 
+pub mod fit;
+pub mod hop;
 pub mod launch;
 pub mod plan;
 pub mod precision;
+pub mod upload_plan;
 
 #[cfg(feature = "cuda")]
 pub mod compile;
@@ -26,6 +31,8 @@ pub mod prebuilt;
 pub mod probe;
 #[cfg(feature = "cuda")]
 pub mod stage;
+#[cfg(feature = "cuda")]
+pub mod upload;
 
 #[cfg(feature = "cuda")]
 pub use error::CudaError;
