@@ -10,9 +10,11 @@
 
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
-use super::plan::{attention_tiles, plan_buffers, BufferPlan, LayerShape};
+use super::launch::{AttentionKernel, AttnArgs};
+use super::plan::{attention_tiles, attention_tiles_tree, max_segments, plan_buffers, BufferPlan, LayerShape};
 use super::precision::Precision;
 use super::CudaError;
+use crate::model::packed::Packed;
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -160,8 +162,13 @@ pub struct Workspace {
     pub arena: DeviceBuf,
     pub inv_freq: DeviceBuf,
     pub tokens: usize,
+    /// Segments of the current batch (sequences, and shared prefixes in the tree layout).
     pub seqs: usize,
     pub tiles: usize,
+    /// Whether the current batch is in the tree layout (`plan.prefix_of` holds its prefixes).
+    pub tree: bool,
+    /// The attention kernel the layers launch.
+    pub attention: AttentionKernel,
 }
 
 impl Workspace {
@@ -170,31 +177,71 @@ impl Workspace {
         let arena = dev.alloc(plan.total)?;
         let inv = dev.alloc(inv_freq.len() * 4)?;
         dev.upload(inv.ptr, inv_freq)?;
-        Ok(Self { plan, arena, inv_freq: inv, tokens: 0, seqs: 0, tiles: 0 })
+        Ok(Self { plan, arena, inv_freq: inv, tokens: 0, seqs: 0, tiles: 0, tree: false, attention: AttentionKernel::default() })
     }
 
     pub fn at(&self, r: super::plan::Region) -> u64 {
         self.arena.at(r.offset)
     }
 
-    /// Upload a batch's positions, boundaries and attention schedule (`cu_seqlens` from 0).
+    /// Upload a plain batch's positions, boundaries and attention schedule (`cu_seqlens` from 0).
     pub fn set_batch(&mut self, dev: &GpuDevice, cu_seqlens: &[u32]) -> Result<()> {
+        let positions: Vec<u32> = cu_seqlens.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
+        self.upload_batch(dev, cu_seqlens, &positions, None)
+    }
+
+    /// Upload a packed batch, plain or tree (shared prefixes): positions, segment boundaries,
+    /// each segment's prefix and the attention schedule.
+    pub fn set_packed(&mut self, dev: &GpuDevice, packed: &Packed) -> Result<()> {
+        let cu: Vec<u32> = packed.cu_seqlens.iter().map(|&c| c as u32).collect();
+        let prefix_of: Vec<i32> = packed.prefix_of.iter().map(|p| p.map_or(-1, |p| p as i32)).collect();
+        self.upload_batch(dev, &cu, &packed.positions, packed.is_tree().then_some(prefix_of.as_slice()))
+    }
+
+    fn upload_batch(&mut self, dev: &GpuDevice, cu_seqlens: &[u32], positions: &[u32], prefix_of: Option<&[i32]>) -> Result<()> {
         let tokens = cu_seqlens.last().copied().unwrap_or(0) as usize;
-        let seqs = cu_seqlens.len().saturating_sub(1);
-        if tokens > self.plan.max_tokens || seqs > self.plan.max_seqs {
+        let segments = cu_seqlens.len().saturating_sub(1);
+        if tokens > self.plan.max_tokens || segments > max_segments(self.plan.max_seqs) || positions.len() != tokens {
             return Err(CudaError::Shape(format!(
-                "batch of {tokens} tokens in {seqs} sequences exceeds the plan ({} / {})",
-                self.plan.max_tokens, self.plan.max_seqs
+                "batch of {tokens} tokens in {segments} segments exceeds the plan ({} / {})",
+                self.plan.max_tokens,
+                max_segments(self.plan.max_seqs)
             )));
         }
-        let positions: Vec<u32> = cu_seqlens.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
-        let tiles: Vec<i32> = attention_tiles(cu_seqlens).into_iter().flatten().collect();
+        let tiles: Vec<i32> = match prefix_of {
+            Some(p) => {
+                let prefix_len: Vec<u32> = p.iter().map(|&i| if i >= 0 { cu_seqlens[i as usize + 1] - cu_seqlens[i as usize] } else { 0 }).collect();
+                attention_tiles_tree(cu_seqlens, &prefix_len).into_iter().flatten().collect()
+            }
+            None => attention_tiles(cu_seqlens).into_iter().flatten().collect(),
+        };
         let cu: Vec<i32> = cu_seqlens.iter().map(|&c| c as i32).collect();
-        dev.upload(self.at(self.plan.positions), &positions)?;
+        dev.upload(self.at(self.plan.positions), positions)?;
         dev.upload(self.at(self.plan.cu_seqlens), &cu)?;
+        if let Some(p) = prefix_of {
+            dev.upload(self.at(self.plan.prefix_of), p)?;
+        }
         dev.upload(self.at(self.plan.tiles), &tiles)?;
-        (self.tokens, self.seqs, self.tiles) = (tokens, seqs, tiles.len() / 2);
+        (self.tokens, self.seqs, self.tiles, self.tree) = (tokens, segments, tiles.len() / 2, prefix_of.is_some());
         Ok(())
+    }
+
+    /// The attention call of a layer of `shape` over the current batch.
+    pub fn attn_args(&self, shape: &LayerShape, window: usize) -> AttnArgs {
+        let p = &self.plan;
+        AttnArgs {
+            qkv: self.at(p.qkv),
+            out: self.at(p.attn),
+            tiles: self.at(p.tiles),
+            num_tiles: self.tiles,
+            cu_seqlens: self.at(p.cu_seqlens),
+            prefix_of: if self.tree { self.at(p.prefix_of) } else { 0 },
+            qkv_stride: shape.qkv_width(),
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            window,
+        }
     }
 }
 
@@ -227,12 +274,14 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, y, q, s)?;
     linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
     let rot_heads = shape.heads + shape.kv_heads;
-    if let Some((qn, kn)) = &w.qk_norm {
-        dev.head_norm(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps)?;
+    let (positions, inv_freq) = (ws.at(p.positions), ws.inv_freq.ptr);
+    match &w.qk_norm {
+        // Qwen3: rotary fused into the head norm (one pass over q and k).
+        Some((qn, kn)) => dev.head_norm_rotary(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps,
+                                               cfg.rot_dim, positions, inv_freq)?,
+        None => dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, positions, inv_freq)?,
     }
-    dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, ws.at(p.positions), ws.inv_freq.ptr)?;
-    let (tiles, cu) = (ws.at(p.tiles), ws.at(p.cu_seqlens));
-    dev.attention(qkv, attn, tiles, ws.tiles, cu, shape.qkv_width(), shape.heads, shape.kv_heads, shape.head_dim, cfg.window)?;
+    dev.attention(ws.attention, &ws.attn_args(shape, cfg.window))?;
     let o_in = match w.precision {
         Precision::Fp8 => {
             dev.quant_rows(attn, t, shape.attn_width(), xin, qs)?;

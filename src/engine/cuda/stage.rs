@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use super::compile::default_cache_dir;
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
+use super::launch::{attention_kernel, AttentionKernel};
 use super::layer::{forward, HostLinear, HostWeight, LayerConfig, LayerWeights, Workspace};
 use super::plan::LayerShape;
 use super::precision::Precision;
@@ -59,11 +60,10 @@ fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).map_err(|e| model_err(e.into()))
 }
 
-/// The layer's shape and switches from the model config, checked for GEMMs in `precision`.
-pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision) -> Result<LayerConfig> {
-    if ![16, 32, 64, 128, 192].contains(&cfg.head_dim) {
-        return Err(CudaError::Unsupported(format!("head_dim {}", cfg.head_dim)));
-    }
+/// The layer's shape and switches from the model config, checked for GEMMs in `precision`
+/// and for an `attention` kernel of its head size.
+pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision, attention: AttentionKernel) -> Result<LayerConfig> {
+    attention_kernel(attention, cfg.head_dim).map_err(CudaError::Unsupported)?;
     let gated = !matches!(cfg.activation, Activation::Relu2);
     let shape = LayerShape {
         hidden: cfg.hidden_size,
@@ -136,7 +136,8 @@ impl CudaStage {
     /// Load layers `range` onto GPU `ordinal`; `vb` is the checkpoint root read as f32 on the
     /// CPU (`Vb::new(weights, DType::F32, Device::Cpu)`). Activation buffers are sized once for
     /// `max_tokens` tokens in up to `max_seqs` sequences. The linear layers run in `precision`
-    /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too).
+    /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too);
+    /// attention with the `attention` kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         ordinal: usize,
@@ -148,15 +149,17 @@ impl CudaStage {
         precision: Precision,
         max_tokens: usize,
         max_seqs: usize,
+        attention: AttentionKernel,
     ) -> Result<Self> {
         let dev = GpuDevice::open(ordinal, &default_cache_dir(), precision)?;
-        let first = layer_config(cfg, range.start.min(cfg.num_layers.saturating_sub(1)), precision)?;
+        let first = layer_config(cfg, range.start.min(cfg.num_layers.saturating_sub(1)), precision, attention)?;
         let inv = crate::model::rope::inv_freq(cfg.rope_theta, cfg.rotary_dim, &cfg.rope_scaling);
-        let ws = Workspace::new(&dev, &first.shape, max_tokens, max_seqs, &inv, precision)?;
+        let mut ws = Workspace::new(&dev, &first.shape, max_tokens, max_seqs, &inv, precision)?;
+        ws.attention = attention;
         let model = vb.pp("model");
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
-            let lc = layer_config(cfg, i, precision)?;
+            let lc = layer_config(cfg, i, precision, attention)?;
             layers.push((lc, Self::load_layer(&dev, &model.pp("layers").pp(i), cfg, &lc, precision)?));
         }
         let (h, ln1p) = (cfg.hidden_size, cfg.norm == NormKind::LayerNorm1P);
@@ -214,8 +217,7 @@ impl CudaStage {
     /// Run the packed batch through this stage.
     pub fn forward(&mut self, packed: &Packed, input: Activations) -> Result<StageOutput> {
         let (t, h) = (packed.num_tokens(), self.hidden);
-        let cu: Vec<u32> = packed.cu_seqlens.iter().map(|&c| c as u32).collect();
-        self.ws.set_batch(&self.dev, &cu)?;
+        self.ws.set_packed(&self.dev, packed)?;
         let x = self.ws.at(self.ws.plan.x);
         match (input, &self.embed) {
             (Activations::Tokens, Some((table, vocab))) => {
@@ -270,14 +272,18 @@ mod tests {
     fn qwen3_layers_run_with_their_head_norm_in_both_precisions() {
         let mut cfg = fixture("qwen3_seqcls");
         assert!(cfg.qk_norm);
-        // The fixture's head_dim of 24 has no attention kernel; Qwen3's checkpoints use 128.
-        let e = layer_config(&cfg, 0, Precision::Bf16).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("head_dim 24") && !e.contains("q/k"), "{e}");
+        // The fixture's head_dim of 24 has a v2 attention kernel only; Qwen3's checkpoints use 128.
+        let e = layer_config(&cfg, 0, Precision::Bf16, AttentionKernel::V1).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("not 24") && e.contains("attention v1") && !e.contains("q/k"), "{e}");
+        let lc = layer_config(&cfg, 0, Precision::Bf16, AttentionKernel::V2).unwrap_or_else(|e| panic!("v2: {e}"));
+        assert!(lc.qk_norm && lc.shape.head_dim == 24);
         cfg.head_dim = 32;
         for p in [Precision::Fp8, Precision::Bf16] {
-            let lc = layer_config(&cfg, 0, p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-            assert!(lc.qk_norm, "{p:?}");
+            for a in [AttentionKernel::V1, AttentionKernel::V2] {
+                let lc = layer_config(&cfg, 0, p, a).unwrap_or_else(|e| panic!("{p:?} {a:?}: {e}"));
+                assert!(lc.qk_norm, "{p:?}");
+            }
         }
-        assert!(!layer_config(&fixture("arith"), 0, Precision::Bf16).expect("arith").qk_norm);
+        assert!(!layer_config(&fixture("arith"), 0, Precision::Bf16, AttentionKernel::V1).expect("arith").qk_norm);
     }
 }
