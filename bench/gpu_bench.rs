@@ -406,7 +406,10 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
                 ok &= pass;
                 println!(r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","against":"{label}","seqs":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#, seqs.len());
             }
-            ok &= tree_parity(&name, &weights, &cfg, &seqs, *precision)?;
+            // The tree rows in bf16 only (every GPU from sm_80), to keep the step short.
+            if *precision == Precision::Bf16 {
+                ok &= tree_parity(&name, &weights, &cfg, &seqs, *precision)?;
+            }
         }
     }
     Ok(ok)
