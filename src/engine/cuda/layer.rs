@@ -11,7 +11,7 @@
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
 use super::launch::{AttentionKernel, AttnArgs};
-use super::plan::{attention_tiles, attention_tiles_tree, max_segments, plan_buffers, BufferPlan, LayerShape};
+use super::plan::{attention_tiles, attention_tiles_tree, max_segments, max_tiles, plan_buffers, BufferPlan, LayerShape};
 use super::precision::Precision;
 use super::CudaError;
 use crate::model::packed::Packed;
@@ -186,43 +186,24 @@ impl Workspace {
 
     /// Upload a plain batch's positions, boundaries and attention schedule (`cu_seqlens` from 0).
     pub fn set_batch(&mut self, dev: &GpuDevice, cu_seqlens: &[u32]) -> Result<()> {
-        let positions: Vec<u32> = cu_seqlens.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
-        self.upload_batch(dev, cu_seqlens, &positions, None)
+        self.upload_batch(dev, &BatchArrays::plain(cu_seqlens))
     }
 
     /// Upload a packed batch, plain or tree (shared prefixes): positions, segment boundaries,
     /// each segment's prefix and the attention schedule.
     pub fn set_packed(&mut self, dev: &GpuDevice, packed: &Packed) -> Result<()> {
-        let cu: Vec<u32> = packed.cu_seqlens.iter().map(|&c| c as u32).collect();
-        let prefix_of: Vec<i32> = packed.prefix_of.iter().map(|p| p.map_or(-1, |p| p as i32)).collect();
-        self.upload_batch(dev, &cu, &packed.positions, packed.is_tree().then_some(prefix_of.as_slice()))
+        self.upload_batch(dev, &BatchArrays::packed(packed))
     }
 
-    fn upload_batch(&mut self, dev: &GpuDevice, cu_seqlens: &[u32], positions: &[u32], prefix_of: Option<&[i32]>) -> Result<()> {
-        let tokens = cu_seqlens.last().copied().unwrap_or(0) as usize;
-        let segments = cu_seqlens.len().saturating_sub(1);
-        if tokens > self.plan.max_tokens || segments > max_segments(self.plan.max_seqs) || positions.len() != tokens {
-            return Err(CudaError::Shape(format!(
-                "batch of {tokens} tokens in {segments} segments exceeds the plan ({} / {})",
-                self.plan.max_tokens,
-                max_segments(self.plan.max_seqs)
-            )));
-        }
-        let tiles: Vec<i32> = match prefix_of {
-            Some(p) => {
-                let prefix_len: Vec<u32> = p.iter().map(|&i| if i >= 0 { cu_seqlens[i as usize + 1] - cu_seqlens[i as usize] } else { 0 }).collect();
-                attention_tiles_tree(cu_seqlens, &prefix_len).into_iter().flatten().collect()
-            }
-            None => attention_tiles(cu_seqlens).into_iter().flatten().collect(),
-        };
-        let cu: Vec<i32> = cu_seqlens.iter().map(|&c| c as i32).collect();
-        dev.upload(self.at(self.plan.positions), positions)?;
-        dev.upload(self.at(self.plan.cu_seqlens), &cu)?;
-        if let Some(p) = prefix_of {
+    fn upload_batch(&mut self, dev: &GpuDevice, b: &BatchArrays) -> Result<()> {
+        b.fits(&self.plan).map_err(CudaError::Shape)?;
+        dev.upload(self.at(self.plan.positions), &b.positions)?;
+        dev.upload(self.at(self.plan.cu_seqlens), &b.cu_seqlens)?;
+        if let Some(p) = &b.prefix_of {
             dev.upload(self.at(self.plan.prefix_of), p)?;
         }
-        dev.upload(self.at(self.plan.tiles), &tiles)?;
-        (self.tokens, self.seqs, self.tiles, self.tree) = (tokens, segments, tiles.len() / 2, prefix_of.is_some());
+        dev.upload(self.at(self.plan.tiles), &b.tiles)?;
+        (self.tokens, self.seqs, self.tiles, self.tree) = (b.positions.len(), b.segments(), b.tiles.len() / 2, b.prefix_of.is_some());
         Ok(())
     }
 
@@ -242,6 +223,63 @@ impl Workspace {
             head_dim: shape.head_dim,
             window,
         }
+    }
+}
+
+/// What a batch uploads, computed on the host: each token's position, the segment boundaries,
+/// each segment's shared-prefix segment (tree layout only; −1 for none) and the attention
+/// schedule (`[tile] = (segment, first query)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchArrays {
+    pub positions: Vec<u32>,
+    pub cu_seqlens: Vec<i32>,
+    pub prefix_of: Option<Vec<i32>>,
+    pub tiles: Vec<i32>,
+}
+
+impl BatchArrays {
+    /// Sequences laid end to end (`cu_seqlens` from 0), positions from 0 in each.
+    pub fn plain(cu_seqlens: &[u32]) -> Self {
+        Self {
+            positions: cu_seqlens.windows(2).flat_map(|w| 0..w[1] - w[0]).collect(),
+            cu_seqlens: cu_seqlens.iter().map(|&c| c as i32).collect(),
+            prefix_of: None,
+            tiles: attention_tiles(cu_seqlens).into_iter().flatten().collect(),
+        }
+    }
+
+    /// A packed batch as it is: in the tree layout, suffix positions continue after their
+    /// prefix and their tiles are ordered by the keys they see (prefix included).
+    pub fn packed(p: &Packed) -> Self {
+        let cu: Vec<u32> = p.cu_seqlens.iter().map(|&c| c as u32).collect();
+        if !p.is_tree() {
+            return Self { positions: p.positions.clone(), ..Self::plain(&cu) };
+        }
+        let prefix_of: Vec<i32> = p.prefix_of.iter().map(|s| s.map_or(-1, |s| s as i32)).collect();
+        let prefix_len: Vec<u32> = p.prefix_of.iter().map(|s| s.map_or(0, |s| p.range(s).len() as u32)).collect();
+        Self {
+            positions: p.positions.clone(),
+            cu_seqlens: cu.iter().map(|&c| c as i32).collect(),
+            prefix_of: Some(prefix_of),
+            tiles: attention_tiles_tree(&cu, &prefix_len).into_iter().flatten().collect(),
+        }
+    }
+
+    pub fn segments(&self) -> usize {
+        self.cu_seqlens.len().saturating_sub(1)
+    }
+
+    /// Whether the batch fits the buffers planned for it.
+    pub fn fits(&self, plan: &BufferPlan) -> std::result::Result<(), String> {
+        let (tokens, segments) = (self.positions.len(), self.segments());
+        if tokens > plan.max_tokens || segments > max_segments(plan.max_seqs) || self.tiles.len() / 2 > max_tiles(plan.max_tokens, plan.max_seqs) {
+            return Err(format!(
+                "batch of {tokens} tokens in {segments} segments exceeds the plan ({} / {})",
+                plan.max_tokens,
+                max_segments(plan.max_seqs)
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -294,4 +332,61 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     linear(dev, gemm, w, 2, xin, qs, up, t, up_w)?;
     dev.act_quant(cfg.act, up, t, shape.inter, y, q, s)?;
     linear(dev, gemm, w, 3, xin, qs, h, t, down_w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_batch_uploads_its_positions_prefixes_and_a_schedule_covering_every_query() {
+        let prompt: Vec<u32> = (0..100).collect();
+        let mut seqs: Vec<Vec<u32>> = [70u32, 0, 130].iter().map(|&n| prompt.iter().copied().chain((0..n).map(|i| 1000 * n + i)).collect()).collect();
+        seqs.push((0..50).map(|i| 9000 + i).collect());
+        let packed = Packed::shared(&seqs, 16);
+        let b = BatchArrays::packed(&packed);
+        let prefix_of = b.prefix_of.as_ref().expect("tree layout");
+        assert_eq!(prefix_of.iter().filter(|&&p| p >= 0).count(), 3);
+        assert_eq!(b.positions, packed.positions);
+        // A suffix's positions continue after its prefix: the first own token sits at 100.
+        for (seg, &p) in prefix_of.iter().enumerate() {
+            let (s0, s1) = (b.cu_seqlens[seg] as usize, b.cu_seqlens[seg + 1] as usize);
+            if p >= 0 && s1 > s0 {
+                assert_eq!(b.positions[s0], 100, "segment {seg}");
+            }
+        }
+        // Every query of every segment in exactly one tile; heaviest (most keys seen) first.
+        let mut covered = vec![0; b.positions.len()];
+        let keys_seen = |t: &[i32]| {
+            let p = prefix_of[t[0] as usize];
+            let plen = if p >= 0 { b.cu_seqlens[p as usize + 1] - b.cu_seqlens[p as usize] } else { 0 };
+            plen + t[1]
+        };
+        for t in b.tiles.chunks(2) {
+            let (s0, s1) = (b.cu_seqlens[t[0] as usize] as usize, b.cu_seqlens[t[0] as usize + 1] as usize);
+            let first = s0 + t[1] as usize;
+            assert!(first < s1, "{t:?} starts past its segment");
+            covered[first..(first + 64).min(s1)].iter_mut().for_each(|c| *c += 1);
+        }
+        assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
+        let order: Vec<i32> = b.tiles.chunks(2).map(keys_seen).collect();
+        assert!(order.windows(2).all(|w| w[0] >= w[1]), "{order:?}");
+        // The plain layout uploads no prefixes and numbers positions from 0 in each sequence.
+        let plain = BatchArrays::packed(&Packed::new(&seqs));
+        assert_eq!((plain.prefix_of.as_ref(), plain.segments()), (None, 4));
+        assert_eq!(plain.positions[170], 0);
+    }
+
+    #[test]
+    fn a_batch_beyond_the_plan_is_refused_and_a_tree_of_the_planned_sequences_fits() {
+        let shape = LayerShape { hidden: 64, heads: 4, kv_heads: 2, head_dim: 16, inter: 128, gated: true };
+        let plan = plan_buffers(&shape, 1000, 4, Precision::Bf16);
+        // Four sequences sharing a prefix: five segments, within max_segments(4) = 6.
+        let seqs: Vec<Vec<u32>> = (0..4u32).map(|i| (0..200).chain([i]).collect()).collect();
+        assert_eq!(BatchArrays::packed(&Packed::shared(&seqs, 16)).fits(&plan), Ok(()));
+        let long = BatchArrays::plain(&[0, 600, 1001]);
+        assert!(long.fits(&plan).unwrap_err().contains("1001 tokens"));
+        let many = BatchArrays::plain(&(0..=7u32).collect::<Vec<_>>());
+        assert!(many.fits(&plan).unwrap_err().contains("7 segments"));
+    }
 }
