@@ -91,9 +91,10 @@ fn check(dev: &GpuDevice) -> Result<bool> {
     let fp8 = has_fp8(dev);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
-    let (t, hd) = (67usize, 1000usize);
-    // Norms (+ residual, + FP8), both kinds.
-    for ln in [false, true] {
+    let t = 67usize;
+    // Norms (+ residual, + FP8), both kinds; rows of 1000 take the 16-byte path, 1001 the
+    // one-value-at-a-time fallback.
+    for (ln, hd) in [(false, 1000usize), (true, 1000), (false, 1001), (true, 1001)] {
         let (x, res, w, b) = (rng.vec(t * hd, 3.0), rng.vec(t * hd, 1.0), rng.vec(hd, 1.5), rng.vec(hd, 0.5));
         let (dx, dr, dw, db) = (c.upload_bf16(&x)?, c.upload_bf16(&res)?, c.upload(&w)?, c.upload(&b)?);
         let (y, q, s) = (c.poisoned(t * hd * 2)?, c.poisoned(t * hd)?, c.poisoned(t * 4)?);
@@ -102,7 +103,12 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         let kind = if ln { r::NormKind::LayerNorm1P } else { r::NormKind::Rms };
         let mut xr = x.clone();
         let want = r::norm(kind, &mut xr, Some(&res), &w, ln.then_some(b.as_slice()), 1e-5, hd);
-        let name = if ln { "layernorm1p_bf16" } else { "rmsnorm_bf16" };
+        let name = match (ln, hd % 8) {
+            (true, 0) => "layernorm1p_bf16",
+            (false, 0) => "rmsnorm_bf16",
+            (true, _) => "layernorm1p_bf16/unaligned",
+            (false, _) => "rmsnorm_bf16/unaligned",
+        };
         c.report(&format!("{name}/residual"), r::rel_err(&c.bf16_out(dx.ptr, t * hd)?, &xr), 1e-2);
         c.report(&format!("{name}/y"), r::rel_err(&c.bf16_out(y.ptr, t * hd)?, &want), 1e-2);
         if fp8 {
@@ -110,8 +116,9 @@ fn check(dev: &GpuDevice) -> Result<bool> {
             c.report(&format!("{name}/fp8"), e, 7e-2);
         }
     }
-    // Rotary, partial (rot_dim 64 of head_dim 128) and full, over q and k heads of a QKV row.
-    for rot in [64usize, 128] {
+    // Rotary, partial (rot_dim 64 of head_dim 128) and full, over q and k heads of a QKV row;
+    // rot_dim 20 (halves of 10) takes the fallback of the 16-byte path.
+    for rot in [64usize, 128, 20] {
         let (heads, d, stride) = (6usize, 128usize, 8 * 128usize);
         let x = rng.vec(t * stride, 2.0);
         let pos: Vec<u32> = (0..t as u32).map(|i| (i * 977) % 70000).collect();
@@ -142,7 +149,8 @@ fn check(dev: &GpuDevice) -> Result<bool> {
     }
     // Activations + FP8.
     for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
-        let inter = 3000usize;
+        // relu² over rows of 3001 takes the one-value-at-a-time fallback of the 16-byte path.
+        let inter = if act == r::Act::Relu2 { 3001usize } else { 3000 };
         let width = if act == r::Act::Relu2 { inter } else { 2 * inter };
         let x = rng.vec(t * width, 4.0);
         let dx = c.upload_bf16(&x)?;
