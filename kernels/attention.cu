@@ -9,8 +9,8 @@
 // own token v − P; its query i sits at key index P + i (its position). Plain segments have
 // P = 0. Key tiles are aligned on multiples of the tile size in this key index.
 //
-// Work split: block = (one 64-query tile of one sequence, one query head), 4 warps, each warp
-// owns 16 query rows. The host lists the tiles ([tile] = (sequence, first query)), heaviest
+// Work split: block = (one 64-query tile of one segment, one query head), 4 warps, each warp
+// owns 16 query rows. The host lists the tiles ([tile] = (segment, first query)), heaviest
 // first. Q, K and V tiles (64 rows) are staged in shared memory with 16-byte loads; Q·Kᵀ and
 // P·V run on the tensor cores through inline PTX `mma.sync.m16n8k16` (bf16 in, f32
 // accumulate; no header beyond cuda_bf16.h). The S accumulators are reused in registers as
@@ -20,8 +20,9 @@
 // (g, 2t+8..), (g+8, 2t+8..); B regs (k = 2t.., n = g), (k = 2t+8.., n = g); C (g, 2t..),
 // (g+8, 2t..). Each thread thus owns rows g and g+8 of its warp's 16.
 //
-// CPU mirror: s = (q·k) · scale in f32; running max m; p = bf16(exp(s − m)); l = Σ p;
-// o = Σ p·v (f32), rescaled by exp(m_old − m_new) when the max grows; out = bf16(o / l).
+// CPU mirror (src/engine/reference/attention.rs `attention_tree`, 64-key tiles): s = (q·k) ·
+// scale in f32; running max m; p = bf16(exp(s − m)); l = Σ p; o = Σ p·v (f32), rescaled by
+// exp(m_old − m_new) when the max grows; out = bf16(o / l).
 
 #define ATT_BQ 64
 #define ATT_BK 64
