@@ -30,10 +30,10 @@ use half::bf16;
 use perf::Rng;
 use scorestream::engine::cuda::device::GpuDevice;
 use scorestream::engine::cuda::gemm::Gemm;
-use scorestream::engine::cuda::plan::attention_tiles;
+use scorestream::engine::cuda::launch::AttentionKernel;
 use scorestream::engine::cuda::precision::{GpuFacts, Precision};
 use scorestream::engine::cuda::probe::preload_from;
-use scorestream::engine::reference::attention::{attention, AttnShape};
+use scorestream::engine::reference::attention::AttnShape;
 use scorestream::engine::reference::{fp8, kernels as r};
 
 impl Rng {
@@ -97,9 +97,10 @@ fn check(dev: &GpuDevice) -> Result<bool> {
     let fp8 = has_fp8(dev);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
-    let (t, hd) = (67usize, 1000usize);
-    // Norms (+ residual, + FP8), both kinds.
-    for ln in [false, true] {
+    let t = 67usize;
+    // Norms (+ residual, + FP8), both kinds; rows of 1000 take the 16-byte path, 1001 the
+    // one-value-at-a-time fallback.
+    for (ln, hd) in [(false, 1000usize), (true, 1000), (false, 1001), (true, 1001)] {
         let (x, res, w, b) = (rng.vec(t * hd, 3.0), rng.vec(t * hd, 1.0), rng.vec(hd, 1.5), rng.vec(hd, 0.5));
         let (dx, dr, dw, db) = (c.upload_bf16(&x)?, c.upload_bf16(&res)?, c.upload(&w)?, c.upload(&b)?);
         let (y, q, s) = (c.poisoned(t * hd * 2)?, c.poisoned(t * hd)?, c.poisoned(t * 4)?);
@@ -108,7 +109,12 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         let kind = if ln { r::NormKind::LayerNorm1P } else { r::NormKind::Rms };
         let mut xr = x.clone();
         let want = r::norm(kind, &mut xr, Some(&res), &w, ln.then_some(b.as_slice()), 1e-5, hd);
-        let name = if ln { "layernorm1p_bf16" } else { "rmsnorm_bf16" };
+        let name = match (ln, hd % 8) {
+            (true, 0) => "layernorm1p_bf16",
+            (false, 0) => "rmsnorm_bf16",
+            (true, _) => "layernorm1p_bf16/unaligned",
+            (false, _) => "rmsnorm_bf16/unaligned",
+        };
         c.report(&format!("{name}/residual"), r::rel_err(&c.bf16_out(dx.ptr, t * hd)?, &xr), 1e-2);
         c.report(&format!("{name}/y"), r::rel_err(&c.bf16_out(y.ptr, t * hd)?, &want), 1e-2);
         if fp8 {
@@ -116,8 +122,9 @@ fn check(dev: &GpuDevice) -> Result<bool> {
             c.report(&format!("{name}/fp8"), e, 7e-2);
         }
     }
-    // Rotary, partial (rot_dim 64 of head_dim 128) and full, over q and k heads of a QKV row.
-    for rot in [64usize, 128] {
+    // Rotary, partial (rot_dim 64 of head_dim 128) and full, over q and k heads of a QKV row;
+    // rot_dim 20 (halves of 10) takes the fallback of the 16-byte path.
+    for rot in [64usize, 128, 20] {
         let (heads, d, stride) = (6usize, 128usize, 8 * 128usize);
         let x = rng.vec(t * stride, 2.0);
         let pos: Vec<u32> = (0..t as u32).map(|i| (i * 977) % 70000).collect();
@@ -138,10 +145,18 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         let mut want = x.clone();
         r::head_rms_norm(&mut want, t, q_heads, kv, d, stride, &qw, &kw, 1e-6);
         c.report("head_rmsnorm_bf16", r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
+        // Fused with rotary (partial: 64 of 128 dims): the head norm, then rotary_bf16.
+        let pos: Vec<u32> = (0..t as u32).map(|i| (i * 977) % 70000).collect();
+        let inv = scorestream::model::rope::inv_freq(1_000_000.0, 64, &scorestream::model::config::RopeScaling::None);
+        let (dx, dp, di) = (c.upload_bf16(&x)?, c.upload(&pos)?, c.upload(&inv)?);
+        dev.head_norm_rotary(dx.ptr, t, q_heads, kv, d, stride, dq.ptr, dk.ptr, 1e-6, 64, dp.ptr, di.ptr)?;
+        r::rotary(&mut want, t, q_heads + kv, d, stride, 64, &pos, &inv);
+        c.report("head_rmsnorm_rotary_bf16", r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
     }
     // Activations + FP8.
     for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
-        let inter = 3000usize;
+        // relu² over rows of 3001 takes the one-value-at-a-time fallback of the 16-byte path.
+        let inter = if act == r::Act::Relu2 { 3001usize } else { 3000 };
         let width = if act == r::Act::Relu2 { inter } else { 2 * inter };
         let x = rng.vec(t * width, 4.0);
         let dx = c.upload_bf16(&x)?;
@@ -212,26 +227,91 @@ fn check_fp8_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
     Ok(())
 }
 
+/// Both attention kernels against the CPU reference (with each kernel's key tiles), plain and
+/// tree layouts (shared prefixes, an empty suffix among them), GQA groups of 4, 7 and 1, and
+/// sliding windows. The references run on all cores first (the step has a 60 s limit).
 fn check_attention(c: &mut Check, rng: &mut Rng) -> Result<()> {
+    use scorestream::engine::cuda::launch::{attention_kernel, attention_v2_key_tile, AttnArgs};
+    use scorestream::engine::reference::attention::{attention_tree, KEY_TILE};
+    use scorestream::model::packed::Packed;
     let dev = c.dev;
-    for (d, window) in [(128usize, 0usize), (16, 0), (32, 0), (64, 0), (192, 0), (128, 100)] {
-        let (heads, kv) = (8usize, 2usize);
-        let stride = (heads + 2 * kv) * d;
-        let lens = [1u32, 300, 64, 129, 517];
-        let mut cu = vec![0u32];
-        for l in lens {
-            cu.push(cu.last().copied().unwrap_or(0) + l);
+    let plain: Vec<Vec<u32>> = [1usize, 300, 64, 129, 517].iter().map(|&n| (0..n as u32).map(|i| 7 * i + n as u32).collect()).collect();
+    // Best-of-4 over a 150-token prompt (answers of 70, 0, 200 and 1 tokens) beside two
+    // sequences alone.
+    let mut tree: Vec<Vec<u32>> = [70usize, 0, 200, 1].iter().map(|&n| (0..150u32).chain((0..n as u32).map(|j| 9000 + 300 * n as u32 + j)).collect()).collect();
+    tree.extend([(0..90u32).map(|i| 50_000 + i).collect::<Vec<u32>>(), (0..33u32).map(|i| 60_000 + i).collect()]);
+    let layouts = [("plain", Packed::new(&plain)), ("tree", Packed::shared(&tree, 16))];
+    struct Case {
+        kernel: AttentionKernel,
+        layout: usize,
+        shape: AttnShape,
+        qkv: Vec<f32>,
+        key_tile: usize,
+    }
+    let mut cases = Vec::new();
+    for (kernel, dims) in [(AttentionKernel::V1, vec![16usize, 32, 64, 128, 192]), (AttentionKernel::V2, vec![16, 24, 32, 64, 80, 96, 128, 192, 256])] {
+        for d in dims {
+            for (heads, kv, window) in [(8usize, 2usize, 0usize), (8, 2, 100), (14, 2, 0), (4, 4, 100)] {
+                // v1 runs the other GQA shapes at 128 only, to keep the check short.
+                if kernel == AttentionKernel::V1 && d != 128 && (heads, kv, window) != (8, 2, 0) {
+                    continue;
+                }
+                for (layout, (_, packed)) in layouts.iter().enumerate() {
+                    // The plain layout with the first two shapes only.
+                    if layout == 0 && heads != 8 {
+                        continue;
+                    }
+                    let stride = (heads + 2 * kv) * d;
+                    let shape = AttnShape { heads, kv_heads: kv, head_dim: d, qkv_stride: stride, softmax_scale: 1.0 / (d as f32).sqrt(), window };
+                    let key_tile = if kernel == AttentionKernel::V1 { KEY_TILE } else { attention_v2_key_tile(d) };
+                    cases.push(Case { kernel, layout, shape, qkv: rng.vec(packed.num_tokens() * stride, 2.0), key_tile });
+                }
+            }
         }
-        let tokens = *cu.last().unwrap_or(&0) as usize;
-        let qkv = rng.vec(tokens * stride, 2.0);
-        let tiles: Vec<i32> = attention_tiles(&cu).into_iter().flatten().collect();
+    }
+    let segments = |p: &Packed| -> (Vec<u32>, Vec<i32>) {
+        (p.cu_seqlens.iter().map(|&v| v as u32).collect(), p.prefix_of.iter().map(|p| p.map_or(-1, |p| p as i32)).collect())
+    };
+    let wants: Vec<Vec<f32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|case| {
+                let packed = &layouts[case.layout].1;
+                scope.spawn(move || {
+                    let (cu, prefix_of) = segments(packed);
+                    let tree_prefixes: &[i32] = if packed.is_tree() { &prefix_of } else { &[] };
+                    attention_tree(&case.qkv, &cu, tree_prefixes, &case.shape, case.key_tile)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
+    for (case, want) in cases.iter().zip(&wants) {
+        let (layout, packed) = &layouts[case.layout];
+        let s = &case.shape;
+        let (cu, prefix_of) = segments(packed);
+        let prefix_len: Vec<u32> = prefix_of.iter().map(|&p| if p >= 0 { cu[p as usize + 1] - cu[p as usize] } else { 0 }).collect();
+        let tiles: Vec<i32> = scorestream::engine::cuda::plan::attention_tiles_tree(&cu, &prefix_len).into_iter().flatten().collect();
         let cu_i: Vec<i32> = cu.iter().map(|&v| v as i32).collect();
-        let (dq, dt, dc) = (c.upload_bf16(&qkv)?, c.upload(&tiles)?, c.upload(&cu_i)?);
-        let out = c.poisoned(tokens * heads * d * 2)?;
-        dev.attention(dq.ptr, out.ptr, dt.ptr, tiles.len() / 2, dc.ptr, stride, heads, kv, d, window)?;
-        let s = AttnShape { heads, kv_heads: kv, head_dim: d, qkv_stride: stride, softmax_scale: 1.0 / (d as f32).sqrt(), window };
-        let want = attention(&qkv, &cu, &s);
-        c.report(&format!("attention_varlen_d{d}_bf16/window{window}"), r::rel_err(&c.bf16_out(out.ptr, want.len())?, &want), 1e-2);
+        let (dq, dt, dc, dp) = (c.upload_bf16(&case.qkv)?, c.upload(&tiles)?, c.upload(&cu_i)?, c.upload(&prefix_of)?);
+        let out = c.poisoned(packed.num_tokens() * s.heads * s.head_dim * 2)?;
+        let args = AttnArgs {
+            qkv: dq.ptr,
+            out: out.ptr,
+            tiles: dt.ptr,
+            num_tiles: tiles.len() / 2,
+            cu_seqlens: dc.ptr,
+            prefix_of: if packed.is_tree() { dp.ptr } else { 0 },
+            qkv_stride: s.qkv_stride,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            window: s.window,
+        };
+        dev.attention(case.kernel, &args)?;
+        let name = attention_kernel(case.kernel, s.head_dim).map_err(anyhow::Error::msg)?;
+        let err = r::rel_err(&c.bf16_out(out.ptr, want.len())?, want);
+        c.report(&format!("{name}/{layout}/heads{}kv{}/window{}", s.heads, s.kv_heads, s.window), err, 1e-2);
     }
     Ok(())
 }
@@ -314,7 +394,7 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
         for precision in precisions {
             let f32_vb = Vb::new(weights.clone(), f32, candle_core::Device::Cpu);
             let p = format!("{precision:?}").to_lowercase();
-            let gpu = match CudaStage::load(0, &f32_vb, &cfg, 0..n, 0, None, *precision, packed.num_tokens().max(1), seqs.len().max(1)) {
+            let gpu = match CudaStage::load(0, &f32_vb, &cfg, 0..n, 0, None, *precision, packed.num_tokens().max(1), seqs.len().max(1), AttentionKernel::V1) {
                 Ok(mut stage) => match stage.forward(&packed, Activations::Tokens)? {
                     StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
                     StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
@@ -340,10 +420,68 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
                 ok &= pass;
                 println!(r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","against":"{label}","seqs":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#, seqs.len());
             }
+            // The tree rows in bf16 only (every GPU from sm_80), to keep the step short.
+            if *precision == Precision::Bf16 {
+                ok &= tree_parity(&name, &weights, &cfg, &seqs, *precision)?;
+            }
         }
     }
     Ok(ok)
 }
+
+// ---- tree layout and attention v2 through the engine (attn-v2) ----
+
+/// Each event's sequence and the same sequence less its last token, packed as a tree (shared
+/// prefixes, `min_shared_prefix` 1: also across events with one chat template), run by the
+/// CUDA stage with each attention kernel, against the CPU stage on the plain layout in the
+/// GPU's own arithmetic (the gated row of [`parity`]). Rows `"layout":"tree"`.
+fn tree_parity(name: &str, weights: &std::sync::Arc<scorestream::model::weights::Weights>, cfg: &scorestream::model::ArchConfig,
+               seqs: &[Vec<u32>], precision: Precision) -> Result<bool> {
+    use scorestream::engine::cuda::stage::CudaStage;
+    use scorestream::model::packed::Packed;
+    use scorestream::model::stage::{Activations, Stage, StageOutput};
+    use scorestream::model::weights::Vb;
+    let seqs: Vec<Vec<u32>> = seqs.iter().flat_map(|s| [s.clone(), s[..s.len().saturating_sub(1).max(1).min(s.len())].to_vec()]).collect();
+    let (plain, tree) = (Packed::new(&seqs), Packed::shared(&seqs, 1));
+    let n = cfg.num_layers;
+    let (dtype, fp8) = match precision {
+        Precision::Fp8 => (candle_core::DType::BF16, true),
+        Precision::Bf16 => (candle_core::DType::BF16, false),
+    };
+    let vb = Vb::new(weights.clone(), dtype, candle_core::Device::Cpu).with_fp8(fp8);
+    let want: Vec<f32> = match Stage::load(&vb, cfg, 0..n, 0, None)?.forward(&plain, Activations::Tokens)? {
+        StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect(),
+        StageOutput::Hidden(_) => bail!("the CPU stage returned no scores"),
+    };
+    let p = format!("{precision:?}").to_lowercase();
+    let mut ok = true;
+    for kernel in [AttentionKernel::V1, AttentionKernel::V2] {
+        let a = format!("{kernel:?}").to_lowercase();
+        let f32_vb = Vb::new(weights.clone(), candle_core::DType::F32, candle_core::Device::Cpu);
+        let gpu = match CudaStage::load(0, &f32_vb, cfg, 0..n, 0, None, precision, tree.num_tokens().max(1), seqs.len().max(1), kernel) {
+            Ok(mut stage) => match stage.forward(&tree, Activations::Tokens)? {
+                StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
+                StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
+            },
+            Err(e) => {
+                println!(r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","layout":"tree","attention":"{a}","skipped":{}}}"#, json_str(&e.to_string()));
+                continue;
+            }
+        };
+        let diff = gpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let pass = gpu.len() == want.len() && gpu.iter().all(|v| v.is_finite()) && diff <= 2e-2 * scale + 1e-3;
+        ok &= pass;
+        println!(
+            r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","layout":"tree","attention":"{a}","against":"cpu_plain","seqs":{},"shared_tokens":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#,
+            seqs.len(),
+            tree.shared_tokens()
+        );
+    }
+    Ok(ok)
+}
+
+// ---- end of tree layout and attention v2 (attn-v2) ----
 
 #[derive(Debug, Parser)]
 #[command(name = "gpu_bench", about = "GPU kernel checks and benchmarks for scorestream (run by scripts/gpu_check.sh)")]

@@ -153,21 +153,53 @@ pub fn kernel_times(dev: &GpuDevice, fp8: bool) -> Result<()> {
     kernel_line("swiglu_quant_bf16 (bf16 out)", t, ms, 6.0 * (t * s.inter) as f64);
     let ms = time_ms(dev, 2, 20, || Ok(dev.add(x, h, t * hid)?))?;
     kernel_line("add_bf16", t, ms, 6.0 * th);
+    attention_times(dev, &mut ws, &cu)
+}
+
+// ---- attention kernels (attn-v2): each kernel alone, head size 128, causal ----
+
+/// Each attention kernel (v1, v2) alone at the 70B shape (64 query heads, 8 KV heads, head
+/// size 128, causal) over 16,384 tokens: 512–4096-token sequences, and 4 sequences of 4096
+/// (the goal: ≥ 300 TFLOP/s on H100/H200), plus v2's tree layout (best-of-4 over a
+/// 3,072-token prompt, 1,024-token answers).
+fn attention_times(dev: &GpuDevice, ws: &mut Workspace, mixed: &[u32]) -> Result<()> {
+    use scorestream::engine::cuda::launch::{attention_kernel, AttentionKernel};
+    let (s, t) = (LayerShape::LLAMA_70B, ws.tokens);
     let uniform: Vec<u32> = (0..=4u32).map(|i| i * 4096).collect();
-    for (label, cu) in [("512-4096", cu.clone()), ("4x4096", uniform)] {
+    for (label, cu) in [("512-4096", mixed.to_vec()), ("4x4096", uniform)] {
         ws.set_batch(dev, &cu)?;
-        let ms = time_ms(dev, 2, 10, || {
-            Ok(dev.attention(qkv, attn, ws.at(p.tiles), ws.tiles, ws.at(p.cu_seqlens), s.qkv_width(), s.heads, s.kv_heads, s.head_dim, 0)?)
-        })?;
         let flops: f64 = cu.windows(2).map(|w| s.attention_flops((w[1] - w[0]) as usize)).sum();
         let tiles = attention_tiles(&cu).len();
+        for kernel in [AttentionKernel::V1, AttentionKernel::V2] {
+            let args = ws.attn_args(&s, 0);
+            let ms = time_ms(dev, 2, 10, || Ok(dev.attention(kernel, &args)?))?;
+            let name = attention_kernel(kernel, s.head_dim).map_err(anyhow::Error::msg)?;
+            println!(
+                r#"{{"kind":"kernel_time","kernel":"{name}","seqs":"{label}","tokens":{t},"tiles":{tiles},"ms":{ms:.4},"tflops":{:.1}}}"#,
+                flops / ms / 1e9
+            );
+        }
+    }
+    // Tree layout: a 3,072-token prefix once, four 1,024-token suffixes after it (16,384 tokens
+    // laid out as 7,168). FLOPs counted as the work done (each suffix over prefix + itself).
+    let seqs: Vec<Vec<u32>> = (0..4u32).map(|i| (0..3072).chain((0..1024).map(|j| 100_000 * (i + 1) + j)).collect()).collect();
+    let packed = scorestream::model::packed::Packed::shared(&seqs, 128);
+    ws.set_packed(dev, &packed)?;
+    let flops = s.attention_flops(3072) + 4.0 * (s.attention_flops(4096) - s.attention_flops(3072));
+    for kernel in [AttentionKernel::V1, AttentionKernel::V2] {
+        let args = ws.attn_args(&s, 0);
+        let ms = time_ms(dev, 2, 10, || Ok(dev.attention(kernel, &args)?))?;
+        let name = attention_kernel(kernel, s.head_dim).map_err(anyhow::Error::msg)?;
         println!(
-            r#"{{"kind":"kernel_time","kernel":"attention_varlen_d128_bf16","seqs":"{label}","tokens":{t},"tiles":{tiles},"ms":{ms:.4},"tflops":{:.1}}}"#,
+            r#"{{"kind":"kernel_time","kernel":"{name}","seqs":"tree 3072+4x1024","tokens":{},"ms":{ms:.4},"tflops":{:.1}}}"#,
+            packed.num_tokens(),
             flops / ms / 1e9
         );
     }
     Ok(())
 }
+
+// ---- end of attention kernels (attn-v2) ----
 
 /// The layer loop at the 70B shape in `precision` over as many layers as fit (at most
 /// `max_layers`); the weights are freed before returning, so the next precision has the GPU.

@@ -10,13 +10,13 @@
 #define ACT_GELU 1
 #define ACT_RELU2 2
 
+__device__ __forceinline__ float activate_relu2(float u) {
+    u = fmaxf(u, 0.0f);
+    return bfr(u * u);
+}
+
 template <int ACT>
-__device__ __forceinline__ float activate(const bf16* in, size_t base, int inter, int i) {
-    if (ACT == ACT_RELU2) {
-        float u = fmaxf(bf(in[base + i]), 0.0f);
-        return bfr(u * u);
-    }
-    const float g = bf(in[base + i]), u = bf(in[base + inter + i]);
+__device__ __forceinline__ float activate_gated(float g, float u) {
     float a;
     if (ACT == ACT_SILU) {
         a = bfr(g / bfr(1.0f + bfr(expf(-g))));
@@ -27,6 +27,12 @@ __device__ __forceinline__ float activate(const bf16* in, size_t base, int inter
 }
 
 template <int ACT>
+__device__ __forceinline__ float activate(const bf16* in, size_t base, int inter, int i) {
+    if (ACT == ACT_RELU2) return activate_relu2(bf(in[base + i]));
+    return activate_gated<ACT>(bf(in[base + i]), bf(in[base + inter + i]));
+}
+
+template <int ACT>
 __device__ void act_quant_body(const bf16* in, int inter, bf16* y, fp8* q, float* q_scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* row = reinterpret_cast<bf16*>(smem_raw);
@@ -34,7 +40,22 @@ __device__ void act_quant_body(const bf16* in, int inter, bf16* y, fp8* q, float
     const size_t in_base = (size_t)blockIdx.x * inter * (ACT == ACT_RELU2 ? 1 : 2);
     const size_t out_base = (size_t)blockIdx.x * inter;
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+    // 16-byte accesses when the row allows (inter % 8 == 0, aligned pointers).
+    const bool vec = inter % 8 == 0 && aligned16(in) && (!y || aligned16(y));
+    for (int c = threadIdx.x; vec && c < inter / 8; c += blockDim.x) {
+        float g[8], a[8];
+        unpack8(reinterpret_cast<const uint4*>(in + in_base)[c], g);
+        if (ACT != ACT_RELU2) unpack8(reinterpret_cast<const uint4*>(in + in_base + inter)[c], a);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            a[k] = ACT == ACT_RELU2 ? activate_relu2(g[k]) : activate_gated<ACT>(g[k], a[k]);
+            amax = fmaxf(amax, fabsf(a[k]));
+        }
+        const uint4 packed = pack8(a);
+        reinterpret_cast<uint4*>(row)[c] = packed;
+        if (y) reinterpret_cast<uint4*>(y + out_base)[c] = packed;
+    }
+    for (int i = vec ? inter : threadIdx.x; i < inter; i += blockDim.x) {
         const float a = activate<ACT>(in, in_base, inter, i);
         row[i] = to_bf(a);
         if (y) y[out_base + i] = to_bf(a);

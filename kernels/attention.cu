@@ -3,8 +3,14 @@
 // Grouped K/V heads (GQA): query head h reads kv head h / (heads / kv_heads). Optional sliding
 // window (window > 0: key j is visible from query i when i − window < j ≤ i).
 //
-// Work split: block = (one 64-query tile of one sequence, one query head), 4 warps, each warp
-// owns 16 query rows. The host lists the tiles ([tile] = (sequence, first query)), heaviest
+// Tree layout (shared prefixes, src/model/packed.rs): `prefix_of[seg]` is the segment holding
+// the shared prefix that segment `seg` continues, or −1 (null: none anywhere). A suffix's keys
+// are its prefix's P tokens then its own, so key index v < P is prefix token v and v ≥ P is
+// own token v − P; its query i sits at key index P + i (its position). Plain segments have
+// P = 0. Key tiles are aligned on multiples of the tile size in this key index.
+//
+// Work split: block = (one 64-query tile of one segment, one query head), 4 warps, each warp
+// owns 16 query rows. The host lists the tiles ([tile] = (segment, first query)), heaviest
 // first. Q, K and V tiles (64 rows) are staged in shared memory with 16-byte loads; Q·Kᵀ and
 // P·V run on the tensor cores through inline PTX `mma.sync.m16n8k16` (bf16 in, f32
 // accumulate; no header beyond cuda_bf16.h). The S accumulators are reused in registers as
@@ -14,8 +20,9 @@
 // (g, 2t+8..), (g+8, 2t+8..); B regs (k = 2t.., n = g), (k = 2t+8.., n = g); C (g, 2t..),
 // (g+8, 2t..). Each thread thus owns rows g and g+8 of its warp's 16.
 //
-// CPU mirror: s = (q·k) · scale in f32; running max m; p = bf16(exp(s − m)); l = Σ p;
-// o = Σ p·v (f32), rescaled by exp(m_old − m_new) when the max grows; out = bf16(o / l).
+// CPU mirror (src/engine/reference/attention.rs `attention_tree`, 64-key tiles): s = (q·k) ·
+// scale in f32; running max m; p = bf16(exp(s − m)); l = Σ p; o = Σ p·v (f32), rescaled by
+// exp(m_old − m_new) when the max grows; out = bf16(o / l).
 
 #define ATT_BQ 64
 #define ATT_BK 64
@@ -37,6 +44,38 @@ __device__ __forceinline__ unsigned pack_pair(bf16 lo, bf16 hi) {
 
 __device__ __forceinline__ unsigned pack_floats(float lo, float hi) { return pack_pair(to_bf(lo), to_bf(hi)); }
 
+// The keys a segment's queries see: its prefix's tokens (first token p0, count P), then its own
+// (first token s0, count len). Key index v maps to a token row of the packed batch.
+struct KeyRange {
+    int p0, P, s0, len;
+    __device__ __forceinline__ int total() const { return P + len; }
+    __device__ __forceinline__ int token(int v) const { return v < P ? p0 + v : s0 + (v - P); }
+};
+
+__device__ __forceinline__ KeyRange key_range(const int* cu_seqlens, const int* prefix_of, int seg) {
+    KeyRange r;
+    r.s0 = cu_seqlens[seg];
+    r.len = cu_seqlens[seg + 1] - r.s0;
+    const int p = prefix_of ? prefix_of[seg] : -1;
+    r.p0 = p >= 0 ? cu_seqlens[p] : 0;
+    r.P = p >= 0 ? cu_seqlens[p + 1] - r.p0 : 0;
+    return r;
+}
+
+// Copy key rows kt .. kt + rows − 1 (key indices of `kr`) of one head (`col` elements into each
+// token row) into shared memory, zero-filling rows past the last key. 16-byte accesses.
+template <int D>
+__device__ __forceinline__ void load_keys(bf16* dst, const bf16* qkv, int stride, int col, int kt, int rows,
+                                          const KeyRange& kr) {
+    constexpr int VEC = D / 8;  // uint4 per row
+    for (int i = threadIdx.x; i < rows * VEC; i += blockDim.x) {
+        const int r = i / VEC, c = i % VEC, v = kt + r;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (v < kr.total()) val = reinterpret_cast<const uint4*>(qkv + (size_t)kr.token(v) * stride + col)[c];
+        reinterpret_cast<uint4*>(dst + r * D)[c] = val;
+    }
+}
+
 // Copy `rows` rows of D bf16 (row stride `stride` elements) into shared memory, zero-filling
 // rows at or past `valid`. 16-byte accesses.
 template <int D>
@@ -51,8 +90,9 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int stride
 }
 
 template <int D>
-__device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, const int* cu_seqlens, int qkv_stride,
-                               int heads, int kv_heads, float softmax_scale, int window) {
+__device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, const int* cu_seqlens,
+                               const int* prefix_of, int qkv_stride, int heads, int kv_heads, float softmax_scale,
+                               int window) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16* sq = reinterpret_cast<bf16*>(smem_raw);  // [BQ][D]
     bf16* sk = sq + ATT_BQ * D;                     // [BK][D]
@@ -61,10 +101,10 @@ __device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, con
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
     const int head = blockIdx.y, kvh = head / (heads / kv_heads);
-    const int s0 = cu_seqlens[seq], len = cu_seqlens[seq + 1] - s0;
+    const KeyRange kr = key_range(cu_seqlens, prefix_of, seq);
+    const int s0 = kr.s0, len = kr.len, P = kr.P;
     const bf16* base = qkv + (size_t)s0 * qkv_stride;
-    const bf16* kbase = base + (size_t)(heads + kvh) * D;
-    const bf16* vbase = base + (size_t)(heads + kv_heads + kvh) * D;
+    const int kcol = (heads + kvh) * D, vcol = (heads + kv_heads + kvh) * D;
 
     load_tile<D>(sq, base + (size_t)q0 * qkv_stride + (size_t)head * D, qkv_stride, ATT_BQ, len - q0);
     __syncthreads();
@@ -85,18 +125,19 @@ __device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, con
     for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
-    const int q_last = min(q0 + ATT_BQ, len) - 1;
+    // In key indices (the prefix's P keys come first): the block's last query and its warp's.
+    const int q_last = P + min(q0 + ATT_BQ, len) - 1;
     const int warp_first = q0 + warp * 16;
-    const int warp_last = min(warp_first + 15, len - 1);
+    const int warp_last = P + min(warp_first + 15, len - 1);
     int k_begin = 0;
-    if (window > 0) k_begin = max(0, q0 - window + 1) / ATT_BK * ATT_BK;
+    if (window > 0) k_begin = max(0, P + q0 - window + 1) / ATT_BK * ATT_BK;
 
     for (int kt = k_begin; kt <= q_last; kt += ATT_BK) {
         __syncthreads();  // everyone is done with the previous K/V tile
-        load_tile<D>(sk, kbase + (size_t)kt * qkv_stride, qkv_stride, ATT_BK, len - kt);
-        load_tile<D>(sv, vbase + (size_t)kt * qkv_stride, qkv_stride, ATT_BK, len - kt);
+        load_keys<D>(sk, qkv, qkv_stride, kcol, kt, ATT_BK, kr);
+        load_keys<D>(sv, qkv, qkv_stride, vcol, kt, ATT_BK, kr);
         __syncthreads();
-        if (warp_first > warp_last || kt > warp_last) continue;  // nothing visible for this warp
+        if (warp_first >= len || kt > warp_last) continue;  // nothing visible for this warp
 
         float s[ATT_BK / 8][4];
 #pragma unroll
@@ -113,8 +154,8 @@ __device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, con
         for (int n = 0; n < ATT_BK / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1, kj = kt + n * 8 + 2 * t + (e & 1), qi = row[r];
-                const bool ok = qi < len && kj <= qi && (window <= 0 || qi - kj < window);
+                const int r = e >> 1, kj = kt + n * 8 + 2 * t + (e & 1), qi = row[r], qk = P + qi;
+                const bool ok = qi < len && kj <= qk && (window <= 0 || qk - kj < window);
                 s[n][e] = ok ? s[n][e] * scale_log2 : NEG_INF;
                 mx[r] = fmaxf(mx[r], s[n][e]);
             }
@@ -182,9 +223,11 @@ __device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, con
 #define ATTENTION_KERNEL(D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_varlen_d##D##_bf16(               \
         const bf16* qkv /* [tokens, qkv_stride] */, bf16* out /* [tokens, heads * D] */,                     \
-        const int* tiles /* [num_tiles, 2] */, const int* cu_seqlens /* [seqs + 1] */, int qkv_stride,        \
-        int heads, int kv_heads, float softmax_scale, int window) {                                          \
-        attention_body<D>(qkv, out, tiles, cu_seqlens, qkv_stride, heads, kv_heads, softmax_scale, window);  \
+        const int* tiles /* [num_tiles, 2] */, const int* cu_seqlens /* [segments + 1] */,                   \
+        const int* prefix_of /* [segments] or null */, int qkv_stride, int heads, int kv_heads,              \
+        float softmax_scale, int window) {                                                                   \
+        attention_body<D>(qkv, out, tiles, cu_seqlens, prefix_of, qkv_stride, heads, kv_heads, softmax_scale, \
+                          window);                                                                           \
     }
 
 ATTENTION_KERNEL(16)

@@ -2,10 +2,25 @@
 // lookup and the reward head's last tokens), and device-side random fill for benchmarks (so
 // 70B of random weights need no host transfer). The FP8-only ones are in fp8.cu.
 
-// a = bf16(a + b), n elements.
+// a = bf16(a + b), n elements: eight per 16-byte access when both are 16-byte aligned, the
+// last n % 8 one by one.
 extern "C" __global__ void add_bf16(long long n, bf16* a /* [n] in/out */, const bf16* b /* [n] */) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        a[i] = to_bf(bf(a[i]) + bf(b[i]));
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    long long done = 0;
+    if (aligned16(a) && aligned16(b)) {
+        uint4* av = reinterpret_cast<uint4*>(a);
+        const uint4* bv = reinterpret_cast<const uint4*>(b);
+        for (long long i = first; i < n / 8; i += step) {
+            float x[8], y[8];
+            unpack8(av[i], x);
+            unpack8(bv[i], y);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) x[k] += y[k];
+            av[i] = pack8(x);
+        }
+        done = n / 8 * 8;
+    }
+    for (long long i = done + first; i < n; i += step) a[i] = to_bf(bf(a[i]) + bf(b[i]));
 }
 
 // y = bf16(y + bf16(bias[n])) in place: the bias of a bf16 GEMM (the FP8 path adds it in

@@ -10,11 +10,19 @@ extern "C" __global__ void quant_rows_bf16(const bf16* x /* [rows, cols] */, int
     __shared__ float red[32];
     const size_t base = (size_t)blockIdx.x * cols;
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf(x[base + i])));
+    int done = 0;
+    if (cols % 8 == 0 && aligned16(x)) {  // 16-byte loads
+        for (int c = threadIdx.x; c < cols / 8; c += blockDim.x) {
+            float f[8];
+            unpack8(reinterpret_cast<const uint4*>(x + base)[c], f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(f[k]));
+        }
+        done = cols;
+    }
+    for (int i = done + threadIdx.x; i < cols; i += blockDim.x) amax = fmaxf(amax, fabsf(bf(x[base + i])));
     amax = block_reduce<true>(amax, red);
-    const float scale = fmaxf(amax, MIN_AMAX) / E4M3_MAX;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) q[base + i] = to_e4m3(bf(x[base + i]) / scale);
-    if (threadIdx.x == 0) q_scale[blockIdx.x] = scale;
+    quantize_row(x + base, cols, amax, q + base, q_scale + blockIdx.x);
 }
 
 // y = bf16(bf16(y · row_scale[t] · col_scale[n]) + bias[n]) in place; bias may be null.

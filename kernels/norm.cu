@@ -23,8 +23,24 @@ __device__ void norm_body(
     __shared__ float red[32];
     const size_t base = (size_t)blockIdx.x * hidden;
 
+    // 16-byte accesses where the row allows (hidden % 8 == 0, aligned pointers): eight values
+    // per step, the same arithmetic per value; else one value per step.
+    const bool vec = hidden % 8 == 0 && aligned16(x) && (!res || aligned16(res)) && (!y || aligned16(y));
     float sum = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    for (int c = threadIdx.x; vec && c < hidden / 8; c += blockDim.x) {
+        float v[8], r[8];
+        unpack8(reinterpret_cast<const uint4*>(x + base)[c], v);
+        if (res) {
+            unpack8(reinterpret_cast<const uint4*>(res + base)[c], r);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = bfr(v[k] + r[k]);
+            reinterpret_cast<uint4*>(x + base)[c] = pack8(v);
+        }
+        reinterpret_cast<uint4*>(row)[c] = pack8(v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sum += LN1P ? v[k] : v[k] * v[k];
+    }
+    for (int i = vec ? hidden : threadIdx.x; i < hidden; i += blockDim.x) {
         float v = bf(x[base + i]);
         if (res) {
             v = bfr(v + bf(res[base + i]));
@@ -48,7 +64,25 @@ __device__ void norm_body(
     }
     const float denom = sqrtf(var + eps);
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    for (int c = threadIdx.x; vec && c < hidden / 8; c += blockDim.x) {
+        float v[8];
+        unpack8(reinterpret_cast<const uint4*>(row)[c], v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int i = c * 8 + k;
+            if (LN1P) {
+                v[k] = bfr((v[k] - mean) / denom * w[i]);
+                if (b) v[k] = bfr(v[k] + bfr(b[i]));
+            } else {
+                v[k] = bfr(bfr(v[k] / denom) * bfr(w[i]));
+            }
+            amax = fmaxf(amax, fabsf(v[k]));
+        }
+        const uint4 packed = pack8(v);
+        reinterpret_cast<uint4*>(row)[c] = packed;
+        if (y) reinterpret_cast<uint4*>(y + base)[c] = packed;
+    }
+    for (int i = vec ? hidden : threadIdx.x; i < hidden; i += blockDim.x) {
         float v;
         if (LN1P) {
             v = bfr((bf(row[i]) - mean) / denom * w[i]);
@@ -79,9 +113,13 @@ extern "C" __global__ void layernorm1p_bf16(bf16* x, const bf16* res, const floa
 // the first q_heads + kv_heads heads of a token's row is normalized over its head_dim values
 // (q heads with q_w, k heads with k_w). One warp per (token, head), grid-stride.
 // CPU mirror: as rmsnorm_bf16 with hidden = head_dim: y = bf16(bf16(x / sqrt(mean(x²) + eps)) * w).
-extern "C" __global__ void head_rmsnorm_bf16(bf16* x /* [tokens, row_stride] */, int tokens, int q_heads, int kv_heads,
-                                             int head_dim, int row_stride, const float* q_w /* [head_dim] */,
-                                             const float* k_w /* [head_dim] */, float eps) {
+// With ROTARY, the same warp then applies rotary_bf16's rotation to the normalized head (the
+// values it just stored, after __syncwarp): rotary fused into its neighbour, one pass over q
+// and k instead of two.
+template <bool ROTARY>
+__device__ void head_norm_body(bf16* x, int tokens, int q_heads, int kv_heads, int head_dim, int row_stride,
+                               const float* q_w, const float* k_w, float eps, int rot_dim,
+                               const unsigned int* positions, const float* inv_freq) {
     const int heads = q_heads + kv_heads, lane = threadIdx.x & 31;
     const long long rows = (long long)tokens * heads;
     const long long step = (long long)gridDim.x * (blockDim.x >> 5);
@@ -96,5 +134,31 @@ extern "C" __global__ void head_rmsnorm_bf16(bf16* x /* [tokens, row_stride] */,
         }
         const float denom = sqrtf(warp_sum(sum) / head_dim + eps);
         for (int i = lane; i < head_dim; i += 32) p[i] = to_bf(bfr(bfr(bf(p[i]) / denom) * bfr(w[i])));
+        if (!ROTARY) continue;
+        __syncwarp();
+        const int half = rot_dim / 2;
+        for (int i = lane; i < half; i += 32) {
+            const float angle = (float)positions[t] * inv_freq[i];
+            const float c = bfr(cosf(angle)), s = bfr(sinf(angle));
+            const float x1 = bf(p[i]), x2 = bf(p[i + half]);
+            p[i] = to_bf(bfr(x1 * c) - bfr(x2 * s));
+            p[i + half] = to_bf(bfr(x2 * c) + bfr(x1 * s));
+        }
+        __syncwarp();  // the next head's reads start after this head's writes
     }
+}
+
+extern "C" __global__ void head_rmsnorm_bf16(bf16* x /* [tokens, row_stride] */, int tokens, int q_heads, int kv_heads,
+                                             int head_dim, int row_stride, const float* q_w /* [head_dim] */,
+                                             const float* k_w /* [head_dim] */, float eps) {
+    head_norm_body<false>(x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps, 0, nullptr, nullptr);
+}
+
+// head_rmsnorm_bf16 then rotary_bf16 over the same q and k heads, in one kernel.
+extern "C" __global__ void head_rmsnorm_rotary_bf16(bf16* x /* [tokens, row_stride] */, int tokens, int q_heads,
+                                                    int kv_heads, int head_dim, int row_stride,
+                                                    const float* q_w /* [head_dim] */, const float* k_w /* [head_dim] */,
+                                                    float eps, int rot_dim, const unsigned int* positions /* [tokens] */,
+                                                    const float* inv_freq /* [rot_dim / 2] */) {
+    head_norm_body<true>(x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps, rot_dim, positions, inv_freq);
 }

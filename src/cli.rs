@@ -94,6 +94,9 @@ pub struct ModelArgs {
     /// Weights of the scalar reward over the outputs, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub attribute_weights: Option<Vec<f32>>,
+    /// The attention kernel of CUDA stages (v2: the ldmatrix/cp.async kernel).
+    #[arg(long, value_enum, default_value_t = crate::model::options::AttentionKernel::V1)]
+    pub attention: crate::model::options::AttentionKernel,
 }
 
 impl ModelArgs {
@@ -106,6 +109,7 @@ impl ModelArgs {
             truncation: self.truncation,
             reward_row: self.reward_row,
             attribute_weights: self.attribute_weights.clone(),
+            attention: self.attention,
         }
     }
 }

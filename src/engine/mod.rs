@@ -125,9 +125,6 @@ pub struct Engine {
     health: watch::Receiver<Option<String>>,
     /// Sequences sharing at least this many leading tokens are packed as one tree (0: never).
     min_shared_prefix: usize,
-    /// Whether every stage takes the tree layout (the CPU stages do; the CUDA ones do not yet,
-    /// so an engine with one never shares).
-    takes_trees: bool,
     shared_tokens: Arc<AtomicU64>,
 }
 
@@ -178,9 +175,8 @@ impl Engine {
             loaded.push(ready_rx);
         }
         wait_for_stages(&info, loaded).map_err(load_err)?;
-        let takes_trees = info.stages.iter().all(|s| matches!(parse_device(&s.device), Ok(DeviceSpec::Cpu)));
         let shared_tokens = Arc::new(AtomicU64::new(0));
-        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health, min_shared_prefix: 0, takes_trees, shared_tokens })
+        Ok(Self { tx: first_tx, info: Arc::new(info), busy_nanos, health, min_shared_prefix: 0, shared_tokens })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -188,8 +184,8 @@ impl Engine {
     }
 
     /// Compute a prefix of `min` or more tokens that several sequences of a batch begin with
-    /// once for all of them (0: never). Scores are unchanged. Ignored when a stage runs on
-    /// CUDA, whose kernels do not take the tree layout yet.
+    /// once for all of them (0: never). Scores are unchanged. CPU and CUDA stages both take
+    /// the tree layout.
     pub fn with_min_shared_prefix(mut self, min: usize) -> Self {
         self.min_shared_prefix = min;
         self
@@ -197,7 +193,7 @@ impl Engine {
 
     /// Whether batches are packed with shared prefixes.
     pub fn shares_prefixes(&self) -> bool {
-        self.min_shared_prefix > 0 && self.takes_trees
+        self.min_shared_prefix > 0
     }
 
     /// Tokens not recomputed since start, thanks to shared prefixes.

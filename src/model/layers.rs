@@ -159,10 +159,17 @@ pub struct Attention {
     o_proj: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    sliding_window: Option<usize>,
+    core: PackedAttention,
+}
+
+/// The attention proper, after the projections and rotary: each packed segment attends
+/// causally to its own keys, a suffix segment (tree layout) to its shared prefix's keys first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedAttention {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -179,10 +186,7 @@ impl Attention {
             o_proj: Linear::load(&vb.pp("o_proj"), q_dim, h, cfg.o_bias)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: d,
-            sliding_window,
+            core: PackedAttention { num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, head_dim: d, sliding_window },
         })
     }
 
@@ -193,16 +197,26 @@ impl Attention {
     /// `x: [tokens, hidden]` → `[tokens, hidden]`.
     pub fn forward(&self, x: &Tensor, rotary: &Rotary, tables: &RotaryTables, packed: &Packed) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let d = self.head_dim;
-        let mut q = self.q_proj.forward(x)?.reshape((t, self.num_heads, d))?;
-        let mut k = self.k_proj.forward(x)?.reshape((t, self.num_kv_heads, d))?;
-        let v = self.v_proj.forward(x)?.reshape((t, self.num_kv_heads, d))?;
+        let (d, c) = (self.core.head_dim, &self.core);
+        let mut q = self.q_proj.forward(x)?.reshape((t, c.num_heads, d))?;
+        let mut k = self.k_proj.forward(x)?.reshape((t, c.num_kv_heads, d))?;
+        let v = self.v_proj.forward(x)?.reshape((t, c.num_kv_heads, d))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
         let q = rotary.apply(&q, tables)?;
         let k = rotary.apply(&k, tables)?;
+        let y = self.core.forward(&q, &k, &v, packed)?;
+        self.o_proj.forward(&y)
+    }
+}
+
+impl PackedAttention {
+    /// `q: [tokens, heads, D]`, `k, v: [tokens, kv_heads, D]` (rotary applied) →
+    /// `[tokens, heads · D]`; rows of empty segments do not exist, and every other token's row
+    /// is its segment's attention output.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, packed: &Packed) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(packed.prefix_of.len());
         for (seg, r) in packed.ranges().enumerate().filter(|(_, r)| !r.is_empty()) {
             let qs = q.narrow(0, r.start, r.len())?;
@@ -217,8 +231,7 @@ impl Attention {
                 None => self.attend(&qs, &ks, &vs, 0)?,
             });
         }
-        let y = Tensor::cat(&outs, 0)?;
-        self.o_proj.forward(&y)
+        Ok(Tensor::cat(&outs, 0)?)
     }
 
     /// Causal attention of queries at positions `offset..offset + L` over keys at `0..offset + L`:

@@ -41,6 +41,20 @@ impl std::fmt::Display for Dtype {
     }
 }
 
+/// Which CUDA attention kernel the GPU stages run (the CPU engine has one attention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    /// `kernels/attention.cu`: flash-style on `mma.sync`, one block per (64 queries, head).
+    /// The default until the GPU check has passed v2 on a GPU.
+    #[default]
+    V1,
+    /// `kernels/attention_v2.cu`: ldmatrix from swizzled shared memory, cp.async
+    /// double-buffered K/V tiles, one block for all query heads of a KV group, and every head
+    /// size of the supported families (16, 24, 32, 64, 80, 96, 128, 192, 256).
+    V2,
+}
+
 /// Where a stage runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -97,6 +111,10 @@ pub struct ModelOptions {
     /// Nemotron-4-340B-Reward weights for its 9 SteerLM labels, else the single output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attribute_weights: Option<Vec<f32>>,
+    /// The attention kernel of CUDA stages: "v1" (default) or "v2" (see README, GPU engine).
+    /// CPU stages ignore it.
+    #[serde(default)]
+    pub attention: AttentionKernel,
 }
 
 #[cfg(test)]
@@ -134,6 +152,7 @@ impl ModelOptions {
             truncation: TruncationPolicy::default(),
             reward_row: 0,
             attribute_weights: None,
+            attention: AttentionKernel::default(),
         }
     }
 }

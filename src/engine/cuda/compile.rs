@@ -12,13 +12,15 @@ use super::nvrtc;
 use super::CudaError;
 
 /// Every kernel source every architecture compiles, in the order they are concatenated.
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("rotary.cu", include_str!("../../../kernels/rotary.cu")),
     ("act.cu", include_str!("../../../kernels/act.cu")),
     ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    // After attention.cu, whose helpers (mma, key ranges) it uses.
+    ("attention_v2.cu", include_str!("../../../kernels/attention_v2.cu")),
 ];
 
 /// The FP8-only source, appended for architectures with FP8 tensor cores.
@@ -28,10 +30,11 @@ pub const FP8_SOURCE: (&str, &str) = ("fp8.cu", include_str!("../../../kernels/f
 pub const FP8_KERNELS: [&str; 3] = ["quant_rows_bf16", "scale_epilogue_bf16", "fill_uniform_e4m3"];
 
 /// Every `extern "C"` kernel every architecture loads.
-pub const KERNELS: [&str; 17] = [
+pub const KERNELS: [&str; 27] = [
     "rmsnorm_bf16",
     "layernorm1p_bf16",
     "head_rmsnorm_bf16",
+    "head_rmsnorm_rotary_bf16",
     "rotary_bf16",
     "swiglu_quant_bf16",
     "geglu_quant_bf16",
@@ -46,6 +49,15 @@ pub const KERNELS: [&str; 17] = [
     "attention_varlen_d64_bf16",
     "attention_varlen_d128_bf16",
     "attention_varlen_d192_bf16",
+    "attention_v2_d16_bf16",
+    "attention_v2_d24_bf16",
+    "attention_v2_d32_bf16",
+    "attention_v2_d64_bf16",
+    "attention_v2_d80_bf16",
+    "attention_v2_d96_bf16",
+    "attention_v2_d128_bf16",
+    "attention_v2_d192_bf16",
+    "attention_v2_d256_bf16",
 ];
 
 /// The kernels compiled for `arch`: [`KERNELS`], plus [`FP8_KERNELS`] where FP8 exists.
@@ -247,9 +259,12 @@ mod tests {
     fn every_kernel_is_defined_once_in_the_program() {
         let src = program_source("sm_90a");
         for k in kernels_for("sm_90a") {
-            let def = match k.strip_prefix("attention_varlen_d").and_then(|r| r.strip_suffix("_bf16")) {
-                Some(d) => format!("ATTENTION_KERNEL({d})"),
-                None => format!("void {k}("),
+            let v1 = k.strip_prefix("attention_varlen_d").and_then(|r| r.strip_suffix("_bf16"));
+            let v2 = k.strip_prefix("attention_v2_d").and_then(|r| r.strip_suffix("_bf16"));
+            let def = match (v1, v2) {
+                (Some(d), _) => format!("ATTENTION_KERNEL({d})"),
+                (_, Some(d)) => format!("ATTENTION_V2_KERNEL({d})"),
+                _ => format!("void {k}("),
             };
             assert_eq!(src.matches(&def).count(), 1, "{k} must be defined once");
         }

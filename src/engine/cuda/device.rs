@@ -191,6 +191,14 @@ impl GpuDevice {
         self.run(launch::head_norm(&self.limits(), x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps))
     }
 
+    /// Qwen3's per-head q/k RMSNorm then rotary, fused; see kernels/norm.cu.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_norm_rotary(&self, x: u64, tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, row_stride: usize,
+                            q_w: u64, k_w: u64, eps: f32, rot_dim: usize, positions: u64, inv_freq: u64) -> Result<()> {
+        let l = &self.limits();
+        self.run(launch::head_norm_rotary(l, x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps, rot_dim, positions, inv_freq))
+    }
+
     /// In-place rotary on the first `heads` heads of each row.
     #[allow(clippy::too_many_arguments)]
     pub fn rotary(&self, x: u64, tokens: usize, heads: usize, head_dim: usize, row_stride: usize, rot_dim: usize,
@@ -229,12 +237,9 @@ impl GpuDevice {
         self.run(launch::gather_rows(&self.limits(), src, src_rows, cols, idx, rows, dst))
     }
 
-    /// Causal varlen attention; `tiles` from [`super::plan::attention_tiles`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, qkv: u64, out: u64, tiles: u64, num_tiles: usize, cu_seqlens: u64, qkv_stride: usize,
-                     heads: usize, kv_heads: usize, head_dim: usize, window: usize) -> Result<()> {
-        let l = &self.limits();
-        self.run(launch::attention(l, qkv, out, tiles, num_tiles, cu_seqlens, qkv_stride, heads, kv_heads, head_dim, window))
+    /// Causal varlen attention (tree layout when `a.prefix_of` is set) with `kernel`.
+    pub fn attention(&self, kernel: launch::AttentionKernel, a: &launch::AttnArgs) -> Result<()> {
+        self.run(launch::attention(&self.limits(), kernel, a))
     }
 
     /// Fill `n` elements with uniform values in [-amp, amp): bf16 (`fp8 == false`) or E4M3.

@@ -117,6 +117,19 @@ pub fn head_norm(limits: &Limits, x: u64, tokens: usize, q_heads: usize, kv_head
     strided("head_rmsnorm_bf16", limits, rows * 32, args)
 }
 
+/// [`head_norm`] then [`rotary`] (rot_dim of each head) over the same q and k heads, fused.
+#[allow(clippy::too_many_arguments)]
+pub fn head_norm_rotary(limits: &Limits, x: u64, tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, row_stride: usize, q_w: u64, k_w: u64, eps: f32,
+                        rot_dim: usize, positions: u64, inv_freq: u64) -> Planned {
+    let Some(mut l) = head_norm(limits, x, tokens, q_heads, kv_heads, head_dim, row_stride, q_w, k_w, eps)? else { return Ok(None) };
+    if rot_dim > head_dim || rot_dim % 2 != 0 {
+        return Err(format!("rotary over {rot_dim} of {head_dim} dims"));
+    }
+    l.kernel = "head_rmsnorm_rotary_bf16";
+    l.args.extend([i32_of(rot_dim, "rot_dim")?, Arg::Ptr(positions), Arg::Ptr(inv_freq)]);
+    Ok(Some(l))
+}
+
 /// In-place rotary on the first `heads` heads of each row.
 #[allow(clippy::too_many_arguments)]
 pub fn rotary(limits: &Limits, x: u64, tokens: usize, heads: usize, head_dim: usize, row_stride: usize, rot_dim: usize, positions: u64, inv_freq: u64) -> Planned {
@@ -178,49 +191,124 @@ pub fn gather_rows(limits: &Limits, src: u64, src_rows: usize, cols: usize, idx:
     strided("gather_rows_bf16", limits, rows * cols, args)
 }
 
-/// Dynamic shared memory of the attention kernel for `head_dim` (mirrors kernels/attention.cu:
-/// Q, K and V tiles of 64 rows in bf16).
+pub use crate::model::options::AttentionKernel;
+
+/// One attention call over a packed batch: device buffers and shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnArgs {
+    /// `[tokens, qkv_stride]` bf16: q heads, k heads, v heads of each token.
+    pub qkv: u64,
+    /// `[tokens, heads · head_dim]` bf16.
+    pub out: u64,
+    /// `[num_tiles, 2]` i32 from [`super::plan::attention_tiles`].
+    pub tiles: u64,
+    pub num_tiles: usize,
+    /// `[segments + 1]` i32.
+    pub cu_seqlens: u64,
+    /// `[segments]` i32: the shared-prefix segment each segment continues, or −1; 0 (null):
+    /// no segment continues one.
+    pub prefix_of: u64,
+    pub qkv_stride: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window in tokens, 0 for none.
+    pub window: usize,
+}
+
+/// Dynamic shared memory of `attention_varlen_d*_bf16` for `head_dim` (mirrors
+/// kernels/attention.cu: Q, K and V tiles of 64 rows in bf16).
 pub fn attention_smem(head_dim: usize) -> usize {
     3 * 64 * head_dim * 2
 }
 
-/// The attention kernel for `head_dim`.
-pub fn attention_kernel(head_dim: usize) -> Result<&'static str, String> {
-    Ok(match head_dim {
-        16 => "attention_varlen_d16_bf16",
-        32 => "attention_varlen_d32_bf16",
-        64 => "attention_varlen_d64_bf16",
-        128 => "attention_varlen_d128_bf16",
-        192 => "attention_varlen_d192_bf16",
-        d => return Err(format!("attention supports head_dim 16, 32, 64, 128 and 192, not {d}")),
+/// The head size `attention_v2_d*_bf16` computes with (a multiple of 16: the mma's k step).
+fn v2_padded(head_dim: usize) -> usize {
+    head_dim.div_ceil(16) * 16
+}
+
+/// Keys per tile of `attention_v2_d*_bf16` (kernels/attention_v2.cu): 64 up to a padded head
+/// size of 128, 32 above. The CPU reference takes the same tiles.
+pub fn attention_v2_key_tile(head_dim: usize) -> usize {
+    if v2_padded(head_dim) <= 128 { 64 } else { 32 }
+}
+
+/// Dynamic shared memory of `attention_v2_d*_bf16`: 64 Q rows and two buffers each of K and V
+/// tiles, rows of 16-byte chunks, swizzled when a row holds a multiple of 8 chunks, else padded
+/// by one.
+pub fn attention_v2_smem(head_dim: usize) -> usize {
+    let chunks = v2_padded(head_dim) / 8;
+    let stride = if chunks % 8 == 0 { chunks } else { chunks + 1 };
+    (64 + 4 * attention_v2_key_tile(head_dim)) * stride * 16
+}
+
+/// `grid.y` of `attention_v2_d*_bf16`: per KV head, `chunks` of up to 64 query heads of its
+/// group times `subtiles` of `64 / G` tokens of each 64-token schedule tile (mirrors the
+/// kernel's `G`, `hc` and `S`).
+pub fn attention_v2_grid_y(heads: usize, kv_heads: usize) -> usize {
+    let group = heads / kv_heads;
+    let g = group.min(64);
+    let per_block = 64 / g;
+    kv_heads * group.div_ceil(g) * 64usize.div_ceil(per_block)
+}
+
+/// The attention kernel of `kernel` for `head_dim`.
+pub fn attention_kernel(kernel: AttentionKernel, head_dim: usize) -> Result<&'static str, String> {
+    Ok(match (kernel, head_dim) {
+        (AttentionKernel::V1, 16) => "attention_varlen_d16_bf16",
+        (AttentionKernel::V1, 32) => "attention_varlen_d32_bf16",
+        (AttentionKernel::V1, 64) => "attention_varlen_d64_bf16",
+        (AttentionKernel::V1, 128) => "attention_varlen_d128_bf16",
+        (AttentionKernel::V1, 192) => "attention_varlen_d192_bf16",
+        (AttentionKernel::V1, d) => return Err(format!("attention v1 supports head_dim 16, 32, 64, 128 and 192, not {d}")),
+        (AttentionKernel::V2, 16) => "attention_v2_d16_bf16",
+        (AttentionKernel::V2, 24) => "attention_v2_d24_bf16",
+        (AttentionKernel::V2, 32) => "attention_v2_d32_bf16",
+        (AttentionKernel::V2, 64) => "attention_v2_d64_bf16",
+        (AttentionKernel::V2, 80) => "attention_v2_d80_bf16",
+        (AttentionKernel::V2, 96) => "attention_v2_d96_bf16",
+        (AttentionKernel::V2, 128) => "attention_v2_d128_bf16",
+        (AttentionKernel::V2, 192) => "attention_v2_d192_bf16",
+        (AttentionKernel::V2, 256) => "attention_v2_d256_bf16",
+        (AttentionKernel::V2, d) => {
+            return Err(format!("attention v2 supports head_dim 16, 24, 32, 64, 80, 96, 128, 192 and 256, not {d}"))
+        }
     })
 }
 
-/// Causal varlen attention; `tiles` from [`super::plan::attention_tiles`].
-#[allow(clippy::too_many_arguments)]
-pub fn attention(limits: &Limits, qkv: u64, out: u64, tiles: u64, num_tiles: usize, cu_seqlens: u64, qkv_stride: usize, heads: usize, kv_heads: usize, head_dim: usize, window: usize) -> Planned {
-    if num_tiles == 0 {
+/// Causal varlen attention (tree layout when `a.prefix_of` is set) with `kernel`.
+pub fn attention(limits: &Limits, kernel: AttentionKernel, a: &AttnArgs) -> Planned {
+    if a.num_tiles == 0 {
         return Ok(None);
     }
-    let kernel = attention_kernel(head_dim)?;
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(format!("{heads} heads are not a multiple of {kv_heads} kv heads"));
+    let name = attention_kernel(kernel, a.head_dim)?;
+    if a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+        return Err(format!("{} heads are not a multiple of {} kv heads", a.heads, a.kv_heads));
     }
-    let smem = smem(limits, attention_smem(head_dim), "attention")?;
-    let heads_y = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| format!("{heads} heads exceed grid.y"))?;
-    let tiles_x = u32::try_from(num_tiles).map_err(|_| format!("{num_tiles} attention tiles exceed one grid"))?;
+    // 16-byte loads of every head's row.
+    if a.qkv_stride % 8 != 0 || a.qkv_stride < (a.heads + 2 * a.kv_heads) * a.head_dim {
+        return Err(format!("qkv rows of {} elements do not hold {} heads of {} in 16-byte steps", a.qkv_stride, a.heads + 2 * a.kv_heads, a.head_dim));
+    }
+    let (bytes, grid_y, what) = match kernel {
+        AttentionKernel::V1 => (attention_smem(a.head_dim), a.heads, "attention"),
+        AttentionKernel::V2 => (attention_v2_smem(a.head_dim), attention_v2_grid_y(a.heads, a.kv_heads), "attention v2"),
+    };
+    let smem = smem(limits, bytes, what)?;
+    let grid_y = u32::try_from(grid_y).ok().filter(|&h| h <= 65_535).ok_or_else(|| format!("{what}: grid.y of {grid_y} exceeds 65535"))?;
+    let tiles_x = u32::try_from(a.num_tiles).map_err(|_| format!("{} attention tiles exceed one grid", a.num_tiles))?;
     let args = vec![
-        Arg::Ptr(qkv),
-        Arg::Ptr(out),
-        Arg::Ptr(tiles),
-        Arg::Ptr(cu_seqlens),
-        i32_of(qkv_stride, "qkv_stride")?,
-        i32_of(heads, "heads")?,
-        i32_of(kv_heads, "kv_heads")?,
-        Arg::F32(1.0 / (head_dim as f32).sqrt()),
-        i32_of(window, "window")?,
+        Arg::Ptr(a.qkv),
+        Arg::Ptr(a.out),
+        Arg::Ptr(a.tiles),
+        Arg::Ptr(a.cu_seqlens),
+        Arg::Ptr(a.prefix_of),
+        i32_of(a.qkv_stride, "qkv_stride")?,
+        i32_of(a.heads, "heads")?,
+        i32_of(a.kv_heads, "kv_heads")?,
+        Arg::F32(1.0 / (a.head_dim as f32).sqrt()),
+        i32_of(a.window, "window")?,
     ];
-    Ok(Some(Launch { kernel, args, grid: (tiles_x, heads_y), block: 128, smem }))
+    Ok(Some(Launch { kernel: name, args, grid: (tiles_x, grid_y), block: 128, smem }))
 }
 
 /// Fill `n` elements with uniform values in [-amp, amp): bf16 (`fp8 == false`) or E4M3.

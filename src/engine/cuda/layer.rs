@@ -10,9 +10,11 @@
 
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
-use super::plan::{attention_tiles, plan_buffers, BufferPlan, LayerShape};
+use super::launch::{AttentionKernel, AttnArgs};
+use super::plan::{attention_tiles, attention_tiles_tree, max_segments, max_tiles, plan_buffers, BufferPlan, LayerShape};
 use super::precision::Precision;
 use super::CudaError;
+use crate::model::packed::Packed;
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -160,8 +162,13 @@ pub struct Workspace {
     pub arena: DeviceBuf,
     pub inv_freq: DeviceBuf,
     pub tokens: usize,
+    /// Segments of the current batch (sequences, and shared prefixes in the tree layout).
     pub seqs: usize,
     pub tiles: usize,
+    /// Whether the current batch is in the tree layout (`plan.prefix_of` holds its prefixes).
+    pub tree: bool,
+    /// The attention kernel the layers launch.
+    pub attention: AttentionKernel,
 }
 
 impl Workspace {
@@ -170,30 +177,108 @@ impl Workspace {
         let arena = dev.alloc(plan.total)?;
         let inv = dev.alloc(inv_freq.len() * 4)?;
         dev.upload(inv.ptr, inv_freq)?;
-        Ok(Self { plan, arena, inv_freq: inv, tokens: 0, seqs: 0, tiles: 0 })
+        Ok(Self { plan, arena, inv_freq: inv, tokens: 0, seqs: 0, tiles: 0, tree: false, attention: AttentionKernel::default() })
     }
 
     pub fn at(&self, r: super::plan::Region) -> u64 {
         self.arena.at(r.offset)
     }
 
-    /// Upload a batch's positions, boundaries and attention schedule (`cu_seqlens` from 0).
+    /// Upload a plain batch's positions, boundaries and attention schedule (`cu_seqlens` from 0).
     pub fn set_batch(&mut self, dev: &GpuDevice, cu_seqlens: &[u32]) -> Result<()> {
-        let tokens = cu_seqlens.last().copied().unwrap_or(0) as usize;
-        let seqs = cu_seqlens.len().saturating_sub(1);
-        if tokens > self.plan.max_tokens || seqs > self.plan.max_seqs {
-            return Err(CudaError::Shape(format!(
-                "batch of {tokens} tokens in {seqs} sequences exceeds the plan ({} / {})",
-                self.plan.max_tokens, self.plan.max_seqs
-            )));
+        self.upload_batch(dev, &BatchArrays::plain(cu_seqlens))
+    }
+
+    /// Upload a packed batch, plain or tree (shared prefixes): positions, segment boundaries,
+    /// each segment's prefix and the attention schedule.
+    pub fn set_packed(&mut self, dev: &GpuDevice, packed: &Packed) -> Result<()> {
+        self.upload_batch(dev, &BatchArrays::packed(packed))
+    }
+
+    fn upload_batch(&mut self, dev: &GpuDevice, b: &BatchArrays) -> Result<()> {
+        b.fits(&self.plan).map_err(CudaError::Shape)?;
+        dev.upload(self.at(self.plan.positions), &b.positions)?;
+        dev.upload(self.at(self.plan.cu_seqlens), &b.cu_seqlens)?;
+        if let Some(p) = &b.prefix_of {
+            dev.upload(self.at(self.plan.prefix_of), p)?;
         }
-        let positions: Vec<u32> = cu_seqlens.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
-        let tiles: Vec<i32> = attention_tiles(cu_seqlens).into_iter().flatten().collect();
-        let cu: Vec<i32> = cu_seqlens.iter().map(|&c| c as i32).collect();
-        dev.upload(self.at(self.plan.positions), &positions)?;
-        dev.upload(self.at(self.plan.cu_seqlens), &cu)?;
-        dev.upload(self.at(self.plan.tiles), &tiles)?;
-        (self.tokens, self.seqs, self.tiles) = (tokens, seqs, tiles.len() / 2);
+        dev.upload(self.at(self.plan.tiles), &b.tiles)?;
+        (self.tokens, self.seqs, self.tiles, self.tree) = (b.positions.len(), b.segments(), b.tiles.len() / 2, b.prefix_of.is_some());
+        Ok(())
+    }
+
+    /// The attention call of a layer of `shape` over the current batch.
+    pub fn attn_args(&self, shape: &LayerShape, window: usize) -> AttnArgs {
+        let p = &self.plan;
+        AttnArgs {
+            qkv: self.at(p.qkv),
+            out: self.at(p.attn),
+            tiles: self.at(p.tiles),
+            num_tiles: self.tiles,
+            cu_seqlens: self.at(p.cu_seqlens),
+            prefix_of: if self.tree { self.at(p.prefix_of) } else { 0 },
+            qkv_stride: shape.qkv_width(),
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            window,
+        }
+    }
+}
+
+/// What a batch uploads, computed on the host: each token's position, the segment boundaries,
+/// each segment's shared-prefix segment (tree layout only; −1 for none) and the attention
+/// schedule (`[tile] = (segment, first query)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchArrays {
+    pub positions: Vec<u32>,
+    pub cu_seqlens: Vec<i32>,
+    pub prefix_of: Option<Vec<i32>>,
+    pub tiles: Vec<i32>,
+}
+
+impl BatchArrays {
+    /// Sequences laid end to end (`cu_seqlens` from 0), positions from 0 in each.
+    pub fn plain(cu_seqlens: &[u32]) -> Self {
+        Self {
+            positions: cu_seqlens.windows(2).flat_map(|w| 0..w[1] - w[0]).collect(),
+            cu_seqlens: cu_seqlens.iter().map(|&c| c as i32).collect(),
+            prefix_of: None,
+            tiles: attention_tiles(cu_seqlens).into_iter().flatten().collect(),
+        }
+    }
+
+    /// A packed batch as it is: in the tree layout, suffix positions continue after their
+    /// prefix and their tiles are ordered by the keys they see (prefix included).
+    pub fn packed(p: &Packed) -> Self {
+        let cu: Vec<u32> = p.cu_seqlens.iter().map(|&c| c as u32).collect();
+        if !p.is_tree() {
+            return Self { positions: p.positions.clone(), ..Self::plain(&cu) };
+        }
+        let prefix_of: Vec<i32> = p.prefix_of.iter().map(|s| s.map_or(-1, |s| s as i32)).collect();
+        let prefix_len: Vec<u32> = p.prefix_of.iter().map(|s| s.map_or(0, |s| p.range(s).len() as u32)).collect();
+        Self {
+            positions: p.positions.clone(),
+            cu_seqlens: cu.iter().map(|&c| c as i32).collect(),
+            prefix_of: Some(prefix_of),
+            tiles: attention_tiles_tree(&cu, &prefix_len).into_iter().flatten().collect(),
+        }
+    }
+
+    pub fn segments(&self) -> usize {
+        self.cu_seqlens.len().saturating_sub(1)
+    }
+
+    /// Whether the batch fits the buffers planned for it.
+    pub fn fits(&self, plan: &BufferPlan) -> std::result::Result<(), String> {
+        let (tokens, segments) = (self.positions.len(), self.segments());
+        if tokens > plan.max_tokens || segments > max_segments(plan.max_seqs) || self.tiles.len() / 2 > max_tiles(plan.max_tokens, plan.max_seqs) {
+            return Err(format!(
+                "batch of {tokens} tokens in {segments} segments exceeds the plan ({} / {})",
+                plan.max_tokens,
+                max_segments(plan.max_seqs)
+            ));
+        }
         Ok(())
     }
 }
@@ -227,12 +312,14 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, y, q, s)?;
     linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
     let rot_heads = shape.heads + shape.kv_heads;
-    if let Some((qn, kn)) = &w.qk_norm {
-        dev.head_norm(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps)?;
+    let (positions, inv_freq) = (ws.at(p.positions), ws.inv_freq.ptr);
+    match &w.qk_norm {
+        // Qwen3: rotary fused into the head norm (one pass over q and k).
+        Some((qn, kn)) => dev.head_norm_rotary(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps,
+                                               cfg.rot_dim, positions, inv_freq)?,
+        None => dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, positions, inv_freq)?,
     }
-    dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, ws.at(p.positions), ws.inv_freq.ptr)?;
-    let (tiles, cu) = (ws.at(p.tiles), ws.at(p.cu_seqlens));
-    dev.attention(qkv, attn, tiles, ws.tiles, cu, shape.qkv_width(), shape.heads, shape.kv_heads, shape.head_dim, cfg.window)?;
+    dev.attention(ws.attention, &ws.attn_args(shape, cfg.window))?;
     let o_in = match w.precision {
         Precision::Fp8 => {
             dev.quant_rows(attn, t, shape.attn_width(), xin, qs)?;
@@ -245,4 +332,61 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     linear(dev, gemm, w, 2, xin, qs, up, t, up_w)?;
     dev.act_quant(cfg.act, up, t, shape.inter, y, q, s)?;
     linear(dev, gemm, w, 3, xin, qs, h, t, down_w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_batch_uploads_its_positions_prefixes_and_a_schedule_covering_every_query() {
+        let prompt: Vec<u32> = (0..100).collect();
+        let mut seqs: Vec<Vec<u32>> = [70u32, 0, 130].iter().map(|&n| prompt.iter().copied().chain((0..n).map(|i| 1000 * n + i)).collect()).collect();
+        seqs.push((0..50).map(|i| 9000 + i).collect());
+        let packed = Packed::shared(&seqs, 16);
+        let b = BatchArrays::packed(&packed);
+        let prefix_of = b.prefix_of.as_ref().expect("tree layout");
+        assert_eq!(prefix_of.iter().filter(|&&p| p >= 0).count(), 3);
+        assert_eq!(b.positions, packed.positions);
+        // A suffix's positions continue after its prefix: the first own token sits at 100.
+        for (seg, &p) in prefix_of.iter().enumerate() {
+            let (s0, s1) = (b.cu_seqlens[seg] as usize, b.cu_seqlens[seg + 1] as usize);
+            if p >= 0 && s1 > s0 {
+                assert_eq!(b.positions[s0], 100, "segment {seg}");
+            }
+        }
+        // Every query of every segment in exactly one tile; heaviest (most keys seen) first.
+        let mut covered = vec![0; b.positions.len()];
+        let keys_seen = |t: &[i32]| {
+            let p = prefix_of[t[0] as usize];
+            let plen = if p >= 0 { b.cu_seqlens[p as usize + 1] - b.cu_seqlens[p as usize] } else { 0 };
+            plen + t[1]
+        };
+        for t in b.tiles.chunks(2) {
+            let (s0, s1) = (b.cu_seqlens[t[0] as usize] as usize, b.cu_seqlens[t[0] as usize + 1] as usize);
+            let first = s0 + t[1] as usize;
+            assert!(first < s1, "{t:?} starts past its segment");
+            covered[first..(first + 64).min(s1)].iter_mut().for_each(|c| *c += 1);
+        }
+        assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
+        let order: Vec<i32> = b.tiles.chunks(2).map(keys_seen).collect();
+        assert!(order.windows(2).all(|w| w[0] >= w[1]), "{order:?}");
+        // The plain layout uploads no prefixes and numbers positions from 0 in each sequence.
+        let plain = BatchArrays::packed(&Packed::new(&seqs));
+        assert_eq!((plain.prefix_of.as_ref(), plain.segments()), (None, 4));
+        assert_eq!(plain.positions[170], 0);
+    }
+
+    #[test]
+    fn a_batch_beyond_the_plan_is_refused_and_a_tree_of_the_planned_sequences_fits() {
+        let shape = LayerShape { hidden: 64, heads: 4, kv_heads: 2, head_dim: 16, inter: 128, gated: true };
+        let plan = plan_buffers(&shape, 1000, 4, Precision::Bf16);
+        // Four sequences sharing a prefix: five segments, within max_segments(4) = 6.
+        let seqs: Vec<Vec<u32>> = (0..4u32).map(|i| (0..200).chain([i]).collect()).collect();
+        assert_eq!(BatchArrays::packed(&Packed::shared(&seqs, 16)).fits(&plan), Ok(()));
+        let long = BatchArrays::plain(&[0, 600, 1001]);
+        assert!(long.fits(&plan).unwrap_err().contains("1001 tokens"));
+        let many = BatchArrays::plain(&(0..=7u32).collect::<Vec<_>>());
+        assert!(many.fits(&plan).unwrap_err().contains("7 segments"));
+    }
 }

@@ -155,8 +155,10 @@ pub struct BufferPlan {
     pub q_scale: Region,
     /// `[tokens]` u32 positions.
     pub positions: Region,
-    /// `[seqs + 1]` i32.
+    /// `[segments + 1]` i32 (a tree-packed batch has up to [`max_segments`]).
     pub cu_seqlens: Region,
+    /// `[segments]` i32: the shared-prefix segment each segment continues, or −1.
+    pub prefix_of: Region,
     /// `[tiles, 2]` i32 attention schedule.
     pub tiles: Region,
     /// `[seqs]` u32 row indices of the last tokens, and `[seqs, hidden]` bf16 rows.
@@ -165,9 +167,15 @@ pub struct BufferPlan {
     pub total: usize,
 }
 
-/// Most attention tiles a batch can need: one partial tile per sequence plus full ones.
+/// Most segments of a batch of `max_seqs` sequences: one per sequence, plus one per shared
+/// prefix in the tree layout (a prefix is shared by two sequences or more).
+pub fn max_segments(max_seqs: usize) -> usize {
+    max_seqs + max_seqs / 2
+}
+
+/// Most attention tiles a batch can need: one partial tile per segment plus full ones.
 pub fn max_tiles(max_tokens: usize, max_seqs: usize) -> usize {
-    max_tokens / ATTN_QUERY_TILE + max_seqs
+    max_tokens / ATTN_QUERY_TILE + max_segments(max_seqs)
 }
 
 /// Lay out the buffers for batches of up to `max_tokens` tokens in `max_seqs` sequences, with
@@ -189,7 +197,8 @@ pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, prec
     let q8 = take(t * widest_q * precision.weight_bytes());
     let q_scale = take(t * 4);
     let positions = take(t * 4);
-    let cu_seqlens = take((max_seqs + 1) * 4);
+    let cu_seqlens = take((max_segments(max_seqs) + 1) * 4);
+    let prefix_of = take(max_segments(max_seqs) * 4);
     let tiles = take(max_tiles(t, max_seqs) * 8);
     let last_idx = take(max_seqs * 4);
     let last_rows = take(max_seqs * shape.hidden * 2);
@@ -205,6 +214,7 @@ pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, prec
         q_scale,
         positions,
         cu_seqlens,
+        prefix_of,
         tiles,
         last_idx,
         last_rows,
@@ -213,7 +223,7 @@ pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, prec
 }
 
 impl BufferPlan {
-    pub fn regions(&self) -> [Region; 12] {
+    pub fn regions(&self) -> [Region; 13] {
         [
             self.x,
             self.h,
@@ -224,6 +234,7 @@ impl BufferPlan {
             self.q_scale,
             self.positions,
             self.cu_seqlens,
+            self.prefix_of,
             self.tiles,
             self.last_idx,
             self.last_rows,
@@ -231,8 +242,9 @@ impl BufferPlan {
     }
 }
 
-/// The attention schedule: `(sequence, first query)` per 64-query tile, longest-running tiles
-/// (those furthest into their sequence, which see the most keys) first.
+/// The attention schedule: `(segment, first query)` per 64-query tile, longest-running tiles
+/// (those furthest into their segment, which see the most keys) first. In the tree layout a
+/// suffix's tiles see its prefix's keys too: [`attention_tiles_tree`].
 pub fn attention_tiles(cu_seqlens: &[u32]) -> Vec<[i32; 2]> {
     let mut tiles: Vec<[i32; 2]> = cu_seqlens
         .windows(2)
@@ -240,6 +252,14 @@ pub fn attention_tiles(cu_seqlens: &[u32]) -> Vec<[i32; 2]> {
         .flat_map(|(s, w)| (0..(w[1] - w[0]) as usize).step_by(ATTN_QUERY_TILE).map(move |q| [s as i32, q as i32]))
         .collect();
     tiles.sort_by_key(|t| std::cmp::Reverse(t[1]));
+    tiles
+}
+
+/// [`attention_tiles`] for the tree layout: tiles ordered by the keys they see (the shared
+/// prefix's length `prefix_len[segment]` plus their first query), heaviest first.
+pub fn attention_tiles_tree(cu_seqlens: &[u32], prefix_len: &[u32]) -> Vec<[i32; 2]> {
+    let mut tiles = attention_tiles(cu_seqlens);
+    tiles.sort_by_key(|t| std::cmp::Reverse(prefix_len.get(t[0] as usize).copied().unwrap_or(0) as i64 + i64::from(t[1])));
     tiles
 }
 

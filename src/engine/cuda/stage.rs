@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use super::compile::default_cache_dir;
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
+use super::launch::{attention_kernel, AttentionKernel};
 use super::layer::{forward, HostLinear, HostWeight, LayerConfig, LayerWeights, Workspace};
 use super::plan::LayerShape;
 use super::precision::Precision;
@@ -104,11 +105,10 @@ fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).map_err(|e| model_err(e.into()))
 }
 
-/// The layer's shape and switches from the model config, checked for GEMMs in `precision`.
-pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision) -> Result<LayerConfig> {
-    if ![16, 32, 64, 128, 192].contains(&cfg.head_dim) {
-        return Err(CudaError::Unsupported(format!("head_dim {}", cfg.head_dim)));
-    }
+/// The layer's shape and switches from the model config, checked for GEMMs in `precision`
+/// and for an `attention` kernel of its head size.
+pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision, attention: AttentionKernel) -> Result<LayerConfig> {
+    attention_kernel(attention, cfg.head_dim).map_err(CudaError::Unsupported)?;
     let gated = !matches!(cfg.activation, Activation::Relu2);
     let shape = LayerShape {
         hidden: cfg.hidden_size,
@@ -190,7 +190,8 @@ impl CudaStage {
     /// Load layers `range` onto GPU `ordinal`; `vb` is the checkpoint root read as f32 on the
     /// CPU (`Vb::new(weights, DType::F32, Device::Cpu)`). Activation buffers are sized once for
     /// `max_tokens` tokens in up to `max_seqs` sequences. The linear layers run in `precision`
-    /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too).
+    /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too);
+    /// attention with the `attention` kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         ordinal: usize,
@@ -202,8 +203,9 @@ impl CudaStage {
         precision: Precision,
         max_tokens: usize,
         max_seqs: usize,
+        attention: AttentionKernel,
     ) -> Result<Self> {
-        Self::load_via(LoadPath::Device, ordinal, vb, cfg, range, reward_row, attribute_weights, precision, max_tokens, max_seqs)
+        Self::load_via(LoadPath::Device, ordinal, vb, cfg, range, reward_row, attribute_weights, precision, max_tokens, max_seqs, attention)
     }
 
     /// [`CudaStage::load`] by the path given (the GPU check loads both and compares).
@@ -219,13 +221,15 @@ impl CudaStage {
         precision: Precision,
         max_tokens: usize,
         max_seqs: usize,
+        attention: AttentionKernel,
     ) -> Result<Self> {
         let dev = GpuDevice::open(ordinal, &default_cache_dir(), precision)?;
-        let first = layer_config(cfg, range.start.min(cfg.num_layers.saturating_sub(1)), precision)?;
+        let first = layer_config(cfg, range.start.min(cfg.num_layers.saturating_sub(1)), precision, attention)?;
         let inv = crate::model::rope::inv_freq(cfg.rope_theta, cfg.rotary_dim, &cfg.rope_scaling);
-        let ws = Workspace::new(&dev, &first.shape, max_tokens, max_seqs, &inv, precision)?;
+        let mut ws = Workspace::new(&dev, &first.shape, max_tokens, max_seqs, &inv, precision)?;
+        ws.attention = attention;
         let model = vb.pp("model");
-        let lcs = range.clone().map(|i| Ok((i, layer_config(cfg, i, precision)?))).collect::<Result<Vec<_>>>()?;
+        let lcs = range.clone().map(|i| Ok((i, layer_config(cfg, i, precision, attention)?))).collect::<Result<Vec<_>>>()?;
         let (h, ln1p) = (cfg.hidden_size, cfg.norm == NormKind::LayerNorm1P);
         let on_device = match path {
             LoadPath::Device => {
@@ -477,14 +481,18 @@ mod tests {
     fn qwen3_layers_run_with_their_head_norm_in_both_precisions() {
         let mut cfg = fixture("qwen3_seqcls");
         assert!(cfg.qk_norm);
-        // The fixture's head_dim of 24 has no attention kernel; Qwen3's checkpoints use 128.
-        let e = layer_config(&cfg, 0, Precision::Bf16).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("head_dim 24") && !e.contains("q/k"), "{e}");
+        // The fixture's head_dim of 24 has a v2 attention kernel only; Qwen3's checkpoints use 128.
+        let e = layer_config(&cfg, 0, Precision::Bf16, AttentionKernel::V1).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("not 24") && e.contains("attention v1") && !e.contains("q/k"), "{e}");
+        let lc = layer_config(&cfg, 0, Precision::Bf16, AttentionKernel::V2).unwrap_or_else(|e| panic!("v2: {e}"));
+        assert!(lc.qk_norm && lc.shape.head_dim == 24);
         cfg.head_dim = 32;
         for p in [Precision::Fp8, Precision::Bf16] {
-            let lc = layer_config(&cfg, 0, p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-            assert!(lc.qk_norm, "{p:?}");
+            for a in [AttentionKernel::V1, AttentionKernel::V2] {
+                let lc = layer_config(&cfg, 0, p, a).unwrap_or_else(|e| panic!("{p:?} {a:?}: {e}"));
+                assert!(lc.qk_norm, "{p:?}");
+            }
         }
-        assert!(!layer_config(&fixture("arith"), 0, Precision::Bf16).expect("arith").qk_norm);
+        assert!(!layer_config(&fixture("arith"), 0, Precision::Bf16, AttentionKernel::V1).expect("arith").qk_norm);
     }
 }

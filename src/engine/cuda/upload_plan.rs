@@ -568,10 +568,13 @@ mod tests {
     fn the_quantization_kernel_computes_the_reference_formula() {
         let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/fp8.cu")).expect("kernels/fp8.cu");
         let body = src.split("quant_rows_bf16").nth(1).expect("the kernel").split("extern \"C\"").next().unwrap_or_default();
-        for part in ["fmaxf(amax, MIN_AMAX) / E4M3_MAX", "to_e4m3(bf(x[base + i]) / scale)", "q_scale[blockIdx.x] = scale"] {
-            assert!(body.contains(part), "{part:?} missing from quant_rows_bf16:\n{body}");
-        }
+        assert!(body.contains("amax = fmaxf(amax, fabsf(") && body.contains("quantize_row(x + base, cols, amax, q + base, q_scale + blockIdx.x)"), "quant_rows_bf16 changed:\n{body}");
+        // The row's codes and scale: `quantize_row` in common.cuh (16-byte and scalar paths).
         let common = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/common.cuh")).expect("common.cuh");
+        let row = common.split("void quantize_row(").nth(1).expect("quantize_row").split("\n}\n").next().unwrap_or_default();
+        for part in ["const float scale = fmaxf(amax, MIN_AMAX) / E4M3_MAX", "to_e4m3(f[k] / scale)", "to_e4m3(bf(vals[i]) / scale)", "*scale_out = scale"] {
+            assert!(row.contains(part), "{part:?} missing from quantize_row:\n{row}");
+        }
         assert!(common.contains("#define E4M3_MAX 448.0f") && common.contains("#define MIN_AMAX 1e-12f"));
         #[cfg(feature = "cuda")]
         assert!(!crate::engine::cuda::compile::compile_options("sm_90a", &[]).iter().any(|o| o.contains("fast_math") || o.contains("prec-div=false")));
