@@ -22,6 +22,8 @@
 #   time.jsonl    45  each kernel alone at the 70B shape (attention's TFLOP/s)
 #   layers.jsonl 200  70B-shape layer loop: FP8 on as many layers as fit (80 on an H200), then
 #                     bf16 (the Ampere path, measured here on Hopper) on 16 layers
+#   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
+#                     attention-only (bench/torch_ref.py)
 #   hop.jsonl     60  two stages on one GPU against one (scores, bit for bit), and the hop of a
 #                     70B-shape 16k-token batch timed against one layer and the host round trip
 #   load.jsonl   120  a 70B-shaped bf16 checkpoint of as many layers as the disk holds (at most
@@ -29,10 +31,9 @@
 #                     disk) written to GPU_BENCH_LOAD_DIR (not under $OUT; removed after), dropped
 #                     from the page cache, loaded on the device in FP8 and bf16, and one layer by
 #                     the host path: seconds and GB/s
-#   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
-#                     attention-only (bench/torch_ref.py)
 #   table.md      15  bench/report.py over the files above (printed last)
-# Ten files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
+# Issue 11's comparisons (gemm, time, layers, torch) run before issue 14's hop and load, which
+# the budget cuts first. Ten files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
 # code), timeout, or skipped (budget spent). The script exits 1 when any step did not end ok.
 #
 # Overrides for a dry run (tests/gpu_check_dry_run.rs): GPU_BENCH (the bench command, instead
@@ -44,7 +45,7 @@ TORCH_REF=${TORCH_REF:-python3 bench/torch_ref.py}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 REPORT_RESERVE=15
-STEPS=(probe check parity gemm time layers hop load torch)
+STEPS=(probe check parity gemm time layers torch hop load)
 mkdir -p "$OUT"
 for s in "${STEPS[@]}"; do rm -f "$OUT/$s.jsonl"; done
 rm -f "$OUT/table.md"
@@ -107,9 +108,9 @@ step parity 90 '"$BIN" parity tests/fixtures; a=$?; "$BIN" load-parity tests/fix
 step gemm 60 '"$BIN" gemm'
 step time 45 '"$BIN" time'
 step layers 200 '"$BIN" layers'
+step torch 150 "$TORCH_REF"
 step hop 60 '"$BIN" hop tests/fixtures'
 step load 120 '"$BIN" load'
-step torch 150 "$TORCH_REF"
 
 files=()
 for s in "${STEPS[@]}"; do [ -f "$OUT/$s.jsonl" ] && files+=("$OUT/$s.jsonl"); done

@@ -45,7 +45,7 @@ fn files_in(out: &Path) -> Vec<String> {
     names
 }
 
-const STEPS: [&str; 9] = ["probe", "check", "parity", "gemm", "time", "layers", "hop", "load", "torch"];
+const STEPS: [&str; 9] = ["probe", "check", "parity", "gemm", "time", "layers", "torch", "hop", "load"];
 
 #[test]
 fn every_step_runs_and_the_table_comes_last() {
