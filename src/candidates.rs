@@ -169,7 +169,7 @@ impl RankedEvent {
             .enumerate()
             .map(|(i, o)| {
                 let id = event.candidate_id(i);
-                let o = o.and_then(|s| s.0.check_finite().map(|()| s).map_err(|m| EventError::new(ErrorKind::Model, m)));
+                let o = o.and_then(|s| s.0.check_finite().map(|()| s).map_err(EventError::from));
                 match o {
                     Ok((score, tokens, truncated)) => CandidateResult::Scored {
                         id,

@@ -329,6 +329,11 @@ impl Metrics {
         DELIVERIES.iter().map(|d| self.events_scored.with_label_values(&[d]).get()).sum()
     }
 
+    /// Events dead-lettered, whatever their reason.
+    pub fn events_failed_total(&self) -> u64 {
+        ErrorKind::ALL.iter().map(|k| self.events_failed.with_label_values(&[k.as_str()]).get()).sum()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Result<String, MetricsError> {
         let mut buf = Vec::new();

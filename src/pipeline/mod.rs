@@ -19,6 +19,7 @@
 //! a token id outside the vocabulary), a non-finite score.
 
 mod dead_letter;
+mod prompt;
 mod publish;
 mod stages;
 
@@ -40,7 +41,8 @@ use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
 use crate::source::{AckHandle, Origin, Source, SourceError};
 
-pub use dead_letter::{dead_letter_payload, scored_payload};
+pub use dead_letter::{dead_letter_payload, error_record, scored_payload};
+pub use prompt::PromptPreparer;
 
 /// Errors that stop the pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +216,31 @@ pub struct Settings {
     pub max_failed_batches: usize,
     /// Most candidates of one best-of-N event.
     pub max_candidates: usize,
+    /// What a batch the model fails on becomes.
+    pub engine_faults: EngineFaults,
+    /// What a dead letter looks like.
+    pub dead_letters: DeadLetterFormat,
+}
+
+/// What a batch the model fails on (not a sequence it refuses) becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineFaults {
+    /// The worker: retried with backoff, never dead-lettered, until `max_failed_batches`
+    /// failures in a row end the run (the broker redelivers the unacknowledged inputs).
+    Retry,
+    /// `scorestream score`: each event of the batch becomes a `model` dead letter and the run
+    /// goes on (a file is read once: nothing would redeliver it).
+    DeadLetter,
+}
+
+/// The shape of a dead letter's JSON line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterFormat {
+    /// The worker's: the error, the id, the payload (cut to fit the sink) and its origin
+    /// ([`dead_letter_payload`]).
+    Full,
+    /// `scorestream score`'s error record: `{"id"?, "line", "error"}` ([`error_record`]).
+    Record,
 }
 
 impl Settings {
@@ -227,6 +254,8 @@ impl Settings {
             max_payload_bytes: batch.max_payload_bytes,
             max_failed_batches: batch.max_failed_batches,
             max_candidates: batch.max_candidates,
+            engine_faults: EngineFaults::Retry,
+            dead_letters: DeadLetterFormat::Full,
         }
     }
 }
@@ -257,6 +286,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         metrics: metrics.clone(),
         liveness: liveness.clone(),
         max_failed: settings.max_failed_batches.max(1),
+        faults: settings.engine_faults,
         abort: abort_tx.clone(),
     };
     let score = tokio::spawn(scoring.run(batch_rx, done_tx));
@@ -270,6 +300,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         metrics,
         liveness,
         model: scorer.model_name(),
+        dead_letters: settings.dead_letters,
         abort: abort_tx,
     };
     let publish = tokio::spawn(publisher.run(done_rx));

@@ -486,5 +486,7 @@ fn settings(max_events: usize, wait_ms: u64, inflight: usize) -> Settings {
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
         max_candidates: 64,
+        engine_faults: EngineFaults::Retry,
+        dead_letters: DeadLetterFormat::Full,
     }
 }

@@ -144,6 +144,11 @@ impl SinkError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, SinkError::Rejected { .. })
     }
+
+    /// Whether the sink cannot go on at all: the pipeline stops.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SinkError::Fatal { .. })
+    }
 }
 
 /// Exactly-once hook (Kafka `delivery = "exactly_once"`): one producer transaction per unit of
