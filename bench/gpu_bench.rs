@@ -134,9 +134,10 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         c.report("head_rmsnorm_bf16", r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
     }
     // Activations + FP8.
-    for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
+    for act in [r::Activation::SwiGlu, r::Activation::GeGluTanh, r::Activation::Relu2] {
+        let kernel = scorestream::engine::cuda::layer::act_kernel(act);
         let inter = 3000usize;
-        let width = if act == r::Act::Relu2 { inter } else { 2 * inter };
+        let width = if act == r::Activation::Relu2 { inter } else { 2 * inter };
         let x = rng.vec(t * width, 4.0);
         let dx = c.upload_bf16(&x)?;
         let (y, q, s) = (c.poisoned(t * inter * 2)?, c.poisoned(t * inter)?, c.poisoned(t * 4)?);

@@ -95,7 +95,7 @@ fn quantize_in_chunks(t: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let rows = t.dim(0)?;
     let (mut qs, mut scales) = (Vec::new(), Vec::new());
     for start in (0..rows).step_by(ROWS) {
-        let (q, s) = fp8::quantize_rows(&t.narrow(0, start, ROWS.min(rows - start))?)?;
+        let (q, s) = fp8::quantize_tensor_rows(&t.narrow(0, start, ROWS.min(rows - start))?)?;
         qs.push(q);
         scales.push(s);
     }

@@ -74,16 +74,17 @@ pub enum HeadKind {
     Score,
 }
 
-/// Per-layer normalization.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Per-layer normalization (the candle model, the CPU kernel references and the CUDA layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormKind {
     Rms,
     /// Nemotron's LayerNorm with a bias whose weight is stored minus one.
     LayerNorm1P,
 }
 
-/// The MLP's activation; gated activations use `gate_proj` and `up_proj`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The MLP's activation; gated activations use `gate_proj` and `up_proj` (the CUDA kernels and
+/// their references take the two as one `[tokens, 2·inter]` input, gate | up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu,
