@@ -104,7 +104,7 @@ fn block_on(worker: impl std::future::Future<Output = Result<(), AppError>>) -> 
 
 /// A stream worker (`run`), or an HTTP reward server without a stream (`serve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Run,
     Serve,
 }
@@ -133,7 +133,7 @@ fn score_api(config: &Config) -> Result<Option<(ScoreApi, LaneReceiver, Arc<dyn 
 }
 
 /// Run the worker in `mode` until it has drained.
-pub async fn run_as(config: Config, mode: Mode) -> Result<(), AppError> {
+pub(crate) async fn run_as(config: Config, mode: Mode) -> Result<(), AppError> {
     tracing::info!(?config, ?mode, "starting");
     let metrics = Arc::new(Metrics::with_config(&config.metrics)?);
     let readiness = Arc::new(Readiness::default());

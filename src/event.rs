@@ -36,7 +36,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values.
-    pub const ALL: [ErrorKind; 10] = [
+    pub(crate) const ALL: [ErrorKind; 10] = [
         ErrorKind::InvalidUtf8,
         ErrorKind::InvalidJson,
         ErrorKind::Schema,
@@ -86,7 +86,7 @@ impl EventError {
         Self { kind, message: message.into(), id: None }
     }
 
-    pub fn with_id(mut self, id: Option<String>) -> Self {
+    pub(crate) fn with_id(mut self, id: Option<String>) -> Self {
         self.id = id;
         self
     }
@@ -94,7 +94,7 @@ impl EventError {
 
 /// The `error` object of error records and dead letters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub kind: ErrorKind,
     pub message: String,
 }
@@ -260,7 +260,7 @@ pub struct Score {
 impl Score {
     /// A score is published only when every number in it is finite (JSON has no NaN or
     /// infinity; serde would write `null`). The error names the first bad value.
-    pub fn check_finite(&self) -> Result<(), NonFinite> {
+    pub(crate) fn check_finite(&self) -> Result<(), NonFinite> {
         if !self.reward.is_finite() {
             return Err(NonFinite::Reward(self.reward));
         }
@@ -289,7 +289,7 @@ impl From<NonFinite> for EventError {
 
 /// A scored conversation, as published.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ScoredEvent {
+pub(crate) struct ScoredEvent {
     pub id: String,
     pub reward: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,14 +14,14 @@
 use candle_core::{DType, Tensor, D};
 
 /// Largest finite E4M3 value.
-pub const E4M3_MAX: f32 = 448.0;
+pub(crate) const E4M3_MAX: f32 = 448.0;
 
 /// Smallest amax that gets its own scale; an all-zero row keeps `MIN_AMAX / 448` so it
 /// quantizes to zeros instead of dividing by zero.
-pub const MIN_AMAX: f32 = 1e-12;
+pub(crate) const MIN_AMAX: f32 = 1e-12;
 
 /// The NaN encoding (sign bit clear).
-pub const E4M3_NAN: u8 = 0x7F;
+pub(crate) const E4M3_NAN: u8 = 0x7F;
 
 /// Convert an f32 to E4M3 with saturation and round-to-nearest-even.
 pub fn e4m3_from_f32(x: f32) -> u8 {
@@ -56,7 +56,7 @@ pub fn e4m3_from_f32(x: f32) -> u8 {
 }
 
 /// Decode an E4M3 byte.
-pub fn e4m3_to_f32(b: u8) -> f32 {
+pub(crate) fn e4m3_to_f32(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
     let e = i32::from((b >> 3) & 0x0F);
     let m = f32::from(b & 0x07);
@@ -71,19 +71,19 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 }
 
 /// The per-token scale for a row whose absolute maximum is `amax`.
-pub fn scale_for_amax(amax: f32) -> f32 {
+pub(crate) fn scale_for_amax(amax: f32) -> f32 {
     amax.max(MIN_AMAX) / E4M3_MAX
 }
 
 /// Quantize one row with a given scale: `q[i] = e4m3(x[i] / scale)`.
-pub fn quantize_with_scale(x: &[f32], scale: f32, q: &mut [u8]) {
+pub(crate) fn quantize_with_scale(x: &[f32], scale: f32, q: &mut [u8]) {
     for (q, &v) in q.iter_mut().zip(x) {
         *q = e4m3_from_f32(v / scale);
     }
 }
 
 /// Quantize one row with its own scale (from its amax); returns the scale.
-pub fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
+pub(crate) fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = scale_for_amax(amax);
     quantize_with_scale(x, scale, q);
@@ -106,7 +106,7 @@ pub fn dequantize_rows(q: &[u8], scales: &[f32], cols: usize) -> Vec<f32> {
 
 /// Quantize each row of `x: [rows, cols]` to E4M3: `(q [rows, cols] F8E4M3, scale [rows, 1] f32)`,
 /// with `x ≈ q · scale`.
-pub fn quantize_tensor_rows(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+pub(crate) fn quantize_tensor_rows(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let x = x.to_dtype(DType::F32)?;
     // Divide (not multiply by 1/448, which `Tensor / f64` does): the scale must round exactly as
     // `amax / 448` does everywhere else.
@@ -117,7 +117,7 @@ pub fn quantize_tensor_rows(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)>
 }
 
 /// Quantize `x` with a given scale (broadcast over the last dimension, or a scalar).
-pub fn quantize_tensor(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn quantize_tensor(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     x.to_dtype(DType::F32)?
         .broadcast_div(scale)?
         .clamp(-f64::from(E4M3_MAX), f64::from(E4M3_MAX))?
@@ -125,12 +125,12 @@ pub fn quantize_tensor(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor
 }
 
 /// `q · scale` in f32.
-pub fn dequantize_tensor(q: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn dequantize_tensor(q: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     q.to_dtype(DType::F32)?.broadcast_mul(&scale.to_dtype(DType::F32)?)
 }
 
 /// Quantize then dequantize each row: what an FP8 GEMM sees of `x`.
-pub fn fake_quant_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn fake_quant_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     let (q, scale) = quantize_tensor_rows(x)?;
     dequantize_tensor(&q, &scale)
 }

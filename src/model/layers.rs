@@ -18,7 +18,7 @@ const QUERY_CHUNK: usize = 512;
 
 /// How a linear layer treats its input.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum InputQuant {
+pub(crate) enum InputQuant {
     /// Full precision.
     None,
     /// FP8 E4M3 per token, scale from each token's amax (dynamic).
@@ -68,10 +68,6 @@ impl Linear {
             (true, true) => InputQuant::Static(vb.get_raw("input_scale")?.to_dtype(DType::F32)?.flatten_all()?.max(0)?.to_scalar()?),
         };
         Ok(Self { weight, weight_scale, bias, input_quant })
-    }
-
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, weight_scale: None, bias, input_quant: InputQuant::None }
     }
 
     /// The weight in `dtype` (dequantized when held as FP8 codes).
@@ -329,7 +325,7 @@ impl DecoderLayer {
 
 /// Token embedding lookup.
 #[derive(Debug, Clone)]
-pub struct Embedding {
+pub(crate) struct Embedding {
     /// `[vocab, hidden]`
     weight: Tensor,
 }

@@ -92,7 +92,7 @@ pub struct ModelOptions {
     pub truncation: TruncationPolicy,
     /// For `*ForCausalLM` reward checkpoints: the row of `lm_head` that holds the reward head.
     #[serde(default)]
-    pub reward_row: usize,
+    pub(crate) reward_row: usize,
     /// Weights of the scalar reward over the model's outputs (one per label). Defaults to the
     /// Nemotron-4-340B-Reward weights for its 9 SteerLM labels, else the single output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,11 +115,11 @@ mod tests {
     }
 }
 
-pub fn default_devices() -> Vec<String> {
+pub(crate) fn default_devices() -> Vec<String> {
     vec!["cpu".to_owned()]
 }
 
-pub const fn default_max_tokens() -> usize {
+pub(crate) const fn default_max_tokens() -> usize {
     4096
 }
 

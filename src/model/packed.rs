@@ -22,9 +22,9 @@ pub struct Packed {
     pub cu_seqlens: Vec<usize>,
     /// `[segments]`: the segment holding the shared prefix this segment continues (a suffix),
     /// or `None` (a whole sequence, or a shared prefix).
-    pub prefix_of: Vec<Option<usize>>,
+    pub(crate) prefix_of: Vec<Option<usize>>,
     /// `[sequences]`: the segment that ends each sequence, in the batch's order.
-    pub seq_segments: Vec<usize>,
+    pub(crate) seq_segments: Vec<usize>,
 }
 
 impl Packed {
@@ -89,12 +89,13 @@ impl Packed {
     }
 
     /// The sequences scored (shared prefixes are not sequences).
-    pub fn num_seqs(&self) -> usize {
+    pub(crate) fn num_seqs(&self) -> usize {
         self.seq_segments.len()
     }
 
     /// Whether some segment continues a shared prefix (the tree form).
-    pub fn is_tree(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_tree(&self) -> bool {
         self.prefix_of.iter().any(Option::is_some)
     }
 
@@ -104,12 +105,12 @@ impl Packed {
     }
 
     /// The token range of segment `i`.
-    pub fn range(&self, i: usize) -> Range<usize> {
+    pub(crate) fn range(&self, i: usize) -> Range<usize> {
         self.cu_seqlens[i]..self.cu_seqlens[i + 1]
     }
 
     /// Sequence `i` as (its shared prefix's range, or an empty one; its own segment's range).
-    pub fn seq_parts(&self, i: usize) -> (Range<usize>, Range<usize>) {
+    pub(crate) fn seq_parts(&self, i: usize) -> (Range<usize>, Range<usize>) {
         let seg = self.seq_segments[i];
         let own = self.range(seg);
         let prefix = self.prefix_of[seg].map_or(own.start..own.start, |p| self.range(p));
@@ -117,13 +118,14 @@ impl Packed {
     }
 
     /// The longest segment.
-    pub fn max_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn max_len(&self) -> usize {
         self.ranges().map(|r| r.len()).max().unwrap_or(0)
     }
 
     /// Tokens computed once instead of once per sequence: for each shared prefix, its length
     /// times the members beyond the first.
-    pub fn shared_tokens(&self) -> usize {
+    pub(crate) fn shared_tokens(&self) -> usize {
         let mut members = vec![0usize; self.prefix_of.len()];
         for p in self.prefix_of.iter().flatten() {
             members[*p] += 1;

@@ -17,7 +17,7 @@ use crate::event::{ErrorBody, EventError, InputEvent, Score, ScoredEvent};
 use crate::source::Origin;
 
 /// The scored event's JSON line.
-pub fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated: bool, model: &str) -> Bytes {
+pub(crate) fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated: bool, model: &str) -> Bytes {
     let scored = ScoredEvent::new(event, score, tokens, truncated, model);
     // Serializing a struct of strings, numbers and JSON values cannot fail.
     Bytes::from(serde_json::to_vec(&scored).unwrap_or_default())
@@ -25,7 +25,7 @@ pub fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated:
 
 /// The dead letter's JSON line, at most `limit` bytes when given (see the module doc). Only a
 /// limit smaller than the line without any payload is exceeded.
-pub fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin, limit: Option<usize>) -> Bytes {
+pub(crate) fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin, limit: Option<usize>) -> Bytes {
     let text = std::str::from_utf8(payload).ok();
     let whole = render(error, origin, text, payload, None);
     let Some(limit) = limit.filter(|l| whole.len() > *l) else { return whole };
@@ -58,7 +58,7 @@ pub fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin, 
 
 /// `scorestream score`'s error record: `{"id"?, "line", "error"}`, `line` counting from 1 (for
 /// an input that did not come from a file, no `line`). The input itself stays in the input file.
-pub fn error_record(error: &EventError, origin: &Origin) -> Bytes {
+pub(crate) fn error_record(error: &EventError, origin: &Origin) -> Bytes {
     let mut obj = serde_json::Map::new();
     if let Some(id) = &error.id {
         obj.insert("id".into(), Value::String(id.clone()));

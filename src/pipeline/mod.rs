@@ -41,8 +41,7 @@ use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
 use crate::source::{AckHandle, Origin, Source, SourceError};
 
-pub use dead_letter::{dead_letter_payload, error_record, scored_payload};
-pub use prompt::PromptPreparer;
+pub(crate) use prompt::PromptPreparer;
 
 /// Errors that stop the pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +74,7 @@ pub enum ScoreError {
 
 impl ScoreError {
     /// The sequence refused for what it holds ([`EngineError::refused_sequence`]).
-    pub fn refused_sequence(&self) -> Option<usize> {
+    pub(crate) fn refused_sequence(&self) -> Option<usize> {
         match self {
             ScoreError::Engine(e) => e.refused_sequence(),
             ScoreError::Count { .. } => None,
@@ -115,13 +114,13 @@ impl Scorer for crate::engine::Engine {
 
 /// A record between fetch and ack. Its permit (and the in-flight gauge) is released when it is
 /// dropped, i.e. after its ack, or when the worker gives up on it at shutdown.
-pub struct InFlight {
+pub(crate) struct InFlight {
     pub origin: Origin,
     pub key: Option<Bytes>,
     pub headers: Vec<(String, Option<Bytes>)>,
     pub payload: Bytes,
     pub ack: AckHandle,
-    pub consumed: Instant,
+    pub(crate) consumed: Instant,
     _permit: Permit,
 }
 
@@ -138,7 +137,7 @@ impl Drop for Permit {
 }
 
 /// What the prepare stage made of a record.
-pub enum Verdict {
+pub(crate) enum Verdict {
     Ready { event: InputEvent, ids: Vec<u32>, truncated: bool },
     /// A best-of-N event: each candidate's token ids and truncation flag, or why it cannot be
     /// scored.
@@ -147,9 +146,9 @@ pub enum Verdict {
 }
 
 /// A prepared record on its way to the batcher.
-pub struct Work {
+pub(crate) struct Work {
     pub input: InFlight,
-    pub verdict: Verdict,
+    pub(crate) verdict: Verdict,
 }
 
 impl Weighted for Work {
@@ -170,7 +169,7 @@ impl Weighted for Work {
 }
 
 /// The final result for one record.
-pub enum Outcome {
+pub(crate) enum Outcome {
     Scored { event: InputEvent, score: Score, tokens: usize, truncated: bool },
     /// A best-of-N event: one outcome per candidate, in order.
     Ranked { event: BestOfNEvent, outcomes: Vec<crate::candidates::Outcome> },
@@ -197,11 +196,11 @@ pub struct Parts {
 /// The named sinks, in the order of [`Router::names`], and the rules over them.
 #[derive(Clone, Default)]
 pub struct Routes {
-    pub router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     pub sinks: Vec<Arc<dyn Sink>>,
     /// Where the outputs of events posted to `/v1/score` go (their requests); they are never
     /// routed.
-    pub reply: Option<Arc<dyn Sink>>,
+    pub(crate) reply: Option<Arc<dyn Sink>>,
 }
 
 /// Flow-control settings.
@@ -217,14 +216,14 @@ pub struct Settings {
     /// Most candidates of one best-of-N event.
     pub max_candidates: usize,
     /// What a batch the model fails on becomes.
-    pub engine_faults: EngineFaults,
+    pub(crate) engine_faults: EngineFaults,
     /// What a dead letter looks like.
-    pub dead_letters: DeadLetterFormat,
+    pub(crate) dead_letters: DeadLetterFormat,
 }
 
 /// What a batch the model fails on (not a sequence it refuses) becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineFaults {
+pub(crate) enum EngineFaults {
     /// The worker: retried with backoff, never dead-lettered, until `max_failed_batches`
     /// failures in a row end the run (the broker redelivers the unacknowledged inputs).
     Retry,
@@ -235,7 +234,7 @@ pub enum EngineFaults {
 
 /// The shape of a dead letter's JSON line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterFormat {
+pub(crate) enum DeadLetterFormat {
     /// The worker's: the error, the id, the payload (cut to fit the sink) and its origin
     /// ([`dead_letter_payload`]).
     Full,

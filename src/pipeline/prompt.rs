@@ -6,7 +6,7 @@ use crate::event::{EventError, InputEvent};
 use crate::prompt::{Prompter, TruncationPolicy};
 
 /// Templates and tokenizes an event within the length limit in force.
-pub struct PromptPreparer {
+pub(crate) struct PromptPreparer {
     pub prompter: Prompter,
     /// The engine's length limit: `max_tokens` capped by the model's positions.
     pub max_tokens: usize,

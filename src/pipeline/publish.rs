@@ -61,14 +61,14 @@ pub(super) struct Publisher {
     pub dead_letter: Arc<dyn Sink>,
     /// Named sinks, by the index the router gives.
     pub routes: Vec<Arc<dyn Sink>>,
-    pub router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     /// The outputs of posted events (`Origin::Http`), scored or not, go back to their requests.
-    pub reply: Option<Arc<dyn Sink>>,
+    pub(crate) reply: Option<Arc<dyn Sink>>,
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
     pub model: String,
-    pub dead_letters: DeadLetterFormat,
+    pub(crate) dead_letters: DeadLetterFormat,
     /// Set when the publish stage ends on a fatal error, so that fetching stops.
     pub abort: watch::Sender<bool>,
 }

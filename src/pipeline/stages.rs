@@ -170,7 +170,7 @@ pub(super) struct Scoring {
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
     /// Failed batches in a row that end the run.
-    pub max_failed: usize,
+    pub(crate) max_failed: usize,
     /// Whether a failed batch is retried or dead-lettered.
     pub faults: EngineFaults,
     /// Set when scoring gives up, so that fetching stops.

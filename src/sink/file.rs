@@ -27,7 +27,7 @@ enum Job {
 }
 
 /// Writes JSON lines through a writer task.
-pub struct FileSink {
+pub(crate) struct FileSink {
     tx: mpsc::Sender<Job>,
     path: String,
 }
@@ -47,7 +47,7 @@ impl FileSink {
     }
 
     /// A sink over any writer.
-    pub fn from_writer(out: Box<dyn AsyncWrite + Send + Unpin>, path: String) -> Self {
+    pub(crate) fn from_writer(out: Box<dyn AsyncWrite + Send + Unpin>, path: String) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(writer(BufWriter::with_capacity(1 << 16, out), rx));
         Self { tx, path }

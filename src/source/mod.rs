@@ -99,7 +99,7 @@ pub enum Origin {
 impl Origin {
     /// The dead-letter `source` object: `{topic, partition, offset}`,
     /// `{stream, consumer, sequence, delivered}` or `{file, line}`.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         match self {
             Origin::Kafka { topic, partition, offset } => {
                 json!({"topic": topic, "partition": partition, "offset": offset})
@@ -116,7 +116,7 @@ impl Origin {
     /// (JetStream `Nats-Msg-Id`) derive the output's id from it. It names the input's stream
     /// instance and the consumer, so that two deployments on one stream, or a re-created
     /// stream, never share ids. `None` when the input has no stable identity.
-    pub fn dedup_id(&self) -> Option<String> {
+    pub(crate) fn dedup_id(&self) -> Option<String> {
         match self {
             Origin::Kafka { topic, partition, offset } => Some(format!("kafka:{topic}:{partition}:{offset}")),
             Origin::Nats { stream, stream_created, consumer, sequence, .. } => {
@@ -169,7 +169,7 @@ impl AckHandle {
 
     /// A handle whose ack does nothing (file source, exactly-once Kafka where positions are
     /// committed inside the producer transaction).
-    pub fn noop() -> Self {
+    pub(crate) fn noop() -> Self {
         struct Noop;
         impl Ack for Noop {
             fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {

@@ -5,7 +5,7 @@
 use super::bf16r;
 
 /// Keys per tile, as in the kernel.
-pub const KEY_TILE: usize = 64;
+pub(crate) const KEY_TILE: usize = 64;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]

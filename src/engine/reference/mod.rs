@@ -10,6 +10,6 @@ pub mod kernels;
 pub use crate::model::fp8;
 
 /// Round an f32 to the nearest bf16 (ties to even) and widen it back.
-pub fn bf16r(x: f32) -> f32 {
+pub(crate) fn bf16r(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
