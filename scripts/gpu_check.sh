@@ -21,8 +21,8 @@
 #   layers.jsonl 200  70B-shape layer loop: FP8 on as many layers as fit (80 on an H200), then
 #                     bf16 (the Ampere path, measured here on Hopper) on 16 layers
 #   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
-#                     attention-only (bench/torch_ref.py)
-#   table.md      15  bench/report.py over the files above (printed last)
+#                     attention-only (benches/gpu/torch_ref.py)
+#   table.md      15  benches/gpu/report.py over the files above (printed last)
 # Eight files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
 # code), timeout, or skipped (budget spent). The script exits 1 when any step did not end ok.
 #
@@ -31,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-${GPU_BENCH:-target/release/gpu_bench}}
-TORCH_REF=${TORCH_REF:-python3 bench/torch_ref.py}
+TORCH_REF=${TORCH_REF:-python3 benches/gpu/torch_ref.py}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 REPORT_RESERVE=15
@@ -102,6 +102,6 @@ step torch 150 "$TORCH_REF"
 
 files=()
 for s in "${STEPS[@]}"; do [ -f "$OUT/$s.jsonl" ] && files+=("$OUT/$s.jsonl"); done
-timeout --kill-after=2 "$REPORT_RESERVE" python3 bench/report.py "${files[@]}" > "$OUT/table.md" 2>&1 || status=1
+timeout --kill-after=2 "$REPORT_RESERVE" python3 benches/gpu/report.py "${files[@]}" > "$OUT/table.md" 2>&1 || status=1
 cat "$OUT/table.md"
 exit $status

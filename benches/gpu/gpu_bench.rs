@@ -2,7 +2,7 @@
 //! (it runs on any GPU from sm_80; the FP8 parts only where FP8 exists, sm_89 and later).
 //! `gpu_bench --help` lists the commands; arguments are parsed (and usage errors reported)
 //! before any CUDA library is touched. Every command prints one JSON object per line
-//! (`{"kind": ...}`), flushed as it goes, for bench/report.py.
+//! (`{"kind": ...}`), flushed as it goes, for benches/gpu/report.py.
 //!   probe                 driver, NVRTC and cuBLASLt versions and files, GPU, free memory
 //!   check                 every kernel and both GEMMs vs their CPU references
 //!                         (src/engine/reference) on fresh random inputs, outputs poisoned
