@@ -19,6 +19,7 @@ pub mod http;
 pub(crate) mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod record;
 pub mod route;
 pub mod score_api;
 pub mod sink;

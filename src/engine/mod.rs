@@ -10,6 +10,7 @@
 pub mod cuda;
 mod loader;
 pub mod reference;
+mod scorer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::model::{ModelError, ModelOptions};
 
 pub(crate) use crate::model::DeviceSpec;
 pub use loader::{length_limit, parse_device, plan, ModelInfo, Plan, StageInfo};
+pub use scorer::Scorer;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::event::{ErrorBody, EventError, InputEvent, Score, ScoredEvent};
-use crate::source::Origin;
+use crate::record::Origin;
 
 /// The scored event's JSON line.
 pub(crate) fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated: bool, model: &str) -> Bytes {

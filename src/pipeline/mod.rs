@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::actor::Weighted;
@@ -37,11 +36,14 @@ use crate::candidates::BestOfNEvent;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::record::Origin;
 use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
-use crate::source::{AckHandle, Origin, Source, SourceError};
+use crate::source::{AckHandle, Source, SourceError};
 
 pub(crate) use prompt::PromptPreparer;
+/// The score stage's engine (defined beside it).
+pub use crate::engine::Scorer;
 
 /// Errors that stop the pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -86,30 +88,6 @@ impl ScoreError {
 pub trait Preparer: Send + Sync + 'static {
     /// Token ids and whether the conversation was truncated; `too_long`/`template` errors.
     fn prepare(&self, event: &InputEvent) -> Result<(Vec<u32>, bool), EventError>;
-}
-
-/// Scores batches of token sequences (the engine).
-pub trait Scorer: Send + Sync + 'static {
-    /// One score per sequence, in order. An error is a fault of the engine (the batch is
-    /// retried), except one that names a refused sequence ([`EngineError::refused_sequence`]).
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>>;
-    /// Name published in each scored event.
-    fn model_name(&self) -> String;
-    /// Batches worth keeping in flight at once (the engine's pipeline depth).
-    fn depth(&self) -> usize;
-}
-
-impl Scorer for crate::engine::Engine {
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
-        let engine = self.clone();
-        Box::pin(async move { engine.score(batch).await })
-    }
-    fn model_name(&self) -> String {
-        self.info().name.clone()
-    }
-    fn depth(&self) -> usize {
-        self.info().stages.len().max(1)
-    }
 }
 
 /// A record between fetch and ack. Its permit (and the in-flight gauge) is released when it is

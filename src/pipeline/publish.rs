@@ -33,7 +33,7 @@ use crate::health::Liveness;
 use crate::metrics::{delivery_label, Metrics};
 use crate::route::{Route, Router};
 use crate::sink::{BatchCommit, Confirmation, Outgoing, OutputKind, Sink, SinkError};
-use crate::source::Origin;
+use crate::record::Origin;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);

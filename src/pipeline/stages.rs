@@ -63,7 +63,7 @@ pub(super) async fn fetch(
             p = limits.bytes.clone().acquire_many_owned(size) => match p { Ok(p) => p, Err(_) => break },
         };
         match record.origin {
-            crate::source::Origin::Http { .. } => posted.inc(),
+            crate::record::Origin::Http { .. } => posted.inc(),
             _ => consumed.inc(),
         }
         metrics.inflight_events.inc();

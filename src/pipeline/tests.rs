@@ -1,6 +1,7 @@
 //! The pipeline over the real file source and sinks, with plain-data prompt and score
 //! stages (the model's own tests live with the engine).
 use super::*;
+use futures::future::BoxFuture;
 use crate::config::FileSinkConfig;
 use crate::event::ErrorKind;
 use crate::sink::file::FileSink;

@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 
 use crate::config::SinkConfig;
 use crate::metrics::Metrics;
-use crate::source::Origin;
+use crate::record::Origin;
 
 /// Errors of a sink.
 #[derive(Debug, thiserror::Error)]
