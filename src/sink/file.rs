@@ -122,3 +122,52 @@ impl Sink for FileSink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::record::Origin;
+    use crate::sink::OutputKind;
+
+    /// A writer whose every write fails (a full disk, a closed pipe).
+    struct Broken;
+    impl AsyncWrite for Broken {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Err(std::io::Error::other("no space left")))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(std::io::Error::other("no space left")))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn message(line: u64) -> Outgoing {
+        Outgoing {
+            key: None,
+            headers: Vec::new(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            dedup_id: None,
+            first_publish: true,
+            kind: OutputKind::Scored,
+            sink: None,
+            origin: Origin::File { path: "in".into(), line },
+        }
+    }
+
+    /// A failed write is fatal, keeps its cause, and fails every later message too.
+    #[tokio::test]
+    async fn a_failed_write_is_fatal_with_its_cause() {
+        let sink = FileSink::from_writer(Box::new(Broken), "out.jsonl".into());
+        for line in 1..=2 {
+            let e = sink.publish(message(line)).await.unwrap().await.unwrap_err();
+            assert!(e.is_fatal(), "{e:?}");
+            assert_eq!(crate::error::Chain(&e).to_string(), "the file sink failed for good: cannot write out.jsonl: no space left");
+        }
+        assert!(sink.flush().await.unwrap_err().is_fatal());
+    }
+}
