@@ -23,7 +23,7 @@
 #   layers.jsonl 200  70B-shape layer loop: FP8 on as many layers as fit (80 on an H200), then
 #                     bf16 (the Ampere path, measured here on Hopper) on 16 layers
 #   torch.jsonl  150  PyTorch bf16 and torch._scaled_mm FP8 on the same shapes, GEMM-only and
-#                     attention-only (bench/torch_ref.py)
+#                     attention-only (benches/gpu/torch_ref.py)
 #   hop.jsonl     60  two stages on one GPU against one (scores, bit for bit), and the hop of a
 #                     70B-shape 16k-token batch timed against one layer and the host round trip
 #   load.jsonl   120  a 70B-shaped bf16 checkpoint of as many layers as the disk holds (at most
@@ -31,7 +31,7 @@
 #                     disk) written to GPU_BENCH_LOAD_DIR (not under $OUT; removed after), dropped
 #                     from the page cache, loaded on the device in FP8 and bf16, and one layer by
 #                     the host path: seconds and GB/s
-#   table.md      15  bench/report.py over the files above (printed last)
+#   table.md      15  benches/gpu/report.py over the files above (printed last)
 # Issue 11's comparisons (gemm, time, layers, torch) run before issue 14's hop and load, which
 # the budget cuts first. Ten files in all. Each step's file ends with a {"kind":"step",...} line: ok, failed (exit
 # code), timeout, or skipped (budget spent). The script exits 1 when any step did not end ok.
@@ -41,7 +41,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-${GPU_BENCH:-target/release/gpu_bench}}
-TORCH_REF=${TORCH_REF:-python3 bench/torch_ref.py}
+TORCH_REF=${TORCH_REF:-python3 benches/gpu/torch_ref.py}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 REPORT_RESERVE=15
@@ -114,6 +114,6 @@ step load 120 '"$BIN" load'
 
 files=()
 for s in "${STEPS[@]}"; do [ -f "$OUT/$s.jsonl" ] && files+=("$OUT/$s.jsonl"); done
-timeout --kill-after=2 "$REPORT_RESERVE" python3 bench/report.py "${files[@]}" > "$OUT/table.md" 2>&1 || status=1
+timeout --kill-after=2 "$REPORT_RESERVE" python3 benches/gpu/report.py "${files[@]}" > "$OUT/table.md" 2>&1 || status=1
 cat "$OUT/table.md"
 exit $status

@@ -22,8 +22,8 @@ use crate::health::Liveness;
 use crate::http::{Endpoints, HttpError, Readiness};
 use crate::metrics::{Metrics, MetricsError};
 use crate::model::ModelOptions;
-use crate::pipeline::{Parts, PipelineError, Preparer, Scorer, Settings};
-use crate::prompt::{PromptError, Prompter, TruncationPolicy};
+use crate::pipeline::{Parts, PipelineError, Preparer, PromptPreparer, ScoreError, Scorer, Settings};
+use crate::prompt::{PromptError, Prompter};
 use crate::score_api::ScoreApi;
 use crate::source::http::{LaneReceiver, Merged};
 use crate::sink::{SinkContext, SinkError};
@@ -42,10 +42,10 @@ pub enum AppError {
     Prompt(#[source] PromptError),
     #[error(transparent)]
     Engine(Box<EngineError>),
-    #[error("the warm-up batch failed: {0}")]
-    WarmUp(String),
+    #[error("the model loader panicked")]
+    LoaderPanicked(#[source] tokio::task::JoinError),
     #[error("the warm-up batch failed")]
-    WarmUpScore(#[source] EngineError),
+    WarmUp(#[source] WarmUpError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -66,6 +66,17 @@ pub enum AppError {
     },
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
+}
+
+/// Why the warm-up batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmUpError {
+    #[error(transparent)]
+    Prepare(#[from] EventError),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
+    #[error(transparent)]
+    NonFinite(#[from] crate::event::NonFinite),
 }
 
 /// `scorestream run --config FILE`: load the config, run the worker on its own runtime, and
@@ -91,23 +102,9 @@ fn block_on(worker: impl std::future::Future<Output = Result<(), AppError>>) -> 
     result
 }
 
-/// The prompt stage over the model's tokenizer and chat template.
-struct PromptPreparer {
-    prompter: Prompter,
-    max_tokens: usize,
-    policy: TruncationPolicy,
-}
-
-impl Preparer for PromptPreparer {
-    fn prepare(&self, event: &InputEvent) -> Result<(Vec<u32>, bool), EventError> {
-        let p = self.prompter.prepare(&event.messages, self.max_tokens, self.policy)?;
-        Ok((p.ids, p.truncated))
-    }
-}
-
 /// A stream worker (`run`), or an HTTP reward server without a stream (`serve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Run,
     Serve,
 }
@@ -136,7 +133,7 @@ fn score_api(config: &Config) -> Result<Option<(ScoreApi, LaneReceiver, Arc<dyn 
 }
 
 /// Run the worker in `mode` until it has drained.
-pub async fn run_as(config: Config, mode: Mode) -> Result<(), AppError> {
+pub(crate) async fn run_as(config: Config, mode: Mode) -> Result<(), AppError> {
     tracing::info!(?config, ?mode, "starting");
     let metrics = Arc::new(Metrics::with_config(&config.metrics)?);
     let readiness = Arc::new(Readiness::default());
@@ -234,7 +231,7 @@ async fn load_model(opts: &ModelOptions, limits: BatchLimits) -> Result<(Arc<dyn
         Ok((preparer, engine))
     })
     .await
-    .map_err(|e| AppError::WarmUp(format!("the model loader panicked: {e}")))?;
+    .map_err(AppError::LoaderPanicked)?;
     loaded
 }
 
@@ -243,12 +240,15 @@ async fn load_model(opts: &ModelOptions, limits: BatchLimits) -> Result<(Arc<dyn
 /// one conversation sent.
 async fn warm_up(preparer: &Arc<dyn Preparer>, scorer: &dyn Scorer) -> Result<(), AppError> {
     let event = InputEvent { id: "warm-up".into(), messages: crate::prompt::probe_conversation(), metadata: None };
-    let (ids, _) = preparer.prepare(&event).map_err(|e| AppError::WarmUp(e.to_string()))?;
-    let scores = scorer.score(vec![ids]).await.map_err(AppError::WarmUpScore)?;
-    match scores.as_slice() {
-        [score] => score.check_finite().map_err(AppError::WarmUp),
-        other => Err(AppError::WarmUp(format!("the model returned {} scores for 1 sequence", other.len()))),
-    }
+    let warm = async {
+        let (ids, _) = preparer.prepare(&event)?;
+        let scores = scorer.score(vec![ids]).await.map_err(ScoreError::Engine)?;
+        match scores.as_slice() {
+            [score] => Ok(score.check_finite()?),
+            other => Err(ScoreError::Count { scores: other.len(), sequences: 1 }.into()),
+        }
+    };
+    warm.await.map_err(AppError::WarmUp)
 }
 
 /// The scored, dead-letter and named sinks (in the config's name order), opened before the
@@ -426,10 +426,12 @@ mod tests {
     #[tokio::test]
     async fn warm_up_wants_one_finite_score() {
         assert!(warm(vec![0.5]).await.is_ok());
-        let none = warm(vec![]).await.unwrap_err().to_string();
-        assert!(none.contains("returned 0 scores for 1 sequence"), "{none}");
+        let none = warm(vec![]).await.unwrap_err();
+        let none = crate::error::Chain(&none).to_string();
+        assert!(none.contains("returned 0 scores for 1 sequences"), "{none}");
         assert!(warm(vec![0.5, 0.5]).await.is_err());
-        let nan = warm(vec![f32::NAN]).await.unwrap_err().to_string();
+        let nan = warm(vec![f32::NAN]).await.unwrap_err();
+        let nan = crate::error::Chain(&nan).to_string();
         assert!(nan.contains("non-finite"), "{nan}");
     }
 

@@ -13,12 +13,12 @@ use serde_json::Value;
 use crate::event::{ErrorBody, ErrorKind, EventError, InputEvent, Message, Metadata, Role, Score};
 
 /// Most candidates of one event, unless configured otherwise.
-pub const DEFAULT_MAX_CANDIDATES: usize = 64;
+pub(crate) const DEFAULT_MAX_CANDIDATES: usize = 64;
 
 /// One candidate answer: its text (one assistant turn) or its turns.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// Defaults to the candidate's index.
     #[serde(default)]
     pub id: Option<String>,
@@ -31,7 +31,7 @@ pub struct Candidate {
 /// A best-of-N event as it arrives on the wire.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BestOfNEvent {
+pub(crate) struct BestOfNEvent {
     pub id: String,
     pub messages: Vec<Message>,
     pub candidates: Vec<Candidate>,
@@ -69,13 +69,6 @@ impl Event {
         event.validate(max_candidates).map_err(|e| e.with_id(Some(event.id.clone())))?;
         Ok(Event::BestOfN(event))
     }
-
-    pub fn id(&self) -> &str {
-        match self {
-            Event::Single(e) => &e.id,
-            Event::BestOfN(e) => &e.id,
-        }
-    }
 }
 
 impl BestOfNEvent {
@@ -96,7 +89,7 @@ impl BestOfNEvent {
     }
 
     /// Candidate `i`'s id: its own, or its index.
-    pub fn candidate_id(&self, i: usize) -> String {
+    pub(crate) fn candidate_id(&self, i: usize) -> String {
         self.candidates[i].id.clone().unwrap_or_else(|| i.to_string())
     }
 
@@ -126,7 +119,7 @@ impl BestOfNEvent {
 /// One candidate's result.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
-pub enum CandidateResult {
+pub(crate) enum CandidateResult {
     Scored {
         id: String,
         reward: f32,
@@ -143,7 +136,7 @@ pub enum CandidateResult {
 
 /// A ranked best-of-N event, as published.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RankedEvent {
+pub(crate) struct RankedEvent {
     pub id: String,
     pub candidates: Vec<CandidateResult>,
     /// Indices of the scored candidates, best first (ties keep input order).
@@ -158,7 +151,7 @@ pub struct RankedEvent {
 }
 
 /// What became of one candidate: its score with its tokens and truncation flag, or an error.
-pub type Outcome = Result<(Score, usize, bool), EventError>;
+pub(crate) type Outcome = Result<(Score, usize, bool), EventError>;
 
 impl RankedEvent {
     /// Rank `outcomes` (one per candidate, in order). A non-finite score is that candidate's
@@ -169,7 +162,7 @@ impl RankedEvent {
             .enumerate()
             .map(|(i, o)| {
                 let id = event.candidate_id(i);
-                let o = o.and_then(|s| s.0.check_finite().map(|()| s).map_err(|m| EventError::new(ErrorKind::Model, m)));
+                let o = o.and_then(|s| s.0.check_finite().map(|()| s).map_err(EventError::from));
                 match o {
                     Ok((score, tokens, truncated)) => CandidateResult::Scored {
                         id,

@@ -90,7 +90,7 @@ pub struct ModelArgs {
     pub truncation: TruncationPolicy,
     /// For *ForCausalLM reward checkpoints: the lm_head row holding the reward head.
     #[arg(long, default_value_t = 0)]
-    pub reward_row: usize,
+    pub(crate) reward_row: usize,
     /// Weights of the scalar reward over the outputs, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub attribute_weights: Option<Vec<f32>>,
@@ -129,17 +129,17 @@ pub struct ScoreArgs {
     pub errors: Option<PathBuf>,
     /// Most tokens in one forward pass.
     #[arg(long, default_value_t = 16_384)]
-    pub batch_tokens: usize,
+    pub(crate) batch_tokens: usize,
     /// Most conversations in one forward pass.
     #[arg(long, default_value_t = 256)]
-    pub batch_events: usize,
+    pub(crate) batch_events: usize,
     /// Conversations of a batch beginning with this many or more identical tokens compute
     /// that prefix once (same scores; 0 = off; CPU only for now).
     #[arg(long, default_value_t = 128)]
     pub min_shared_prefix: usize,
     /// Largest accepted input line, in bytes (0 = unlimited).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
-    pub max_line_bytes: usize,
+    pub(crate) max_line_bytes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -177,10 +177,10 @@ pub struct CompareArgs {
     pub model: ModelArgs,
     /// First numeric format.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
-    pub dtype_a: Dtype,
+    pub(crate) dtype_a: Dtype,
     /// Second numeric format.
     #[arg(long, value_enum, default_value_t = Dtype::Fp8)]
-    pub dtype_b: Dtype,
+    pub(crate) dtype_b: Dtype,
     /// Input JSONL conversations.
     #[arg(long)]
     pub input: PathBuf,

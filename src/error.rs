@@ -5,7 +5,7 @@ use std::fmt;
 /// Displays an error and its chain of sources as `error: cause: cause`, leaving out a cause
 /// whose text the line already holds (an error that both names its cause in its message and
 /// exposes it as its source).
-pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

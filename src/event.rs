@@ -36,7 +36,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values.
-    pub const ALL: [ErrorKind; 10] = [
+    pub(crate) const ALL: [ErrorKind; 10] = [
         ErrorKind::InvalidUtf8,
         ErrorKind::InvalidJson,
         ErrorKind::Schema,
@@ -86,7 +86,7 @@ impl EventError {
         Self { kind, message: message.into(), id: None }
     }
 
-    pub fn with_id(mut self, id: Option<String>) -> Self {
+    pub(crate) fn with_id(mut self, id: Option<String>) -> Self {
         self.id = id;
         self
     }
@@ -94,7 +94,7 @@ impl EventError {
 
 /// The `error` object of error records and dead letters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub kind: ErrorKind,
     pub message: String,
 }
@@ -260,20 +260,36 @@ pub struct Score {
 impl Score {
     /// A score is published only when every number in it is finite (JSON has no NaN or
     /// infinity; serde would write `null`). The error names the first bad value.
-    pub fn check_finite(&self) -> Result<(), String> {
+    pub(crate) fn check_finite(&self) -> Result<(), NonFinite> {
         if !self.reward.is_finite() {
-            return Err(format!("the model produced a non-finite reward ({})", self.reward));
+            return Err(NonFinite::Reward(self.reward));
         }
         match self.attributes.iter().find(|(_, v)| !v.is_finite()) {
-            Some((name, v)) => Err(format!("the model produced a non-finite value for attribute {name:?} ({v})")),
+            Some((name, v)) => Err(NonFinite::Attribute { name: name.clone(), value: *v }),
             None => Ok(()),
         }
     }
 }
 
+/// A score that cannot be published: a value is NaN or infinite.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NonFinite {
+    #[error("the model produced a non-finite reward ({0})")]
+    Reward(f32),
+    #[error("the model produced a non-finite value for attribute {name:?} ({value})")]
+    Attribute { name: String, value: f32 },
+}
+
+impl From<NonFinite> for EventError {
+    /// A non-finite score is a `model` error of its event.
+    fn from(e: NonFinite) -> Self {
+        EventError::new(ErrorKind::Model, e.to_string())
+    }
+}
+
 /// A scored conversation, as published.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ScoredEvent {
+pub(crate) struct ScoredEvent {
     pub id: String,
     pub reward: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,8 +353,8 @@ mod tests {
     fn non_finite_scores_are_refused() {
         let ok = Score { reward: 1.0, attributes: vec![("a".into(), 2.0)] };
         assert!(ok.check_finite().is_ok());
-        assert!(Score { reward: f32::NAN, ..ok.clone() }.check_finite().unwrap_err().contains("reward"));
-        assert!(Score { reward: 1.0, attributes: vec![("a".into(), f32::INFINITY)] }.check_finite().unwrap_err().contains("\"a\""));
+        assert!(Score { reward: f32::NAN, ..ok.clone() }.check_finite().unwrap_err().to_string().contains("reward"));
+        assert!(Score { reward: 1.0, attributes: vec![("a".into(), f32::INFINITY)] }.check_finite().unwrap_err().to_string().contains("\"a\""));
     }
 
     #[test]

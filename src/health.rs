@@ -51,7 +51,7 @@ impl Liveness {
     }
 
     /// The model has loaded; the stall clock starts now.
-    pub fn model_loaded(&self) {
+    pub(crate) fn model_loaded(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.loading = false;
             s.last_progress = Instant::now();
@@ -74,21 +74,21 @@ impl Liveness {
     }
 
     /// The model failed on a batch (which is retried): unhealthy until a batch succeeds.
-    pub fn engine_failed(&self, error: String) {
+    pub(crate) fn engine_failed(&self, error: String) {
         if let Ok(mut s) = self.state.lock() {
             s.engine_failed = Some(error);
         }
     }
 
     /// The model scored a batch.
-    pub fn engine_ok(&self) {
+    pub(crate) fn engine_ok(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.engine_failed = None;
         }
     }
 
     /// Follow the engine's stage threads from now on ([`crate::engine::Engine::stage_health`]).
-    pub fn watch_stages(&self, stages: watch::Receiver<Option<String>>) {
+    pub(crate) fn watch_stages(&self, stages: watch::Receiver<Option<String>>) {
         if let Ok(mut s) = self.state.lock() {
             s.stages = Some(stages);
         }

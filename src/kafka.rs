@@ -16,11 +16,11 @@ use rdkafka::error::KafkaError;
 use crate::config::brokers::KafkaOptions;
 
 /// How long a starting worker waits for the brokers to answer a metadata request.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a Kafka client could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("{0}")]
     Options(String),
     #[error("invalid librdkafka configuration")]
@@ -40,7 +40,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// The underlying client error, for an error that already shows this one's message.
-    pub fn into_source(self) -> Option<Box<dyn std::error::Error + Send + Sync>> {
+    pub(crate) fn into_source(self) -> Option<Box<dyn std::error::Error + Send + Sync>> {
         match self {
             ClientError::Create(e) | ClientError::Unreachable { source: e, .. } => Some(Box::new(e)),
             ClientError::Options(_) | ClientError::Topic { .. } => None,
@@ -50,7 +50,7 @@ impl ClientError {
 
 /// Remembers the last broker-level error librdkafka reported (its error callback).
 #[derive(Debug, Default)]
-pub struct LastError(Mutex<Option<String>>);
+pub(crate) struct LastError(Mutex<Option<String>>);
 
 impl LastError {
     /// Keep `reason`; "all brokers down" only when nothing more specific was seen (it follows
@@ -81,7 +81,7 @@ impl LastError {
 }
 
 /// Forward a librdkafka log line to tracing; true for errors.
-pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
+pub(crate) fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
     match level {
         RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
             tracing::error!(target: "librdkafka", facility, "{message}");
@@ -97,8 +97,8 @@ pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
 /// A client context that only keeps the last broker error (producers; keep a clone of the
 /// `Arc`, the producer does not give its context back).
 #[derive(Debug, Default)]
-pub struct ErrorContext {
-    pub last_error: std::sync::Arc<LastError>,
+pub(crate) struct ErrorContext {
+    pub(crate) last_error: std::sync::Arc<LastError>,
 }
 
 impl ClientContext for ErrorContext {
@@ -119,7 +119,7 @@ impl ProducerContext for ErrorContext {
 
 /// `bootstrap.servers`, the worker's `defaults`, then the user's options (from the config and
 /// from `option_files`), so a pass-through option always wins.
-pub fn client_config(
+pub(crate) fn client_config(
     brokers: &str,
     defaults: &[(&str, &str)],
     options: &KafkaOptions,
@@ -144,7 +144,7 @@ pub fn client_config(
 /// or credentials, or a missing topic, fails at start naming the broker's error. The client
 /// serves its own event queue meanwhile: librdkafka reports TLS and SASL failures only as log
 /// lines and error events there. Blocking: call it from a blocking thread.
-pub fn check_reachable(config: &ClientConfig, brokers: &str, topics: &[&str]) -> Result<(), ClientError> {
+pub(crate) fn check_reachable(config: &ClientConfig, brokers: &str, topics: &[&str]) -> Result<(), ClientError> {
     let mut config = config.clone();
     // Errors only: the consumer's settings would each warn "ignored" on this producer.
     config.set_log_level(RDKafkaLogLevel::Error);
@@ -184,7 +184,7 @@ pub fn check_reachable(config: &ClientConfig, brokers: &str, topics: &[&str]) ->
 }
 
 /// The default `transactional.id`: `scorestream-<hostname>` (the pod name on Kubernetes).
-pub fn default_transactional_id() -> String {
+pub(crate) fn default_transactional_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())

@@ -3,7 +3,7 @@
 //! Data flows one way: source → event → prompt → batch → engine → sink, with acks flowing back.
 
 pub mod batch;
-pub mod candidates;
+pub(crate) mod candidates;
 pub mod cli;
 pub mod commands;
 pub mod engine;
@@ -16,9 +16,10 @@ pub mod app;
 pub mod config;
 pub mod health;
 pub mod http;
-pub mod kafka;
+pub(crate) mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod record;
 pub mod route;
 pub mod score_api;
 pub mod sink;

@@ -119,30 +119,54 @@ pub struct Metrics {
     pub candidates: Histogram,
 }
 
+/// Every metric name, declared once.
+pub const EVENTS_CONSUMED_TOTAL: &str = "scorestream_events_consumed_total";
+pub const EVENTS_SCORED_TOTAL: &str = "scorestream_events_scored_total";
+pub const EVENTS_FAILED_TOTAL: &str = "scorestream_events_failed_total";
+pub const TOKENS_SCORED_TOTAL: &str = "scorestream_tokens_scored_total";
+pub const BATCH_EVENTS: &str = "scorestream_batch_events";
+pub const BATCH_TOKENS: &str = "scorestream_batch_tokens";
+pub const FORWARD_SECONDS: &str = "scorestream_forward_seconds";
+pub const EVENT_LATENCY_SECONDS: &str = "scorestream_event_latency_seconds";
+pub const INFLIGHT_EVENTS: &str = "scorestream_inflight_events";
+pub const CONSUMER_LAG: &str = "scorestream_consumer_lag";
+pub const REWARD: &str = "scorestream_reward";
+pub const MODEL_INFO: &str = "scorestream_model_info";
+pub const STAGE_BUSY_SECONDS_TOTAL: &str = "scorestream_stage_busy_seconds_total";
+pub const KAFKA_TRANSACTIONS_TOTAL: &str = "scorestream_kafka_transactions_total";
+pub const PUBLISH_RETRIES_TOTAL: &str = "scorestream_publish_retries_total";
+pub const PUBLISH_REJECTED_TOTAL: &str = "scorestream_publish_rejected_total";
+pub const DEDUP_COLLISIONS_TOTAL: &str = "scorestream_dedup_collisions_total";
+pub const BUILD_INFO: &str = "scorestream_build_info";
+pub const MODEL_LOAD_SECONDS: &str = "scorestream_model_load_seconds";
+pub const ROUTED_TOTAL: &str = "scorestream_routed_total";
+pub const PREFIX_TOKENS_SHARED_TOTAL: &str = "scorestream_prefix_tokens_shared_total";
+pub const CANDIDATES: &str = "scorestream_candidates";
+
 /// Every metric name, for tests and dashboards.
 pub const NAMES: [&str; 22] = [
-    "scorestream_events_consumed_total",
-    "scorestream_events_scored_total",
-    "scorestream_events_failed_total",
-    "scorestream_tokens_scored_total",
-    "scorestream_batch_events",
-    "scorestream_batch_tokens",
-    "scorestream_forward_seconds",
-    "scorestream_event_latency_seconds",
-    "scorestream_inflight_events",
-    "scorestream_consumer_lag",
-    "scorestream_reward",
-    "scorestream_model_info",
-    "scorestream_stage_busy_seconds_total",
-    "scorestream_kafka_transactions_total",
-    "scorestream_publish_retries_total",
-    "scorestream_publish_rejected_total",
-    "scorestream_dedup_collisions_total",
-    "scorestream_build_info",
-    "scorestream_model_load_seconds",
-    "scorestream_routed_total",
-    "scorestream_prefix_tokens_shared_total",
-    "scorestream_candidates",
+    EVENTS_CONSUMED_TOTAL,
+    EVENTS_SCORED_TOTAL,
+    EVENTS_FAILED_TOTAL,
+    TOKENS_SCORED_TOTAL,
+    BATCH_EVENTS,
+    BATCH_TOKENS,
+    FORWARD_SECONDS,
+    EVENT_LATENCY_SECONDS,
+    INFLIGHT_EVENTS,
+    CONSUMER_LAG,
+    REWARD,
+    MODEL_INFO,
+    STAGE_BUSY_SECONDS_TOTAL,
+    KAFKA_TRANSACTIONS_TOTAL,
+    PUBLISH_RETRIES_TOTAL,
+    PUBLISH_REJECTED_TOTAL,
+    DEDUP_COLLISIONS_TOTAL,
+    BUILD_INFO,
+    MODEL_LOAD_SECONDS,
+    ROUTED_TOTAL,
+    PREFIX_TOKENS_SHARED_TOTAL,
+    CANDIDATES,
 ];
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
@@ -180,72 +204,72 @@ impl Metrics {
         let rewards = config.reward_buckets.clone();
         let m = Self {
             registry: Registry::new(),
-            events_consumed: IntCounterVec::new(Opts::new(NAMES[0], "Records read from the source."), &["source"])
+            events_consumed: IntCounterVec::new(Opts::new(EVENTS_CONSUMED_TOTAL, "Records read from the source."), &["source"])
                 .map_err(r)?,
             events_scored: IntCounterVec::new(
-                Opts::new(NAMES[1], "Events whose score was published and acknowledged, by delivery."),
+                Opts::new(EVENTS_SCORED_TOTAL, "Events whose score was published and acknowledged, by delivery."),
                 &["delivery"],
             )
             .map_err(r)?,
-            events_failed: IntCounterVec::new(Opts::new(NAMES[2], "Events dead-lettered, by reason."), &["reason"])
+            events_failed: IntCounterVec::new(Opts::new(EVENTS_FAILED_TOTAL, "Events dead-lettered, by reason."), &["reason"])
                 .map_err(r)?,
-            tokens_scored: IntCounter::new(NAMES[3], "Tokens of scored events.").map_err(r)?,
-            batch_events: hist(NAMES[4], "Conversations per forward pass.", sizes.clone())?,
-            batch_tokens: hist(NAMES[5], "Tokens per forward pass.", tokens)?,
-            forward_seconds: hist(NAMES[6], "Time of one forward pass.", seconds.clone())?,
-            event_latency_seconds: hist(NAMES[7], "Consume to publish acknowledgement.", seconds)?,
-            inflight_events: IntGauge::new(NAMES[8], "Events consumed and not yet acknowledged.").map_err(r)?,
+            tokens_scored: IntCounter::new(TOKENS_SCORED_TOTAL, "Tokens of scored events.").map_err(r)?,
+            batch_events: hist(BATCH_EVENTS, "Conversations per forward pass.", sizes.clone())?,
+            batch_tokens: hist(BATCH_TOKENS, "Tokens per forward pass.", tokens)?,
+            forward_seconds: hist(FORWARD_SECONDS, "Time of one forward pass.", seconds.clone())?,
+            event_latency_seconds: hist(EVENT_LATENCY_SECONDS, "Consume to publish acknowledgement.", seconds)?,
+            inflight_events: IntGauge::new(INFLIGHT_EVENTS, "Events consumed and not yet acknowledged.").map_err(r)?,
             consumer_lag: IntGaugeVec::new(
-                Opts::new(NAMES[9], "Kafka consumer lag per assigned partition."),
+                Opts::new(CONSUMER_LAG, "Kafka consumer lag per assigned partition."),
                 &["topic", "partition"],
             )
             .map_err(r)?,
             reward: HistogramVec::new(
-                HistogramOpts::new(NAMES[10], "Published rewards, by attribute.").buckets(rewards),
+                HistogramOpts::new(REWARD, "Published rewards, by attribute.").buckets(rewards),
                 &["attribute"],
             )
             .map_err(r)?,
             model_info: IntGaugeVec::new(
-                Opts::new(NAMES[11], "The loaded model (always 1)."),
+                Opts::new(MODEL_INFO, "The loaded model (always 1)."),
                 &["model", "dtype", "device"],
             )
             .map_err(r)?,
             stage_busy_seconds: CounterVec::new(
-                Opts::new(NAMES[12], "Seconds each engine stage spent computing."),
+                Opts::new(STAGE_BUSY_SECONDS_TOTAL, "Seconds each engine stage spent computing."),
                 &["stage", "device"],
             )
             .map_err(r)?,
             kafka_transactions: IntCounterVec::new(
-                Opts::new(NAMES[13], "Kafka exactly-once producer transactions, by outcome."),
+                Opts::new(KAFKA_TRANSACTIONS_TOTAL, "Kafka exactly-once producer transactions, by outcome."),
                 &["outcome"],
             )
             .map_err(r)?,
             publish_retries: IntCounterVec::new(
-                Opts::new(NAMES[14], "Publishes retried after a transient error, by output."),
+                Opts::new(PUBLISH_RETRIES_TOTAL, "Publishes retried after a transient error, by output."),
                 &["output"],
             )
             .map_err(r)?,
             publish_rejected: IntCounterVec::new(
-                Opts::new(NAMES[15], "Messages the broker refused for good (too large, invalid), by output."),
+                Opts::new(PUBLISH_REJECTED_TOTAL, "Messages the broker refused for good (too large, invalid), by output."),
                 &["output"],
             )
             .map_err(r)?,
             dedup_collisions: IntCounter::new(
-                NAMES[16],
+                DEDUP_COLLISIONS_TOTAL,
                 "First publishes reported as duplicates by a de-duplicating broker (id collisions).",
             )
             .map_err(r)?,
             build_info: IntGaugeVec::new(
-                Opts::new(NAMES[17], "This binary (always 1)."),
+                Opts::new(BUILD_INFO, "This binary (always 1)."),
                 &["version", "revision", "features"],
             )
             .map_err(r)?,
-            model_load_seconds: Gauge::new(NAMES[18], "Seconds the model took to load at start.").map_err(r)?,
-            routed: IntCounterVec::new(Opts::new(NAMES[19], "Scored events delivered, by route."), &["route"])
+            model_load_seconds: Gauge::new(MODEL_LOAD_SECONDS, "Seconds the model took to load at start.").map_err(r)?,
+            routed: IntCounterVec::new(Opts::new(ROUTED_TOTAL, "Scored events delivered, by route."), &["route"])
                 .map_err(r)?,
-            prefix_tokens_shared: IntCounter::new(NAMES[20], "Tokens not recomputed because sequences of a batch shared a prefix.")
+            prefix_tokens_shared: IntCounter::new(PREFIX_TOKENS_SHARED_TOTAL, "Tokens not recomputed because sequences of a batch shared a prefix.")
                 .map_err(r)?,
-            candidates: hist(NAMES[21], "Candidates per best-of-N event.", sizes)?,
+            candidates: hist(CANDIDATES, "Candidates per best-of-N event.", sizes)?,
         };
         m.register_all()?;
         m.build_info.with_label_values(&BUILD).set(1);
@@ -327,6 +351,11 @@ impl Metrics {
     /// Events scored, whatever their delivery.
     pub fn events_scored_total(&self) -> u64 {
         DELIVERIES.iter().map(|d| self.events_scored.with_label_values(&[d]).get()).sum()
+    }
+
+    /// Events dead-lettered, whatever their reason.
+    pub fn events_failed_total(&self) -> u64 {
+        ErrorKind::ALL.iter().map(|k| self.events_failed.with_label_values(&[k.as_str()]).get()).sum()
     }
 
     /// The Prometheus text exposition of every metric.

@@ -93,7 +93,7 @@ pub async fn connect(c: &Connection<'_>, name: &str) -> Result<async_nats::Clien
 
 /// Credentials written into a NATS URL: `nats://user:password@host` or `nats://token@host`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum UrlCredentials {
+pub(crate) enum UrlCredentials {
     UserPassword { user: String, password: String },
     Token(String),
 }
@@ -102,7 +102,7 @@ pub enum UrlCredentials {
 /// the URL can be logged and the credentials used as the explicit user/password or token. The
 /// same credentials must be given for every server of a list. `Err` names what is wrong without
 /// echoing the credentials.
-pub fn split_url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>), String> {
+pub(crate) fn split_url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>), String> {
     let mut found: Option<UrlCredentials> = None;
     let mut servers = Vec::new();
     for server in url.split(',') {

@@ -1,6 +1,6 @@
 //! The control flow of `scripts/gpu_check.sh` without a GPU: the bench and PyTorch commands are
-//! replaced by `bench/sample/fake_gpu_bench.sh`, which prints the committed sample output
-//! (marked as sample, not measured), and `bench/report.py` runs on what the steps wrote. So the
+//! replaced by `benches/gpu/sample/fake_gpu_bench.sh`, which prints the committed sample output
+//! (marked as sample, not measured), and `benches/gpu/report.py` runs on what the steps wrote. So the
 //! script cannot be what breaks in a rare GPU slot: at most 10 files under `$OUT`, a failing or
 //! timed-out step never stops the later ones and keeps what it printed, and the table comes last.
 //! Needs bash, coreutils' `timeout` and python3 (standard library only).
@@ -13,7 +13,7 @@ fn root() -> PathBuf {
 }
 
 fn run_script(out: &Path, envs: &[(&str, &str)]) -> Output {
-    let fake = root().join("bench/sample/fake_gpu_bench.sh");
+    let fake = root().join("benches/gpu/sample/fake_gpu_bench.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(root().join("scripts/gpu_check.sh"))
         .env("OUT", out)
@@ -127,7 +127,7 @@ fn the_report_skips_cut_off_lines_and_keeps_other_sections() {
          {\"kind\":\"check\",\"kernel\":\"x\"}\n{\"kind\":\"layers\",\"tokens\":4096,\"seqs\":2,\"lay",
     )
     .unwrap();
-    let run = Command::new("python3").arg(root().join("bench/report.py")).arg(&f).arg(dir.path().join("missing.jsonl")).output().expect("python3");
+    let run = Command::new("python3").arg(root().join("benches/gpu/report.py")).arg(&f).arg(dir.path().join("missing.jsonl")).output().expect("python3");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("(checks: malformed rows, section left out"), "{stdout}");

@@ -8,6 +8,7 @@
 //! Needs helm and kubernetes-validate (`scripts/install_helm.sh`); skipped without them unless
 //! `CI` is set, where their absence fails the tests.
 
+mod missing_tool;
 #[path = "helm/support.rs"]
 mod support;
 

@@ -8,6 +8,7 @@
 
 // Shared with tests/helm.rs, which uses the rest of it.
 #[allow(dead_code)]
+mod missing_tool;
 #[path = "helm/support.rs"]
 mod support;
 

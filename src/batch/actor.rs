@@ -14,7 +14,7 @@ use super::policy::BatchLimits;
 
 /// How many tokens an item brings to a forward pass (0 for items that skip the model, such as
 /// events already known to be dead letters: they still take a slot of `max_events`).
-pub trait Weighted {
+pub(crate) trait Weighted {
     fn tokens(&self) -> usize;
     /// Sequences it sends to the model, counted against `max_events` (a best-of-N event sends
     /// one per candidate). At least 1.

@@ -1,4 +1,4 @@
 //! Micro-batching: packing tokenized events into batches bounded by tokens and events.
 
-pub mod actor;
+pub(crate) mod actor;
 pub mod policy;

@@ -21,7 +21,7 @@ impl Default for BatchLimits {
 impl BatchLimits {
     /// Whether an item of `len` tokens can join a batch already holding `events` items and
     /// `tokens` tokens. An empty batch accepts anything.
-    pub fn admits(&self, events: usize, tokens: usize, len: usize) -> bool {
+    pub(crate) fn admits(&self, events: usize, tokens: usize, len: usize) -> bool {
         events == 0 || (events < self.max_events && tokens + len <= self.max_tokens)
     }
 }

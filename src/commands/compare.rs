@@ -43,7 +43,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
 }
 
 /// Template and tokenize every valid event of a JSONL file (invalid ones are skipped with a warning).
-pub fn tokenize_file(opts: &ModelOptions, path: &std::path::Path) -> anyhow::Result<Vec<Vec<u32>>> {
+pub(crate) fn tokenize_file(opts: &ModelOptions, path: &std::path::Path) -> anyhow::Result<Vec<Vec<u32>>> {
     let prompter = Prompter::load(&opts.path)?;
     let max_tokens = crate::engine::length_limit(opts.max_tokens, &crate::model::ArchConfig::from_dir(&opts.path)?);
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -64,7 +64,7 @@ pub fn tokenize_file(opts: &ModelOptions, path: &std::path::Path) -> anyhow::Res
 }
 
 /// Rewards of every sequence under `opts`.
-pub fn score_all(opts: &ModelOptions, ids: &[Vec<u32>]) -> anyhow::Result<Vec<f32>> {
+pub(crate) fn score_all(opts: &ModelOptions, ids: &[Vec<u32>]) -> anyhow::Result<Vec<f32>> {
     let limits = BatchLimits::default();
     let engine = Engine::start_with_limits(opts, limits)?;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();

@@ -9,7 +9,7 @@ use crate::engine::cuda::precision::ARCHES;
 use crate::engine::cuda::prebuilt;
 
 /// The architectures named by `--arch` (`all` expands to [`ARCHES`]), each once.
-pub fn arches(requested: &[String]) -> Vec<String> {
+pub(crate) fn arches(requested: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for a in requested.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
         let names: Vec<String> = if a == "all" { ARCHES.iter().map(|s| s.to_string()).collect() } else { vec![a.to_owned()] };

@@ -27,7 +27,7 @@ const COPIED: [&str; 6] = [
     "tokenizer.model",
 ];
 
-pub fn is_quantized_linear(name: &str) -> bool {
+pub(crate) fn is_quantized_linear(name: &str) -> bool {
     name.starts_with("model.layers.") && LINEAR_SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
@@ -95,7 +95,7 @@ fn quantize_in_chunks(t: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let rows = t.dim(0)?;
     let (mut qs, mut scales) = (Vec::new(), Vec::new());
     for start in (0..rows).step_by(ROWS) {
-        let (q, s) = fp8::quantize_rows(&t.narrow(0, start, ROWS.min(rows - start))?)?;
+        let (q, s) = fp8::quantize_tensor_rows(&t.narrow(0, start, ROWS.min(rows - start))?)?;
         qs.push(q);
         scales.push(s);
     }
@@ -129,7 +129,7 @@ fn write_config(src: &Path, dst: &Path) -> anyhow::Result<()> {
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -10,6 +10,7 @@
 pub mod cuda;
 mod loader;
 pub mod reference;
+mod scorer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,8 +23,8 @@ use crate::model::packed::Packed;
 use crate::model::stage::{Activations, Stage, StageOutput};
 use crate::model::{ModelError, ModelOptions};
 
-pub use crate::model::DeviceSpec;
 pub use loader::{gpu_needs, gpu_precision, length_limit, parse_device, plan, ModelInfo, Plan, StageInfo};
+pub use scorer::Scorer;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +56,7 @@ pub enum EngineError {
 impl EngineError {
     /// The sequence of the batch that the engine refused, before running anything, for what
     /// it holds (its length, a token id): that one event's fault, not the engine's.
-    pub fn refused_sequence(&self) -> Option<usize> {
+    pub(crate) fn refused_sequence(&self) -> Option<usize> {
         match self {
             EngineError::Sequence { index, .. } | EngineError::Token { index, .. } => Some(*index),
             _ => None,
@@ -64,7 +65,7 @@ impl EngineError {
 }
 
 /// A stage on its device: the candle CPU stage or the CUDA stage.
-pub enum AnyStage {
+pub(crate) enum AnyStage {
     Cpu(Stage),
     #[cfg(feature = "cuda")]
     Cuda(Box<cuda::stage::CudaStage>),
@@ -203,7 +204,7 @@ impl Engine {
 
     /// `None` while every stage thread runs; the reason once one has died (a panic outside a
     /// batch, or its next stage gone). A stage that fails a batch stays alive.
-    pub fn stage_health(&self) -> watch::Receiver<Option<String>> {
+    pub(crate) fn stage_health(&self) -> watch::Receiver<Option<String>> {
         self.health.clone()
     }
 

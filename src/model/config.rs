@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::ModelError;
 
 /// The SteerLM/HelpSteer2 attribute labels of Nemotron-4-340B-Reward, in output order.
-pub const STEERLM_LABELS: [&str; 9] = [
+pub(crate) const STEERLM_LABELS: [&str; 9] = [
     "quality",
     "toxicity",
     "humor",
@@ -25,7 +25,7 @@ pub const STEERLM_LABELS: [&str; 9] = [
 ];
 
 /// Weights of the scalar reward over [`STEERLM_LABELS`] (Nemotron-4-340B-Reward model card).
-pub const STEERLM_WEIGHTS: [f32; 9] = [0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33];
+pub(crate) const STEERLM_WEIGHTS: [f32; 9] = [0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33];
 
 /// The raw fields of config.json that any supported family may use.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,16 +74,17 @@ pub enum HeadKind {
     Score,
 }
 
-/// Per-layer normalization.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Per-layer normalization (the candle model, the CPU kernel references and the CUDA layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormKind {
     Rms,
     /// Nemotron's LayerNorm with a bias whose weight is stored minus one.
     LayerNorm1P,
 }
 
-/// The MLP's activation; gated activations use `gate_proj` and `up_proj`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The MLP's activation; gated activations use `gate_proj` and `up_proj` (the CUDA kernels and
+/// their references take the two as one `[tokens, 2·inter]` input, gate | up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// `down(silu(gate(x)) * up(x))`.
     SwiGlu,
@@ -109,26 +110,26 @@ pub struct ArchConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
-    pub num_heads: usize,
+    pub(crate) num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
     pub norm: NormKind,
-    pub norm_eps: f64,
+    pub(crate) norm_eps: f64,
     pub activation: Activation,
     /// Bias on q/k/v projections.
-    pub qkv_bias: bool,
+    pub(crate) qkv_bias: bool,
     /// Bias on the output projection.
-    pub o_bias: bool,
-    pub mlp_bias: bool,
+    pub(crate) o_bias: bool,
+    pub(crate) mlp_bias: bool,
     /// RMSNorm over each head of q and k before rotary (Qwen3).
-    pub qk_norm: bool,
+    pub(crate) qk_norm: bool,
     pub rope_theta: f64,
-    pub rope_scaling: RopeScaling,
+    pub(crate) rope_scaling: RopeScaling,
     /// Rotary dimensions per head (even, ≤ head_dim).
-    pub rotary_dim: usize,
+    pub(crate) rotary_dim: usize,
     /// Per layer: the attention window, when the layer attends to a sliding window.
-    pub sliding_window: Vec<Option<usize>>,
+    pub(crate) sliding_window: Vec<Option<usize>>,
     pub max_position_embeddings: usize,
     pub head: HeadKind,
     /// Output labels in output order (one for a single-output head).
@@ -148,13 +149,13 @@ impl ArchConfig {
     }
 
     /// Normalize the text of a config.json.
-    pub fn from_json(text: &str) -> Result<Self, ModelError> {
+    pub(crate) fn from_json(text: &str) -> Result<Self, ModelError> {
         let raw: RawConfig = super::json::from_object_text(text)?;
         from_raw(raw)
     }
 
     /// Whether the outputs are the nine SteerLM attributes.
-    pub fn is_steerlm(&self) -> bool {
+    pub(crate) fn is_steerlm(&self) -> bool {
         self.labels.len() == STEERLM_LABELS.len()
             && self.labels.iter().zip(STEERLM_LABELS).all(|(a, b)| a.eq_ignore_ascii_case(b))
     }

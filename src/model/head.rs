@@ -17,7 +17,7 @@ use crate::event::Score;
 
 /// The linear head over the final hidden state of each sequence's scored token.
 #[derive(Debug, Clone)]
-pub struct RewardHead {
+pub(crate) struct RewardHead {
     /// `[outputs, hidden]`, f32.
     weight: Tensor,
     /// Index of the token to read, per sequence: "last" or "rightmost non-pad".
@@ -59,14 +59,10 @@ impl RewardHead {
         Ok(Self { weight: weight.to_dtype(DType::F32)?, pad_token_id, labels: cfg.labels.clone(), reward_weights })
     }
 
-    pub fn labels(&self) -> &[String] {
-        &self.labels
-    }
-
     /// The packed index of the token each sequence is scored at. A sequence that is all
     /// padding is read at its first token, as transformers' `argmax` over an all-zero mask does.
     /// A sequence in a shared-prefix group is its prefix, then its own segment.
-    pub fn read_positions(&self, packed: &Packed) -> Vec<usize> {
+    pub(crate) fn read_positions(&self, packed: &Packed) -> Vec<usize> {
         (0..packed.num_seqs())
             .map(|i| {
                 let (prefix, own) = packed.seq_parts(i);

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::ModelError;
 
 /// Deserialize a JSON object's text into `T`, naming the top-level field whose value is wrong.
-pub fn from_object_text<T: DeserializeOwned>(text: &str) -> Result<T, ModelError> {
+pub(crate) fn from_object_text<T: DeserializeOwned>(text: &str) -> Result<T, ModelError> {
     let map = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => map,
         Ok(other) => return Err(ModelError::Json { message: format!("expected a JSON object, found {}", json_kind(&other)) }),

@@ -18,7 +18,7 @@ const QUERY_CHUNK: usize = 512;
 
 /// How a linear layer treats its input.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum InputQuant {
+pub(crate) enum InputQuant {
     /// Full precision.
     None,
     /// FP8 E4M3 per token, scale from each token's amax (dynamic).
@@ -57,7 +57,7 @@ impl Linear {
             };
             (q, Some(scale))
         } else if vb.fp8 {
-            let (q, scale) = fp8::quantize_rows(&vb.get_as((out_dim, in_dim), "weight", DType::F32)?)?;
+            let (q, scale) = fp8::quantize_tensor_rows(&vb.get_as((out_dim, in_dim), "weight", DType::F32)?)?;
             (q, Some(scale))
         } else {
             (vb.get((out_dim, in_dim), "weight")?, None)
@@ -70,14 +70,10 @@ impl Linear {
         Ok(Self { weight, weight_scale, bias, input_quant })
     }
 
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, weight_scale: None, bias, input_quant: InputQuant::None }
-    }
-
     /// The weight in `dtype` (dequantized when held as FP8 codes).
     pub fn weight(&self, dtype: DType) -> Result<Tensor> {
         Ok(match &self.weight_scale {
-            Some(scale) => fp8::dequantize(&self.weight, scale)?.to_dtype(dtype)?,
+            Some(scale) => fp8::dequantize_tensor(&self.weight, scale)?.to_dtype(dtype)?,
             None => self.weight.to_dtype(dtype)?,
         })
     }
@@ -88,7 +84,7 @@ impl Linear {
             InputQuant::PerToken => fp8::fake_quant_rows(x)?.to_dtype(x.dtype())?,
             InputQuant::Static(s) => {
                 let s = Tensor::new(&[s], x.device())?;
-                fp8::dequantize(&fp8::quantize_with_scale(x, &s)?, &s)?.to_dtype(x.dtype())?
+                fp8::dequantize_tensor(&fp8::quantize_tensor(x, &s)?, &s)?.to_dtype(x.dtype())?
             }
         };
         let y = match &self.weight_scale {
@@ -342,7 +338,7 @@ impl DecoderLayer {
 
 /// Token embedding lookup.
 #[derive(Debug, Clone)]
-pub struct Embedding {
+pub(crate) struct Embedding {
     /// `[vocab, hidden]`
     weight: Tensor,
 }

@@ -18,7 +18,8 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use config::ArchConfig;
-pub use options::{DeviceSpec, Dtype, ModelOptions};
+pub(crate) use options::DeviceSpec;
+pub use options::{Dtype, ModelOptions};
 
 /// Errors while reading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +68,7 @@ impl ModelError {
     }
 
     /// Say which file an error came from.
-    pub fn in_file(self, path: &std::path::Path) -> Self {
+    pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
         Self::InFile { path: path.to_owned(), source: Box::new(self) }
     }
 }

@@ -133,11 +133,11 @@ mod tests {
     }
 }
 
-pub fn default_devices() -> Vec<String> {
+pub(crate) fn default_devices() -> Vec<String> {
     vec!["cpu".to_owned()]
 }
 
-pub const fn default_max_tokens() -> usize {
+pub(crate) const fn default_max_tokens() -> usize {
     4096
 }
 

@@ -24,7 +24,7 @@ pub struct Packed {
     /// or `None` (a whole sequence, or a shared prefix).
     pub prefix_of: Vec<Option<usize>>,
     /// `[sequences]`: the segment that ends each sequence, in the batch's order.
-    pub seq_segments: Vec<usize>,
+    pub(crate) seq_segments: Vec<usize>,
 }
 
 impl Packed {
@@ -89,7 +89,7 @@ impl Packed {
     }
 
     /// The sequences scored (shared prefixes are not sequences).
-    pub fn num_seqs(&self) -> usize {
+    pub(crate) fn num_seqs(&self) -> usize {
         self.seq_segments.len()
     }
 
@@ -104,12 +104,12 @@ impl Packed {
     }
 
     /// The token range of segment `i`.
-    pub fn range(&self, i: usize) -> Range<usize> {
+    pub(crate) fn range(&self, i: usize) -> Range<usize> {
         self.cu_seqlens[i]..self.cu_seqlens[i + 1]
     }
 
     /// Sequence `i` as (its shared prefix's range, or an empty one; its own segment's range).
-    pub fn seq_parts(&self, i: usize) -> (Range<usize>, Range<usize>) {
+    pub(crate) fn seq_parts(&self, i: usize) -> (Range<usize>, Range<usize>) {
         let seg = self.seq_segments[i];
         let own = self.range(seg);
         let prefix = self.prefix_of[seg].map_or(own.start..own.start, |p| self.range(p));
@@ -117,7 +117,8 @@ impl Packed {
     }
 
     /// The longest segment.
-    pub fn max_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn max_len(&self) -> usize {
         self.ranges().map(|r| r.len()).max().unwrap_or(0)
     }
 

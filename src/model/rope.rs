@@ -40,8 +40,8 @@ pub fn inv_freq(theta: f64, rotary_dim: usize, scaling: &RopeScaling) -> Vec<f32
 /// cos and sin for a set of token positions: `[tokens, rotary_dim / 2]` each, in `dtype`.
 #[derive(Debug, Clone)]
 pub struct RotaryTables {
-    pub cos: Tensor,
-    pub sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 /// The rotary embedding of one model.
@@ -76,7 +76,7 @@ impl Rotary {
     }
 
     /// Rotate `x: [tokens, heads, head_dim]` in place of its first `rotary_dim` dims.
-    pub fn apply(&self, x: &Tensor, t: &RotaryTables) -> candle_core::Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, t: &RotaryTables) -> candle_core::Result<Tensor> {
         let (_, _, head_dim) = x.dims3()?;
         let half = self.rotary_dim / 2;
         let cos = t.cos.unsqueeze(1)?;

@@ -35,7 +35,7 @@ pub enum StageOutput {
 
 /// Layers `range` of a model on `device`.
 pub struct Stage {
-    pub range: Range<usize>,
+    pub(crate) range: Range<usize>,
     embed: Option<Embedding>,
     layers: Vec<DecoderLayer>,
     tail: Option<(Norm, RewardHead)>,
@@ -107,7 +107,7 @@ impl Stage {
 /// Split `layer_bytes` into `stages` contiguous ranges balanced by bytes, counting `first_extra`
 /// (the embedding) on the first stage and `last_extra` (norm and head) on the last. Every stage
 /// gets at least one layer when there are enough layers.
-pub fn plan_stages(layer_bytes: &[usize], first_extra: usize, last_extra: usize, stages: usize) -> Vec<Range<usize>> {
+pub(crate) fn plan_stages(layer_bytes: &[usize], first_extra: usize, last_extra: usize, stages: usize) -> Vec<Range<usize>> {
     let n = layer_bytes.len();
     let stages = stages.clamp(1, n.max(1));
     let total: usize = layer_bytes.iter().sum::<usize>() + first_extra + last_extra;

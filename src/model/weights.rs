@@ -36,7 +36,7 @@ struct ShardIndex {
 
 /// The safetensors files of `dir`: `model.safetensors`, or the shards named by
 /// `model.safetensors.index.json`.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let single = dir.join("model.safetensors");
     if single.exists() {
         return Ok(vec![single]);
@@ -111,18 +111,18 @@ impl Weights {
     }
 
     /// Number of scalar parameters in every tensor.
-    pub fn num_parameters(&self) -> u64 {
+    pub(crate) fn num_parameters(&self) -> u64 {
         self.index.values().map(|e| e.shape.iter().product::<usize>() as u64).sum()
     }
 
     /// Load a tensor as stored.
-    pub fn load_raw(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
+    pub(crate) fn load_raw(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
         let st = map(&self.files[self.entry(name)?.file])?;
         st.load(name, device).map_err(|e| ModelError::weights(format!("cannot load {name}"), Some(e)))
     }
 
     /// Load rows `start..start+len` of a 2-D tensor without converting the rest of it.
-    pub fn load_rows(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Tensor, ModelError> {
+    pub(crate) fn load_rows(&self, name: &str, start: usize, len: usize, device: &Device) -> Result<Tensor, ModelError> {
         let st = map(&self.files[self.entry(name)?.file])?;
         let view = st.get(name).map_err(|e| ModelError::weights(format!("tensor {name}"), Some(e)))?;
         let shape = view.shape();
@@ -203,7 +203,7 @@ impl Vb {
     }
 
     /// The view one level down: `vb.pp("self_attn")`.
-    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+    pub(crate) fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
         Self { prefix, ..self.clone() }
     }
@@ -226,7 +226,7 @@ impl Vb {
     }
 
     /// Like [`Vb::get`] but in an explicit dtype (norm weights stay in f32, say).
-    pub fn get_as(&self, shape: impl Into<Shape>, name: &str, dtype: DType) -> Result<Tensor, ModelError> {
+    pub(crate) fn get_as(&self, shape: impl Into<Shape>, name: &str, dtype: DType) -> Result<Tensor, ModelError> {
         let path = self.path(name);
         let shape = shape.into();
         if !self.weights.contains(&path) {
@@ -243,16 +243,7 @@ impl Vb {
     }
 
     /// The tensor `name` as stored, any shape.
-    pub fn get_raw(&self, name: &str) -> Result<Tensor, ModelError> {
+    pub(crate) fn get_raw(&self, name: &str) -> Result<Tensor, ModelError> {
         self.weights.load_raw(&self.path(name), &self.device)
-    }
-
-    /// `Some(tensor)` when present, `None` when absent.
-    pub fn get_opt(&self, shape: impl Into<Shape>, name: &str) -> Result<Option<Tensor>, ModelError> {
-        if self.contains(name) {
-            self.get(shape, name).map(Some)
-        } else {
-            Ok(None)
-        }
     }
 }

@@ -14,10 +14,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::event::{ErrorBody, EventError, InputEvent, Score, ScoredEvent};
-use crate::source::Origin;
+use crate::record::Origin;
 
 /// The scored event's JSON line.
-pub fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated: bool, model: &str) -> Bytes {
+pub(crate) fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated: bool, model: &str) -> Bytes {
     let scored = ScoredEvent::new(event, score, tokens, truncated, model);
     // Serializing a struct of strings, numbers and JSON values cannot fail.
     Bytes::from(serde_json::to_vec(&scored).unwrap_or_default())
@@ -25,7 +25,7 @@ pub fn scored_payload(event: InputEvent, score: Score, tokens: usize, truncated:
 
 /// The dead letter's JSON line, at most `limit` bytes when given (see the module doc). Only a
 /// limit smaller than the line without any payload is exceeded.
-pub fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin, limit: Option<usize>) -> Bytes {
+pub(crate) fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin, limit: Option<usize>) -> Bytes {
     let text = std::str::from_utf8(payload).ok();
     let whole = render(error, origin, text, payload, None);
     let Some(limit) = limit.filter(|l| whole.len() > *l) else { return whole };
@@ -54,6 +54,20 @@ pub fn dead_letter_payload(error: &EventError, payload: &[u8], origin: &Origin, 
         }
     }
     at(lo)
+}
+
+/// `scorestream score`'s error record: `{"id"?, "line", "error"}`, `line` counting from 1 (for
+/// an input that did not come from a file, no `line`). The input itself stays in the input file.
+pub(crate) fn error_record(error: &EventError, origin: &Origin) -> Bytes {
+    let mut obj = serde_json::Map::new();
+    if let Some(id) = &error.id {
+        obj.insert("id".into(), Value::String(id.clone()));
+    }
+    if let Origin::File { line, .. } = origin {
+        obj.insert("line".into(), json!(line));
+    }
+    obj.insert("error".into(), serde_json::to_value(ErrorBody::from(error)).unwrap_or(Value::Null));
+    Bytes::from(serde_json::to_vec(&Value::Object(obj)).unwrap_or_default())
 }
 
 /// How a payload was cut to fit.
@@ -111,6 +125,18 @@ mod tests {
         assert_eq!(v["payload_encoding"], "base64");
         assert_eq!(v["source"], json!({"topic": "t", "partition": 2, "offset": 9}));
         assert!(v.get("id").is_none() && v.get("payload_truncated").is_none());
+    }
+
+    #[test]
+    fn error_records_name_the_line_and_keep_no_payload() {
+        let e = EventError::new(ErrorKind::Schema, "bad").with_id(Some("x".into()));
+        let file = Origin::File { path: "in.jsonl".into(), line: 4 };
+        assert_eq!(
+            std::str::from_utf8(&error_record(&e, &file)).unwrap(),
+            r#"{"id":"x","line":4,"error":{"kind":"schema","message":"bad"}}"#
+        );
+        let v: Value = serde_json::from_slice(&error_record(&EventError::new(ErrorKind::InvalidJson, "no"), &nats(1))).unwrap();
+        assert_eq!(v, json!({"error": {"kind": "invalid_json", "message": "no"}}));
     }
 
     #[test]

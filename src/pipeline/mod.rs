@@ -19,6 +19,7 @@
 //! a token id outside the vocabulary), a non-finite score.
 
 mod dead_letter;
+mod prompt;
 mod publish;
 mod stages;
 
@@ -26,7 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::actor::Weighted;
@@ -36,11 +36,14 @@ use crate::candidates::BestOfNEvent;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::record::Origin;
 use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
-use crate::source::{AckHandle, Origin, Source, SourceError};
+use crate::source::{AckHandle, Source, SourceError};
 
-pub use dead_letter::{dead_letter_payload, scored_payload};
+pub(crate) use prompt::PromptPreparer;
+/// The score stage's engine (defined beside it).
+pub use crate::engine::Scorer;
 
 /// Errors that stop the pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +76,7 @@ pub enum ScoreError {
 
 impl ScoreError {
     /// The sequence refused for what it holds ([`EngineError::refused_sequence`]).
-    pub fn refused_sequence(&self) -> Option<usize> {
+    pub(crate) fn refused_sequence(&self) -> Option<usize> {
         match self {
             ScoreError::Engine(e) => e.refused_sequence(),
             ScoreError::Count { .. } => None,
@@ -87,39 +90,15 @@ pub trait Preparer: Send + Sync + 'static {
     fn prepare(&self, event: &InputEvent) -> Result<(Vec<u32>, bool), EventError>;
 }
 
-/// Scores batches of token sequences (the engine).
-pub trait Scorer: Send + Sync + 'static {
-    /// One score per sequence, in order. An error is a fault of the engine (the batch is
-    /// retried), except one that names a refused sequence ([`EngineError::refused_sequence`]).
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>>;
-    /// Name published in each scored event.
-    fn model_name(&self) -> String;
-    /// Batches worth keeping in flight at once (the engine's pipeline depth).
-    fn depth(&self) -> usize;
-}
-
-impl Scorer for crate::engine::Engine {
-    fn score(&self, batch: Vec<Vec<u32>>) -> BoxFuture<'static, Result<Vec<Score>, EngineError>> {
-        let engine = self.clone();
-        Box::pin(async move { engine.score(batch).await })
-    }
-    fn model_name(&self) -> String {
-        self.info().name.clone()
-    }
-    fn depth(&self) -> usize {
-        self.info().stages.len().max(1)
-    }
-}
-
 /// A record between fetch and ack. Its permit (and the in-flight gauge) is released when it is
 /// dropped, i.e. after its ack, or when the worker gives up on it at shutdown.
-pub struct InFlight {
+pub(crate) struct InFlight {
     pub origin: Origin,
     pub key: Option<Bytes>,
     pub headers: Vec<(String, Option<Bytes>)>,
     pub payload: Bytes,
     pub ack: AckHandle,
-    pub consumed: Instant,
+    pub(crate) consumed: Instant,
     _permit: Permit,
 }
 
@@ -136,7 +115,7 @@ impl Drop for Permit {
 }
 
 /// What the prepare stage made of a record.
-pub enum Verdict {
+pub(crate) enum Verdict {
     Ready { event: InputEvent, ids: Vec<u32>, truncated: bool },
     /// A best-of-N event: each candidate's token ids and truncation flag, or why it cannot be
     /// scored.
@@ -145,9 +124,9 @@ pub enum Verdict {
 }
 
 /// A prepared record on its way to the batcher.
-pub struct Work {
+pub(crate) struct Work {
     pub input: InFlight,
-    pub verdict: Verdict,
+    pub(crate) verdict: Verdict,
 }
 
 impl Weighted for Work {
@@ -168,7 +147,7 @@ impl Weighted for Work {
 }
 
 /// The final result for one record.
-pub enum Outcome {
+pub(crate) enum Outcome {
     Scored { event: InputEvent, score: Score, tokens: usize, truncated: bool },
     /// A best-of-N event: one outcome per candidate, in order.
     Ranked { event: BestOfNEvent, outcomes: Vec<crate::candidates::Outcome> },
@@ -195,11 +174,11 @@ pub struct Parts {
 /// The named sinks, in the order of [`Router::names`], and the rules over them.
 #[derive(Clone, Default)]
 pub struct Routes {
-    pub router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     pub sinks: Vec<Arc<dyn Sink>>,
     /// Where the outputs of events posted to `/v1/score` go (their requests); they are never
     /// routed.
-    pub reply: Option<Arc<dyn Sink>>,
+    pub(crate) reply: Option<Arc<dyn Sink>>,
 }
 
 /// Flow-control settings.
@@ -214,6 +193,31 @@ pub struct Settings {
     pub max_failed_batches: usize,
     /// Most candidates of one best-of-N event.
     pub max_candidates: usize,
+    /// What a batch the model fails on becomes.
+    pub(crate) engine_faults: EngineFaults,
+    /// What a dead letter looks like.
+    pub(crate) dead_letters: DeadLetterFormat,
+}
+
+/// What a batch the model fails on (not a sequence it refuses) becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EngineFaults {
+    /// The worker: retried with backoff, never dead-lettered, until `max_failed_batches`
+    /// failures in a row end the run (the broker redelivers the unacknowledged inputs).
+    Retry,
+    /// `scorestream score`: each event of the batch becomes a `model` dead letter and the run
+    /// goes on (a file is read once: nothing would redeliver it).
+    DeadLetter,
+}
+
+/// The shape of a dead letter's JSON line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLetterFormat {
+    /// The worker's: the error, the id, the payload (cut to fit the sink) and its origin
+    /// ([`dead_letter_payload`]).
+    Full,
+    /// `scorestream score`'s error record: `{"id"?, "line", "error"}` ([`error_record`]).
+    Record,
 }
 
 impl Settings {
@@ -227,6 +231,8 @@ impl Settings {
             max_payload_bytes: batch.max_payload_bytes,
             max_failed_batches: batch.max_failed_batches,
             max_candidates: batch.max_candidates,
+            engine_faults: EngineFaults::Retry,
+            dead_letters: DeadLetterFormat::Full,
         }
     }
 }
@@ -257,6 +263,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         metrics: metrics.clone(),
         liveness: liveness.clone(),
         max_failed: settings.max_failed_batches.max(1),
+        faults: settings.engine_faults,
         abort: abort_tx.clone(),
     };
     let score = tokio::spawn(scoring.run(batch_rx, done_tx));
@@ -270,6 +277,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         metrics,
         liveness,
         model: scorer.model_name(),
+        dead_letters: settings.dead_letters,
         abort: abort_tx,
     };
     let publish = tokio::spawn(publisher.run(done_rx));

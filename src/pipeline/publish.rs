@@ -12,8 +12,9 @@
 //! unacknowledged (redelivered later), with an error logged; the worker goes on.
 //!
 //! A retried message can land after later outputs of its partition: order holds for the
-//! failure-free path. A fatal sink error (a fenced transactional producer) ends the publish
-//! stage with that error; the pipeline then stops and the worker exits non-zero.
+//! failure-free path. A fatal sink error ([`SinkError::Fatal`]: a fenced transactional
+//! producer, a file that can no longer be written) is never retried: it ends the publish stage
+//! with that error; the pipeline then stops and the worker exits non-zero.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,15 +25,15 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 
-use super::dead_letter::{dead_letter_payload, scored_payload};
-use super::{InFlight, Outcome};
+use super::dead_letter::{dead_letter_payload, error_record, scored_payload};
+use super::{DeadLetterFormat, InFlight, Outcome};
 use crate::error::Chain;
 use crate::event::{ErrorKind, EventError};
 use crate::health::Liveness;
 use crate::metrics::{delivery_label, Metrics};
 use crate::route::{Route, Router};
 use crate::sink::{BatchCommit, Confirmation, Outgoing, OutputKind, Sink, SinkError};
-use crate::source::Origin;
+use crate::record::Origin;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -60,13 +61,14 @@ pub(super) struct Publisher {
     pub dead_letter: Arc<dyn Sink>,
     /// Named sinks, by the index the router gives.
     pub routes: Vec<Arc<dyn Sink>>,
-    pub router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     /// The outputs of posted events (`Origin::Http`), scored or not, go back to their requests.
-    pub reply: Option<Arc<dyn Sink>>,
+    pub(crate) reply: Option<Arc<dyn Sink>>,
     pub commit: Option<Arc<dyn BatchCommit>>,
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
     pub model: String,
+    pub(crate) dead_letters: DeadLetterFormat,
     /// Set when the publish stage ends on a fatal error, so that fetching stops.
     pub abort: watch::Sender<bool>,
 }
@@ -76,41 +78,60 @@ impl Publisher {
     /// Returns the fatal sink error that ended it early, if any.
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Vec<(InFlight, Outcome)>>) -> Result<(), SinkError> {
         let this = Arc::new(self);
-        let mut pending: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
-        loop {
+        let mut pending: FuturesUnordered<BoxFuture<'static, Result<(), SinkError>>> = FuturesUnordered::new();
+        let fatal = loop {
             // Biased toward completions, so acks (and permits) are released before more work.
             tokio::select! {
                 biased;
-                Some(()) = pending.next(), if !pending.is_empty() => {}
+                Some(done) = pending.next(), if !pending.is_empty() => if let Err(e) = done { break e },
                 batch = rx.recv() => match batch {
-                    None => break,
+                    None => break loop {
+                        match pending.next().await {
+                            None => return Ok(()),
+                            Some(Err(e)) => break e,
+                            Some(Ok(())) => {}
+                        }
+                    },
                     Some(batch) if this.commit.is_some() => {
                         if let Err(e) = this.transact(batch).await {
-                            tracing::error!(error = %Chain(&e), "fatal sink error: stopping");
-                            let _ = this.abort.send(true);
-                            rx.close();
-                            while pending.next().await.is_some() {}
-                            return Err(e);
+                            break e;
                         }
                     }
                     Some(batch) => {
-                        for (input, outcome) in batch {
-                            let (msg, done) = this.build(input, outcome);
-                            let next = match msg {
-                                // Dropped by a route: nothing to confirm.
-                                None => this.clone().finish_owned(done).boxed(),
-                                Some(msg) => match this.publish(&msg).await {
-                                    Ok(confirm) => this.clone().complete(msg, confirm, done).boxed(),
-                                    Err(refused) => this.clone().refused(msg, refused, done).boxed(),
-                                },
-                            };
-                            pending.push(next);
+                        if let Err(e) = this.publish_batch(batch, &mut pending).await {
+                            break e;
                         }
                     }
                 },
             }
-        }
+        };
+        tracing::error!(error = %Chain(&fatal), "fatal sink error: stopping");
+        let _ = this.abort.send(true);
+        rx.close();
         while pending.next().await.is_some() {}
+        Err(fatal)
+    }
+
+    /// Enqueue each output of `batch` in order, its confirmation pushed onto `pending`; `Err`
+    /// for a fatal sink error.
+    async fn publish_batch(
+        self: &Arc<Self>,
+        batch: Vec<(InFlight, Outcome)>,
+        pending: &mut FuturesUnordered<BoxFuture<'static, Result<(), SinkError>>>,
+    ) -> Result<(), SinkError> {
+        for (input, outcome) in batch {
+            let (msg, done) = self.build(input, outcome);
+            let next = match msg {
+                // Dropped by a route: nothing to confirm.
+                None => self.clone().finish_owned(done).boxed(),
+                Some(msg) => match self.publish(&msg).await {
+                    Ok(confirm) => self.clone().complete(msg, confirm, done).boxed(),
+                    Err(e) if e.is_fatal() => return Err(e),
+                    Err(refused) => self.clone().refused(msg, refused, done).boxed(),
+                },
+            };
+            pending.push(next);
+        }
         Ok(())
     }
 
@@ -198,7 +219,10 @@ impl Publisher {
 
     /// The dead letter of `input` for error `e`, cut to `limit` bytes of payload.
     fn dead_letter_for(&self, input: &InFlight, e: &EventError, limit: Option<usize>) -> Outgoing {
-        let payload = dead_letter_payload(e, &input.payload, &input.origin, limit);
+        let payload = match self.dead_letters {
+            DeadLetterFormat::Full => dead_letter_payload(e, &input.payload, &input.origin, limit),
+            DeadLetterFormat::Record => error_record(e, &input.origin),
+        };
         self.outgoing(input, OutputKind::DeadLetter, e.id.as_deref(), payload)
     }
 
@@ -219,26 +243,26 @@ impl Publisher {
     }
 
     /// Enqueue `msg`, retrying transient errors with backoff until the sink takes it; `Err`
-    /// only for a permanent refusal.
+    /// only for a permanent refusal or a fatal error.
     async fn publish(&self, msg: &Outgoing) -> Result<Confirmation, SinkError> {
         let mut delay = FIRST_BACKOFF;
         loop {
             match self.sink_for(msg).publish(msg.clone()).await {
                 Ok(c) => return Ok(c),
-                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) if e.is_permanent() || e.is_fatal() => return Err(e),
                 Err(e) => self.backoff((&msg.origin, msg.kind), &e, &mut delay, "publish failed").await,
             }
         }
     }
 
     /// Wait for `msg`'s confirmation, republishing on transient failures; `Err` only for a
-    /// permanent refusal.
+    /// permanent refusal or a fatal error.
     async fn confirm(&self, msg: &mut Outgoing, mut confirm: Confirmation) -> Result<(), SinkError> {
         let mut delay = FIRST_BACKOFF;
         loop {
             match confirm.await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) if e.is_permanent() || e.is_fatal() => return Err(e),
                 Err(e) => {
                     self.backoff((&msg.origin, msg.kind), &e, &mut delay, "publish not confirmed").await;
                     msg.first_publish = false;
@@ -248,23 +272,28 @@ impl Publisher {
         }
     }
 
-    /// Publish `msg` until it is confirmed; `Err` only for a permanent refusal.
+    /// Publish `msg` until it is confirmed; `Err` only for a permanent refusal or a fatal error.
     async fn deliver(&self, mut msg: Outgoing) -> Result<(), SinkError> {
         let confirm = self.publish(&msg).await?;
         self.confirm(&mut msg, confirm).await
     }
 
     /// Wait for the confirmation, then ack and count; a refused message goes on to
-    /// [`Publisher::refused`].
-    async fn complete(self: Arc<Self>, mut msg: Outgoing, confirm: Confirmation, done: Done) {
+    /// [`Publisher::refused`]. `Err` for a fatal sink error.
+    async fn complete(self: Arc<Self>, mut msg: Outgoing, confirm: Confirmation, done: Done) -> Result<(), SinkError> {
         match self.confirm(&mut msg, confirm).await {
-            Ok(()) => self.finish(done).await,
+            Ok(()) => {
+                self.finish(done).await;
+                Ok(())
+            }
+            Err(e) if e.is_fatal() => Err(e),
             Err(e) => self.refused(msg, e, done).await,
         }
     }
 
     /// `msg` was refused for good: send its input's dead letter instead (see the module doc).
-    async fn refused(self: Arc<Self>, msg: Outgoing, error: SinkError, mut done: Done) {
+    /// `Err` for a fatal sink error.
+    async fn refused(self: Arc<Self>, msg: Outgoing, error: SinkError, mut done: Done) -> Result<(), SinkError> {
         let reason = Chain(&error).to_string();
         self.metrics.publish_rejected.with_label_values(&[msg.kind.as_str()]).inc();
         tracing::warn!(error = %reason, origin = %msg.origin, output = %msg.kind, "the broker refused the message for good");
@@ -282,8 +311,10 @@ impl Publisher {
                     if matches!(done.tally, Tally::Scored { .. }) {
                         done.tally = Tally::Failed(ErrorKind::Publish.as_str());
                     }
-                    return self.finish(done).await;
+                    self.finish(done).await;
+                    return Ok(());
                 }
+                Err(again) if again.is_fatal() => return Err(again),
                 Err(again) => {
                     self.metrics.publish_rejected.with_label_values(&[OutputKind::DeadLetter.as_str()]).inc();
                     tracing::warn!(error = %Chain(&again), origin = %msg.origin, "the dead letter was refused too");
@@ -294,10 +325,12 @@ impl Publisher {
             origin = %msg.origin,
             "no output of this input could be published: it stays unacknowledged and will be redelivered"
         );
+        Ok(())
     }
 
-    async fn finish_owned(self: Arc<Self>, done: Done) {
+    async fn finish_owned(self: Arc<Self>, done: Done) -> Result<(), SinkError> {
         self.finish(done).await;
+        Ok(())
     }
 
     async fn finish(&self, done: Done) {

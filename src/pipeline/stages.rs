@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use super::{InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
+use super::{EngineFaults, InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
 use crate::error::Chain;
 use crate::candidates::{BestOfNEvent, Event};
 use crate::event::{ErrorKind, EventError, InputEvent, Score};
@@ -63,7 +63,7 @@ pub(super) async fn fetch(
             p = limits.bytes.clone().acquire_many_owned(size) => match p { Ok(p) => p, Err(_) => break },
         };
         match record.origin {
-            crate::source::Origin::Http { .. } => posted.inc(),
+            crate::record::Origin::Http { .. } => posted.inc(),
             _ => consumed.inc(),
         }
         metrics.inflight_events.inc();
@@ -170,7 +170,9 @@ pub(super) struct Scoring {
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
     /// Failed batches in a row that end the run.
-    pub max_failed: usize,
+    pub(crate) max_failed: usize,
+    /// Whether a failed batch is retried or dead-lettered.
+    pub faults: EngineFaults,
     /// Set when scoring gives up, so that fetching stops.
     pub abort: watch::Sender<bool>,
 }
@@ -238,8 +240,12 @@ impl Attempts {
                         refuse(&mut items, index, &e.to_string());
                         continue;
                     }
-                    let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                     let reason = Chain(&e).to_string();
+                    if self.scoring.faults == EngineFaults::DeadLetter {
+                        tracing::error!(error = %reason, events = items.len(), "the model failed on a batch; its events are dead-lettered");
+                        return Ok(fail_all(items, &reason));
+                    }
+                    let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                     self.scoring.liveness.engine_failed(reason.clone());
                     if failures >= self.scoring.max_failed {
                         return Err(PipelineError::Engine { failures, source: e });
@@ -292,6 +298,23 @@ fn refuse(items: &mut [(InFlight, Checked)], mut index: usize, message: &str) {
     }
 }
 
+/// Every event of a batch the model failed on, as a `model` dead letter (events that failed
+/// before keep their error).
+fn fail_all(items: Vec<(InFlight, Checked)>, reason: &str) -> Vec<(InFlight, Outcome)> {
+    let failed = |id: &str| EventError::new(ErrorKind::Model, reason).with_id(Some(id.to_owned()));
+    items
+        .into_iter()
+        .map(|(input, item)| {
+            let e = match item {
+                Checked::Failed(e) => e,
+                Checked::One(event, ..) => failed(&event.id),
+                Checked::Group(event, _) => failed(&event.id),
+            };
+            (input, Outcome::Failed(e))
+        })
+        .collect()
+}
+
 /// Pair each event with its score (each candidate with its own), in order; events that failed
 /// before keep their error.
 fn assemble(items: Vec<(InFlight, Checked)>, scores: Vec<Score>) -> Vec<(InFlight, Outcome)> {
@@ -306,7 +329,7 @@ fn assemble(items: Vec<(InFlight, Checked)>, scores: Vec<Score>) -> Vec<(InFligh
                     // of that event's numbers, and scoring it again would give the same.
                     Some(score) => match score.check_finite() {
                         Ok(()) => Outcome::Scored { event, score, tokens, truncated },
-                        Err(e) => Outcome::Failed(EventError::new(ErrorKind::Model, e).with_id(Some(event.id))),
+                        Err(e) => Outcome::Failed(EventError::from(e).with_id(Some(event.id))),
                     },
                     // Unreachable: the count was checked.
                     None => Outcome::Failed(EventError::new(ErrorKind::Model, "missing score").with_id(Some(event.id))),

@@ -1,6 +1,7 @@
 //! The pipeline over the real file source and sinks, with plain-data prompt and score
 //! stages (the model's own tests live with the engine).
 use super::*;
+use futures::future::BoxFuture;
 use crate::config::FileSinkConfig;
 use crate::event::ErrorKind;
 use crate::sink::file::FileSink;
@@ -378,6 +379,16 @@ struct Run {
 
 /// Run `lines` through the pipeline (failed batches allowed in a row: 3) over [`Counted`].
 async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atomic::AtomicUsize>) -> Arc<dyn Scorer>) -> Run {
+    run_counted_with(lines, scorer, settings(4, 1, 8), None).await
+}
+
+/// [`run_counted`] with `settings`, and `sink` in place of the scored-output file.
+async fn run_counted_with(
+    lines: Vec<String>,
+    scorer: impl FnOnce(Arc<std::sync::atomic::AtomicUsize>) -> Arc<dyn Scorer>,
+    settings: Settings,
+    sink: Option<Arc<dyn Sink>>,
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = SinkContext { metrics: metrics.clone() };
@@ -401,7 +412,7 @@ async fn run_counted(lines: Vec<String>, scorer: impl FnOnce(Arc<std::sync::atom
         metrics: metrics.clone(),
         liveness: liveness.clone(),
     };
-    let settings = settings(4, 1, 8);
+    let parts = Parts { sink: sink.unwrap_or(parts.sink), ..parts };
     let (_stop_tx, stop) = watch::channel(false);
     let result = tokio::time::timeout(Duration::from_secs(20), run(parts, settings, stop)).await.unwrap();
     let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
@@ -475,6 +486,44 @@ async fn a_sequence_the_engine_refuses_is_dead_lettered_alone() {
     assert!(r.dead.iter().all(|d| d["error"]["kind"] == "model"), "{:?}", r.dead);
 }
 
+/// `scorestream score`'s policy: a batch the model fails on becomes `model` error records
+/// (`{"id", "line", "error"}`, no payload), never retried, and the run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dead_lettered_engine_faults_a_failed_batch_becomes_error_records_and_the_run_goes_on() {
+    let settings = Settings { engine_faults: EngineFaults::DeadLetter, dead_letters: DeadLetterFormat::Record, ..settings(4, 1, 8) };
+    let flaky = |calls| -> Arc<dyn Scorer> { Arc::new(Flaky { failures: 1, calls }) };
+    let r = run_counted_with(lines(12, |_| "ab"), flaky, settings, None).await;
+    r.result.unwrap();
+    assert!(!r.dead.is_empty() && r.dead.len() <= 4, "the first batch failed: {:?}", r.dead);
+    assert_eq!((r.scored + r.dead.len(), r.acks), (12, 12), "every input scored or an error record");
+    for d in &r.dead {
+        assert_eq!(d["error"]["kind"], "model", "{d}");
+        assert!(d["error"]["message"].as_str().unwrap().contains("illegal memory access"), "{d}");
+        assert!(d["line"].is_u64() && d["id"].is_string() && d.get("payload").is_none(), "{d}");
+    }
+}
+
+/// A sink that fails for good ([`SinkError::Fatal`]).
+struct Fatal;
+impl Sink for Fatal {
+    fn publish(&self, _: crate::sink::Outgoing) -> BoxFuture<'_, Result<crate::sink::Confirmation, SinkError>> {
+        Box::pin(async { Err(SinkError::Fatal { kind: "test", message: "gone for good".into(), source: None }) })
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A fatal sink error is not retried: the run stops fetching, closes the source in order and
+/// ends with that error, acknowledging nothing it did not publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_sink_error_ends_the_run_in_order_without_acking() {
+    let length = |_| -> Arc<dyn Scorer> { Arc::new(Length) };
+    let r = run_counted_with(lines(12, |_| "ab"), length, settings(4, 1, 8), Some(Arc::new(Fatal))).await;
+    assert!(matches!(r.result, Err(PipelineError::Sink(SinkError::Fatal { .. }))), "{:?}", r.result);
+    assert_eq!((r.acks, r.scored, r.closed), (0, 0, true));
+}
+
 /// Flow settings for these tests: batches of up to `max_events` (64 tokens), `wait_ms` of
 /// batching wait, `inflight` events in flight, 1 MiB of payload and in-flight bytes.
 fn settings(max_events: usize, wait_ms: u64, inflight: usize) -> Settings {
@@ -486,5 +535,7 @@ fn settings(max_events: usize, wait_ms: u64, inflight: usize) -> Settings {
         max_payload_bytes: 1 << 20,
         max_failed_batches: 3,
         max_candidates: 64,
+        engine_faults: EngineFaults::Retry,
+        dead_letters: DeadLetterFormat::Full,
     }
 }

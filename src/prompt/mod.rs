@@ -181,7 +181,7 @@ impl Prompter {
     }
 
     /// Render and tokenize without truncation.
-    pub fn encode(&self, messages: &[Message]) -> Result<Vec<u32>, EventError> {
+    pub(crate) fn encode(&self, messages: &[Message]) -> Result<Vec<u32>, EventError> {
         let text = self.render(messages)?;
         let enc = self
             .tokenizer
@@ -208,7 +208,7 @@ impl Prompter {
 
 /// A short, ordinary exchange every template should render: checked when a template is loaded
 /// and scored by the worker's warm-up batch.
-pub fn probe_conversation() -> Vec<Message> {
+pub(crate) fn probe_conversation() -> Vec<Message> {
     vec![
         Message { role: Role::User, content: "Hello.".into() },
         Message { role: Role::Assistant, content: "Hello! How can I help?".into() },

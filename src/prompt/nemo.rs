@@ -4,7 +4,7 @@
 use crate::event::{Message, Role};
 
 /// NeMo-Aligner's default system prompt.
-pub const SYSTEM_PROMPT: &str = "A chat between a curious user and an artificial intelligence assistant. \
+pub(crate) const SYSTEM_PROMPT: &str = "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 /// `<extra_id_0>System\n{system}\n`, then `<extra_id_1>User\n{text}\n` /

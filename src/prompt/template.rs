@@ -7,7 +7,7 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind};
 
 /// The name the template is registered under.
-pub const NAME: &str = "chat";
+pub(crate) const NAME: &str = "chat";
 
 /// Compile `source` into an environment ready to render.
 pub fn environment(source: &str) -> Result<Environment<'static>, Error> {
@@ -129,7 +129,7 @@ const MONTHS: [&str; 12] =
     ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
 
 /// A subset of C's strftime over a Unix time in UTC: %d %m %Y %y %B %b %H %M %S %%.
-pub fn strftime(unix: i64, format: &str) -> String {
+pub(crate) fn strftime(unix: i64, format: &str) -> String {
     let days = unix.div_euclid(86_400);
     let rem = unix.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);

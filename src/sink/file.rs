@@ -1,9 +1,12 @@
 //! The `file` sink: one JSON line per message to a file or stdout, for local runs.
 //!
 //! A writer task owns the file and writes messages in publish order; it flushes whenever its
-//! queue runs empty, and a message is confirmed once the flush that covers it succeeded.
+//! queue runs empty, and a message is confirmed once the flush that covers it succeeded. A write
+//! or flush that fails is fatal ([`SinkError::Fatal`]): the writer keeps its first error and
+//! refuses every later message (a line cut short in the middle cannot be mended by retrying).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
@@ -15,13 +18,16 @@ use crate::config::FileSinkConfig;
 /// Queue depth between the pipeline and the writer task.
 const QUEUE: usize = 1024;
 
+/// What the writer reports: its first I/O error, shared by every message it fails.
+type Written = Result<(), Arc<std::io::Error>>;
+
 enum Job {
-    Write(bytes::Bytes, oneshot::Sender<Result<(), String>>),
-    Flush(oneshot::Sender<Result<(), String>>),
+    Write(bytes::Bytes, oneshot::Sender<Written>),
+    Flush(oneshot::Sender<Written>),
 }
 
 /// Writes JSON lines through a writer task.
-pub struct FileSink {
+pub(crate) struct FileSink {
     tx: mpsc::Sender<Job>,
     path: String,
 }
@@ -41,21 +47,34 @@ impl FileSink {
     }
 
     /// A sink over any writer.
-    pub fn from_writer(out: Box<dyn AsyncWrite + Send + Unpin>, path: String) -> Self {
+    pub(crate) fn from_writer(out: Box<dyn AsyncWrite + Send + Unpin>, path: String) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(writer(BufWriter::with_capacity(1 << 16, out), rx));
         Self { tx, path }
     }
 
     fn stopped(&self) -> SinkError {
-        SinkError::Publish { kind: "file", message: format!("the writer of {} has stopped", self.path), source: None }
+        stopped(&self.path)
+    }
+}
+
+fn stopped(path: &str) -> SinkError {
+    SinkError::Fatal { kind: "file", message: format!("the writer of {path} has stopped"), source: None }
+}
+
+/// What a failed write or flush of `path` becomes.
+fn confirmed(path: &str, written: Result<Written, oneshot::error::RecvError>) -> Result<(), SinkError> {
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SinkError::Fatal { kind: "file", message: format!("cannot write {path}"), source: Some(Box::new(e)) }),
+        Err(_) => Err(stopped(path)),
     }
 }
 
 /// Write jobs in order; flush when the queue is empty, then confirm what the flush covered.
 async fn writer(mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>, mut rx: mpsc::Receiver<Job>) {
-    let mut waiting: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
-    let mut failed: Option<String> = None;
+    let mut waiting: Vec<oneshot::Sender<Written>> = Vec::new();
+    let mut failed: Option<Arc<std::io::Error>> = None;
     while let Some(job) = rx.recv().await {
         let mut next = Some(job);
         while let Some(job) = next.take() {
@@ -67,7 +86,7 @@ async fn writer(mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>, mut rx: 
                             out.write_all(b"\n").await
                         }
                         .await;
-                        failed = res.err().map(|e| e.to_string());
+                        failed = res.err().map(Arc::new);
                     }
                     waiting.push(done);
                 }
@@ -76,7 +95,7 @@ async fn writer(mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>, mut rx: 
             next = rx.try_recv().ok();
         }
         if failed.is_none() {
-            failed = out.flush().await.err().map(|e| e.to_string());
+            failed = out.flush().await.err().map(Arc::new);
         }
         for done in waiting.drain(..) {
             let _ = done.send(failed.clone().map_or(Ok(()), Err));
@@ -90,19 +109,7 @@ impl Sink for FileSink {
             let (done, rx) = oneshot::channel();
             self.tx.send(Job::Write(msg.payload, done)).await.map_err(|_| self.stopped())?;
             let path = self.path.clone();
-            let confirmation: Confirmation = Box::pin(async move {
-                match rx.await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(message)) => {
-                        Err(SinkError::Publish { kind: "file", message: format!("{path}: {message}"), source: None })
-                    }
-                    Err(_) => Err(SinkError::Publish {
-                        kind: "file",
-                        message: format!("the writer of {path} has stopped"),
-                        source: None,
-                    }),
-                }
-            });
+            let confirmation: Confirmation = Box::pin(async move { confirmed(&path, rx.await) });
             Ok(confirmation)
         })
     }
@@ -111,11 +118,56 @@ impl Sink for FileSink {
         Box::pin(async move {
             let (done, rx) = oneshot::channel();
             self.tx.send(Job::Flush(done)).await.map_err(|_| self.stopped())?;
-            match rx.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(message)) => Err(SinkError::Publish { kind: "file", message, source: None }),
-                Err(_) => Err(self.stopped()),
-            }
+            confirmed(&self.path, rx.await)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::record::Origin;
+    use crate::sink::OutputKind;
+
+    /// A writer whose every write fails (a full disk, a closed pipe).
+    struct Broken;
+    impl AsyncWrite for Broken {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Err(std::io::Error::other("no space left")))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(std::io::Error::other("no space left")))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn message(line: u64) -> Outgoing {
+        Outgoing {
+            key: None,
+            headers: Vec::new(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            dedup_id: None,
+            first_publish: true,
+            kind: OutputKind::Scored,
+            sink: None,
+            origin: Origin::File { path: "in".into(), line },
+        }
+    }
+
+    /// A failed write is fatal, keeps its cause, and fails every later message too.
+    #[tokio::test]
+    async fn a_failed_write_is_fatal_with_its_cause() {
+        let sink = FileSink::from_writer(Box::new(Broken), "out.jsonl".into());
+        for line in 1..=2 {
+            let e = sink.publish(message(line)).await.unwrap().await.unwrap_err();
+            assert!(e.is_fatal(), "{e:?}");
+            assert_eq!(crate::error::Chain(&e).to_string(), "the file sink failed for good: cannot write out.jsonl: no space left");
+        }
+        assert!(sink.flush().await.unwrap_err().is_fatal());
     }
 }

@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 
 use crate::config::SinkConfig;
 use crate::metrics::Metrics;
-use crate::source::Origin;
+use crate::record::Origin;
 
 /// Errors of a sink.
 #[derive(Debug, thiserror::Error)]
@@ -106,11 +106,11 @@ pub struct Outgoing {
     /// redelivery of the input, so a de-duplicating broker (JetStream `Nats-Msg-Id`, prefixed
     /// with the output subject) drops replays. `None` when the input has no stable identity:
     /// such an output is never de-duplicated.
-    pub dedup_id: Option<String>,
+    pub(crate) dedup_id: Option<String>,
     /// No copy of this output can exist yet: the input's first delivery and the first publish
     /// attempt. A de-duplicating broker that reports such a message as a duplicate has found an
     /// id collision (counted and logged by the sink).
-    pub first_publish: bool,
+    pub(crate) first_publish: bool,
     pub kind: OutputKind,
     /// For a scored output routed by a `[[route]]` rule: the index of its named sink (in the
     /// pipeline's `Routes`); `None` for the default `[sink]` (and for dead letters).
@@ -120,7 +120,7 @@ pub struct Outgoing {
 }
 
 /// Resolves when the broker has acknowledged one message.
-pub type Confirmation = BoxFuture<'static, Result<(), SinkError>>;
+pub(crate) type Confirmation = BoxFuture<'static, Result<(), SinkError>>;
 
 /// A publisher of outgoing messages. Shared by the pipeline's publish and retry paths.
 pub trait Sink: Send + Sync {
@@ -141,8 +141,13 @@ pub trait Sink: Send + Sync {
 
 impl SinkError {
     /// Whether publishing the same message again cannot succeed.
-    pub fn is_permanent(&self) -> bool {
+    pub(crate) fn is_permanent(&self) -> bool {
         matches!(self, SinkError::Rejected { .. })
+    }
+
+    /// Whether the sink cannot go on at all: the pipeline stops.
+    pub(crate) fn is_fatal(&self) -> bool {
+        matches!(self, SinkError::Fatal { .. })
     }
 }
 

@@ -19,7 +19,7 @@ use crate::nats::{connect, connection_of};
 
 const KIND: &str = "nats";
 
-pub struct NatsSink {
+pub(crate) struct NatsSink {
     client: async_nats::Client,
     js: jetstream::Context,
     subject: String,

@@ -14,7 +14,7 @@ use super::{AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::FileSourceConfig;
 
 /// Reads lines of a file (or stdin for "-").
-pub struct FileSource {
+pub(crate) struct FileSource {
     reader: Box<dyn AsyncBufRead + Send + Unpin>,
     path: String,
     line: u64,
@@ -37,7 +37,7 @@ impl FileSource {
     }
 
     /// A source over any buffered reader (tests, stdin).
-    pub fn from_reader(reader: Box<dyn AsyncBufRead + Send + Unpin>, path: String) -> Self {
+    pub(crate) fn from_reader(reader: Box<dyn AsyncBufRead + Send + Unpin>, path: String) -> Self {
         let (connected, _) = watch::channel(true);
         Self { reader, path, line: 0, connected, buf: Vec::new() }
     }

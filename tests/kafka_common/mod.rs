@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod broker;
+#[path = "../missing_tool/mod.rs"]
+pub mod missing_tool;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

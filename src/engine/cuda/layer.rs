@@ -15,6 +15,7 @@ use super::plan::{attention_tiles, attention_tiles_tree, max_segments, max_tiles
 use super::precision::Precision;
 use super::CudaError;
 use crate::model::packed::Packed;
+use crate::model::config::Activation;
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -24,8 +25,7 @@ pub struct LayerConfig {
     pub shape: LayerShape,
     /// LayerNorm1P (weights given as `weight + 1`, with bias) instead of RMSNorm.
     pub ln1p: bool,
-    /// The activation kernel: `swiglu_quant_bf16`, `geglu_quant_bf16` or `relu2_quant_bf16`.
-    pub act: &'static str,
+    pub act: Activation,
     /// Rotated dims of each head (partial rotary when below `head_dim`).
     pub rot_dim: usize,
     pub eps: f32,
@@ -38,7 +38,16 @@ pub struct LayerConfig {
 impl LayerConfig {
     /// A Llama layer of `shape` (RMSNorm, SwiGLU, full rotary, eps 1e-5).
     pub fn llama(shape: LayerShape) -> Self {
-        Self { shape, ln1p: false, act: "swiglu_quant_bf16", rot_dim: shape.head_dim, eps: 1e-5, window: 0, qk_norm: false }
+        Self { shape, ln1p: false, act: Activation::SwiGlu, rot_dim: shape.head_dim, eps: 1e-5, window: 0, qk_norm: false }
+    }
+}
+
+/// The fused activation + per-token FP8 kernel of `act` (kernels/act.cu).
+pub fn act_kernel(act: Activation) -> &'static str {
+    match act {
+        Activation::SwiGlu => "swiglu_quant_bf16",
+        Activation::GeGluTanh => "geglu_quant_bf16",
+        Activation::Relu2 => "relu2_quant_bf16",
     }
 }
 
@@ -330,7 +339,7 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     linear(dev, gemm, w, 1, o_in, qs, h, t, o_w)?;
     dev.norm(cfg.ln1p, x, h, w.norm2.ptr, ptr(&w.norm2_bias), cfg.eps, t, shape.hidden, y, q, s)?;
     linear(dev, gemm, w, 2, xin, qs, up, t, up_w)?;
-    dev.act_quant(cfg.act, up, t, shape.inter, y, q, s)?;
+    dev.act_quant(act_kernel(cfg.act), up, t, shape.inter, y, q, s)?;
     linear(dev, gemm, w, 3, xin, qs, h, t, down_w)
 }
 

@@ -119,15 +119,10 @@ pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision, attent
         gated,
     };
     shape.check_gemms(precision).map_err(CudaError::Shape)?;
-    let act = match cfg.activation {
-        Activation::SwiGlu => "swiglu_quant_bf16",
-        Activation::GeGluTanh => "geglu_quant_bf16",
-        Activation::Relu2 => "relu2_quant_bf16",
-    };
     Ok(LayerConfig {
         shape,
         ln1p: cfg.norm == NormKind::LayerNorm1P,
-        act,
+        act: cfg.activation,
         rot_dim: cfg.rotary_dim,
         eps: cfg.norm_eps as f32,
         window: cfg.sliding_window.get(index).copied().flatten().unwrap_or(0),

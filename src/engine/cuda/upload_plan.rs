@@ -554,7 +554,7 @@ mod tests {
         assert_eq!(scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), host_scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>());
         // The CPU engine's FP8 weights (candle) are the same codes and scales.
         let t = candle_core::Tensor::from_vec(f32s, (rows, cols), &candle_core::Device::Cpu).unwrap();
-        let (q, s) = crate::model::fp8::quantize_rows(&t).unwrap();
+        let (q, s) = crate::model::fp8::quantize_tensor_rows(&t).unwrap();
         let cpu_values: Vec<u32> = q.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
         let values: Vec<u32> = codes.iter().map(|&c| fp8::e4m3_to_f32(c).to_bits()).collect();
         assert_eq!(cpu_values, values);

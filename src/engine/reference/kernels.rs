@@ -5,24 +5,7 @@
 use super::bf16r;
 use super::fp8;
 
-/// The norm a layer uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormKind {
-    Rms,
-    /// Nemotron's LayerNorm1P: `weight` is given as `weight + 1`, with a bias.
-    LayerNorm1P,
-}
-
-/// The MLP activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    /// `silu(gate) · up`, input `[tokens, 2·inter]` (gate | up).
-    SwiGlu,
-    /// `gelu_tanh(gate) · up`, same layout.
-    GeGlu,
-    /// `relu(up)²`, input `[tokens, inter]`.
-    Relu2,
-}
+pub use crate::model::config::{Activation, NormKind};
 
 /// `norm_bf16` kernels: when `res` is given, `x += res` first (x is updated, bf16). Returns the
 /// normalized rows `[tokens, hidden]` (bf16-exact).
@@ -97,21 +80,21 @@ pub fn rotary(
 }
 
 /// `*_quant_bf16` activations: `[tokens, inter]` bf16-exact (quantize with `fp8::quantize_rows`).
-pub fn activation(act: Act, input: &[f32], inter: usize) -> Vec<f32> {
-    let width = if act == Act::Relu2 { inter } else { 2 * inter };
+pub fn activation(act: Activation, input: &[f32], inter: usize) -> Vec<f32> {
+    let width = if act == Activation::Relu2 { inter } else { 2 * inter };
     input
         .chunks(width)
         .flat_map(|row| {
             (0..inter).map(move |i| match act {
-                Act::Relu2 => {
+                Activation::Relu2 => {
                     let u = row[i].max(0.0);
                     bf16r(u * u)
                 }
-                Act::SwiGlu => {
+                Activation::SwiGlu => {
                     let g = row[i];
                     bf16r(bf16r(g / bf16r(1.0 + bf16r((-g).exp()))) * row[inter + i])
                 }
-                Act::GeGlu => {
+                Activation::GeGluTanh => {
                     let g = row[i];
                     let a = 0.5 * g * (1.0 + (0.797_884_6 * g * (1.0 + 0.044715 * g * g)).tanh());
                     bf16r(bf16r(a) * row[inter + i])
@@ -251,9 +234,9 @@ mod tests {
 
     #[test]
     fn activations_follow_their_formulas() {
-        let relu2 = activation(Act::Relu2, &[-1.0, 3.0], 2);
+        let relu2 = activation(Activation::Relu2, &[-1.0, 3.0], 2);
         assert_eq!(relu2, vec![0.0, 9.0]);
-        let swiglu = activation(Act::SwiGlu, &[0.0, 2.0, 5.0, 1.0], 2);
+        let swiglu = activation(Activation::SwiGlu, &[0.0, 2.0, 5.0, 1.0], 2);
         assert_eq!(swiglu[0], 0.0);
         assert!((swiglu[1] - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-2);
     }

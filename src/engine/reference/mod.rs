@@ -4,10 +4,12 @@
 //! as f32 slices holding bf16-exact numbers.
 
 pub mod attention;
-pub mod fp8;
 pub mod kernels;
 
+/// The one E4M3 module, under the name the references and the GPU stage use.
+pub use crate::model::fp8;
+
 /// Round an f32 to the nearest bf16 (ties to even) and widen it back.
-pub fn bf16r(x: f32) -> f32 {
+pub(crate) fn bf16r(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }

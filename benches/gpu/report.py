@@ -2,14 +2,14 @@
 """Turn the JSON lines of gpu_bench and torch_ref.py (files given as arguments, as written by
 scripts/gpu_check.sh) into the Markdown that goes into BENCHMARKS.md. Prints only what the
 runs measured; lines that are not JSON objects (logs, a line cut off by a timeout) are skipped,
-and a missing or empty file only leaves its section out. Rows from bench/sample/ carry
+and a missing or empty file only leaves its section out. Rows from benches/gpu/sample/ carry
 {"kind": "sample"}: the output then says, first and last, that nothing in it was measured.
 Standard library only."""
 import json
 import re
 import sys
 
-SAMPLE_BANNER = "**SAMPLE DATA: recorded format from bench/sample/, NOT a measurement.**"
+SAMPLE_BANNER = "**SAMPLE DATA: recorded format from benches/gpu/sample/, NOT a measurement.**"
 
 
 def is_error(line):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side CPU throughput: scorestream's engine vs transformers on the same token ids.
 
-Usage: python3 bench/cpu_compare.py [MODEL_DIR] [--repeat N] [--threads T]
+Usage: python3 benches/cpu_compare.py [MODEL_DIR] [--repeat N] [--threads T]
 
 Both sides score the fixture's own sequences (reference.json `input_ids`, i.e. the chat-templated
 conversations) repeated N times. transformers runs float32 with right-padded batches of up to

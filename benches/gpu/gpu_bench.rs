@@ -2,7 +2,7 @@
 //! (it runs on any GPU from sm_80; the FP8 parts only where FP8 exists, sm_89 and later).
 //! `gpu_bench --help` lists the commands; arguments are parsed (and usage errors reported)
 //! before any CUDA library is touched. Every command prints one JSON object per line
-//! (`{"kind": ...}`), flushed as it goes, for bench/report.py.
+//! (`{"kind": ...}`), flushed as it goes, for benches/gpu/report.py.
 //!   probe                 driver, NVRTC and cuBLASLt versions and files, GPU, free memory
 //!   check                 every kernel and both GEMMs vs their CPU references
 //!                         (src/engine/reference) on fresh random inputs, outputs poisoned
@@ -154,10 +154,11 @@ fn check(dev: &GpuDevice) -> Result<bool> {
         c.report("head_rmsnorm_rotary_bf16", r::rel_err(&c.bf16_out(dx.ptr, t * stride)?, &want), 1e-2);
     }
     // Activations + FP8.
-    for (kernel, act) in [("swiglu_quant_bf16", r::Act::SwiGlu), ("geglu_quant_bf16", r::Act::GeGlu), ("relu2_quant_bf16", r::Act::Relu2)] {
+    for act in [r::Activation::SwiGlu, r::Activation::GeGluTanh, r::Activation::Relu2] {
+        let kernel = scorestream::engine::cuda::layer::act_kernel(act);
         // relu² over rows of 3001 takes the one-value-at-a-time fallback of the 16-byte path.
-        let inter = if act == r::Act::Relu2 { 3001usize } else { 3000 };
-        let width = if act == r::Act::Relu2 { inter } else { 2 * inter };
+        let inter = if act == r::Activation::Relu2 { 3001usize } else { 3000 };
+        let width = if act == r::Activation::Relu2 { inter } else { 2 * inter };
         let x = rng.vec(t * width, 4.0);
         let dx = c.upload_bf16(&x)?;
         let (y, q, s) = (c.poisoned(t * inter * 2)?, c.poisoned(t * inter)?, c.poisoned(t * 4)?);

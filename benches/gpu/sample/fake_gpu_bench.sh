@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SAMPLE stand-in for gpu_bench and torch_ref.py in the dry run of scripts/gpu_check.sh
-# (tests/gpu_check_dry_run.rs): prints bench/sample/<command>.jsonl (invented numbers, marked
+# (tests/gpu_check_dry_run.rs): prints benches/gpu/sample/<command>.jsonl (invented numbers, marked
 # as sample). FAKE_FAIL / FAKE_HANG (comma-separated commands) make a command exit 3 after
 # printing, or print and then hang until the script's timeout kills it.
 set -u
