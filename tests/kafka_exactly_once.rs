@@ -79,9 +79,10 @@ fn signal(worker: &Worker, sig: &str) {
 }
 
 /// Stop `worker` (SIGSTOP) while it has a transaction open with outputs in one of `topics`.
-async fn stop_inside_a_transaction(bootstrap: &str, worker: &Worker, topics: &'static [&'static str]) {
+async fn stop_inside_a_transaction(bootstrap: &str, worker: &mut Worker, topics: &'static [&'static str]) {
     for attempt in 0.. {
-        assert!(attempt < 300, "never caught the worker inside a transaction");
+        let alive = worker.0.try_wait().unwrap().is_none();
+        assert!(attempt < 300 && alive, "never caught the worker inside a transaction (alive: {alive})");
         signal(worker, "-STOP");
         let b = bootstrap.to_owned();
         if tokio::task::spawn_blocking(move || open_transaction(&b, topics)).await.unwrap() {
@@ -94,7 +95,7 @@ async fn stop_inside_a_transaction(bootstrap: &str, worker: &Worker, topics: &'s
 
 /// kill -9 `worker` while it has a transaction open with outputs in one of `topics`.
 async fn kill_inside_a_transaction(bootstrap: &str, mut worker: Worker, topics: &'static [&'static str]) {
-    stop_inside_a_transaction(bootstrap, &worker, topics).await;
+    stop_inside_a_transaction(bootstrap, &mut worker, topics).await;
     worker.0.kill().unwrap();
     worker.0.wait().unwrap();
 }
@@ -366,7 +367,7 @@ async fn a_transaction_the_broker_aborts_for_its_timeout_is_replayed_on_a_new_pr
     wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| o.len() >= 300).await;
 
     // The worker stalls (paused) inside a transaction until the broker has aborted it.
-    stop_inside_a_transaction(&bootstrap, &worker, &["conv-scored"]).await;
+    stop_inside_a_transaction(&bootstrap, &mut worker, &["conv-scored"]).await;
     let paused = Instant::now();
     loop {
         let b = bootstrap.clone();
@@ -408,7 +409,7 @@ async fn routes_to_two_kafka_topics_and_drop_commit_each_input_once_where_its_ru
     let topics = [("conv-in", PARTITIONS), ("conv-scored", PARTITIONS), ("conv-dead", PARTITIONS), ("conv-low", 2), ("conv-high", 2)];
     let Some(broker) = Broker::start(&topics).await else { return };
     let bootstrap = broker.bootstrap.clone();
-    let n = 2_400;
+    let n = 4_000;
     // Each input names its route in its metadata: low, high, drop, or none (the default sink).
     let lanes = ["low", "high", "drop", "none"];
     let events: Vec<(String, String)> = keyed_events(n)
@@ -451,17 +452,11 @@ async fn routes_to_two_kafka_topics_and_drop_commit_each_input_once_where_its_ru
     let total = |by: &HashMap<&'static str, Vec<Output>>| by.values().map(Vec::len).sum::<usize>();
     for round in 0..2 {
         let mut worker = spawn(&config, &log);
-        let target = 500 * (round + 1);
-        let start = Instant::now();
-        loop {
-            let b = bootstrap.clone();
-            if total(&tokio::task::spawn_blocking(move || committed(b)).await.unwrap()) >= target {
-                break;
-            }
-            assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited early");
-            assert!(start.elapsed() < Duration::from_secs(300), "timed out");
-        }
-        kill_inside_a_transaction(&bootstrap, worker, OUT).await;
+        // A quarter of the inputs goes to the default sink: ~600 and ~1,200 inputs in.
+        let target = 150 * (round + 1);
+        wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), move |o| o.len() >= target).await;
+        // Each batch of 64 has outputs on every route: an open transaction shows on conv-scored.
+        kill_inside_a_transaction(&bootstrap, worker, &["conv-scored"]).await;
     }
     let mut worker = spawn(&config, &log);
     let want = n - n / lanes.len();
