@@ -237,6 +237,18 @@ async fn a_second_worker_with_the_same_transactional_id_fences_the_first() {
 /// librdkafka options of `[source]` and `[sink]` (TOML inline-table bodies), `extra` is appended
 /// (named sinks, routes).
 fn eos_config(path: &std::path::Path, bootstrap: &str, id: &str, (source_options, sink_options): (&str, &str), extra: &str) -> std::path::PathBuf {
+    eos_config_with(path, bootstrap, id, (source_options, sink_options), extra, INFLIGHT)
+}
+
+/// [`eos_config`] with `max_inflight_events` = `inflight`.
+fn eos_config_with(
+    path: &std::path::Path,
+    bootstrap: &str,
+    id: &str,
+    (source_options, sink_options): (&str, &str),
+    extra: &str,
+    inflight: usize,
+) -> std::path::PathBuf {
     let text = format!(
         r#"
         [model]
@@ -244,7 +256,7 @@ fn eos_config(path: &std::path::Path, bootstrap: &str, id: &str, (source_options
         [batch]
         max_batch_events = 64
         max_wait = "5ms"
-        max_inflight_events = {INFLIGHT}
+        max_inflight_events = {inflight}
         [source]
         type = "kafka"
         brokers = "{bootstrap}"
@@ -306,22 +318,24 @@ async fn three_workers_on_six_partitions_one_killed_one_added_commit_every_input
     // the offsets in it) holds its partitions back until the broker aborts it: 10 s here.
     let source = r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000""#;
     let sink = r#""linger.ms" = "100", "transaction.timeout.ms" = "10000""#;
+    // 1,024 in flight per member (~20 s of scoring here): a revoked partition still has hundreds
+    // of inputs in the pipeline when its new owner fetches the committed offset.
     let member = |name: &str| {
-        let config = eos_config(&dir.path().join(format!("{name}.toml")), &bootstrap, &format!("scorestream-{name}"), (source, sink), "");
+        let path = dir.path().join(format!("{name}.toml"));
+        let config = eos_config_with(&path, &bootstrap, &format!("scorestream-{name}"), (source, sink), "", 1_024);
         spawn(&config, &dir.path().join(format!("{name}.log")))
     };
     let mut workers: Vec<Worker> = ["a", "b", "c"].iter().map(|name| member(name)).collect();
     wait_for(&bootstrap, "conv-scored", &mut workers[0], Duration::from_secs(300), |o| o.len() >= 1_500).await;
-
+    // A fourth member joins mid-stream, while every partition has inputs in flight: the
+    // rebalance revokes partitions from running members whose batches are in the pipeline.
+    workers.push(member("d"));
+    wait_for(&bootstrap, "conv-scored", &mut workers[0], Duration::from_secs(300), |o| o.len() >= 3_000).await;
     // kill -9 one member: after its session times out (6 s) the others take its partitions,
     // from the offsets its last committed transaction left.
     let mut killed = workers.remove(1);
     killed.0.kill().unwrap();
     killed.0.wait().unwrap();
-    wait_for(&bootstrap, "conv-scored", &mut workers[0], Duration::from_secs(300), |o| o.len() >= 3_000).await;
-    // A fourth member joins mid-stream: partitions are revoked from running members while
-    // their batches are in flight.
-    workers.push(member("d"));
     let outputs = wait_for(&bootstrap, "conv-scored", &mut workers[0], Duration::from_secs(600), move |o| o.len() >= n).await;
     for w in &workers {
         signal(w, "-TERM");
@@ -346,6 +360,7 @@ async fn three_workers_on_six_partitions_one_killed_one_added_commit_every_input
     assert_eq!(duplicates, 0, "read_committed: each output exactly once");
     assert!(out_of_order.is_empty(), "per key in input order: {out_of_order:?}");
     assert_eq!(committed_sum(&bootstrap) as usize, n, "every input's offset committed, once");
+    assert!(left_out > 0, "the join revoked partitions with inputs in flight");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
