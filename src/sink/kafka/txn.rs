@@ -509,6 +509,41 @@ mod tests {
         assert!(chain(&e).contains("begin_transaction failed: "), "{}", chain(&e));
     }
 
+    /// Transactions whose consumer belongs to group `g` on `cluster`, owning partition 0 of `in`.
+    fn with_group(txns: Transactions, cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Transactions {
+        let consumer: rdkafka::consumer::BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).set("group.id", "g").create().unwrap();
+        let metadata = rdkafka::consumer::Consumer::group_metadata(&consumer);
+        assert!(metadata.is_some());
+        let consumer = std::sync::Mutex::new(consumer);
+        let metadata: GroupMetadata = Arc::new(move || rdkafka::consumer::Consumer::group_metadata(&*consumer.lock().unwrap()));
+        txns.consumer.ownership.assign(&[("in".into(), 0)]);
+        Transactions { consumer: ConsumerLink { metadata, ownership: txns.consumer.ownership.clone() }, ..txns }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offset_commit_refused_for_a_stale_generation_is_replayed_and_one_for_a_lost_member_stops() {
+        let (cluster, txns, sink) = transactions(Duration::from_secs(10));
+        cluster.create_topic("in", 1, 1).unwrap();
+        let txns = with_group(txns, &cluster);
+        let input = [Origin::Kafka { topic: "in".into(), partition: 0, offset: 3, epoch: txns.consumer.ownership.epoch("in", 0) }];
+        // A rebalance completed while the commit was on its way: abort and replay.
+        cluster.request_errors(RDKafkaApiKey::TxnOffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION]);
+        txns.begin().await.unwrap();
+        sink.publish(outgoing()).await.unwrap().await.unwrap();
+        let e = txns.commit(&input).await.unwrap_err();
+        assert!(matches!(e, SinkError::Transaction { .. }), "{}", chain(&e));
+        assert!(chain(&e).contains("send_offsets_to_transaction failed"), "{}", chain(&e));
+        txns.abort().await.unwrap();
+        // The member is gone (its session expired): stop, naming it.
+        cluster.request_errors(RDKafkaApiKey::TxnOffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID]);
+        txns.begin().await.unwrap();
+        sink.publish(outgoing()).await.unwrap().await.unwrap();
+        let e = txns.commit(&input).await.unwrap_err();
+        assert!(matches!(e, SinkError::Fatal { .. }), "{}", chain(&e));
+        assert!(chain(&e).contains("lost its group membership"), "{}", chain(&e));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn inputs_of_a_revoked_partition_are_not_committed_and_the_transaction_is_abortable() {
         let (_cluster, txns, sink) = transactions(Duration::from_secs(10));
