@@ -263,11 +263,19 @@ async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sin
     crate::source::check::check(&config.source).await?;
     if let (SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) = (&config.sink, &config.dead_letter) {
         if out.delivery == Delivery::ExactlyOnce {
-            crate::sink::kafka::check(out, &[&out.topic, &dead.topic]).await?;
+            let mut topics = vec![out.topic.as_str(), dead.topic.as_str()];
+            topics.extend(named_kafka_sinks(config).iter().map(|n| n.topic.as_str()));
+            crate::sink::kafka::check(out, &topics).await?;
             return Ok(None);
         }
     }
     Ok(Some(open_sinks(config, metrics).await?))
+}
+
+/// The `[sinks.<name>]` that are Kafka sinks, in the config's name order (exactly-once: all of
+/// them, validated).
+fn named_kafka_sinks(config: &Config) -> Vec<&crate::config::brokers::KafkaSinkConfig> {
+    config.sinks.values().filter_map(|s| if let SinkConfig::Kafka(k) = s { Some(k) } else { None }).collect()
 }
 
 /// Open `[sink]`, `[dead_letter]` and every `[sinks.<name>]`.
@@ -300,13 +308,14 @@ async fn open_parts(
         (Some((sink, dead_letter, named)), ..) => {
             (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
         }
-        // Exactly-once (validated: a Kafka source and dead letter on the sink's brokers).
+        // Exactly-once (validated: a Kafka source, dead letter and named sinks on the sink's
+        // brokers).
         (None, SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) => {
             let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
-            let (sink, dead_letter, commit) =
-                crate::sink::kafka::open_exactly_once(out, dead, source.group_metadata()).await?;
-            // Validated: exactly-once has no named sinks.
-            (Box::new(source) as Box<dyn crate::source::Source>, sink, dead_letter, Some(commit), Vec::new())
+            let ownership = source.ownership().expect("a transactional Kafka source keeps assignment epochs");
+            let consumer = crate::sink::kafka::ConsumerLink { metadata: source.group_metadata(), ownership };
+            let eos = crate::sink::kafka::open_exactly_once(out, dead, &named_kafka_sinks(config), consumer).await?;
+            (Box::new(source) as Box<dyn crate::source::Source>, eos.scored, eos.dead_letter, Some(eos.commit), eos.named)
         }
         // Not reached: preflight opens the sinks unless the delivery is exactly-once over Kafka.
         (None, ..) => {

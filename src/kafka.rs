@@ -1,7 +1,10 @@
 //! Kafka clients shared by the source and the sinks: the worker's own librdkafka settings with
 //! the user's pass-through options on top, the start-up reachability check, and the broker
 //! errors librdkafka reports only through its error callback (TLS handshake, SASL
-//! authentication), kept so that a failed start says why.
+//! authentication), kept so that a failed start says why. [`ownership`]: which input partitions
+//! an exactly-once worker owns, ordered against its transactions' commits.
+
+pub mod ownership;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

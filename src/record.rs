@@ -13,6 +13,10 @@ pub enum Origin {
         topic: String,
         partition: i32,
         offset: i64,
+        /// Exactly-once: the epoch of this worker's assignment of the partition when the record
+        /// was read ([`crate::kafka::ownership`]); a record read before its partition was revoked
+        /// is never committed. 0 outside exactly-once.
+        epoch: u64,
     },
     Nats {
         stream: String,
@@ -44,7 +48,7 @@ impl Origin {
     /// `{stream, consumer, sequence, delivered}` or `{file, line}`.
     pub(crate) fn to_json(&self) -> Value {
         match self {
-            Origin::Kafka { topic, partition, offset } => {
+            Origin::Kafka { topic, partition, offset, .. } => {
                 json!({"topic": topic, "partition": partition, "offset": offset})
             }
             Origin::Nats { stream, consumer, sequence, delivered, .. } => {
@@ -61,7 +65,7 @@ impl Origin {
     /// stream, never share ids. `None` when the input has no stable identity.
     pub(crate) fn dedup_id(&self) -> Option<String> {
         match self {
-            Origin::Kafka { topic, partition, offset } => Some(format!("kafka:{topic}:{partition}:{offset}")),
+            Origin::Kafka { topic, partition, offset, .. } => Some(format!("kafka:{topic}:{partition}:{offset}")),
             Origin::Nats { stream, stream_created, consumer, sequence, .. } => {
                 sequence.map(|seq| format!("nats:{stream}@{stream_created}:{consumer}:{seq}"))
             }

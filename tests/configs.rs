@@ -40,8 +40,8 @@ fn every_example_config_parses_and_validates() {
     assert_eq!(keep.route.iter().map(|r| r.to.as_str()).collect::<Vec<_>>(), ["drop", "archive"]);
 }
 
-/// A bad expression, an unknown sink, a reserved name and exactly-once beside named sinks are
-/// refused at config check, naming the rule.
+/// A bad expression, an unknown sink, a reserved name, and exactly-once beside a named sink that
+/// cannot share its transaction are refused at config check, naming the rule or the sink.
 #[test]
 fn bad_routes_are_refused_with_the_rule_and_the_parser_message() {
     let base = example("route-review.toml");
@@ -58,8 +58,19 @@ fn bad_routes_are_refused_with_the_rule_and_the_parser_message() {
         "topic = \"candidates.kept\"",
         "topic = \"candidates.kept\"\ndelivery = \"exactly_once\"",
     );
-    let eos = err(&keep);
-    assert!(eos.contains("exactly_once cannot be combined with named"), "{eos}");
+    // Exactly-once with named Kafka sinks on the sink's brokers: one transaction for all.
+    let eos = parse(&keep, &[]).unwrap();
+    assert!(matches!(eos.sinks.get("archive"), Some(SinkConfig::Kafka(_))));
+    let elsewhere = err(&keep.replace("topic = \"candidates.archive\"", "topic = \"candidates.archive\"\nbrokers = \"10.0.0.9:9092\"").replace(
+        "[sinks.archive]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"",
+        "[sinks.archive]\ntype = \"kafka\"",
+    ));
+    assert!(elsewhere.contains("sinks.archive.brokers") && elsewhere.contains("[sink]'s brokers"), "{elsewhere}");
+    let nats = err(&keep.replace(
+        "[sinks.archive]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"candidates.archive\"",
+        "[sinks.archive]\ntype = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"archive\"",
+    ));
+    assert!(nats.contains("sinks.archive.type") && nats.contains("cannot write to a nats sink"), "{nats}");
 }
 
 #[test]

@@ -205,8 +205,8 @@ pub enum Delivery {
     /// A crash can publish an output twice, never lose one.
     #[default]
     AtLeastOnce,
-    /// Outputs and input offsets in one producer transaction per batch. Needs a Kafka source
-    /// and a Kafka dead-letter sink on the same cluster.
+    /// Outputs and input offsets in one producer transaction per batch. Needs a Kafka source,
+    /// a Kafka dead-letter sink and only Kafka named sinks, all on the same cluster.
     ExactlyOnce,
 }
 

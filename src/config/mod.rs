@@ -397,12 +397,27 @@ impl Config {
         if sink.delivery != Delivery::ExactlyOnce {
             return Ok(());
         }
-        if !self.sinks.is_empty() {
-            // Each sink has its own producer, and one transaction spans one producer.
-            return invalid(
-                "sink.delivery",
-                "exactly_once cannot be combined with named [sinks.*] yet: their writes would not share the transaction",
-            );
+        // One transaction spans one producer: every named sink must be a Kafka topic on the
+        // sink's brokers, written by the sink's transactional producer.
+        for (name, named) in &self.sinks {
+            match named {
+                SinkConfig::Kafka(k) if k.brokers == sink.brokers => {}
+                SinkConfig::Kafka(_) => {
+                    return invalid(
+                        &format!("sinks.{name}.brokers"),
+                        "with exactly_once every named kafka sink must be on the [sink]'s brokers: its writes share the sink's transaction",
+                    )
+                }
+                other => {
+                    return invalid(
+                        &format!("sinks.{name}.type"),
+                        &format!(
+                            "exactly_once cannot write to a {} sink: only kafka topics on the [sink]'s brokers can share its transaction",
+                            other.kind()
+                        ),
+                    )
+                }
+            }
         }
         match (&self.source, &self.dead_letter) {
             (SourceConfig::Kafka(src), SinkConfig::Kafka(dl))

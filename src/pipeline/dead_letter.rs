@@ -119,7 +119,7 @@ mod tests {
                    "source": {"stream": "S", "consumer": "c", "sequence": 7, "delivered": 1}})
         );
         let e = EventError::new(ErrorKind::InvalidUtf8, "no");
-        let origin = Origin::Kafka { topic: "t".into(), partition: 2, offset: 9 };
+        let origin = Origin::Kafka { topic: "t".into(), partition: 2, offset: 9, epoch: 0 };
         let v: Value = serde_json::from_slice(&dead_letter_payload(&e, b"\xff\x00", &origin, Some(1000))).unwrap();
         assert_eq!(v["payload"], "/wA=");
         assert_eq!(v["payload_encoding"], "base64");

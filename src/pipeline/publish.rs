@@ -361,49 +361,75 @@ impl Publisher {
     /// Exactly-once: the batch's outputs and its inputs' positions in one transaction, retried
     /// whole until it commits. A message refused for good inside the transaction is replaced by
     /// its input's dead letter (then by one without payload) and the transaction retried; `Err`
-    /// for a fatal error, or when even that is refused (the worker stops rather than skip an
-    /// input whose position would be committed).
+    /// for a fatal error the sink cannot recover from, or when even that is refused (the worker
+    /// stops rather than skip an input whose position would be committed). Before each try the
+    /// inputs of partitions revoked since they were read are left out: they are their new
+    /// owner's, which reads them again from the last committed offset.
     async fn transact(&self, batch: Vec<(InFlight, Outcome)>) -> Result<(), SinkError> {
         let Some(commit) = &self.commit else { return Ok(()) };
-        let origins: Vec<Origin> = batch.iter().map(|(i, _)| i.origin.clone()).collect();
-        let Some(first) = origins.first().cloned() else { return Ok(()) };
-        let (mut msgs, mut dones, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
-        for (input, outcome) in batch {
-            match self.build(input, outcome) {
-                (Some(msg), done) => {
-                    msgs.push(msg);
-                    dones.push(done);
-                }
-                // Dropped by a route: only its position goes into the transaction.
-                (None, done) => dropped.push(done),
-            }
-        }
-        // Per message: 0 as built, 1 its dead letter cut to fit, 2 its dead letter without payload.
-        let mut shrinks: Vec<u8> = msgs.iter().map(|m| u8::from(m.kind == OutputKind::DeadLetter)).collect();
+        let mut units: Vec<Unit> = batch
+            .into_iter()
+            .map(|(input, outcome)| {
+                // `msg` None: dropped by a route, only its position goes into the transaction.
+                let (msg, done) = self.build(input, outcome);
+                // 0 as built, 1 its dead letter cut to fit, 2 its dead letter without payload.
+                let shrink = msg.as_ref().map_or(0, |m| u8::from(m.kind == OutputKind::DeadLetter));
+                Unit { msg, done, shrink }
+            })
+            .collect();
         let mut delay = FIRST_BACKOFF;
-        while let Err((index, e)) = self.try_transaction(commit.as_ref(), &msgs, &origins).await {
+        loop {
+            let origins: Vec<Origin> = units.iter().map(|u| u.done.input.origin.clone()).collect();
+            let owned = commit.owned(&origins);
+            if owned.contains(&false) {
+                let mut keep = owned.iter();
+                units.retain(|_| keep.next().copied().unwrap_or(true));
+                let left_out = owned.iter().filter(|o| !**o).count();
+                tracing::info!(left_out, "inputs of revoked partitions left out of the transaction: their new owner reads them again");
+                continue;
+            }
+            if units.is_empty() {
+                return Ok(());
+            }
+            let msgs: Vec<(usize, &Outgoing)> = units.iter().enumerate().filter_map(|(i, u)| Some((i, u.msg.as_ref()?))).collect();
+            let Err((index, e)) = self.try_transaction(commit.as_ref(), &msgs, &origins).await else { break };
             if matches!(e, SinkError::Fatal { .. }) {
+                if commit.recover().await {
+                    continue;
+                }
                 return Err(e);
             }
             match commit.abort().await {
                 Ok(()) => self.metrics.kafka_transactions.with_label_values(&["aborted"]).inc(),
-                Err(e @ SinkError::Fatal { .. }) => return Err(e),
+                Err(fatal @ SinkError::Fatal { .. }) => {
+                    if commit.recover().await {
+                        continue;
+                    }
+                    return Err(fatal);
+                }
                 Err(e) => tracing::warn!(error = %Chain(&e), "abort failed"),
+            }
+            if commit.owned(&origins).contains(&false) {
+                // A revocation: replay at once without its inputs.
+                continue;
             }
             match index.filter(|_| e.is_permanent()) {
                 Some(i) => {
-                    shrinks[i] += 1;
-                    self.replace_refused(&mut msgs[i], &mut dones[i], e, shrinks[i])?;
+                    let unit = &mut units[i];
+                    unit.shrink += 1;
+                    if let Some(msg) = &mut unit.msg {
+                        self.replace_refused(msg, &mut unit.done, e, unit.shrink)?;
+                    }
                 }
                 None => {
                     let what = "transaction failed; aborted, replaying the batch";
-                    self.backoff((&first, OutputKind::Scored), &e, &mut delay, what).await;
+                    self.backoff((&origins[0], OutputKind::Scored), &e, &mut delay, what).await;
                 }
             }
         }
         self.metrics.kafka_transactions.with_label_values(&["committed"]).inc();
-        for done in dones.into_iter().chain(dropped) {
-            self.finish(done).await;
+        for unit in units {
+            self.finish(unit.done).await;
         }
         Ok(())
     }
@@ -431,23 +457,31 @@ impl Publisher {
         Ok(())
     }
 
-    /// One transaction over `msgs`; on failure, the index of the message that failed (if one
-    /// did) and the error.
+    /// One transaction over `msgs` (each with the index of its unit) and the positions of
+    /// `origins`; on failure, the index of the unit whose output failed (if one did) and the error.
     async fn try_transaction(
         &self,
         commit: &dyn BatchCommit,
-        msgs: &[Outgoing],
+        msgs: &[(usize, &Outgoing)],
         origins: &[Origin],
     ) -> Result<(), (Option<usize>, SinkError)> {
         commit.begin().await.map_err(|e| (None, e))?;
         let mut confirmations = Vec::with_capacity(msgs.len());
-        for (i, m) in msgs.iter().enumerate() {
+        for &(i, m) in msgs {
             let c = self.sink_for(m).publish(m.clone()).await.map_err(|e| (Some(i), e))?;
             confirmations.push(c.map(move |r| r.map_err(|e| (Some(i), e))));
         }
         futures::future::try_join_all(confirmations).await?;
         commit.commit(origins).await.map_err(|e| (None, e))
     }
+}
+
+/// One input of an exactly-once batch: its output (`None`: dropped by a route), what to do once
+/// committed, and how far a refused output was shrunk.
+struct Unit {
+    msg: Option<Outgoing>,
+    done: Done,
+    shrink: u8,
 }
 
 /// The dead-letter error of an input whose `kind` output was refused for `reason`.

@@ -243,6 +243,61 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
     assert_eq!(metrics.events_scored_total(), 3);
 }
 
+/// Exactly-once across a rebalance: the first commit finds the second input's partition
+/// revoked (it fails, as the Kafka transactions do); the replay leaves that input out.
+struct Revoking(Arc<std::sync::Mutex<Vec<String>>>, std::sync::atomic::AtomicBool);
+impl BatchCommit for Revoking {
+    fn begin(&self) -> BoxFuture<'_, Result<(), crate::sink::SinkError>> {
+        self.0.lock().unwrap().push("begin".into());
+        Box::pin(async { Ok(()) })
+    }
+    fn commit<'a>(&'a self, inputs: &'a [Origin]) -> BoxFuture<'a, Result<(), crate::sink::SinkError>> {
+        self.0.lock().unwrap().push(format!("commit {}", inputs.len()));
+        let revoked = !self.1.swap(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if revoked {
+                return Err(crate::sink::SinkError::Transaction { kind: "test", message: "revoked".into(), source: None });
+            }
+            Ok(())
+        })
+    }
+    fn abort(&self) -> BoxFuture<'_, Result<(), crate::sink::SinkError>> {
+        self.0.lock().unwrap().push("abort".into());
+        Box::pin(async { Ok(()) })
+    }
+    fn owned(&self, inputs: &[Origin]) -> Vec<bool> {
+        let revoked = self.1.load(std::sync::atomic::Ordering::SeqCst);
+        inputs.iter().map(|o| !(revoked && matches!(o, Origin::File { line: 2, .. }))).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_replays_a_batch_without_the_inputs_of_a_revoked_partition() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (_go_tx, go) = watch::channel(true);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::new(Stuck(go, Default::default()));
+    let parts = Parts {
+        source: endless(3),
+        source_kind: "file",
+        preparer: Arc::new(Bytewise),
+        scorer: Arc::new(Length),
+        sink: sink.clone(),
+        dead_letter: sink.clone(),
+        routes: Default::default(),
+        commit: Some(Arc::new(Revoking(log.clone(), Default::default()))),
+        metrics: metrics.clone(),
+        liveness: Default::default(),
+    };
+    let (_stop_tx, stop) = watch::channel(false);
+    run(parts, settings(8, 50, 8), stop).await.unwrap();
+    assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 2"]);
+    let published = sink.1.lock().unwrap().clone();
+    assert_eq!(published.len(), 5, "{published:?}");
+    assert!(!published[3..].iter().any(|p| p.contains(":2:")), "the revoked input is not published again: {published:?}");
+    assert_eq!(metrics.events_scored_total(), 2, "the revoked input is its new owner's");
+}
+
 /// Arbitrary lines: bytes, JSON shapes of every kind, near-miss events.
 fn any_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
     use proptest::prelude::*;

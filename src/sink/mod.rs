@@ -156,12 +156,26 @@ impl SinkError {
 /// `begin`, then `publish` for every output of the unit on the sink(s) that share this
 /// transaction, awaits every confirmation, then `commit` with the origins of the unit's inputs
 /// (the implementation sends their next offsets with `send_offsets_to_transaction` and commits).
-/// On any error it calls `abort` and retries the unit from `begin`. Acks of the unit's records
-/// are called after `commit` (they may be no-ops).
+/// On any error it calls `abort` and retries the unit from `begin`, leaving out the inputs that
+/// [`BatchCommit::owned`] no longer counts as the worker's. Acks of the unit's records are called
+/// after `commit` (they may be no-ops).
 pub trait BatchCommit: Send + Sync {
     fn begin(&self) -> BoxFuture<'_, Result<(), SinkError>>;
     fn commit<'a>(&'a self, inputs: &'a [Origin]) -> BoxFuture<'a, Result<(), SinkError>>;
     fn abort(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+
+    /// Which of `inputs` the worker may still commit: an input of a partition revoked since it
+    /// was read belongs to the partition's new owner, which reads it again. All, by default.
+    fn owned(&self, inputs: &[Origin]) -> Vec<bool> {
+        vec![true; inputs.len()]
+    }
+
+    /// After a fatal error: whether a fresh start of the unit is possible now (a new producer in
+    /// place of one the broker fenced for outliving its transaction timeout); then the unit is
+    /// replayed from `begin` without an abort. Never, by default.
+    fn recover(&self) -> BoxFuture<'_, bool> {
+        Box::pin(futures::future::ready(false))
+    }
 }
 
 /// What sinks get from the worker at start.

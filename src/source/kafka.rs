@@ -21,7 +21,10 @@
 //!
 //! Exactly-once (`KafkaSource::open_transactional`): nothing is committed by the consumer and
 //! acks do nothing; the sink commits each batch's input offsets inside its producer
-//! transaction, with this consumer's group metadata ([`KafkaSource::group_metadata`]).
+//! transaction, with this consumer's group metadata ([`KafkaSource::group_metadata`]). Each
+//! record carries the epoch of its partition's assignment ([`KafkaSource::ownership`]): the
+//! revocation callback ends a partition's epoch, after any commit in progress, so that inputs
+//! read before a revocation are never committed (see [`crate::kafka::ownership`]).
 //!
 //! Connection (`/readyz`): [`connection`] asks the brokers for a subscribed topic's metadata
 //! every second; `connected` turns false when none answers and true again when one does.
@@ -50,6 +53,7 @@ use tokio::task::JoinHandle;
 use self::offsets::{commit_loop, Shared};
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
 use crate::config::brokers::KafkaSourceConfig;
+use crate::kafka::ownership::Ownership;
 use crate::kafka::{check_reachable, client_config, reason};
 use crate::metrics::Metrics;
 
@@ -64,8 +68,8 @@ const CLOSE_PAUSE: Duration = Duration::from_millis(200);
 pub struct Context {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    /// Exactly-once: the consumer commits nothing itself.
-    transactional: bool,
+    /// Exactly-once: the consumer commits nothing itself; the assignment epochs.
+    ownership: Option<Arc<Ownership>>,
     /// `isolation.level = read_committed`: lag is measured to the last stable offset.
     read_committed: bool,
 }
@@ -105,7 +109,15 @@ impl ConsumerContext for Context {
         let Rebalance::Revoke(tpl) = rebalance else { return };
         let partitions: Vec<String> = tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect();
         tracing::info!(?partitions, "Kafka partitions revoked");
-        if self.transactional || consumer.assignment_lost() {
+        if let Some(ownership) = &self.ownership {
+            // Before the member rejoins (so before another can own them): wait for a commit in
+            // progress, then end the partitions' epochs. Their inputs still in flight are left
+            // out of every later transaction.
+            let revoked: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            ownership.revoke(&revoked);
+            return;
+        }
+        if consumer.assignment_lost() {
             return;
         }
         // What is confirmed so far is committed before the partitions go to another member.
@@ -121,6 +133,9 @@ impl ConsumerContext for Context {
             Rebalance::Assign(tpl) => {
                 let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
                 tracing::info!(?partitions, "Kafka partitions assigned");
+                if let Some(ownership) = &self.ownership {
+                    ownership.assign(&partitions);
+                }
                 if self.shared.assign(&partitions) {
                     // Draining: the new partitions are only held until the group takes them back.
                     if let Err(e) = consumer.pause(tpl) {
@@ -146,8 +161,9 @@ pub struct KafkaSource {
     consumer: Arc<Consumer_>,
     shared: Arc<Shared>,
     connected: watch::Receiver<bool>,
-    /// Exactly-once: offsets are committed by the sink's transactions, not here.
-    transactional: bool,
+    /// Exactly-once: offsets are committed by the sink's transactions, not here; the
+    /// assignment epochs they check.
+    ownership: Option<Arc<Ownership>>,
     /// Records consumed and not yet committed, at most (at-least-once).
     max_uncommitted: usize,
     committer: Option<JoinHandle<()>>,
@@ -190,7 +206,8 @@ impl KafkaSource {
             .map_err(|e| SourceError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
             .map_err(open_err)?;
         let shared = Arc::new(Shared::default());
-        let context = Context { shared: shared.clone(), metrics: ctx.metrics.clone(), transactional, read_committed };
+        let ownership = transactional.then(|| Arc::new(Ownership::default()));
+        let context = Context { shared: shared.clone(), metrics: ctx.metrics.clone(), ownership: ownership.clone(), read_committed };
         let consumer: Consumer_ =
             config.create_with_context(context).map_err(|e| open_err(crate::kafka::ClientError::Create(e)))?;
         let consumer = Arc::new(consumer);
@@ -216,7 +233,7 @@ impl KafkaSource {
             consumer,
             shared,
             connected,
-            transactional,
+            ownership,
             max_uncommitted: ctx.max_inflight_events.max(1),
             committer,
             probe: Some(probe),
@@ -229,6 +246,12 @@ impl KafkaSource {
     pub fn group_metadata(&self) -> Arc<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync> {
         let consumer = self.consumer.clone();
         Arc::new(move || consumer.group_metadata())
+    }
+
+    /// Exactly-once: the assignment epochs that a transaction checks its inputs against
+    /// (`None` at-least-once).
+    pub fn ownership(&self) -> Option<Arc<Ownership>> {
+        self.ownership.clone()
     }
 
     /// Pause the assigned partitions and poll the consumer in a task of its own until close,
@@ -362,7 +385,7 @@ impl Source for KafkaSource {
     fn next(&mut self) -> BoxFuture<'_, Option<Result<Record, SourceError>>> {
         async move {
             loop {
-                if !self.transactional {
+                if self.ownership.is_none() {
                     self.shared.wait_for_room(self.max_uncommitted).await;
                 }
                 let msg = match self.consumer.recv().await {
@@ -374,24 +397,25 @@ impl Source for KafkaSource {
                     }
                 };
                 let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
-                let ack = if self.transactional {
-                    AckHandle::noop()
+                let (ack, epoch) = if let Some(ownership) = &self.ownership {
+                    (AckHandle::noop(), ownership.epoch(&topic, partition))
                 } else {
                     let generation = self.shared.hand_out(&topic, partition, offset);
-                    AckHandle::new(KafkaAck {
+                    let ack = AckHandle::new(KafkaAck {
                         consumer: self.consumer.clone(),
                         shared: self.shared.clone(),
                         topic: topic.clone(),
                         partition,
                         offset,
                         generation,
-                    })
+                    });
+                    (ack, 0)
                 };
                 let record = Record {
                     payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
                     key: msg.key().map(Bytes::copy_from_slice),
                     headers: headers(&msg),
-                    origin: Origin::Kafka { topic, partition, offset },
+                    origin: Origin::Kafka { topic, partition, offset, epoch },
                     ack,
                 };
                 return Some(Ok(record));
@@ -412,7 +436,7 @@ impl Source for KafkaSource {
         let mut this = *self;
         async move {
             this.serve();
-            let committed = if this.transactional { Ok(()) } else { this.final_commit().await };
+            let committed = if this.ownership.is_some() { Ok(()) } else { this.final_commit().await };
             this.leave().await;
             committed
         }

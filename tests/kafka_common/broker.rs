@@ -75,6 +75,11 @@ impl Broker {
     /// A formatted and started broker holding `topics` (name, partitions); `None` outside CI
     /// when Kafka is not installed.
     pub async fn start(topics: &[(&str, i32)]) -> Option<Self> {
+        Self::start_with(topics, "").await
+    }
+
+    /// [`Broker::start`] with `extra` lines appended to the broker's `server.properties`.
+    pub async fn start_with(topics: &[(&str, i32)], extra: &str) -> Option<Self> {
         let lib = lib_dir()?;
         let dir = tempfile::tempdir().unwrap();
         let [plain, controller, sasl, tls] = [(); 4].map(|_| free_port());
@@ -105,7 +110,7 @@ ssl.keystore.location={keystore}
 ",
             data = dir.path().join("data").display(),
             keystore = dir.path().join("keystore.pem").display(),
-        );
+        ) + extra;
         std::fs::write(dir.path().join("server.properties"), properties).unwrap();
         let cluster_id = {
             let out = Command::new("java").arg("-cp").arg(lib.join("*")).args(["kafka.tools.StorageTool", "random-uuid"]).output().unwrap();
