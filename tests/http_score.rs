@@ -411,6 +411,7 @@ async fn bodies_over_the_body_timeout_get_408_and_unread_answers_are_cut_off() {
 fn score_cli(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, Vec<String>, String) {
     let errors = tempfile::NamedTempFile::new().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_scorestream"))
+        .env("SCORESTREAM_LOG", "scorestream=debug")
         .arg("score")
         .args(args)
         .arg("--errors")
@@ -439,13 +440,19 @@ async fn score_url_writes_what_a_local_score_writes() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let port = free_port();
+    let (port, api_port) = (free_port(), free_port());
     // Fewer places than one default request holds (256): requests are split (413) and, four at
-    // a time, often find the places taken (429, retried after Retry-After).
-    let http = format!("max_pending_events = 100\ntoken_file = \"{}\"", token_file.display());
+    // a time, often find the places taken (429, retried after Retry-After). The API has its own
+    // listener (`http.api_listen`); the probes and metrics stay on `listen`.
+    let http = format!(
+        "max_pending_events = 100\ntoken_file = \"{}\"\napi_listen = \"127.0.0.1:{api_port}\"",
+        token_file.display()
+    );
     let mut worker = serve(dir.path(), port, &http, "max_wait = \"20ms\"");
     let mut guard = nats_support::KillOnFailure(worker.id(), true);
     wait_ready(port, &mut worker).await;
+    assert_eq!(post(port, events(1)[0].as_bytes(), Some(TOKEN)).await.status, 404, "no API on listen");
+    assert_eq!(nats_support::http_status(api_port, "/metrics").await, Some(404), "only the API on api_listen");
     // Events, blank lines, malformed JSON, an array line, two lines that together form one JSON
     // value, a schema error, an event with metadata.
     let mut lines = events(1_000);
@@ -460,7 +467,7 @@ async fn score_url_writes_what_a_local_score_writes() {
     let input = dir.path().join("in.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let model = common_fixtures::dir("arith");
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("http://127.0.0.1:{api_port}");
     let (code, local_out, local_err, stderr) = score_cli(&["--model".as_ref(), model.as_os_str(), "--input".as_ref(), input.as_os_str()]);
     assert_eq!(code, Some(0), "{stderr}");
     let remote = |token: &Path, input: &Path| {
@@ -472,6 +479,8 @@ async fn score_url_writes_what_a_local_score_writes() {
     assert_eq!(remote_err, local_err, "the same error records, with their line numbers");
     assert_same_outputs(&remote_out, &local_out);
     assert_eq!(remote_out.lines().count(), 1_000);
+    let busy = stderr.matches("the worker is busy").count();
+    println!("1,000 events, 1,007 lines through --url: {} error records, {busy} answers 429 retried", remote_err.len());
 
     // No line scored: exit status 3 from both.
     let bad = dir.path().join("bad.jsonl");
