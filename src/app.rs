@@ -128,7 +128,12 @@ fn score_api(config: &Config) -> Result<Option<(ScoreApi, LaneReceiver, Arc<dyn 
         None => None,
     };
     let (lane, rx, reply) = crate::source::http::lane(config.http.max_pending_events);
-    let api = ScoreApi { lane, max_body_bytes: config.http.max_body_bytes, token };
+    let api = ScoreApi {
+        lane,
+        max_body_bytes: config.http.max_body_bytes,
+        body_timeout: config.http.body_timeout,
+        token,
+    };
     Ok(Some((api, rx, reply)))
 }
 

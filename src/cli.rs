@@ -115,9 +115,18 @@ impl ModelArgs {
 }
 
 #[derive(Debug, Args)]
+// With `--url` the worker's model scores: `--model` is not needed then.
+#[command(mut_arg("model", |a| a.required(false).required_unless_present("url").default_value("-").hide_default_value(true)))]
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Score with a running worker's `POST /v1/score` (http://HOST:PORT) instead of a model
+    /// loaded here: the same output lines, error records and exit status.
+    #[arg(long, conflicts_with = "model")]
+    pub url: Option<String>,
+    /// A file holding the bearer token for `--url` (the worker's `http.token_file`).
+    #[arg(long, requires = "url")]
+    pub token_file: Option<PathBuf>,
     /// Input JSONL file, or "-" for stdin.
     #[arg(long, default_value = "-")]
     pub input: String,
@@ -130,11 +139,11 @@ pub struct ScoreArgs {
     /// Most tokens in one forward pass.
     #[arg(long, default_value_t = 16_384)]
     pub(crate) batch_tokens: usize,
-    /// Most conversations in one forward pass.
+    /// Most conversations in one forward pass (with `--url`: in one request).
     #[arg(long, default_value_t = 256)]
     pub(crate) batch_events: usize,
     /// Conversations of a batch beginning with this many or more identical tokens compute
-    /// that prefix once (same scores; 0 = off; CPU only for now).
+    /// that prefix once (same scores; 0 = off).
     #[arg(long, default_value_t = 128)]
     pub min_shared_prefix: usize,
     /// Largest accepted input line, in bytes (0 = unlimited).

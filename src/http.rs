@@ -2,17 +2,26 @@
 //! has died, while the model fails on batches, or when events wait and none finished within the
 //! stall timeout: [`Liveness::check`]), `/readyz` (model loaded,
 //! warm-up batch done, source connected; 503 with the missing parts otherwise), and with
-//! `http.score_api` `POST /v1/score` ([`crate::score_api`]).
+//! `http.score_api` `POST /v1/score` ([`crate::score_api`]), on `http.api_listen` when set.
+//!
+//! Slow clients hold only their own connection: a request header must arrive within
+//! `http.header_timeout`, a `/v1/score` body within `http.body_timeout` (408), a response write
+//! that makes no progress for `http.write_timeout` closes the connection ([`WriteTimeout`]), and
+//! no connection lives longer than [`CONNECTION_LIFETIME`].
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::HttpConfig;
@@ -86,38 +95,65 @@ pub struct Endpoints {
     pub score: Option<crate::score_api::ScoreApi>,
 }
 
-/// Bind `config.listen` and serve until `stop` turns true. Returns the bound address (port 0
-/// picks one) and the server task.
+/// Bind `config.listen` (and `config.api_listen` when set) and serve until `stop` turns true.
+/// Returns the bound address of `listen` (port 0 picks one) and the server task.
 ///
-/// The accept loop bounds what clients can hold: at most `max_connections` open connections (one
-/// more is accepted and closed at once, so the listen queue never fills with file descriptors),
-/// and a connection that has not sent a complete request header within `header_timeout` is
-/// closed, also when it idles between keep-alive requests.
+/// The accept loop bounds what clients can hold: at most `max_connections` open connections per
+/// listener (one more is accepted and closed at once, so the listen queue never fills with file
+/// descriptors), and a connection that has not sent a complete request header within
+/// `header_timeout` is closed, also when it idles between keep-alive requests.
 pub async fn serve(
     config: &HttpConfig,
     endpoints: Endpoints,
     stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
-    let addr = config.listen;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
-    let bound = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
+    let (listener, bound) = bind(config.listen).await?;
     let Endpoints { metrics, readiness, liveness, score } = endpoints;
     let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState { metrics, readiness, liveness, stall_timeout: config.stall_timeout });
-    if let Some(api) = score {
-        app = app.merge(Router::new().route("/v1/score", post(crate::score_api::score)).with_state(api));
+    let limits = Limits {
+        max_connections: config.max_connections.max(1),
+        header_timeout: config.header_timeout,
+        write_timeout: config.write_timeout,
+    };
+    let mut api = None;
+    if let Some(state) = score {
+        let router = Router::new().route("/v1/score", post(crate::score_api::score)).with_state(state);
+        match config.api_listen {
+            Some(addr) => {
+                let (listener, bound) = bind(addr).await?;
+                tracing::info!(addr = %bound, "serving POST /v1/score");
+                api = Some((listener, router));
+            }
+            None => app = app.merge(router),
+        }
     }
-    let limits = Limits { max_connections: config.max_connections.max(1), header_timeout: config.header_timeout };
-    Ok((bound, tokio::spawn(accept_loop(listener, app, limits, stop))))
+    let task = async move {
+        match api {
+            Some((api_listener, router)) => {
+                let api = accept_loop(api_listener, router, limits, stop.clone());
+                tokio::join!(accept_loop(listener, app, limits, stop), api);
+            }
+            None => accept_loop(listener, app, limits, stop).await,
+        }
+    };
+    Ok((bound, tokio::spawn(task)))
+}
+
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), HttpError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
+    Ok((listener, bound))
 }
 
 #[derive(Clone, Copy)]
 struct Limits {
     max_connections: usize,
     header_timeout: Duration,
+    write_timeout: Duration,
 }
 
 /// A connection lives at most this long, whatever it does (a backstop against clients that
@@ -149,10 +185,11 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, limits: Lim
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         connections.spawn(async move {
             let _slot = slot;
+            let io = WriteTimeout { io: stream, timeout: limits.write_timeout, deadline: None };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
             match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                 Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection closed"),
                 Ok(Ok(())) | Err(_) => {}
@@ -160,6 +197,69 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, limits: Lim
         });
     }
     connections.abort_all();
+}
+
+/// A connection whose writes fail with `TimedOut` once one has stayed pending (the client's
+/// receive window full: it does not read its answer) for `timeout`; hyper then closes it.
+struct WriteTimeout<T> {
+    io: T,
+    timeout: Duration,
+    /// Set while a write is pending; cleared by any write that completes.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteTimeout<T> {
+    fn guard<R>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        if polled.is_ready() {
+            self.deadline = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing of its answer for {timeout:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.guard(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.guard(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.guard(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.guard(cx, polled)
+    }
 }
 
 async fn healthz(State(s): State<AppState>) -> (StatusCode, String) {

@@ -24,7 +24,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
-        Command::Score(args) => commands::score::run(&args),
+        Command::Score(args) => match &args.url {
+            Some(url) => commands::score_remote::run(&args, url),
+            None => commands::score::run(&args),
+        },
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Quantize(args) => commands::quantize::run(&args),
         Command::Compare(args) => commands::compare::run(&args),

@@ -6,8 +6,9 @@
 //! record (`{"error": {...}, "payload", "source": {"http": ...}}`), the request still 200.
 //! Posted events join the stream's micro-batches through the pipeline's HTTP lane
 //! ([`crate::source::http`]). Limits: the body (`http.max_body_bytes`, else 413), the events
-//! waiting at a time (`http.max_pending_events`, else 429 with `Retry-After`), and, with
-//! `http.token_file`, a bearer token (else 401).
+//! waiting at a time (`http.max_pending_events`, else 429 with `Retry-After`), the time the body
+//! takes to arrive (`http.body_timeout`, else 408), and, with `http.token_file`, a bearer token
+//! (else 401).
 
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ use crate::source::http::{HttpLane, Refusal};
 pub struct ScoreApi {
     pub lane: HttpLane,
     pub max_body_bytes: usize,
+    /// How long a body may take to arrive once its header is in (`http.body_timeout`).
+    pub body_timeout: std::time::Duration,
     /// The bearer token requests must carry, when set.
     pub token: Option<Arc<str>>,
 }
@@ -39,15 +42,18 @@ enum Shape {
 
 /// The events of a body and its shape: a JSON array, one JSON value, else JSONL (blank lines
 /// skipped; a line that is not JSON is still an event, whose result is its error record).
-fn split(body: &Bytes) -> (Shape, Vec<Bytes>) {
+/// A body sent as JSONL (`Content-Type: application/x-ndjson` or `application/jsonl`) is always
+/// read as lines, so that a one-line body, or lines that together happen to form one JSON value,
+/// mean what they would mean in a file given to `scorestream score`.
+fn split(body: &Bytes, jsonl: bool) -> (Shape, Vec<Bytes>) {
     let trimmed = body.trim_ascii_start();
-    if trimmed.first() == Some(&b'[') {
+    if !jsonl && trimmed.first() == Some(&b'[') {
         if let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(body) {
             let events = items.iter().map(|r| Bytes::copy_from_slice(r.get().as_bytes())).collect();
             return (Shape::Array, events);
         }
     }
-    if serde_json::from_slice::<&RawValue>(body).is_ok() {
+    if !jsonl && serde_json::from_slice::<&RawValue>(body).is_ok() {
         return (Shape::One, vec![body.clone()]);
     }
     let lines = body
@@ -98,13 +104,24 @@ pub async fn score(State(api): State<ScoreApi>, headers: HeaderMap, body: Body) 
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    let body = match axum::body::to_bytes(body, api.max_body_bytes).await {
-        Ok(b) => b,
-        Err(_) => {
+    // A slow body holds its connection only: its events are submitted once it is whole, so it
+    // never holds pending places or a batch.
+    let body = match tokio::time::timeout(api.body_timeout, axum::body::to_bytes(body, api.max_body_bytes)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over {} bytes", api.max_body_bytes))
         }
+        Err(_) => {
+            let mut r = plain(StatusCode::REQUEST_TIMEOUT, format!("the body did not arrive within {:?}", api.body_timeout));
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
     };
-    let (shape, events) = split(&body);
+    let jsonl = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/x-ndjson") || t.starts_with("application/jsonl"));
+    let (shape, events) = split(&body, jsonl);
     if events.is_empty() {
         return plain(StatusCode::BAD_REQUEST, "no events in the body");
     }
@@ -134,15 +151,23 @@ mod tests {
 
     #[test]
     fn a_body_is_one_event_an_array_or_lines() {
-        let (shape, events) = split(&Bytes::from_static(br#" {"id":"a"} "#));
+        let (shape, events) = split(&Bytes::from_static(br#" {"id":"a"} "#), false);
         assert_eq!((shape, events.len()), (Shape::One, 1));
-        let (shape, events) = split(&Bytes::from_static(br#"[{"id":"a"}, {"id":"b"}]"#));
+        let (shape, events) = split(&Bytes::from_static(br#"[{"id":"a"}, {"id":"b"}]"#), false);
         assert_eq!(shape, Shape::Array);
         assert_eq!(events, [Bytes::from_static(br#"{"id":"a"}"#), Bytes::from_static(br#"{"id":"b"}"#)]);
-        let (shape, events) = split(&Bytes::from_static(b"{\"id\":\"a\"}\r\n\n{oops\n"));
+        let (shape, events) = split(&Bytes::from_static(b"{\"id\":\"a\"}\r\n\n{oops\n"), false);
         assert_eq!(shape, Shape::Lines);
         assert_eq!(events, [Bytes::from_static(br#"{"id":"a"}"#), Bytes::from_static(b"{oops")]);
-        assert!(split(&Bytes::from_static(b" \n ")).1.is_empty());
+        assert!(split(&Bytes::from_static(b" \n "), false).1.is_empty());
+    }
+
+    #[test]
+    fn a_jsonl_body_is_always_lines() {
+        let (shape, events) = split(&Bytes::from_static(br#"[{"id":"a"}, {"id":"b"}]"#), true);
+        assert_eq!((shape, events.len()), (Shape::Lines, 1), "one line, one (invalid) event");
+        let (shape, events) = split(&Bytes::from_static(b"{\"id\":\n\"a\"}\n"), true);
+        assert_eq!((shape, events.len()), (Shape::Lines, 2), "two lines that form one JSON value are two events");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The chart's operations side: alerts (a worker-down alert, grouping by namespace, runbook
 //! links, per-attribute reward thresholds, a latency threshold within the histogram), KEDA's
 //! Kafka authentication from the chart's Secrets, the escape hatches (extra env, volumes, mounts,
-//! init containers, download env and disk), a download that installs nothing, JSON logs.
+//! init containers, download env and disk), a download that installs nothing, JSON logs, and the
+//! HTTP score API (its limits, a token from a Secret file, its own port on the Service).
 //!
 //! Needs helm and kubernetes-validate (`scripts/install_helm.sh`); skipped without them unless
 //! `CI` is set, where their absence fails the tests.
@@ -15,7 +16,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
-use support::{find_kind, one, strings, worker, Tools};
+use support::{config_toml, find_kind, one, strings, worker, Tools};
 
 fn tools() -> Option<Tools> {
     support::tools()
@@ -278,4 +279,57 @@ fn model_download_installs_nothing_at_run_time() {
     ];
     let out = support::run(&t.python, &[script.to_string_lossy().into_owned()], &env);
     assert!(!out.ok && out.stderr.contains("huggingface_hub is not installed in this image"), "{}{}", out.stdout, out.stderr);
+}
+
+/// `scoreApi` turns on `POST /v1/score` with its limits; the token comes from a Secret mounted
+/// as the file `http.token_file` names (never from the ConfigMap); `scoreApi.port` serves it on
+/// `http.api_listen`, a container port and a Service port of its own. Off by default.
+#[test]
+fn score_api_values_reach_the_config_the_pod_and_the_service() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config_of = |docs: &[Value]| {
+        let text = config_toml(docs);
+        let vars = [("SCORESTREAM__MODEL__DEVICES".to_owned(), "[\"cpu\"]".to_owned())];
+        scorestream::config::Config::from_toml_with_env(&text, "rendered", vars).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    };
+    let docs = validate(&t, "nats", &strings(&["-f", "helm/examples/nats.yaml"]), dir.path());
+    let http = config_of(&docs).http;
+    assert!(!http.score_api && http.api_listen.is_none() && http.token_file.is_none());
+    assert_eq!(one(&docs, "Service")["spec"]["ports"].as_array().unwrap().len(), 1);
+
+    let values = dir.path().join("api.yaml");
+    std::fs::write(
+        &values,
+        "scoreApi:\n  enabled: true\n  maxPendingEvents: 64\n  maxBodyBytes: 1048576\n  port: 8080\n  token: {existingSecret: score-token, key: bearer}\n",
+    )
+    .unwrap();
+    let docs = validate(&t, "score api", &strings(&["-f", "helm/examples/nats.yaml", "-f", values.to_str().unwrap()]), dir.path());
+    let http = config_of(&docs).http;
+    assert!(http.score_api);
+    assert_eq!((http.max_pending_events, http.max_body_bytes), (64, 1_048_576));
+    assert_eq!(http.api_listen, Some("0.0.0.0:8080".parse().unwrap()));
+    let token_file = http.token_file.expect("http.token_file");
+    let w = worker(&docs);
+    let mount = w["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "score-api-token").expect("a token mount");
+    assert_eq!(token_file, std::path::Path::new(mount["mountPath"].as_str().unwrap()).join("bearer"));
+    let pod = &one(&docs, "Deployment")["spec"]["template"]["spec"];
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "score-api-token").unwrap();
+    assert_eq!(volume["secret"]["secretName"], "score-token");
+    let api_port = w["ports"].as_array().unwrap().iter().find(|p| p["name"] == "api").expect("an api container port");
+    assert_eq!(api_port["containerPort"], 8080);
+    let service_port = one(&docs, "Service")["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "api").cloned();
+    assert_eq!(service_port.expect("an api Service port")["targetPort"], "api");
+
+    // Without a port of its own, the API shares the metrics port: nothing more is exposed.
+    let docs = validate(&t, "shared port", &strings(&["-f", "helm/examples/nats.yaml", "--set", "scoreApi.enabled=true"]), dir.path());
+    assert!(config_of(&docs).http.score_api && config_of(&docs).http.api_listen.is_none());
+    assert_eq!(one(&docs, "Service")["spec"]["ports"].as_array().unwrap().len(), 1);
+    // The same port twice is refused at render time.
+    let out = support::run(
+        &t.helm,
+        &strings(&["template", "rel", support::CHART, "--set", "scoreApi.enabled=true", "--set", "scoreApi.port=9090"]),
+        &[],
+    );
+    assert!(!out.ok && out.stderr.contains("scoreApi.port must differ from service.port"), "{}", out.stderr);
 }

@@ -6,3 +6,4 @@ pub mod inspect;
 pub mod kernels;
 pub mod quantize;
 pub mod score;
+pub mod score_remote;

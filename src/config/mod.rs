@@ -194,6 +194,18 @@ pub struct HttpConfig {
     /// without it, no token is asked for.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Serve `POST /v1/score` on this address instead of `listen` (which keeps `/metrics`,
+    /// `/healthz` and `/readyz`), e.g. to expose the API on its own port.
+    #[serde(default)]
+    pub api_listen: Option<SocketAddr>,
+    /// A `/v1/score` request body must arrive whole within this time after its header; a slower
+    /// client gets 408 and none of its events is scored.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// A response write that makes no progress for this long (a client that does not read its
+    /// answer) closes the connection.
+    #[serde(default = "default_write_timeout", with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -207,6 +219,9 @@ impl Default for HttpConfig {
             max_pending_events: default_max_pending_events(),
             max_body_bytes: default_max_body_bytes(),
             token_file: None,
+            api_listen: None,
+            body_timeout: default_body_timeout(),
+            write_timeout: default_write_timeout(),
         }
     }
 }
@@ -246,6 +261,12 @@ fn default_stall_timeout() -> Duration {
 }
 fn default_header_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_write_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 const fn default_max_connections() -> usize {
     128
@@ -331,6 +352,8 @@ impl Config {
         positive("http.max_connections", self.http.max_connections)?;
         positive("http.max_pending_events", self.http.max_pending_events)?;
         positive("http.max_body_bytes", self.http.max_body_bytes)?;
+        positive("http.body_timeout", self.http.body_timeout.as_millis() as usize)?;
+        positive("http.write_timeout", self.http.write_timeout.as_millis() as usize)?;
         if let Err(message) = self.metrics.check() {
             return invalid("metrics.reward_buckets", &message);
         }

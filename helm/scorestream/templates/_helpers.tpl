@@ -162,6 +162,21 @@ app.kubernetes.io/component: worker
 {{- $_ := set $cfg "model" $model -}}
 {{- $http := deepCopy ($cfg.http | default dict) -}}
 {{- $_ := set $http "listen" (printf "0.0.0.0:%d" (int .Values.service.port)) -}}
+{{- $api := .Values.scoreApi -}}
+{{- if $api.enabled -}}
+{{- $_ := set $http "score_api" true -}}
+{{- $_ := set $http "max_pending_events" (int $api.maxPendingEvents) -}}
+{{- $_ := set $http "max_body_bytes" (int64 $api.maxBodyBytes) -}}
+{{- if $api.token.existingSecret -}}
+{{- $_ := set $http "token_file" (printf "%s/%s" (include "scorestream.secretDir" "score-api-token") $api.token.key) -}}
+{{- end -}}
+{{- if $api.port -}}
+{{- if eq (int $api.port) (int .Values.service.port) -}}
+{{- fail "scoreApi.port must differ from service.port (or be 0 to share it)" -}}
+{{- end -}}
+{{- $_ := set $http "api_listen" (printf "0.0.0.0:%d" (int $api.port)) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set $cfg "http" $http -}}
 {{- range $section := list "source" "sink" "dead_letter" -}}
 {{- $t := get $cfg $section | default (deepCopy (get $.Values.placeholderSections $section)) -}}
@@ -193,6 +208,9 @@ app.kubernetes.io/component: worker
 {{- end -}}
 {{- if $s.nats.tls.existingSecret -}}
 {{- $out = append $out (dict "name" "nats-tls" "secretName" $s.nats.tls.existingSecret "mountPath" (include "scorestream.secretDir" "nats-tls")) -}}
+{{- end -}}
+{{- if and .Values.scoreApi.enabled .Values.scoreApi.token.existingSecret -}}
+{{- $out = append $out (dict "name" "score-api-token" "secretName" .Values.scoreApi.token.existingSecret "mountPath" (include "scorestream.secretDir" "score-api-token")) -}}
 {{- end -}}
 {{- range $s.extraMounts -}}
 {{- $out = append $out (dict "name" .name "secretName" .secretName "mountPath" .mountPath) -}}
