@@ -44,6 +44,46 @@ __device__ __forceinline__ unsigned pack_pair(bf16 lo, bf16 hi) {
 
 __device__ __forceinline__ unsigned pack_floats(float lo, float hi) { return pack_pair(to_bf(lo), to_bf(hi)); }
 
+// One online-softmax step over a key tile for the two query rows a thread holds (both kernels):
+// the rows' maxima across the quad, S turned in place into bf16-rounded probabilities, and the
+// running sums `l` and outputs `o` rescaled to the new maxima.
+template <int NB, int DB>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float (&mx)[2], float (&m)[2], float (&l)[2],
+                                                    float (&o)[DB][4]) {
+    float alpha[2], m_new[2], psum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        m_new[r] = fmaxf(m[r], mx[r]);
+        alpha[r] = m_new[r] == NEG_INF ? 1.0f : exp2f(m[r] - m_new[r]);
+    }
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const float p = m_new[r] == NEG_INF ? 0.0f : bfr(exp2f(s[n][e] - m_new[r]));
+            s[n][e] = p;
+            psum[r] += p;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 1);
+        psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 2);
+        l[r] = l[r] * alpha[r] + psum[r];
+        m[r] = m_new[r];
+    }
+#pragma unroll
+    for (int j = 0; j < DB; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+    }
+}
+
 // The keys a segment's queries see: its prefix's tokens (first token p0, count P), then its own
 // (first token s0, count len). Key index v maps to a token row of the packed batch.
 struct KeyRange {
@@ -160,38 +200,7 @@ __device__ void attention_body(const bf16* qkv, bf16* out, const int* tiles, con
                 mx[r] = fmaxf(mx[r], s[n][e]);
             }
         }
-        float alpha[2], m_new[2], psum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            m_new[r] = fmaxf(m[r], mx[r]);
-            alpha[r] = m_new[r] == NEG_INF ? 1.0f : exp2f(m[r] - m_new[r]);
-        }
-#pragma unroll
-        for (int n = 0; n < ATT_BK / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const float p = m_new[r] == NEG_INF ? 0.0f : bfr(exp2f(s[n][e] - m_new[r]));
-                s[n][e] = p;
-                psum[r] += p;
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 1);
-            psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 2);
-            l[r] = l[r] * alpha[r] + psum[r];
-            m[r] = m_new[r];
-        }
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            o[j][0] *= alpha[0];
-            o[j][1] *= alpha[0];
-            o[j][2] *= alpha[1];
-            o[j][3] *= alpha[1];
-        }
+        online_softmax_step<ATT_BK / 8, D / 8>(s, mx, m, l, o);
         // O += P V: P's A fragments are the S accumulators of key blocks 2kk and 2kk + 1.
 #pragma unroll
         for (int kk = 0; kk < ATT_BK / 16; ++kk) {

@@ -187,38 +187,7 @@ __device__ void attention_v2_body(const bf16* qkv, bf16* out, const int* tiles, 
                     mx[r] = fmaxf(mx[r], s[n][e]);
                 }
             }
-            float alpha[2], m_new[2], psum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                m_new[r] = fmaxf(m[r], mx[r]);
-                alpha[r] = m_new[r] == NEG_INF ? 1.0f : exp2f(m[r] - m_new[r]);
-            }
-#pragma unroll
-            for (int n = 0; n < BK / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = e >> 1;
-                    const float p = m_new[r] == NEG_INF ? 0.0f : bfr(exp2f(s[n][e] - m_new[r]));
-                    s[n][e] = p;
-                    psum[r] += p;
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 1);
-                psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], 2);
-                l[r] = l[r] * alpha[r] + psum[r];
-                m[r] = m_new[r];
-            }
-#pragma unroll
-            for (int j = 0; j < DP / 8; ++j) {
-                o[j][0] *= alpha[0];
-                o[j][1] *= alpha[0];
-                o[j][2] *= alpha[1];
-                o[j][3] *= alpha[1];
-            }
+            online_softmax_step<BK / 8, DP / 8>(s, mx, m, l, o);
             // O += P V: P's A fragments are the S accumulators of key blocks 2kk and 2kk + 1;
             // V's B fragments come transposed out of ldmatrix, two 8-column blocks per x4.
 #pragma unroll
