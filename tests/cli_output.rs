@@ -78,6 +78,7 @@ fn json_logs_are_one_object_per_line() {
 
 /// A Llama-3.1-70B-shaped bf16 checkpoint whose one shard is a sparse file: its header is real,
 /// its 141 GB of data take no disk (`inspect` reads headers only).
+#[cfg(feature = "cuda")]
 fn sparse_70b(dir: &std::path::Path) {
     let (h, inter, kv, vocab) = (8192usize, 28672usize, 1024usize, 128_256usize);
     let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![vocab, h]), ("model.norm.weight".into(), vec![h]), ("score.weight".into(), vec![1, h])];

@@ -82,6 +82,8 @@ enum Hop<T> {
 
 impl AnyStage {
     fn forward(&mut self, packed: &Packed, input: Hop<Activations>, device: &str) -> Result<Hop<StageOutput>, ModelError> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = device; // names the GPU in the CUDA arms only
         match (self, input) {
             (AnyStage::Cpu(s), Hop::Host(input)) => s.forward(packed, input).map(Hop::Host),
             #[cfg(feature = "cuda")]

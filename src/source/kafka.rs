@@ -400,7 +400,13 @@ impl Source for KafkaSource {
                 let (ack, epoch) = if let Some(ownership) = &self.ownership {
                     (AckHandle::noop(), ownership.epoch(&topic, partition))
                 } else {
-                    let generation = self.shared.hand_out(&topic, partition, offset);
+                    let still_assigned = || {
+                        self.consumer.assignment().is_ok_and(|a| a.elements().iter().any(|e| e.topic() == topic && e.partition() == partition))
+                    };
+                    let Some(generation) = self.shared.hand_out(&topic, partition, offset, still_assigned) else {
+                        tracing::debug!(topic, partition, offset, "record of a revoked partition left to its new owner");
+                        continue;
+                    };
                     let ack = AckHandle::new(KafkaAck {
                         consumer: self.consumer.clone(),
                         shared: self.shared.clone(),

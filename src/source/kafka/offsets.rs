@@ -127,11 +127,24 @@ impl Shared {
     }
 
     /// A record is handed to the pipeline; returns its partition's generation.
-    pub(super) fn hand_out(&self, topic: &str, partition: i32, offset: i64) -> u64 {
+    ///
+    /// A record of a partition with no tracker was read before its partition was revoked (the
+    /// revocation ran between the fetch and this call): `None` unless `still_assigned` (asked
+    /// of the consumer only then) says the partition is this member's after all. Such a record
+    /// is its new owner's to read; handing it out would let its ack commit an offset of a
+    /// partition another member now owns.
+    pub(super) fn hand_out(&self, topic: &str, partition: i32, offset: i64, still_assigned: impl FnOnce() -> bool) -> Option<u64> {
+        let key = (topic.to_owned(), partition);
+        // The consumer is asked without the lock held: its rebalance callback takes the lock.
+        let tracked = self.lock().trackers.contains_key(&key);
+        if !tracked && !still_assigned() {
+            return None;
+        }
         let mut st = self.lock();
-        let t = st.trackers.entry((topic.to_owned(), partition)).or_default();
+        let generation = st.generation;
+        let t = st.trackers.entry(key).or_insert_with(|| PartitionTracker { generation, ..Default::default() });
         t.pending.insert(offset, false);
-        t.generation
+        Some(t.generation)
     }
 
     /// A record's output is confirmed; returns the next offset to store when the partition's
@@ -267,8 +280,8 @@ mod tests {
     fn a_record_counts_as_uncommitted_until_its_commit_lands() {
         let shared = Shared::default();
         shared.assign(&[("t".into(), 0), ("t".into(), 1)]);
-        let g = (0..4).map(|o| shared.hand_out("t", 0, o)).last().unwrap();
-        shared.hand_out("t", 1, 7);
+        let g = (0..4).map(|o| shared.hand_out("t", 0, o, || false)).last().unwrap().unwrap();
+        shared.hand_out("t", 1, 7, || false).unwrap();
         let uncommitted = |s: &Shared| s.lock().trackers.values().map(PartitionTracker::uncommitted).sum::<usize>();
         assert_eq!(uncommitted(&shared), 5);
         assert_eq!(shared.ack("t", 0, g, 0), Some(1));
@@ -284,11 +297,25 @@ mod tests {
         assert_eq!(shared.ack("t", 1, g, 7), None);
     }
 
+    #[test]
+    fn a_record_read_before_its_partition_was_revoked_is_not_handed_out() {
+        let shared = Shared::default();
+        shared.assign(&[("t".into(), 0)]);
+        let g = shared.hand_out("t", 0, 0, || panic!("assigned: the consumer is not asked")).unwrap();
+        shared.revoke("t", 0, || {});
+        assert_eq!(shared.hand_out("t", 0, 1, || false), None, "revoked: the new owner's record");
+        assert_eq!(shared.ack("t", 0, g, 0), None);
+        assert!(shared.to_commit().is_empty(), "nothing of the revoked partition is committed");
+        // The consumer says the partition is ours (an assignment this side never saw): tracked.
+        let g = shared.hand_out("t", 0, 5, || true).unwrap();
+        assert_eq!(shared.ack("t", 0, g, 5), Some(6));
+    }
+
     #[tokio::test]
     async fn a_fetch_waits_for_room_until_a_commit_lands_or_commits_fail() {
         let shared = Arc::new(Shared::default());
         shared.assign(&[("t".into(), 0)]);
-        let g = (0..3).map(|o| shared.hand_out("t", 0, o)).last().unwrap();
+        let g = (0..3).map(|o| shared.hand_out("t", 0, o, || false)).last().unwrap().unwrap();
         shared.ack("t", 0, g, 0);
         let waiter = tokio::spawn({
             let shared = shared.clone();
@@ -298,8 +325,8 @@ mod tests {
         assert!(!waiter.is_finished(), "3 consumed, none committed");
         shared.committed(&shared.to_commit());
         waiter.await.unwrap();
-        let g = shared.hand_out("t", 0, 3);
-        assert_eq!(g, 1);
+        let g = shared.hand_out("t", 0, 3, || false);
+        assert_eq!(g, Some(1));
         let waiter = tokio::spawn({
             let shared = shared.clone();
             async move { shared.wait_for_room(3).await }
