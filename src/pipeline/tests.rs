@@ -217,13 +217,10 @@ impl BatchCommit for Txn {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_commits_each_batch_and_retries_after_abort() {
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let (_go_tx, go) = watch::channel(true);
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = Arc::new(Stuck(go, Default::default()));
-    let parts = Parts {
+/// Three inputs from a file through the `Length` scorer into `sink` (outputs and dead letters),
+/// committed through `commit`.
+fn exactly_once_parts(commit: Arc<dyn BatchCommit>, sink: &Arc<Stuck>, metrics: &Arc<Metrics>) -> Parts {
+    Parts {
         source: endless(3),
         source_kind: "file",
         preparer: Arc::new(Bytewise),
@@ -231,10 +228,19 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
         sink: sink.clone(),
         dead_letter: sink.clone(),
         routes: Default::default(),
-        commit: Some(Arc::new(Txn(log.clone(), Default::default()))),
+        commit: Some(commit),
         metrics: metrics.clone(),
         liveness: Default::default(),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_commits_each_batch_and_retries_after_abort() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (_go_tx, go) = watch::channel(true);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::new(Stuck(go, Default::default()));
+    let parts = exactly_once_parts(Arc::new(Txn(log.clone(), Default::default())), &sink, &metrics);
     let settings = settings(8, 50, 8);
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings, stop).await.unwrap();
@@ -277,18 +283,7 @@ async fn exactly_once_replays_a_batch_without_the_inputs_of_a_revoked_partition(
     let (_go_tx, go) = watch::channel(true);
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Arc::new(Stuck(go, Default::default()));
-    let parts = Parts {
-        source: endless(3),
-        source_kind: "file",
-        preparer: Arc::new(Bytewise),
-        scorer: Arc::new(Length),
-        sink: sink.clone(),
-        dead_letter: sink.clone(),
-        routes: Default::default(),
-        commit: Some(Arc::new(Revoking(log.clone(), Default::default()))),
-        metrics: metrics.clone(),
-        liveness: Default::default(),
-    };
+    let parts = exactly_once_parts(Arc::new(Revoking(log.clone(), Default::default())), &sink, &metrics);
     let (_stop_tx, stop) = watch::channel(false);
     run(parts, settings(8, 50, 8), stop).await.unwrap();
     assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 2"]);
