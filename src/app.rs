@@ -15,7 +15,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::batch::policy::BatchLimits;
-use crate::config::{Config, ConfigError, Delivery, SinkConfig, SourceConfig};
+use crate::config::{Config, ConfigError};
+use crate::sink::{Delivery, KafkaSinkConfig, SinkConfig};
+use crate::source::SourceConfig;
 use crate::engine::{Engine, EngineError};
 use crate::event::{EventError, InputEvent};
 use crate::health::Liveness;
@@ -24,7 +26,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::model::ModelOptions;
 use crate::pipeline::{Parts, PipelineError, Preparer, PromptPreparer, ScoreError, Scorer, Settings};
 use crate::prompt::{PromptError, Prompter};
-use crate::score_api::ScoreApi;
+use crate::http::score_api::ScoreApi;
 use crate::source::http::{LaneReceiver, Merged};
 use crate::sink::{SinkContext, SinkError};
 use crate::source::{SourceContext, SourceError};
@@ -53,7 +55,7 @@ pub enum AppError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error("invalid config: {0}")]
-    Route(#[from] crate::route::RouteError),
+    Route(#[from] crate::sink::route::RouteError),
     #[error("shutdown did not finish within {0:?}; unacknowledged inputs will be redelivered")]
     ShutdownTimeout(std::time::Duration),
     #[error("cannot start the async runtime: {0}")]
@@ -279,7 +281,7 @@ async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sin
 
 /// The `[sinks.<name>]` that are Kafka sinks, in the config's name order (exactly-once: all of
 /// them, validated).
-fn named_kafka_sinks(config: &Config) -> Vec<&crate::config::brokers::KafkaSinkConfig> {
+fn named_kafka_sinks(config: &Config) -> Vec<&KafkaSinkConfig> {
     config.sinks.values().filter_map(|s| if let SinkConfig::Kafka(k) = s { Some(k) } else { None }).collect()
 }
 
@@ -308,7 +310,7 @@ async fn open_parts(
         max_inflight_events: config.batch.max_inflight_events,
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
-    let router = Arc::new(crate::route::Router::compile(&config.route, config.sinks.keys())?);
+    let router = Arc::new(crate::sink::route::Router::compile(&config.route, config.sinks.keys())?);
     let (source, sink, dead_letter, commit, named) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
         (Some((sink, dead_letter, named)), ..) => {
             (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)

@@ -1,12 +1,15 @@
 //! Kafka clients shared by the source and the sinks: the worker's own librdkafka settings with
 //! the user's pass-through options on top, the start-up reachability check, and the broker
 //! errors librdkafka reports only through its error callback (TLS handshake, SASL
-//! authentication), kept so that a failed start says why. [`ownership`]: which input partitions
-//! an exactly-once worker owns, ordered against its transactions' commits.
+//! authentication), kept so that a failed start says why. The settings the source and the sink
+//! share: [`KafkaOptions`] (raw librdkafka options, secrets redacted by `Debug`) and the
+//! `brokers` list. [`ownership`]: which input partitions an exactly-once worker owns, ordered
+//! against its transactions' commits.
 
 pub mod ownership;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,7 +19,90 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 
-use crate::config::brokers::KafkaOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::{is_secret_option, ScalarText};
+
+/// Raw librdkafka options (`security.protocol`, `sasl.*`, `ssl.*`, ...), passed through as is;
+/// a number or boolean (`"linger.ms" = 5`) is taken as its text.
+#[derive(Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct KafkaOptions(pub BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for KafkaOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Value(String);
+        impl<'de> Deserialize<'de> for Value {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(ScalarText("a librdkafka option value: a string, number or boolean")).map(Value)
+            }
+        }
+        let map = BTreeMap::<String, Value>::deserialize(d)?;
+        Ok(Self(map.into_iter().map(|(k, v)| (k, v.0)).collect()))
+    }
+}
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, if is_secret_option(k) { "<redacted>" } else { v.as_str() })))
+            .finish()
+    }
+}
+
+impl KafkaOptions {
+    /// The options with `files` read in (file contents trimmed of a trailing newline); a file
+    /// value wins over an inline one.
+    pub fn resolve(&self, files: &BTreeMap<String, PathBuf>) -> Result<BTreeMap<String, String>, OptionFileError> {
+        let mut out = self.0.clone();
+        for (key, path) in files {
+            let text = std::fs::read_to_string(path).map_err(|source| OptionFileError {
+                key: key.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            out.insert(key.clone(), text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        Ok(out)
+    }
+}
+
+/// An `option_files` entry could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the value of librdkafka option {key} from {path}: {source}")]
+pub struct OptionFileError {
+    pub key: String,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// `brokers`: a comma-separated string, or a list of "host:port" strings joined with commas.
+pub(crate) fn brokers_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct Brokers;
+    impl<'de> serde::de::Visitor<'de> for Brokers {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of \"host:port\" strings or one comma-separated string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            // A list written as text (an environment override: `["a:9092", "b:9092"]`) is not a
+            // broker name; refusing it lets the overlay read the text as the list it is.
+            if v.trim_start().starts_with("[\"") || v.trim_start().starts_with("['") {
+                return Err(E::invalid_value(serde::de::Unexpected::Str(v), &self));
+            }
+            Ok(v.to_owned())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut all: Vec<String> = Vec::new();
+            while let Some(b) = seq.next_element::<String>()? {
+                all.push(b);
+            }
+            Ok(all.join(","))
+        }
+    }
+    d.deserialize_any(Brokers)
+}
 
 /// How long a starting worker waits for the brokers to answer a metadata request.
 pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -208,5 +294,40 @@ pub fn reason(e: KafkaError) -> Box<dyn std::error::Error + Send + Sync> {
             Some(code) if std::error::Error::source(&e).is_some() => Box::new(code),
             _ => Box::new(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let mut o = BTreeMap::new();
+        o.insert("sasl.password".to_owned(), "hunter2".to_owned());
+        o.insert("security.protocol".to_owned(), "SASL_SSL".to_owned());
+        let shown = format!("{:?}", KafkaOptions(o));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("SASL_SSL"));
+    }
+
+    #[test]
+    fn option_files_are_read_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let mut o = BTreeMap::new();
+        o.insert("sasl.password".to_owned(), "inline".to_owned());
+        let files = BTreeMap::from([("sasl.password".to_owned(), path)]);
+        assert_eq!(KafkaOptions(o).resolve(&files).unwrap()["sasl.password"], "s3cret");
+        let missing = BTreeMap::from([("x".to_owned(), dir.path().join("none"))]);
+        assert!(KafkaOptions::default().resolve(&missing).unwrap_err().to_string().contains("option x"));
+    }
+
+    #[test]
+    fn option_values_may_be_numbers() {
+        let options: toml::Table = "[o]\n\"linger.ms\" = 5\n\"sasl.password\" = 987654\n".parse().unwrap();
+        let o: KafkaOptions = options["o"].clone().try_into().unwrap();
+        assert_eq!((o.0["linger.ms"].as_str(), o.0["sasl.password"].as_str()), ("5", "987654"));
     }
 }

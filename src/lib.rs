@@ -3,7 +3,6 @@
 //! Data flows one way: source → event → prompt → batch → engine → sink, with acks flowing back.
 
 pub mod batch;
-pub(crate) mod candidates;
 pub mod cli;
 pub mod commands;
 pub mod engine;
@@ -20,7 +19,6 @@ pub(crate) mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod record;
-pub mod route;
-pub mod score_api;
+pub mod settings;
 pub mod sink;
 pub mod source;

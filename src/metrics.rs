@@ -173,6 +173,12 @@ pub const NAMES: [&str; 22] = [
 /// features (comma separated), as recorded by build.rs.
 pub const BUILD: [&str; 3] = [env!("CARGO_PKG_VERSION"), env!("SCORESTREAM_GIT_REVISION"), env!("SCORESTREAM_FEATURES")];
 
+/// `route` label values of `scorestream_routed_total` whatever the config: events no `[[route]]`
+/// rule matched, and events a rule dropped (`to = "drop"`, the destination's name too). Each
+/// named sink adds its own name.
+pub const ROUTE_DEFAULT: &str = "default";
+pub const ROUTE_DROP: &str = "drop";
+
 /// The `delivery` label values of `scorestream_events_scored_total`.
 pub const DELIVERIES: [&str; 3] = ["first", "replay", "unknown"];
 
@@ -282,7 +288,7 @@ impl Metrics {
         for delivery in DELIVERIES {
             m.events_scored.with_label_values(&[delivery]);
         }
-        for route in [crate::route::DEFAULT, crate::route::DROP] {
+        for route in [ROUTE_DEFAULT, ROUTE_DROP] {
             m.routed.with_label_values(&[route]);
         }
         for output in ["scored", "dead_letter"] {

@@ -2,12 +2,31 @@
 //! token, user/password), TLS files, and the server version check. A server older than 2.9 is
 //! refused; JetStream features that nats-server 2.9 silently ignores (plural `filter_subjects`,
 //! stream metadata, create-only consumer actions) are used only where the connected server's
-//! version (its INFO) is 2.10 or later, and a setting that needs them is refused on 2.9.
+//! version (its INFO) is 2.10 or later, and a setting that needs them is refused on 2.9. The
+//! settings the source and the sink share live here too: [`NatsTls`], the choice of one
+//! authentication ([`Connection::check_auth`]) and credentials written into the URL.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::brokers::{NatsTls, Secret};
+use serde::{Deserialize, Serialize};
+
+use crate::settings::{invalid, Invalid, Secret};
+
+/// TLS files for a NATS connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// CA certificate(s) that sign the server certificate (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key for mutual TLS (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
 
 /// How to reach and authenticate to a NATS server.
 #[derive(Debug, Clone)]
@@ -35,6 +54,22 @@ macro_rules! connection_of {
     };
 }
 pub(crate) use connection_of;
+
+impl Connection<'_> {
+    /// One way to authenticate at most, and user and password together; `section` names the
+    /// config section in the refusal.
+    pub(crate) fn check_auth(&self, section: &str) -> Result<(), Invalid> {
+        let field = &format!("{section}.user");
+        if self.user.is_some() != self.password.is_some() {
+            return invalid(field, "user and password go together");
+        }
+        let (token, user, creds) = (self.token.is_some(), self.user.is_some(), self.credentials_file.is_some());
+        if [token, user, creds].iter().filter(|x| **x).count() > 1 {
+            return invalid(field, "choose one of token, user/password, credentials_file");
+        }
+        Ok(())
+    }
+}
 
 /// A connection failure, with the server's or the client library's reason.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +165,32 @@ pub(crate) fn split_url_credentials(url: &str) -> Result<(String, Option<UrlCred
         servers.push(if scheme.is_empty() { format!("{clean}{path}") } else { format!("{scheme}://{clean}{path}") });
     }
     Ok((servers.join(","), found))
+}
+
+/// Move credentials written into the `url` of the NATS section `section` into its user/password
+/// or token, so that the URL can be logged and the credentials are used.
+pub(crate) fn take_url_credentials(
+    section: &str,
+    url: &mut String,
+    user: &mut Option<String>,
+    password: &mut Option<Secret>,
+    token: &mut Option<Secret>,
+) -> Result<(), Invalid> {
+    let field = format!("{section}.url");
+    let (clean, creds) = split_url_credentials(url).map_err(|m| Invalid { field: field.clone(), message: m })?;
+    let Some(creds) = creds else { return Ok(()) };
+    *url = clean;
+    if user.is_some() || password.is_some() || token.is_some() {
+        return invalid(&field, "carries credentials while the section sets user/password or token too: give them once");
+    }
+    match creds {
+        UrlCredentials::UserPassword { user: u, password: p } => {
+            *user = Some(u);
+            *password = Some(Secret(p));
+        }
+        UrlCredentials::Token(t) => *token = Some(Secret(t)),
+    }
+    Ok(())
 }
 
 /// `%XX` escapes of a URL's user info (an `@` or `:` inside a password is written `%40`, `%3A`).

@@ -195,7 +195,7 @@ async fn an_id_collision_is_counted() {
 /// wait (no redelivery past `ack_wait`), and its prefetch is bounded in bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetched_messages_are_kept_alive_and_bounded_in_bytes() {
-    use scorestream::config::brokers::NatsSourceConfig;
+    use scorestream::source::NatsSourceConfig;
     use scorestream::source::{nats::NatsSource, Source, SourceContext};
     let server = NatsServer::start("");
     let js = setup_streams(&server.url()).await;

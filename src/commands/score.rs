@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufRead, AsyncWrite, BufReader};
 
 use crate::batch::policy::BatchLimits;
 use crate::cli::ScoreArgs;
-use crate::config::BatchConfig;
+use crate::batch::BatchConfig;
 use crate::engine::Engine;
 use crate::health::Liveness;
 use crate::metrics::Metrics;

@@ -23,7 +23,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Request, StatusCode, Uri};
 
-use crate::candidates::{Event, DEFAULT_MAX_CANDIDATES};
+use crate::batch::config::DEFAULT_MAX_CANDIDATES;
+use crate::pipeline::candidates::Event;
 use crate::cli::ScoreArgs;
 use crate::commands::score::NothingScored;
 use crate::event::{ErrorBody, ErrorKind};

@@ -1,28 +1,36 @@
 //! The worker's configuration: one serde tree read from a TOML file, overlaid with
 //! `SCORESTREAM__<SECTION>__<KEY>` environment variables, then validated.
 //!
-//! Unknown keys are rejected everywhere; every default lives in this module (or beside its
-//! section type); secrets are redacted by `Debug`, so `tracing::info!(?config)` is safe.
+//! Each section's type, defaults and own checks live beside its component (Vector's layout):
+//! `[model]` in `model::options`, `[batch]` in `batch::config`, `[source]` in `source::config`,
+//! `[sink]`/`[dead_letter]`/`[sinks.<name>]` in `sink::config`, `[[route]]` in `sink::route`,
+//! `[http]` in `http::config`, `[metrics]` in `metrics`. This module assembles the tree: loading,
+//! the environment overlay, redaction of secrets in parse errors, and the checks that span
+//! sections (a model length the batches can hold, routes that name existing sinks,
+//! exactly-once on one Kafka cluster). Unknown keys are rejected everywhere; secrets are
+//! redacted by `Debug`, so `tracing::info!(?config)` is safe.
 
-pub mod brokers;
 mod env;
 mod redact;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use brokers::{
-    Delivery, FileSinkConfig, FileSourceConfig, KafkaOptions, KafkaSinkConfig, KafkaSourceConfig, NatsSinkConfig,
-    NatsSourceConfig, NatsTls, OptionFileError, Secret, SinkConfig, SourceConfig,
-};
 pub use env::{overlay, ENV_PREFIX};
 
-use crate::batch::policy::BatchLimits;
+/// The section types, under the tree they make up.
+pub use crate::batch::BatchConfig;
+pub use crate::http::HttpConfig;
+pub use crate::metrics::MetricsConfig;
+pub use crate::sink::route::RouteRule;
+pub use crate::sink::{Delivery, SinkConfig};
+pub use crate::source::SourceConfig;
+
 use crate::model::ModelOptions;
+use crate::settings::{invalid, Invalid};
 
 /// Errors of loading or validating a config.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,12 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("invalid config: {field}: {message}")]
     Invalid { field: String, message: String },
+}
+
+impl From<Invalid> for ConfigError {
+    fn from(e: Invalid) -> Self {
+        ConfigError::Invalid { field: e.field, message: e.message }
+    }
 }
 
 /// The whole worker config.
@@ -79,7 +93,7 @@ pub struct Config {
     pub http: HttpConfig,
     /// Histogram settings of the exported metrics.
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: MetricsConfig,
     /// After SIGTERM/SIGINT, how long the worker may take to finish, publish and acknowledge
     /// what it has in flight before it exits anyway. Keep the pod's termination grace period
     /// above it.
@@ -87,198 +101,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 }
 
-/// One `[[route]]` rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteRule {
-    /// A CEL expression over the scored event as published (`reward`, `attributes.<name>`,
-    /// `tokens`, `truncated`, `model`, `metadata.<key>`); it must give a boolean. One that fails
-    /// on an event dead-letters that event (kind `route`).
-    pub when: String,
-    /// The name of a `[sinks.<name>]` table, or `"drop"` to discard the event.
-    pub to: String,
-}
-
-/// The `[batch]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchConfig {
-    /// Most tokens in one forward pass (sum over its conversations).
-    #[serde(default = "default_max_batch_tokens")]
-    pub max_batch_tokens: usize,
-    /// Most conversations in one forward pass.
-    #[serde(default = "default_max_batch_events")]
-    pub max_batch_events: usize,
-    /// How long a partial batch waits for more events before it is scored anyway.
-    #[serde(default = "default_max_wait", with = "humantime_serde")]
-    pub max_wait: Duration,
-    /// Most events consumed but not yet acknowledged; at the bound the worker stops fetching.
-    /// Also bounds the duplicates a crash can cause.
-    #[serde(default = "default_max_inflight_events")]
-    pub max_inflight_events: usize,
-    /// Largest accepted payload in bytes; larger ones are dead-lettered as `oversized`.
-    #[serde(default = "default_max_payload_bytes")]
-    pub max_payload_bytes: usize,
-    /// Most payload bytes consumed but not yet acknowledged (beside `max_inflight_events`, so a
-    /// burst of large events cannot exhaust memory); at the bound the worker stops fetching. One
-    /// event larger than the bound is still let through on its own.
-    #[serde(default = "default_max_inflight_bytes")]
-    pub max_inflight_bytes: usize,
-    /// Batches in a row the model may fail on (an engine error, a stage panic) before the
-    /// worker stops with an error, leaving the unacknowledged inputs to the broker's
-    /// redelivery. Each failed batch is retried after a short backoff, and its events are
-    /// neither dead-lettered nor acknowledged; `/healthz` fails meanwhile.
-    #[serde(default = "default_max_failed_batches")]
-    pub max_failed_batches: usize,
-    /// Conversations of one batch whose token ids begin with the same `min_shared_prefix` or
-    /// more tokens (a common system prompt) share that prefix: it is computed once for all of
-    /// them, with the same scores. 0 turns sharing off. CPU engines only for now.
-    #[serde(default = "default_min_shared_prefix")]
-    pub min_shared_prefix: usize,
-    /// Most candidates of one best-of-N event; an event with more is dead-lettered (`schema`).
-    #[serde(default = "default_max_candidates")]
-    pub max_candidates: usize,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        Self {
-            max_batch_tokens: default_max_batch_tokens(),
-            max_batch_events: default_max_batch_events(),
-            max_wait: default_max_wait(),
-            max_inflight_events: default_max_inflight_events(),
-            max_payload_bytes: default_max_payload_bytes(),
-            max_inflight_bytes: default_max_inflight_bytes(),
-            max_failed_batches: default_max_failed_batches(),
-            min_shared_prefix: default_min_shared_prefix(),
-            max_candidates: default_max_candidates(),
-        }
-    }
-}
-
-impl BatchConfig {
-    pub fn limits(&self) -> BatchLimits {
-        BatchLimits { max_tokens: self.max_batch_tokens, max_events: self.max_batch_events }
-    }
-}
-
-/// The `[http]` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address of `/metrics`, `/healthz` and `/readyz`.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// `/healthz` fails (503) when events are in flight and none has finished for this long: a
-    /// publish retried without end, a stuck engine. Keep it above the slowest batch.
-    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
-    pub stall_timeout: Duration,
-    /// A connection that has not sent a complete request header within this time (also while it
-    /// idles between keep-alive requests) is closed.
-    #[serde(default = "default_header_timeout", with = "humantime_serde")]
-    pub header_timeout: Duration,
-    /// Most open HTTP connections; a connection beyond it is closed at once.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Serve `POST /v1/score` on this listener (`scorestream serve` always does).
-    #[serde(default)]
-    pub score_api: bool,
-    /// Most posted events waiting to be scored at a time; a request that would go over gets 429
-    /// with `Retry-After`.
-    #[serde(default = "default_max_pending_events")]
-    pub max_pending_events: usize,
-    /// Largest `/v1/score` request body in bytes; a larger one gets 413.
-    #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
-    /// A file holding the bearer token `/v1/score` requires (`Authorization: Bearer <token>`);
-    /// without it, no token is asked for.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// Serve `POST /v1/score` on this address instead of `listen` (which keeps `/metrics`,
-    /// `/healthz` and `/readyz`), e.g. to expose the API on its own port.
-    #[serde(default)]
-    pub api_listen: Option<SocketAddr>,
-    /// A `/v1/score` request body must arrive whole within this time after its header; a slower
-    /// client gets 408 and none of its events is scored.
-    #[serde(default = "default_body_timeout", with = "humantime_serde")]
-    pub body_timeout: Duration,
-    /// A response write that makes no progress for this long (a client that does not read its
-    /// answer) closes the connection.
-    #[serde(default = "default_write_timeout", with = "humantime_serde")]
-    pub write_timeout: Duration,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-            stall_timeout: default_stall_timeout(),
-            header_timeout: default_header_timeout(),
-            max_connections: default_max_connections(),
-            score_api: false,
-            max_pending_events: default_max_pending_events(),
-            max_body_bytes: default_max_body_bytes(),
-            token_file: None,
-            api_listen: None,
-            body_timeout: default_body_timeout(),
-            write_timeout: default_write_timeout(),
-        }
-    }
-}
-
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
-}
-const fn default_max_candidates() -> usize {
-    crate::candidates::DEFAULT_MAX_CANDIDATES
-}
-const fn default_min_shared_prefix() -> usize {
-    128
-}
-const fn default_max_batch_tokens() -> usize {
-    16_384
-}
-const fn default_max_batch_events() -> usize {
-    256
-}
-fn default_max_wait() -> Duration {
-    Duration::from_millis(20)
-}
-const fn default_max_inflight_events() -> usize {
-    1024
-}
-const fn default_max_payload_bytes() -> usize {
-    1024 * 1024
-}
-const fn default_max_inflight_bytes() -> usize {
-    256 * 1024 * 1024
-}
-const fn default_max_failed_batches() -> usize {
-    3
-}
-fn default_stall_timeout() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_header_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_body_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_write_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-const fn default_max_connections() -> usize {
-    128
-}
-const fn default_max_pending_events() -> usize {
-    1024
-}
-const fn default_max_body_bytes() -> usize {
-    8 * 1024 * 1024
-}
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 9090))
 }
 
 impl Config {
@@ -332,42 +156,24 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks serde cannot express. Does not touch the network or the model directory.
+    /// Checks serde cannot express: each section's own, then those that span sections. Does not
+    /// touch the network or the model directory.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let b = &self.batch;
-        positive("batch.max_batch_tokens", b.max_batch_tokens)?;
-        positive("batch.max_batch_events", b.max_batch_events)?;
-        positive("batch.max_inflight_events", b.max_inflight_events)?;
-        positive("batch.max_inflight_bytes", b.max_inflight_bytes)?;
-        positive("batch.max_failed_batches", b.max_failed_batches)?;
-        if self.model.max_tokens > b.max_batch_tokens {
+        self.batch.validate()?;
+        if self.model.max_tokens > self.batch.max_batch_tokens {
             return invalid(
                 "model.max_tokens",
                 &format!(
                     "{} is above batch.max_batch_tokens ({}): a conversation that long could never be batched",
-                    self.model.max_tokens, b.max_batch_tokens
+                    self.model.max_tokens, self.batch.max_batch_tokens
                 ),
             );
         }
-        positive("http.max_connections", self.http.max_connections)?;
-        positive("http.max_pending_events", self.http.max_pending_events)?;
-        positive("http.max_body_bytes", self.http.max_body_bytes)?;
-        positive("http.body_timeout", self.http.body_timeout.as_millis() as usize)?;
-        positive("http.write_timeout", self.http.write_timeout.as_millis() as usize)?;
+        self.http.validate()?;
         if let Err(message) = self.metrics.check() {
             return invalid("metrics.reward_buckets", &message);
         }
-        positive("model.max_tokens", self.model.max_tokens)?;
-        if self.model.devices.is_empty() {
-            return invalid("model.devices", "at least one device is needed");
-        }
-        for d in &self.model.devices {
-            // The loader's parser, syntax only: whether this build and machine can run CUDA is
-            // checked at `run`, so check-config works as a pre-deploy check from any build.
-            if let Err(message) = d.parse::<crate::model::DeviceSpec>() {
-                return invalid("model.devices", &format!("{d:?}: {message}"));
-            }
-        }
+        self.model.validate()?;
         // f32 never runs on a GPU; what a GPU can run is checked against it at `run`.
         if self.model.dtype == crate::model::Dtype::F32 && self.model.devices.iter().any(|d| d.starts_with("cuda")) {
             return invalid("model.dtype", &crate::engine::cuda::precision::PrecisionError::F32OnGpu.to_string());
@@ -375,9 +181,12 @@ impl Config {
         if self.shutdown_timeout.is_zero() {
             return invalid("shutdown_timeout", "must be above zero");
         }
-        validate_source(&self.source)?;
-        validate_sink("sink", &self.sink)?;
-        validate_sink("dead_letter", &self.dead_letter)?;
+        self.source.validate()?;
+        self.sink.validate("sink")?;
+        self.dead_letter.validate("dead_letter")?;
+        if matches!(&self.dead_letter, SinkConfig::Kafka(k) if k.delivery == Delivery::ExactlyOnce) {
+            return invalid("dead_letter.delivery", "set delivery on [sink]; the dead letters follow it");
+        }
         self.validate_routes()?;
         self.validate_exactly_once()
     }
@@ -386,15 +195,15 @@ impl Config {
     /// and names one of them (or `drop`).
     fn validate_routes(&self) -> Result<(), ConfigError> {
         for (name, sink) in &self.sinks {
-            if name == crate::route::DROP || name == crate::route::DEFAULT || name.is_empty() {
+            if name == crate::sink::route::DROP || name == crate::sink::route::DEFAULT || name.is_empty() {
                 return invalid(&format!("sinks.{name}"), "this name is reserved for routing; choose another");
             }
-            validate_sink(&format!("sinks.{name}"), sink)?;
+            sink.validate(&format!("sinks.{name}"))?;
             if matches!(sink, SinkConfig::Kafka(k) if k.delivery == Delivery::ExactlyOnce) {
                 return invalid(&format!("sinks.{name}.delivery"), "exactly_once is set on [sink] only");
             }
         }
-        crate::route::Router::compile(&self.route, self.sinks.keys())
+        crate::sink::route::Router::compile(&self.route, self.sinks.keys())
             .map(|_| ())
             .map_err(|e| ConfigError::Invalid { field: "route".into(), message: e.to_string() })
     }
@@ -403,13 +212,13 @@ impl Config {
     /// that the URL can be logged and the credentials are used.
     fn take_url_credentials(&mut self) -> Result<(), ConfigError> {
         if let SourceConfig::Nats(n) = &mut self.source {
-            take_url_credentials("source", &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
+            crate::nats::take_url_credentials("source", &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
         }
         let named = self.sinks.iter_mut().map(|(name, sink)| (format!("sinks.{name}"), sink));
         let fixed = [("sink".to_owned(), &mut self.sink), ("dead_letter".to_owned(), &mut self.dead_letter)];
         for (section, sink) in fixed.into_iter().chain(named) {
             if let SinkConfig::Nats(n) = sink {
-                take_url_credentials(&section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
+                crate::nats::take_url_credentials(&section, &mut n.url, &mut n.user, &mut n.password, &mut n.token)?;
             }
         }
         Ok(())
@@ -454,106 +263,6 @@ impl Config {
             ),
         }
     }
-}
-
-fn validate_source(s: &SourceConfig) -> Result<(), ConfigError> {
-    match s {
-        SourceConfig::Kafka(k) => {
-            non_empty("source.brokers", &k.brokers)?;
-            non_empty("source.group_id", &k.group_id)?;
-            if k.topics.is_empty() || k.topics.iter().any(|t| t.is_empty()) {
-                return invalid("source.topics", "list at least one non-empty topic");
-            }
-            Ok(())
-        }
-        SourceConfig::Nats(n) => {
-            non_empty("source.url", &n.url)?;
-            non_empty("source.stream", &n.stream)?;
-            non_empty("source.subject", &n.subject)?;
-            if n.subjects.iter().any(|s| s.is_empty()) {
-                return invalid("source.subjects", "list non-empty subjects");
-            }
-            non_empty("source.durable", &n.durable)?;
-            if n.ack_wait < Duration::from_secs(1) {
-                return invalid("source.ack_wait", "must be at least 1s");
-            }
-            nats_auth("source", n.token.is_some(), n.user.is_some(), n.password.is_some(), n.credentials_file.is_some())
-        }
-        SourceConfig::File(f) => non_empty("source.path", &f.path.to_string_lossy()),
-    }
-}
-
-fn validate_sink(section: &str, s: &SinkConfig) -> Result<(), ConfigError> {
-    let f = |name: &str| format!("{section}.{name}");
-    match s {
-        SinkConfig::Kafka(k) => {
-            non_empty(&f("brokers"), &k.brokers)?;
-            non_empty(&f("topic"), &k.topic)?;
-            if section == "dead_letter" && k.delivery == Delivery::ExactlyOnce {
-                return invalid(&f("delivery"), "set delivery on [sink]; the dead letters follow it");
-            }
-            Ok(())
-        }
-        SinkConfig::Nats(n) => {
-            non_empty(&f("url"), &n.url)?;
-            non_empty(&f("subject"), &n.subject)?;
-            nats_auth(section, n.token.is_some(), n.user.is_some(), n.password.is_some(), n.credentials_file.is_some())
-        }
-        SinkConfig::File(file) => non_empty(&f("path"), &file.path.to_string_lossy()),
-    }
-}
-
-fn take_url_credentials(
-    section: &str,
-    url: &mut String,
-    user: &mut Option<String>,
-    password: &mut Option<Secret>,
-    token: &mut Option<Secret>,
-) -> Result<(), ConfigError> {
-    let field = format!("{section}.url");
-    let (clean, creds) = crate::nats::split_url_credentials(url).map_err(|m| ConfigError::Invalid { field: field.clone(), message: m })?;
-    let Some(creds) = creds else { return Ok(()) };
-    *url = clean;
-    if user.is_some() || password.is_some() || token.is_some() {
-        return invalid(&field, "carries credentials while the section sets user/password or token too: give them once");
-    }
-    match creds {
-        crate::nats::UrlCredentials::UserPassword { user: u, password: p } => {
-            *user = Some(u);
-            *password = Some(Secret(p));
-        }
-        crate::nats::UrlCredentials::Token(t) => *token = Some(Secret(t)),
-    }
-    Ok(())
-}
-
-fn nats_auth(section: &str, token: bool, user: bool, password: bool, creds: bool) -> Result<(), ConfigError> {
-    let field = &format!("{section}.user");
-    if user != password {
-        return invalid(field, "user and password go together");
-    }
-    if [token, user, creds].iter().filter(|x| **x).count() > 1 {
-        return invalid(field, "choose one of token, user/password, credentials_file");
-    }
-    Ok(())
-}
-
-fn positive(field: &str, v: usize) -> Result<(), ConfigError> {
-    if v == 0 {
-        return invalid(field, "must be above zero");
-    }
-    Ok(())
-}
-
-fn non_empty(field: &str, v: &str) -> Result<(), ConfigError> {
-    if v.trim().is_empty() {
-        return invalid(field, "must not be empty");
-    }
-    Ok(())
-}
-
-fn invalid<T>(field: &str, message: &str) -> Result<T, ConfigError> {
-    Err(ConfigError::Invalid { field: field.to_owned(), message: message.to_owned() })
 }
 
 /// `scorestream check-config --config FILE`: load, overlay the environment and validate, without

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::brokers::is_secret_option;
+use crate::settings::is_secret_option;
 
 const REDACTED: &str = "<redacted>";
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::prompt::TruncationPolicy;
+use crate::settings::{invalid, positive, Invalid};
 
 /// Numeric format the model runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -154,5 +155,20 @@ impl ModelOptions {
             attribute_weights: None,
             attention: AttentionKernel::default(),
         }
+    }
+
+    /// Checks serde cannot express, syntax only: whether this build and machine can run the
+    /// devices is checked at `run`, so `check-config` works as a pre-deploy check from any build.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        positive("model.max_tokens", self.max_tokens)?;
+        if self.devices.is_empty() {
+            return invalid("model.devices", "at least one device is needed");
+        }
+        for d in &self.devices {
+            if let Err(message) = d.parse::<DeviceSpec>() {
+                return invalid("model.devices", &format!("{d:?}: {message}"));
+            }
+        }
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@
 //! (kind `model`) stay for what points at one event: a sequence the engine refuses (its length,
 //! a token id outside the vocabulary), a non-finite score.
 
+pub(crate) mod candidates;
 mod dead_letter;
 mod prompt;
 mod publish;
@@ -32,15 +33,15 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::batch::actor::Weighted;
 use crate::batch::policy::BatchLimits;
 use crate::engine::EngineError;
-use crate::candidates::BestOfNEvent;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::record::Origin;
-use crate::route::Router;
+use crate::sink::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
 use crate::source::{AckHandle, Source, SourceError};
 
+use candidates::BestOfNEvent;
 pub(crate) use prompt::PromptPreparer;
 /// The score stage's engine (defined beside it).
 pub use crate::engine::Scorer;
@@ -150,7 +151,7 @@ impl Weighted for Work {
 pub(crate) enum Outcome {
     Scored { event: InputEvent, score: Score, tokens: usize, truncated: bool },
     /// A best-of-N event: one outcome per candidate, in order.
-    Ranked { event: BestOfNEvent, outcomes: Vec<crate::candidates::Outcome> },
+    Ranked { event: BestOfNEvent, outcomes: Vec<candidates::Outcome> },
     Failed(EventError),
 }
 
@@ -222,7 +223,7 @@ pub(crate) enum DeadLetterFormat {
 
 impl Settings {
     /// The settings of the `[batch]` section.
-    pub fn of(batch: &crate::config::BatchConfig) -> Self {
+    pub fn of(batch: &crate::batch::BatchConfig) -> Self {
         Self {
             limits: batch.limits(),
             max_wait: batch.max_wait,

@@ -31,7 +31,7 @@ use crate::error::Chain;
 use crate::event::{ErrorKind, EventError};
 use crate::health::Liveness;
 use crate::metrics::{delivery_label, Metrics};
-use crate::route::{Route, Router};
+use crate::sink::route::{Route, Router};
 use crate::sink::{BatchCommit, Confirmation, Outgoing, OutputKind, Sink, SinkError};
 use crate::record::Origin;
 
@@ -165,7 +165,7 @@ impl Publisher {
                     rewards.extend(score.attributes.iter().cloned());
                 }
                 let id = Some(event.id.clone());
-                let ranked = crate::candidates::RankedEvent::new(event, outcomes, &self.model);
+                let ranked = super::candidates::RankedEvent::new(event, outcomes, &self.model);
                 // Serializing a struct of strings, numbers and JSON values cannot fail.
                 let payload = Bytes::from(serde_json::to_vec(&ranked).unwrap_or_default());
                 self.routed(input, id, payload, tokens, rewards)

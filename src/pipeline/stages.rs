@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{EngineFaults, InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
 use crate::error::Chain;
-use crate::candidates::{BestOfNEvent, Event};
+use super::candidates::{BestOfNEvent, Event};
 use crate::event::{ErrorKind, EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;

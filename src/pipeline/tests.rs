@@ -2,7 +2,7 @@
 //! stages (the model's own tests live with the engine).
 use super::*;
 use futures::future::BoxFuture;
-use crate::config::FileSinkConfig;
+use crate::sink::FileSinkConfig;
 use crate::event::ErrorKind;
 use crate::sink::file::FileSink;
 use crate::sink::SinkContext;

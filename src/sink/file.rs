@@ -13,7 +13,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Confirmation, Outgoing, Sink, SinkContext, SinkError};
-use crate::config::FileSinkConfig;
+use super::FileSinkConfig;
 
 /// Queue depth between the pipeline and the writer task.
 const QUEUE: usize = 1024;

@@ -23,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 use super::{Confirmation, Outgoing, Sink, SinkContext, SinkError};
-use crate::config::brokers::KafkaSinkConfig;
+use super::KafkaSinkConfig;
 use crate::kafka::{check_reachable, client_config, ClientError, ErrorContext};
 
 const KIND: &str = "kafka";

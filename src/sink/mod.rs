@@ -8,9 +8,11 @@
 //! so a sink that keeps its enqueue order (idempotent Kafka producer, one NATS connection)
 //! publishes them in input order. Confirmations are awaited concurrently.
 
+pub mod config;
 pub mod file;
 pub mod kafka;
 pub mod nats;
+pub mod route;
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use crate::config::SinkConfig;
+pub use config::{Delivery, FileSinkConfig, KafkaSinkConfig, NatsSinkConfig, SinkConfig};
 use crate::metrics::Metrics;
 use crate::record::Origin;
 

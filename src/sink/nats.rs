@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::{Confirmation, Outgoing, Sink, SinkContext, SinkError};
-use crate::config::brokers::NatsSinkConfig;
+use super::NatsSinkConfig;
 use crate::metrics::Metrics;
 use crate::nats::{connect, connection_of};
 

@@ -3,7 +3,7 @@
 //! file) fails in seconds, not after a long load. It opens nothing that consumes: the source is
 //! opened for real once the model is ready.
 
-use crate::config::SourceConfig;
+use super::SourceConfig;
 
 use super::SourceError;
 

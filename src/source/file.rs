@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 use super::{AckHandle, Origin, Record, Source, SourceContext, SourceError};
-use crate::config::FileSourceConfig;
+use super::FileSourceConfig;
 
 /// Reads lines of a file (or stdin for "-").
 pub(crate) struct FileSource {

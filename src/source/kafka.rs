@@ -52,7 +52,7 @@ use tokio::task::JoinHandle;
 
 use self::offsets::{commit_loop, Shared};
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
-use crate::config::brokers::KafkaSourceConfig;
+use super::KafkaSourceConfig;
 use crate::kafka::ownership::Ownership;
 use crate::kafka::{check_reachable, client_config, reason};
 use crate::metrics::Metrics;

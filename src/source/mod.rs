@@ -11,6 +11,7 @@
 //! contiguous prefix of acknowledged records of that partition.
 
 pub mod check;
+pub mod config;
 pub mod file;
 pub mod http;
 pub mod kafka;
@@ -23,7 +24,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::config::SourceConfig;
+pub use config::{FileSourceConfig, KafkaSourceConfig, NatsSourceConfig, SourceConfig};
 use crate::metrics::Metrics;
 /// Where a record came from: shared with the sinks and the pipeline (`crate::record`).
 pub use crate::record::Origin;

@@ -31,7 +31,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
-use crate::config::brokers::NatsSourceConfig;
+use super::NatsSourceConfig;
 use crate::metrics::Metrics;
 use crate::nats::{at_least, connect, connection_of};
 

@@ -38,7 +38,7 @@ use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::{message_max_bytes, producer, KafkaSink, Producer_, Slot, KIND};
-use crate::config::brokers::KafkaSinkConfig;
+use crate::sink::KafkaSinkConfig;
 use crate::kafka::ownership::Ownership;
 use crate::kafka::ErrorContext;
 use crate::sink::{BatchCommit, Sink, SinkError};

@@ -5,15 +5,13 @@
 //! A candidate that cannot be scored (too long, template error, an invalid answer) gets an
 //! `error` entry in its place; the others are still scored and ranked. An event invalid as a
 //! whole (no candidates, more than `max_candidates`, messages not ending with a user turn) is an
-//! [`EventError`] (`schema` / `invalid_conversation`), dead-lettered like any other.
+//! [`EventError`] (`schema` / `invalid_conversation`), dead-lettered like any other. The prepare
+//! stage expands an event into its conversations; the publish stage ranks their scores.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::{ErrorBody, ErrorKind, EventError, InputEvent, Message, Metadata, Role, Score};
-
-/// Most candidates of one event, unless configured otherwise.
-pub(crate) const DEFAULT_MAX_CANDIDATES: usize = 64;
 
 /// One candidate answer: its text (one assistant turn) or its turns.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -2,12 +2,15 @@
 //! has died, while the model fails on batches, or when events wait and none finished within the
 //! stall timeout: [`Liveness::check`]), `/readyz` (model loaded,
 //! warm-up batch done, source connected; 503 with the missing parts otherwise), and with
-//! `http.score_api` `POST /v1/score` ([`crate::score_api`]), on `http.api_listen` when set.
+//! `http.score_api` `POST /v1/score` ([`score_api`]), on `http.api_listen` when set.
 //!
 //! Slow clients hold only their own connection: a request header must arrive within
 //! `http.header_timeout`, a `/v1/score` body within `http.body_timeout` (408), a response write
 //! that makes no progress for `http.write_timeout` closes the connection ([`WriteTimeout`]), and
 //! no connection lives longer than [`CONNECTION_LIFETIME`].
+
+pub mod config;
+pub mod score_api;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,9 +27,10 @@ use axum::Router;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::HttpConfig;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+
+pub use config::HttpConfig;
 
 /// Errors of the HTTP server.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +96,7 @@ pub struct Endpoints {
     pub readiness: Arc<Readiness>,
     pub liveness: Arc<Liveness>,
     /// `POST /v1/score`, when served.
-    pub score: Option<crate::score_api::ScoreApi>,
+    pub score: Option<score_api::ScoreApi>,
 }
 
 /// Bind `config.listen` (and `config.api_listen` when set) and serve until `stop` turns true.
@@ -121,7 +125,7 @@ pub async fn serve(
     };
     let mut api = None;
     if let Some(state) = score {
-        let router = Router::new().route("/v1/score", post(crate::score_api::score)).with_state(state);
+        let router = Router::new().route("/v1/score", post(score_api::score)).with_state(state);
         match config.api_listen {
             Some(addr) => {
                 let (listener, bound) = bind(addr).await?;

@@ -12,13 +12,26 @@
 use std::collections::BTreeMap;
 
 use cel::{Context, Program, Value};
+use serde::{Deserialize, Serialize};
 
-use crate::config::RouteRule;
+use crate::record::Origin;
 
-/// The destination name that discards an event (it counts as delivered).
-pub const DROP: &str = "drop";
+/// The destination name that discards an event (it counts as delivered); also its `route` label.
+pub use crate::metrics::ROUTE_DROP as DROP;
 /// The `route` label of events no rule matched.
-pub const DEFAULT: &str = "default";
+pub use crate::metrics::ROUTE_DEFAULT as DEFAULT;
+
+/// One `[[route]]` rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// A CEL expression over the scored event as published (`reward`, `attributes.<name>`,
+    /// `tokens`, `truncated`, `model`, `metadata.<key>`); it must give a boolean. One that fails
+    /// on an event dead-letters that event (kind `route`).
+    pub when: String,
+    /// The name of a `[sinks.<name>]` table, or `"drop"` to discard the event.
+    pub to: String,
+}
 
 /// A rule that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +107,9 @@ impl Router {
 
     /// The route of a scored event from `origin`: posted events (`/v1/score`) are answered to
     /// their request, never routed.
-    pub fn route_from(&self, origin: &crate::source::Origin, scored: &[u8]) -> Result<Route, String> {
+    pub fn route_from(&self, origin: &Origin, scored: &[u8]) -> Result<Route, String> {
         match origin {
-            crate::source::Origin::Http { .. } => Ok(Route::Default),
+            Origin::Http { .. } => Ok(Route::Default),
             _ => self.route(scored),
         }
     }
