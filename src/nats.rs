@@ -58,7 +58,7 @@ pub(crate) use connection_of;
 impl Connection<'_> {
     /// One way to authenticate at most, and user and password together; `section` names the
     /// config section in the refusal.
-    pub(crate) fn check_auth(&self, section: &str) -> Result<(), Invalid> {
+    pub fn check_auth(&self, section: &str) -> Result<(), Invalid> {
         let field = &format!("{section}.user");
         if self.user.is_some() != self.password.is_some() {
             return invalid(field, "user and password go together");
