@@ -7,6 +7,9 @@
 //! outputs of one partition/stream in input order and awaits the enqueue before the next call,
 //! so a sink that keeps its enqueue order (idempotent Kafka producer, one NATS connection)
 //! publishes them in input order. Confirmations are awaited concurrently.
+//!
+//! [`route`] picks the named sink of each scored event (`[[route]]`); [`config`] holds the
+//! sections of every sink type.
 
 pub mod config;
 pub mod file;
