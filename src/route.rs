@@ -94,9 +94,9 @@ impl Router {
 
     /// The route of a scored event from `origin`: posted events (`/v1/score`) are answered to
     /// their request, never routed.
-    pub fn route_from(&self, origin: &crate::source::Origin, scored: &[u8]) -> Result<Route, String> {
+    pub fn route_from(&self, origin: &crate::record::Origin, scored: &[u8]) -> Result<Route, String> {
         match origin {
-            crate::source::Origin::Http { .. } => Ok(Route::Default),
+            crate::record::Origin::Http { .. } => Ok(Route::Default),
             _ => self.route(scored),
         }
     }

@@ -36,10 +36,10 @@ use crate::candidates::BestOfNEvent;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::Origin;
+use crate::record::{AckHandle, Origin};
 use crate::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
-use crate::source::{AckHandle, Source, SourceError};
+use crate::source::{Source, SourceError};
 
 pub(crate) use prompt::PromptPreparer;
 /// The score stage's engine (defined beside it).

@@ -7,7 +7,8 @@ use crate::event::ErrorKind;
 use crate::sink::file::FileSink;
 use crate::sink::SinkContext;
 use crate::source::file::FileSource;
-use crate::source::{AckHandle, Origin, Source, SourceError};
+use crate::record::{AckError, AckHandle, Origin, Record};
+use crate::source::{Source, SourceError};
 
 /// One token per byte of the last message; `too_long` past 40 tokens.
 struct Bytewise;
@@ -359,17 +360,17 @@ struct Counted {
 }
 
 struct CountedAck(Arc<std::sync::atomic::AtomicUsize>);
-impl crate::source::Ack for CountedAck {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+impl crate::record::Ack for CountedAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }
 }
 
 impl Source for Counted {
-    fn next(&mut self) -> BoxFuture<'_, Option<Result<crate::source::Record, SourceError>>> {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Record, SourceError>>> {
         let next = self.lines.pop_front().map(|payload| {
-            Ok(crate::source::Record {
+            Ok(Record {
                 payload,
                 key: None,
                 headers: Vec::new(),

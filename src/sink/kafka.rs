@@ -235,7 +235,7 @@ mod tests {
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::RDKafkaRespErr;
 
-    use crate::source::Origin;
+    use crate::record::Origin;
 
     pub(super) fn outgoing() -> Outgoing {
         Outgoing {

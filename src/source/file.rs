@@ -10,7 +10,8 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
-use super::{AckHandle, Origin, Record, Source, SourceContext, SourceError};
+use super::{Source, SourceContext, SourceError};
+use crate::record::{AckHandle, Origin, Record};
 use crate::config::FileSourceConfig;
 
 /// Reads lines of a file (or stdin for "-").

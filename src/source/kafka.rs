@@ -51,11 +51,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::offsets::{commit_loop, Shared};
-use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
+use super::{Source, SourceContext, SourceError};
 use crate::config::brokers::KafkaSourceConfig;
 use crate::kafka::ownership::Ownership;
 use crate::kafka::{check_reachable, client_config, reason};
 use crate::metrics::Metrics;
+use crate::record::{Ack, AckError, AckHandle, Origin, Record};
 
 const KIND: &str = "kafka";
 
@@ -291,7 +292,7 @@ impl KafkaSource {
             let snapshot = self.shared.to_commit();
             let result = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
                 .await
-                .map_err(|e| SourceError::Ack { kind: KIND, message: "commit task failed".into(), source: Some(Box::new(e)) })?;
+                .map_err(|e| AckError::new(KIND, "commit task failed", e))?;
             let e = match result {
                 Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
                     self.shared.committed(&snapshot);
@@ -300,11 +301,8 @@ impl KafkaSource {
                 Err(e) => e,
             };
             if attempt == CLOSE_ATTEMPTS {
-                return Err(SourceError::Ack {
-                    kind: KIND,
-                    message: format!("the final commit still failed after {CLOSE_ATTEMPTS} attempts"),
-                    source: Some(reason(e)),
-                });
+                let message = format!("the final commit still failed after {CLOSE_ATTEMPTS} attempts");
+                return Err(AckError::new(KIND, message, reason(e)).into());
             }
             tracing::info!(error = %reason(e), attempt, "final commit refused (rebalancing?); retrying");
             tokio::time::sleep(CLOSE_PAUSE).await;
@@ -357,15 +355,13 @@ struct KafkaAck {
 }
 
 impl Ack for KafkaAck {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>> {
         async move {
             // `None`: not the end of the acked prefix, or revoked since (the new owner re-reads it).
             let Some(next) = self.shared.ack(&self.topic, self.partition, self.generation, self.offset) else { return Ok(()) };
             // `rd_kafka_offset_store` stores `offset + 1`: hand it the last done offset.
-            self.consumer.store_offset(&self.topic, self.partition, next - 1).map_err(|e| SourceError::Ack {
-                kind: KIND,
-                message: format!("cannot store offset {next} of {}/{}", self.topic, self.partition),
-                source: Some(reason(e)),
+            self.consumer.store_offset(&self.topic, self.partition, next - 1).map_err(|e| {
+                AckError::new(KIND, format!("cannot store offset {next} of {}/{}", self.topic, self.partition), reason(e))
             })?;
             self.shared.stored_moved();
             Ok(())
@@ -447,5 +443,40 @@ impl Source for KafkaSource {
             committed
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An offset the client refuses to store (its partition is not assigned to the consumer):
+    /// the ack fails naming the offset, with librdkafka's reason kept as its source (printed
+    /// once), and the same error reaches the worker's error type unchanged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_ack_names_its_offset_and_keeps_the_client_reason() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("in", 1, 1).unwrap();
+        let shared = Arc::new(Shared::default());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let context = Context { shared: shared.clone(), metrics, ownership: None, read_committed: true };
+        let consumer: Consumer_ = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "g")
+            .set("enable.auto.offset.store", "false")
+            .create_with_context(context)
+            .unwrap();
+        shared.assign(&[("in".into(), 0)]);
+        let generation = shared.hand_out("in", 0, 4, || true).unwrap();
+        let ack = KafkaAck { consumer: Arc::new(consumer), shared, topic: "in".into(), partition: 0, offset: 4, generation };
+        let e = AckHandle::new(ack).ack().await.unwrap_err();
+        assert_eq!(e.to_string(), "the kafka source could not acknowledge: cannot store offset 5 of in/0");
+        let reason = std::error::Error::source(&e).expect("librdkafka's reason is kept").to_string();
+        let text = crate::error::Chain(&e).to_string();
+        assert_eq!(text, format!("{e}: {reason}"));
+        assert_eq!(text.matches(&reason).count(), 1, "{text}");
+        let e = crate::pipeline::PipelineError::from(SourceError::from(e));
+        assert!(matches!(&e, crate::pipeline::PipelineError::Source(SourceError::Ack(a)) if a.kind == KIND), "{e:?}");
+        assert_eq!(crate::error::Chain(&e).to_string(), text);
     }
 }

@@ -42,7 +42,7 @@ use crate::config::brokers::KafkaSinkConfig;
 use crate::kafka::ownership::Ownership;
 use crate::kafka::ErrorContext;
 use crate::sink::{BatchCommit, Sink, SinkError};
-use crate::source::Origin;
+use crate::record::Origin;
 
 /// Transaction steps wait at most this long per call.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
