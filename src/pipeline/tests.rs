@@ -248,6 +248,8 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
     assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 3"]);
     assert_eq!(sink.1.lock().unwrap().len(), 6, "the batch is published again after the abort");
     assert_eq!(metrics.events_scored_total(), 3);
+    let transactions = |outcome| metrics.kafka_transactions.with_label_values(&[outcome]).get();
+    assert_eq!((transactions("committed"), transactions("aborted")), (0, 0), "the batch commit counts its own outcomes");
 }
 
 /// Exactly-once across a rebalance: the first commit finds the second input's partition

@@ -22,7 +22,7 @@
 //! Exactly-once (`KafkaSource::open_transactional`): nothing is committed by the consumer and
 //! acks do nothing; the sink commits each batch's input offsets inside its producer
 //! transaction, with this consumer's group metadata ([`KafkaSource::group_metadata`]). Each
-//! record carries the epoch of its partition's assignment ([`KafkaSource::ownership`]): the
+//! record carries the epoch of its partition's assignment ([`Ownership`]): the
 //! revocation callback ends a partition's epoch, after any commit in progress, so that inputs
 //! read before a revocation are never committed (see [`crate::kafka::ownership`]).
 //!
@@ -177,15 +177,21 @@ pub struct KafkaSource {
 impl KafkaSource {
     /// At-least-once: offsets stored as inputs are acked, committed as they move.
     pub async fn open(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
-        Self::open_with(c, ctx, false).await
+        Self::open_with(c, ctx, None).await
     }
 
-    /// Exactly-once: nothing is committed by the consumer; see [`KafkaSource::group_metadata`].
-    pub async fn open_transactional(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
-        Self::open_with(c, ctx, true).await
+    /// Exactly-once: nothing is committed by the consumer; the producer's transactions commit
+    /// the offsets with [`KafkaSource::group_metadata`], for inputs whose partitions the
+    /// returned assignment epochs still count as this member's.
+    pub async fn open_transactional(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<(Self, Arc<Ownership>), SourceError> {
+        let ownership = Arc::new(Ownership::default());
+        let source = Self::open_with(c, ctx, Some(ownership.clone())).await?;
+        Ok((source, ownership))
     }
 
-    async fn open_with(c: &KafkaSourceConfig, ctx: SourceContext, transactional: bool) -> Result<Self, SourceError> {
+    /// `ownership`: exactly-once, the assignment epochs the rebalance callbacks keep.
+    async fn open_with(c: &KafkaSourceConfig, ctx: SourceContext, ownership: Option<Arc<Ownership>>) -> Result<Self, SourceError> {
+        let transactional = ownership.is_some();
         let lag_interval = c.lag_interval.as_millis().max(100).to_string();
         let defaults = [
             ("group.id", c.group_id.as_str()),
@@ -207,7 +213,6 @@ impl KafkaSource {
             .map_err(|e| SourceError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
             .map_err(open_err)?;
         let shared = Arc::new(Shared::default());
-        let ownership = transactional.then(|| Arc::new(Ownership::default()));
         let context = Context { shared: shared.clone(), metrics: ctx.metrics.clone(), ownership: ownership.clone(), read_committed };
         let consumer: Consumer_ =
             config.create_with_context(context).map_err(|e| open_err(crate::kafka::ClientError::Create(e)))?;
@@ -247,12 +252,6 @@ impl KafkaSource {
     pub fn group_metadata(&self) -> Arc<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync> {
         let consumer = self.consumer.clone();
         Arc::new(move || consumer.group_metadata())
-    }
-
-    /// Exactly-once: the assignment epochs that a transaction checks its inputs against
-    /// (`None` at-least-once).
-    pub fn ownership(&self) -> Option<Arc<Ownership>> {
-        self.ownership.clone()
     }
 
     /// Pause the assigned partitions and poll the consumer in a task of its own until close,
