@@ -16,10 +16,9 @@ use tokio::sync::watch;
 
 use crate::batch::policy::BatchLimits;
 use crate::config::{Config, ConfigError};
-use crate::sink::{Delivery, KafkaSinkConfig, SinkConfig};
-use crate::source::SourceConfig;
 use crate::engine::{Engine, EngineError};
 use crate::event::{EventError, InputEvent};
+use crate::exactly_once::{self, OpenError};
 use crate::health::Liveness;
 use crate::http::{Endpoints, HttpError, Readiness};
 use crate::metrics::{Metrics, MetricsError};
@@ -68,6 +67,15 @@ pub enum AppError {
     },
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
+}
+
+impl From<OpenError> for AppError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Source(e) => AppError::Source(e),
+            OpenError::Sink(e) => AppError::Sink(e),
+        }
+    }
 }
 
 /// Why the warm-up batch failed.
@@ -268,21 +276,11 @@ type Sinks = (Arc<dyn crate::sink::Sink>, Arc<dyn crate::sink::Sink>, Vec<Arc<dy
 /// with the source; `None` then.
 async fn preflight(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Sinks>, AppError> {
     crate::source::check::check(&config.source).await?;
-    if let (SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) = (&config.sink, &config.dead_letter) {
-        if out.delivery == Delivery::ExactlyOnce {
-            let mut topics = vec![out.topic.as_str(), dead.topic.as_str()];
-            topics.extend(named_kafka_sinks(config).iter().map(|n| n.topic.as_str()));
-            crate::sink::kafka::check(out, &topics).await?;
-            return Ok(None);
-        }
+    if let Some(eos) = exactly_once::Configs::of(config) {
+        eos.check().await?;
+        return Ok(None);
     }
     Ok(Some(open_sinks(config, metrics).await?))
-}
-
-/// The `[sinks.<name>]` that are Kafka sinks, in the config's name order (exactly-once: all of
-/// them, validated).
-fn named_kafka_sinks(config: &Config) -> Vec<&KafkaSinkConfig> {
-    config.sinks.values().filter_map(|s| if let SinkConfig::Kafka(k) = s { Some(k) } else { None }).collect()
 }
 
 /// Open `[sink]`, `[dead_letter]` and every `[sinks.<name>]`.
@@ -311,21 +309,16 @@ async fn open_parts(
         max_inflight_bytes: config.batch.max_inflight_bytes,
     };
     let router = Arc::new(crate::sink::route::Router::compile(&config.route, config.sinks.keys())?);
-    let (source, sink, dead_letter, commit, named) = match (sinks, &config.source, &config.sink, &config.dead_letter) {
-        (Some((sink, dead_letter, named)), ..) => {
+    let (source, sink, dead_letter, commit, named) = match (sinks, exactly_once::Configs::of(config)) {
+        (Some((sink, dead_letter, named)), _) => {
             (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
         }
-        // Exactly-once (validated: a Kafka source, dead letter and named sinks on the sink's
-        // brokers).
-        (None, SourceConfig::Kafka(src), SinkConfig::Kafka(out), SinkConfig::Kafka(dead)) => {
-            let source = crate::source::kafka::KafkaSource::open_transactional(src, sctx).await?;
-            let ownership = source.ownership().expect("a transactional Kafka source keeps assignment epochs");
-            let consumer = crate::sink::kafka::ConsumerLink { metadata: source.group_metadata(), ownership };
-            let eos = crate::sink::kafka::open_exactly_once(out, dead, &named_kafka_sinks(config), consumer).await?;
-            (Box::new(source) as Box<dyn crate::source::Source>, eos.scored, eos.dead_letter, Some(eos.commit), eos.named)
+        (None, Some(eos)) => {
+            let eos = eos.open(sctx, SinkContext { metrics: metrics.clone() }).await?;
+            (eos.source, eos.scored, eos.dead_letter, Some(eos.commit), eos.named)
         }
-        // Not reached: preflight opens the sinks unless the delivery is exactly-once over Kafka.
-        (None, ..) => {
+        // Not reached: preflight opens the sinks unless the delivery is exactly-once.
+        (None, None) => {
             let (sink, dead_letter, named) = open_sinks(config, &metrics).await?;
             (crate::source::open(&config.source, sctx).await?, sink, dead_letter, None, named)
         }

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub(crate) mod exactly_once;
 pub mod model;
 pub mod nats;
 pub mod prompt;

@@ -1,9 +1,97 @@
-//! What sources, the pipeline and sinks all speak of about one input: where it came from
-//! ([`Origin`]). It lives below `source/` and `sink/` so that a sink never imports a source.
+//! What sources, the pipeline and sinks all speak of about one input: the [`Record`] a source
+//! hands out, where it came from ([`Origin`]) and how it is acknowledged ([`AckHandle`], failing
+//! with an [`AckError`]). It lives below `source/` and `sink/` so that a sink never imports a
+//! source.
+//!
+//! Delivery contract (at-least-once, after rust-rdkafka's `at_least_once.rs` and Vector's
+//! ordered finalizer): the pipeline acknowledges a [`Record`] through its [`AckHandle`] only
+//! after the record's scored or dead-lettered copy has been confirmed by the sink. A record whose
+//! handle is dropped without [`AckHandle::ack`] was not processed: the source must not mark it
+//! done (it is redelivered after a restart, a rebalance or the broker's ack timeout).
+//!
+//! Acks complete out of order (different partitions, retried publishes). A source whose broker
+//! tracks a single position per partition (Kafka) must advance the stored position only over the
+//! contiguous prefix of acknowledged records of that partition.
 
 use std::fmt;
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use serde_json::{json, Value};
+
+/// One input record.
+#[derive(Debug)]
+pub struct Record {
+    /// The raw payload (parsed by `InputEvent::parse`).
+    pub payload: Bytes,
+    /// Kafka message key; `None` elsewhere.
+    pub key: Option<Bytes>,
+    /// Broker headers, carried over to the output in order; `None` for a null value (Kafka).
+    pub headers: Vec<(String, Option<Bytes>)>,
+    pub origin: Origin,
+    pub ack: AckHandle,
+}
+
+/// Why a source could not mark an input (or, at close, its inputs) done: the broker refused the
+/// ack or offset, or could not be reached. The input may be redelivered.
+#[derive(Debug, thiserror::Error)]
+#[error("the {kind} source could not acknowledge: {message}")]
+pub struct AckError {
+    /// The source: `kafka`, `nats`.
+    pub kind: &'static str,
+    /// What was being acknowledged (which offset, which message).
+    pub message: String,
+    /// The broker client's reason.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl AckError {
+    pub fn new(kind: &'static str, message: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self { kind, message: message.into(), source: Some(source.into()) }
+    }
+}
+
+/// How a source learns that a record is done. Implemented by each source; the pipeline only
+/// sees [`AckHandle`].
+pub trait Ack: Send + 'static {
+    /// The record's output is confirmed: mark it done (Kafka: offset done, stored once the
+    /// partition's prefix is contiguous; JetStream: `+ACK`). Resolves when the source has taken
+    /// the ack (for JetStream, when the ack was sent); it must not wait for other records.
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>>;
+}
+
+/// The acknowledgement of one record. Drop it without calling [`AckHandle::ack`] to leave the
+/// record unprocessed (it will be redelivered).
+pub struct AckHandle(Box<dyn Ack>);
+
+impl AckHandle {
+    pub fn new(ack: impl Ack) -> Self {
+        Self(Box::new(ack))
+    }
+
+    /// A handle whose ack does nothing (file source, exactly-once Kafka where positions are
+    /// committed inside the producer transaction).
+    pub(crate) fn noop() -> Self {
+        struct Noop;
+        impl Ack for Noop {
+            fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>> {
+                Box::pin(async { Ok(()) })
+            }
+        }
+        Self::new(Noop)
+    }
+
+    pub async fn ack(self) -> Result<(), AckError> {
+        self.0.ack().await
+    }
+}
+
+impl fmt::Debug for AckHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AckHandle")
+    }
+}
 
 /// Where a record was read from. Used for the dead-letter `source` object, the sink's
 /// de-duplication id and the ordering lane.

@@ -7,7 +7,7 @@
 //! sent with the group's current generation, would be taken, and its outputs would double those
 //! of the partition's new owner, which reads on from the last committed offset. So:
 //! - each assignment of a partition gets a new epoch, and each record carries the epoch of its
-//!   partition when it was read ([`crate::source::Origin::Kafka`]'s `epoch`);
+//!   partition when it was read ([`crate::record::Origin::Kafka`]'s `epoch`);
 //! - a transaction commits only inputs whose partition is still assigned under that epoch,
 //!   checked and committed under this lock ([`Ownership::lock`]);
 //! - a revocation takes the same lock (waiting for a commit in progress to end) before it ends

@@ -36,10 +36,10 @@ use crate::engine::EngineError;
 use crate::event::{EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::Origin;
+use crate::record::{AckHandle, Origin};
 use crate::sink::route::Router;
 use crate::sink::{BatchCommit, Sink, SinkError};
-use crate::source::{AckHandle, Source, SourceError};
+use crate::source::{Source, SourceError};
 
 use candidates::BestOfNEvent;
 pub(crate) use prompt::PromptPreparer;

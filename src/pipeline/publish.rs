@@ -363,8 +363,8 @@ impl Publisher {
     /// its input's dead letter (then by one without payload) and the transaction retried; `Err`
     /// for a fatal error the sink cannot recover from, or when even that is refused (the worker
     /// stops rather than skip an input whose position would be committed). Before each try the
-    /// inputs of partitions revoked since they were read are left out: they are their new
-    /// owner's, which reads them again from the last committed offset.
+    /// inputs the worker no longer owns ([`BatchCommit::owned`]) are left out: their new owner
+    /// reads them again from the last committed position. The commit counts its own outcomes.
     async fn transact(&self, batch: Vec<(InFlight, Outcome)>) -> Result<(), SinkError> {
         let Some(commit) = &self.commit else { return Ok(()) };
         let mut units: Vec<Unit> = batch
@@ -385,7 +385,7 @@ impl Publisher {
                 let mut keep = owned.iter();
                 units.retain(|_| keep.next().copied().unwrap_or(true));
                 let left_out = owned.iter().filter(|o| !**o).count();
-                tracing::info!(left_out, "inputs of revoked partitions left out of the transaction: their new owner reads them again");
+                tracing::info!(left_out, "inputs no longer this worker's left out of the transaction: their new owner reads them again");
                 continue;
             }
             if units.is_empty() {
@@ -400,7 +400,7 @@ impl Publisher {
                 return Err(e);
             }
             match commit.abort().await {
-                Ok(()) => self.metrics.kafka_transactions.with_label_values(&["aborted"]).inc(),
+                Ok(()) => {}
                 Err(fatal @ SinkError::Fatal { .. }) => {
                     if commit.recover().await {
                         continue;
@@ -427,7 +427,6 @@ impl Publisher {
                 }
             }
         }
-        self.metrics.kafka_transactions.with_label_values(&["committed"]).inc();
         for unit in units {
             self.finish(unit.done).await;
         }

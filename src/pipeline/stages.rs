@@ -259,19 +259,20 @@ impl Attempts {
         Ok(assemble(items, scores))
     }
 
-    /// One forward pass over `ids`, timed; the scores checked for count.
+    /// One forward pass over `ids`; the scores checked for count. Only the pass that scores the
+    /// batch is counted in the batch metrics (events, tokens, time): a batch retried after an
+    /// engine fault, or again without a sequence the engine refused, is counted once.
     async fn attempt(&self, ids: Vec<Vec<u32>>) -> Result<Vec<Score>, ScoreError> {
-        let m = &self.scoring.metrics;
-        m.batch_events.observe(ids.len() as f64);
-        m.batch_tokens.observe(ids.iter().map(Vec::len).sum::<usize>() as f64);
-        let sequences = ids.len();
+        let (sequences, tokens) = (ids.len(), ids.iter().map(Vec::len).sum::<usize>());
         let started = Instant::now();
-        let result = self.scoring.scorer.score(ids).await;
-        m.forward_seconds.observe(started.elapsed().as_secs_f64());
-        let scores = result?;
+        let scores = self.scoring.scorer.score(ids).await?;
         if scores.len() != sequences {
             return Err(ScoreError::Count { scores: scores.len(), sequences });
         }
+        let m = &self.scoring.metrics;
+        m.forward_seconds.observe(started.elapsed().as_secs_f64());
+        m.batch_events.observe(sequences as f64);
+        m.batch_tokens.observe(tokens as f64);
         Ok(scores)
     }
 }

@@ -7,7 +7,8 @@ use crate::event::ErrorKind;
 use crate::sink::file::FileSink;
 use crate::sink::SinkContext;
 use crate::source::file::FileSource;
-use crate::source::{AckHandle, Origin, Source, SourceError};
+use crate::record::{AckError, AckHandle, Origin, Record};
+use crate::source::{Source, SourceError};
 
 /// One token per byte of the last message; `too_long` past 40 tokens.
 struct Bytewise;
@@ -247,6 +248,9 @@ async fn exactly_once_commits_each_batch_and_retries_after_abort() {
     assert_eq!(*log.lock().unwrap(), ["begin", "commit 3", "abort", "begin", "commit 3"]);
     assert_eq!(sink.1.lock().unwrap().len(), 6, "the batch is published again after the abort");
     assert_eq!(metrics.events_scored_total(), 3);
+    assert_eq!(metrics.batch_events.get_sample_sum(), 3.0, "the replayed batch is not scored or counted again");
+    let transactions = |outcome| metrics.kafka_transactions.with_label_values(&[outcome]).get();
+    assert_eq!((transactions("committed"), transactions("aborted")), (0, 0), "the batch commit counts its own outcomes");
 }
 
 /// Exactly-once across a rebalance: the first commit finds the second input's partition
@@ -359,17 +363,17 @@ struct Counted {
 }
 
 struct CountedAck(Arc<std::sync::atomic::AtomicUsize>);
-impl crate::source::Ack for CountedAck {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+impl crate::record::Ack for CountedAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }
 }
 
 impl Source for Counted {
-    fn next(&mut self) -> BoxFuture<'_, Option<Result<crate::source::Record, SourceError>>> {
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Record, SourceError>>> {
         let next = self.lines.pop_front().map(|payload| {
-            Ok(crate::source::Record {
+            Ok(Record {
                 payload,
                 key: None,
                 headers: Vec::new(),
@@ -425,6 +429,9 @@ struct Run {
     calls: usize,
     health: Result<(), String>,
     inflight: i64,
+    /// `scorestream_batch_events`, `_batch_tokens` and `_forward_seconds`: (batches counted,
+    /// sum of events, sum of tokens, forward passes counted).
+    batches: (u64, f64, f64, u64),
 }
 
 /// Run `lines` through the pipeline (failed batches allowed in a row: 3) over [`Counted`].
@@ -476,6 +483,12 @@ async fn run_counted_with(
         calls: calls.load(load),
         health: liveness.check(0, Duration::from_secs(60)),
         inflight: metrics.inflight_events.get(),
+        batches: (
+            metrics.batch_events.get_sample_count(),
+            metrics.batch_events.get_sample_sum(),
+            metrics.batch_tokens.get_sample_sum(),
+            metrics.forward_seconds.get_sample_count(),
+        ),
     }
 }
 
@@ -503,6 +516,19 @@ async fn a_model_that_fails_once_then_works_scores_everything() {
     assert!(r.dead.is_empty(), "{:?}", r.dead);
     assert_eq!((r.scored, r.acks), (20, 20));
     assert!(r.health.is_ok(), "healthy again after a batch succeeded: {:?}", r.health);
+}
+
+/// A batch retried after an engine fault is counted once in the batch metrics, for the pass
+/// that scored it: the sums are the events and tokens scored, not those of every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_after_an_engine_fault_is_counted_once() {
+    let r = run_counted(lines(20, |_| "abc"), |calls| Arc::new(Flaky { failures: 2, calls })).await;
+    r.result.unwrap();
+    assert_eq!(r.scored, 20);
+    let (batches, events, tokens, passes) = r.batches;
+    assert_eq!((events, tokens), (20.0, 60.0), "{} calls, {batches} batches counted", r.calls);
+    assert_eq!(batches as usize, r.calls - 2, "the failed attempts are not batches");
+    assert_eq!(passes, batches);
 }
 
 /// Refuses (as [`EngineError::Sequence`], before running anything) the first sequence longer
@@ -534,6 +560,9 @@ async fn a_sequence_the_engine_refuses_is_dead_lettered_alone() {
     r.result.unwrap();
     assert_eq!((r.scored, r.dead.len(), r.acks), (8, 4, 12));
     assert!(r.dead.iter().all(|d| d["error"]["kind"] == "model"), "{:?}", r.dead);
+    let (batches, events, tokens, passes) = r.batches;
+    assert_eq!((events, tokens), (8.0, 16.0), "only the pass that scored each batch is counted");
+    assert_eq!(passes, batches);
 }
 
 /// `scorestream score`'s policy: a batch the model fails on becomes `model` error records

@@ -10,7 +10,7 @@
 
 mod txn;
 
-pub use txn::{open_exactly_once, ConsumerLink, ExactlyOnce, GroupMetadata, Transactions};
+pub use txn::{open_transactional, ConsumerLink, GroupMetadata, Transactions, TransactionalSinks};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -163,7 +163,8 @@ impl SinkError {
 /// (the implementation sends their next offsets with `send_offsets_to_transaction` and commits).
 /// On any error it calls `abort` and retries the unit from `begin`, leaving out the inputs that
 /// [`BatchCommit::owned`] no longer counts as the worker's. Acks of the unit's records are called
-/// after `commit` (they may be no-ops).
+/// after `commit` (they may be no-ops). The implementation counts its own outcomes (each unit
+/// committed or aborted, once); the pipeline counts nothing of them.
 pub trait BatchCommit: Send + Sync {
     fn begin(&self) -> BoxFuture<'_, Result<(), SinkError>>;
     fn commit<'a>(&'a self, inputs: &'a [Origin]) -> BoxFuture<'a, Result<(), SinkError>>;

@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
-use super::{AckHandle, Origin, Record, Source, SourceContext, SourceError};
-use super::FileSourceConfig;
+use super::{FileSourceConfig, Source, SourceContext, SourceError};
+use crate::record::{AckHandle, Origin, Record};
 
 /// Reads lines of a file (or stdin for "-").
 pub(crate) struct FileSource {

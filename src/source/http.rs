@@ -19,7 +19,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::{AckHandle, Origin, Record, Source, SourceError};
+use super::{Source, SourceError};
+use crate::record::{AckHandle, Origin, Record};
 use crate::sink::{Confirmation, Outgoing, Sink, SinkError};
 
 /// Where the outputs of posted events wait for their request, by (request, index).

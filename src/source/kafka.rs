@@ -22,7 +22,7 @@
 //! Exactly-once (`KafkaSource::open_transactional`): nothing is committed by the consumer and
 //! acks do nothing; the sink commits each batch's input offsets inside its producer
 //! transaction, with this consumer's group metadata ([`KafkaSource::group_metadata`]). Each
-//! record carries the epoch of its partition's assignment ([`KafkaSource::ownership`]): the
+//! record carries the epoch of its partition's assignment ([`Ownership`]): the
 //! revocation callback ends a partition's epoch, after any commit in progress, so that inputs
 //! read before a revocation are never committed (see [`crate::kafka::ownership`]).
 //!
@@ -51,11 +51,11 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::offsets::{commit_loop, Shared};
-use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
-use super::KafkaSourceConfig;
+use super::{KafkaSourceConfig, Source, SourceContext, SourceError};
 use crate::kafka::ownership::Ownership;
 use crate::kafka::{check_reachable, client_config, reason};
 use crate::metrics::Metrics;
+use crate::record::{Ack, AckError, AckHandle, Origin, Record};
 
 const KIND: &str = "kafka";
 
@@ -176,15 +176,21 @@ pub struct KafkaSource {
 impl KafkaSource {
     /// At-least-once: offsets stored as inputs are acked, committed as they move.
     pub async fn open(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
-        Self::open_with(c, ctx, false).await
+        Self::open_with(c, ctx, None).await
     }
 
-    /// Exactly-once: nothing is committed by the consumer; see [`KafkaSource::group_metadata`].
-    pub async fn open_transactional(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<Self, SourceError> {
-        Self::open_with(c, ctx, true).await
+    /// Exactly-once: nothing is committed by the consumer; the producer's transactions commit
+    /// the offsets with [`KafkaSource::group_metadata`], for inputs whose partitions the
+    /// returned assignment epochs still count as this member's.
+    pub async fn open_transactional(c: &KafkaSourceConfig, ctx: SourceContext) -> Result<(Self, Arc<Ownership>), SourceError> {
+        let ownership = Arc::new(Ownership::default());
+        let source = Self::open_with(c, ctx, Some(ownership.clone())).await?;
+        Ok((source, ownership))
     }
 
-    async fn open_with(c: &KafkaSourceConfig, ctx: SourceContext, transactional: bool) -> Result<Self, SourceError> {
+    /// `ownership`: exactly-once, the assignment epochs the rebalance callbacks keep.
+    async fn open_with(c: &KafkaSourceConfig, ctx: SourceContext, ownership: Option<Arc<Ownership>>) -> Result<Self, SourceError> {
+        let transactional = ownership.is_some();
         let lag_interval = c.lag_interval.as_millis().max(100).to_string();
         let defaults = [
             ("group.id", c.group_id.as_str()),
@@ -206,7 +212,6 @@ impl KafkaSource {
             .map_err(|e| SourceError::Open { kind: KIND, message: "the start-up check failed".into(), source: Some(Box::new(e)) })?
             .map_err(open_err)?;
         let shared = Arc::new(Shared::default());
-        let ownership = transactional.then(|| Arc::new(Ownership::default()));
         let context = Context { shared: shared.clone(), metrics: ctx.metrics.clone(), ownership: ownership.clone(), read_committed };
         let consumer: Consumer_ =
             config.create_with_context(context).map_err(|e| open_err(crate::kafka::ClientError::Create(e)))?;
@@ -248,12 +253,6 @@ impl KafkaSource {
         Arc::new(move || consumer.group_metadata())
     }
 
-    /// Exactly-once: the assignment epochs that a transaction checks its inputs against
-    /// (`None` at-least-once).
-    pub fn ownership(&self) -> Option<Arc<Ownership>> {
-        self.ownership.clone()
-    }
-
     /// Pause the assigned partitions and poll the consumer in a task of its own until close,
     /// so that rebalance callbacks are still served. Messages fetched before the pause are
     /// dropped unprocessed: their offsets are not stored, so they are read again later.
@@ -291,7 +290,7 @@ impl KafkaSource {
             let snapshot = self.shared.to_commit();
             let result = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
                 .await
-                .map_err(|e| SourceError::Ack { kind: KIND, message: "commit task failed".into(), source: Some(Box::new(e)) })?;
+                .map_err(|e| AckError::new(KIND, "commit task failed", e))?;
             let e = match result {
                 Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
                     self.shared.committed(&snapshot);
@@ -300,11 +299,8 @@ impl KafkaSource {
                 Err(e) => e,
             };
             if attempt == CLOSE_ATTEMPTS {
-                return Err(SourceError::Ack {
-                    kind: KIND,
-                    message: format!("the final commit still failed after {CLOSE_ATTEMPTS} attempts"),
-                    source: Some(reason(e)),
-                });
+                let message = format!("the final commit still failed after {CLOSE_ATTEMPTS} attempts");
+                return Err(AckError::new(KIND, message, reason(e)).into());
             }
             tracing::info!(error = %reason(e), attempt, "final commit refused (rebalancing?); retrying");
             tokio::time::sleep(CLOSE_PAUSE).await;
@@ -357,15 +353,13 @@ struct KafkaAck {
 }
 
 impl Ack for KafkaAck {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>> {
         async move {
             // `None`: not the end of the acked prefix, or revoked since (the new owner re-reads it).
             let Some(next) = self.shared.ack(&self.topic, self.partition, self.generation, self.offset) else { return Ok(()) };
             // `rd_kafka_offset_store` stores `offset + 1`: hand it the last done offset.
-            self.consumer.store_offset(&self.topic, self.partition, next - 1).map_err(|e| SourceError::Ack {
-                kind: KIND,
-                message: format!("cannot store offset {next} of {}/{}", self.topic, self.partition),
-                source: Some(reason(e)),
+            self.consumer.store_offset(&self.topic, self.partition, next - 1).map_err(|e| {
+                AckError::new(KIND, format!("cannot store offset {next} of {}/{}", self.topic, self.partition), reason(e))
             })?;
             self.shared.stored_moved();
             Ok(())
@@ -447,5 +441,40 @@ impl Source for KafkaSource {
             committed
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An offset the client refuses to store (its partition is not assigned to the consumer):
+    /// the ack fails naming the offset, with librdkafka's reason kept as its source (printed
+    /// once), and the same error reaches the worker's error type unchanged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_ack_names_its_offset_and_keeps_the_client_reason() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("in", 1, 1).unwrap();
+        let shared = Arc::new(Shared::default());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let context = Context { shared: shared.clone(), metrics, ownership: None, read_committed: true };
+        let consumer: Consumer_ = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "g")
+            .set("enable.auto.offset.store", "false")
+            .create_with_context(context)
+            .unwrap();
+        shared.assign(&[("in".into(), 0)]);
+        let generation = shared.hand_out("in", 0, 4, || true).unwrap();
+        let ack = KafkaAck { consumer: Arc::new(consumer), shared, topic: "in".into(), partition: 0, offset: 4, generation };
+        let e = AckHandle::new(ack).ack().await.unwrap_err();
+        assert_eq!(e.to_string(), "the kafka source could not acknowledge: cannot store offset 5 of in/0");
+        let reason = std::error::Error::source(&e).expect("librdkafka's reason is kept").to_string();
+        let text = crate::error::Chain(&e).to_string();
+        assert_eq!(text, format!("{e}: {reason}"));
+        assert_eq!(text.matches(&reason).count(), 1, "{text}");
+        let e = crate::pipeline::PipelineError::from(SourceError::from(e));
+        assert!(matches!(&e, crate::pipeline::PipelineError::Source(SourceError::Ack(a)) if a.kind == KIND), "{e:?}");
+        assert_eq!(crate::error::Chain(&e).to_string(), text);
     }
 }

@@ -1,14 +1,6 @@
-//! Sources: where input records come from, and how they are acknowledged.
-//!
-//! Delivery contract (at-least-once, after rust-rdkafka's `at_least_once.rs` and Vector's
-//! ordered finalizer): the pipeline acknowledges a [`Record`] through its [`AckHandle`] only
-//! after the record's scored or dead-lettered copy has been confirmed by the sink. A record whose
-//! handle is dropped without [`AckHandle::ack`] was not processed: the source must not mark it
-//! done (it is redelivered after a restart, a rebalance or the broker's ack timeout).
-//!
-//! Acks complete out of order (different partitions, retried publishes). A source whose broker
-//! tracks a single position per partition (Kafka) must advance the stored position only over the
-//! contiguous prefix of acknowledged records of that partition.
+//! Sources: where input records come from ([`Source`]), and how they are opened. A source
+//! hands out [`Record`]s whose [`crate::record::AckHandle`] the pipeline calls only once the
+//! record's output is confirmed (the delivery contract is in [`crate::record`]).
 
 pub mod check;
 pub mod config;
@@ -17,17 +9,14 @@ pub mod http;
 pub mod kafka;
 pub mod nats;
 
-use std::fmt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 pub use config::{FileSourceConfig, KafkaSourceConfig, NatsSourceConfig, SourceConfig};
 use crate::metrics::Metrics;
-/// Where a record came from: shared with the sinks and the pipeline (`crate::record`).
-pub use crate::record::Origin;
+use crate::record::{AckError, Record};
 
 /// Errors of a source.
 #[derive(Debug, thiserror::Error)]
@@ -48,74 +37,15 @@ pub enum SourceError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    /// Acknowledging or committing failed.
-    #[error("the {kind} source could not acknowledge: {message}")]
-    Ack {
-        kind: &'static str,
-        message: String,
-        #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    },
+    /// Acknowledging failed, or (at close) committing what was acknowledged.
+    #[error(transparent)]
+    Ack(#[from] AckError),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,
         #[source]
         source: std::io::Error,
     },
-}
-
-/// How a source learns that a record is done. Implemented by each source; the pipeline only
-/// sees [`AckHandle`].
-pub trait Ack: Send + 'static {
-    /// The record's output is confirmed: mark it done (Kafka: offset done, stored once the
-    /// partition's prefix is contiguous; JetStream: `+ACK`). Resolves when the source has taken
-    /// the ack (for JetStream, when the ack was sent); it must not wait for other records.
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>>;
-}
-
-/// The acknowledgement of one record. Drop it without calling [`AckHandle::ack`] to leave the
-/// record unprocessed (it will be redelivered).
-pub struct AckHandle(Box<dyn Ack>);
-
-impl AckHandle {
-    pub fn new(ack: impl Ack) -> Self {
-        Self(Box::new(ack))
-    }
-
-    /// A handle whose ack does nothing (file source, exactly-once Kafka where positions are
-    /// committed inside the producer transaction).
-    pub(crate) fn noop() -> Self {
-        struct Noop;
-        impl Ack for Noop {
-            fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
-                Box::pin(async { Ok(()) })
-            }
-        }
-        Self::new(Noop)
-    }
-
-    pub async fn ack(self) -> Result<(), SourceError> {
-        self.0.ack().await
-    }
-}
-
-impl fmt::Debug for AckHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AckHandle")
-    }
-}
-
-/// One input record.
-#[derive(Debug)]
-pub struct Record {
-    /// The raw payload (parsed by `InputEvent::parse`).
-    pub payload: Bytes,
-    /// Kafka message key; `None` elsewhere.
-    pub key: Option<Bytes>,
-    /// Broker headers, carried over to the output in order; `None` for a null value (Kafka).
-    pub headers: Vec<(String, Option<Bytes>)>,
-    pub origin: Origin,
-    pub ack: AckHandle,
 }
 
 /// A source of records. The pipeline owns it in one task that calls [`Source::next`] while it

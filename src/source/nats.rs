@@ -30,8 +30,8 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{Ack, AckHandle, Origin, Record, Source, SourceContext, SourceError};
-use super::NatsSourceConfig;
+use super::{NatsSourceConfig, Source, SourceContext, SourceError};
+use crate::record::{Ack, AckError, AckHandle, Origin, Record};
 use crate::metrics::Metrics;
 use crate::nats::{at_least, connect, connection_of};
 
@@ -334,7 +334,7 @@ struct NatsAck {
 }
 
 impl Ack for NatsAck {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), SourceError>> {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), AckError>> {
         async move {
             if let Ok(mut o) = self.outstanding.lock() {
                 o.remove(&self.reply);
@@ -342,7 +342,7 @@ impl Ack for NatsAck {
             self.client
                 .publish(self.reply.clone(), Bytes::from_static(b"+ACK"))
                 .await
-                .map_err(|e| SourceError::Ack { kind: KIND, message: "cannot send the ack".into(), source: Some(Box::new(e)) })
+                .map_err(|e| AckError::new(KIND, "cannot send the ack", e))
         }
         .boxed()
     }
@@ -415,7 +415,7 @@ impl Source for NatsSource {
             self.client
                 .flush()
                 .await
-                .map_err(|e| SourceError::Ack { kind: KIND, message: "cannot flush acks".into(), source: Some(Box::new(e)) })
+                .map_err(|e| AckError::new(KIND, "cannot flush acks", e).into())
         }
         .boxed()
     }

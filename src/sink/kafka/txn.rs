@@ -1,4 +1,4 @@
-//! Exactly-once transactions ([`open_exactly_once`]): one transactional producer serves the
+//! Exactly-once transactions ([`open_transactional`]): one transactional producer serves the
 //! scored sink, every named Kafka sink of the `[[route]]` rules and the dead-letter sink, and
 //! each batch is one transaction: `begin_transaction`, the outputs, `send_offsets_to_transaction`
 //! with the inputs' next offsets and the consumer's group metadata, `commit_transaction`.
@@ -25,6 +25,9 @@
 //! replaced by a new one with the same `transactional.id` and the batch replayed
 //! ([`BatchCommit::recover`]); otherwise a newer instance is taken to own the id and the worker
 //! stops. Every error keeps librdkafka's reason as its source.
+//!
+//! Each transaction that ends is counted here, once, by its outcome:
+//! `scorestream_kafka_transactions_total{outcome="committed"|"aborted"}`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,7 +44,8 @@ use super::{message_max_bytes, producer, KafkaSink, Producer_, Slot, KIND};
 use crate::sink::KafkaSinkConfig;
 use crate::kafka::ownership::Ownership;
 use crate::kafka::ErrorContext;
-use crate::sink::{BatchCommit, Sink, SinkError};
+use crate::metrics::Metrics;
+use crate::sink::{BatchCommit, Sink, SinkContext, SinkError};
 use crate::record::Origin;
 
 /// Transaction steps wait at most this long per call.
@@ -58,12 +62,12 @@ pub type GroupMetadata = Arc<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + 
 pub struct ConsumerLink {
     /// Its group metadata (member id, generation), read at each commit.
     pub metadata: GroupMetadata,
-    /// The assignment epochs of its partitions (`KafkaSource::ownership`).
+    /// The assignment epochs of its partitions (`KafkaSource::open_transactional`).
     pub ownership: Arc<Ownership>,
 }
 
 /// The sinks and the transaction hook of `delivery = "exactly_once"`.
-pub struct ExactlyOnce {
+pub struct TransactionalSinks {
     pub scored: Arc<dyn Sink>,
     pub dead_letter: Arc<dyn Sink>,
     /// One per named Kafka sink, in the order given.
@@ -73,13 +77,15 @@ pub struct ExactlyOnce {
 
 /// Open the sinks of `delivery = "exactly_once"` on one transactional producer
 /// (`transactional.id` from the sink's config, else `scorestream-<hostname>`; the sink's options
-/// apply, the dead letter and the named sinks only name their topics).
-pub async fn open_exactly_once(
+/// apply, the dead letter and the named sinks only name their topics). The transactions count
+/// their outcomes in `ctx`'s metrics.
+pub async fn open_transactional(
     sink: &KafkaSinkConfig,
     dead_letter: &KafkaSinkConfig,
     named: &[&KafkaSinkConfig],
     consumer: ConsumerLink,
-) -> Result<ExactlyOnce, SinkError> {
+    ctx: SinkContext,
+) -> Result<TransactionalSinks, SinkError> {
     let id = sink.transactional_id.clone().unwrap_or_else(crate::kafka::default_transactional_id);
     let mut topics = vec![sink.topic.as_str(), dead_letter.topic.as_str()];
     topics.extend(named.iter().map(|n| n.topic.as_str()));
@@ -103,7 +109,7 @@ pub async fn open_exactly_once(
     // One slot: a replaced producer serves every sink at once.
     let slot = Arc::new(Slot { current: std::sync::RwLock::new(producer), config: None });
     let on_slot = |topic: &str| -> Arc<dyn Sink> { Arc::new(KafkaSink::on_slot(slot.clone(), topic, max_message_bytes)) };
-    Ok(ExactlyOnce {
+    Ok(TransactionalSinks {
         scored: on_slot(&sink.topic),
         dead_letter: on_slot(&dead_letter.topic),
         named: named.iter().map(|n| on_slot(&n.topic)).collect(),
@@ -114,6 +120,7 @@ pub async fn open_exactly_once(
             timeout: STEP_TIMEOUT,
             transaction_timeout,
             begun: Mutex::new(None),
+            metrics: ctx.metrics,
         }),
     })
 }
@@ -136,6 +143,8 @@ pub struct Transactions {
     transaction_timeout: Duration,
     /// When the current (or last) transaction began.
     begun: Mutex<Option<Instant>>,
+    /// Where committed and aborted transactions are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// The offsets to commit for a batch: per input partition, the highest offset + 1.
@@ -344,14 +353,21 @@ impl BatchCommit for Transactions {
                 drop(owned);
                 Ok(())
             })
-            .await
+            .await?;
+            self.metrics.kafka_transactions.with_label_values(&["committed"]).inc();
+            Ok(())
         }
         .boxed()
     }
 
     fn abort(&self) -> BoxFuture<'_, Result<(), SinkError>> {
-        self.blocking("abort", |producer, timeout| call("abort_transaction", true, &producer, timeout, |p, t| p.abort_transaction(t)))
-            .boxed()
+        async move {
+            self.blocking("abort", |producer, timeout| call("abort_transaction", true, &producer, timeout, |p, t| p.abort_transaction(t)))
+                .await?;
+            self.metrics.kafka_transactions.with_label_values(&["aborted"]).inc();
+            Ok(())
+        }
+        .boxed()
     }
 
     fn owned(&self, inputs: &[Origin]) -> Vec<bool> {
@@ -435,8 +451,15 @@ mod tests {
             timeout,
             transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT,
             begun: Mutex::new(None),
+            metrics: Arc::new(Metrics::new().unwrap()),
         };
         (cluster, txns, sink)
+    }
+
+    /// `scorestream_kafka_transactions_total` by outcome: (committed, aborted).
+    fn counted(txns: &Transactions) -> (u64, u64) {
+        let count = |outcome| txns.metrics.kafka_transactions.with_label_values(&[outcome]).get();
+        (count("committed"), count("aborted"))
     }
 
     fn outgoing() -> Outgoing {
@@ -456,6 +479,7 @@ mod tests {
         txns.begin().await.unwrap();
         sink.publish(outgoing()).await.unwrap().await.unwrap();
         txns.commit(&[]).await.unwrap();
+        assert_eq!(counted(&txns), (1, 0), "a commit called again is one committed transaction");
         txns.begin().await.expect("the next transaction starts");
     }
 
@@ -470,6 +494,7 @@ mod tests {
         let text = chain(&e);
         assert!(text.contains(&format!("commit_transaction still failed after {STEP_ATTEMPTS} attempts")), "{text}");
         assert!(text.contains("timed out") || text.contains("Timed out"), "librdkafka's reason: {text}");
+        assert_eq!(counted(&txns), (0, 0), "a commit that failed is not counted as committed");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,9 +515,11 @@ mod tests {
             e => panic!("not abortable: {}", chain(&e)),
         };
         aborted.unwrap();
+        assert_eq!(counted(&txns), (0, 1), "the failed transaction is counted once, as aborted");
         txns.begin().await.unwrap();
         sink.publish(outgoing()).await.unwrap().await.unwrap();
         txns.commit(&[]).await.unwrap();
+        assert_eq!(counted(&txns), (1, 1), "its replay is counted once, as committed");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,6 +530,7 @@ mod tests {
         let e = txns.abort().await.unwrap_err();
         assert!(matches!(e, SinkError::Fatal { .. }), "{}", chain(&e));
         assert!(chain(&e).contains("abort_transaction failed"), "{}", chain(&e));
+        assert_eq!(counted(&txns), (0, 0), "a refused abort is not counted as aborted");
         txns.begin().await.unwrap();
         let e = txns.begin().await.unwrap_err();
         assert!(matches!(e, SinkError::Fatal { .. }), "{}", chain(&e));
