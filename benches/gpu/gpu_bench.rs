@@ -32,7 +32,7 @@ use scorestream::engine::cuda::device::GpuDevice;
 use scorestream::engine::cuda::gemm::Gemm;
 use scorestream::engine::cuda::launch::AttentionKernel;
 use scorestream::engine::cuda::precision::{GpuFacts, Precision};
-use scorestream::engine::cuda::probe::preload_from;
+use scorestream::engine::cuda::libraries::preload_from;
 use scorestream::engine::reference::attention::AttnShape;
 use scorestream::engine::reference::{fp8, kernels as r};
 

@@ -105,7 +105,7 @@ fn gpu_dtype(requested: Dtype, ordinals: &[usize]) -> Result<Dtype, ModelError> 
     let backend = |e: crate::engine::cuda::CudaError| ModelError::Backend { device: device.clone(), source: Box::new(e) };
     let gpus = probe::gpu_facts(ordinals).map_err(backend)?;
     let chosen = precision::choose(requested, &gpus).map_err(|e| backend(e.into()))?;
-    let driver = crate::engine::cuda::nvrtc::driver_version().map_or("unknown".to_owned(), |(a, b)| format!("CUDA {a}.{b}"));
+    let driver = crate::engine::cuda::libraries::driver_version().map_or("unknown".to_owned(), |(a, b)| format!("CUDA {a}.{b}"));
     for g in &gpus {
         tracing::info!(
             gpu = %g.name, ordinal = g.ordinal, capability = %format!("{}.{}", g.major, g.minor), driver = %driver,

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::libraries::python_nvidia_dir;
 use super::nvrtc;
+use super::precision::arch_has_fp8;
 use super::CudaError;
 
 /// Every kernel source every architecture compiles, in the order they are concatenated.
@@ -105,14 +107,6 @@ pub fn include_dirs() -> Vec<PathBuf> {
         dirs.push(p);
     }
     dirs.into_iter().filter(|d| d.join("cuda_fp8.h").is_file()).collect()
-}
-
-/// `nvidia/cu13/<sub>` of the pip wheels, asked of `python3` (None when there is none).
-pub fn python_nvidia_dir(sub: &str) -> Option<PathBuf> {
-    let code = "import nvidia, os, sys\nfor p in nvidia.__path__:\n    d = os.path.join(p, 'cu13')\n    if os.path.isdir(d):\n        print(d); sys.exit(0)\n";
-    let out = std::process::Command::new("python3").args(["-c", code]).output().ok()?;
-    let dir = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (!dir.is_empty()).then(|| PathBuf::from(dir).join(sub))
 }
 
 /// NVRTC's options for `arch` (a real architecture such as `sm_90a`, so NVRTC emits CUBIN;
@@ -247,9 +241,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CudaError> {
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
-
-pub use super::precision::arch_for;
-use super::precision::arch_has_fp8;
 
 #[cfg(test)]
 mod tests {

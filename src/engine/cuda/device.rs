@@ -10,9 +10,9 @@ use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum as FuncAttr};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use super::compile::{arch_for, kernels_for};
+use super::compile::kernels_for;
 use super::launch::{self, Arg, Limits, Planned};
-use super::precision::{GpuFacts, Precision, PrecisionError};
+use super::precision::{arch_for, GpuFacts, Precision, PrecisionError};
 use super::prebuilt::{kernel_image, Origin};
 use super::probe::{require, Library};
 use super::CudaError;

@@ -24,6 +24,8 @@ pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod layer;
 #[cfg(feature = "cuda")]
+pub mod libraries;
+#[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub mod prebuilt;
