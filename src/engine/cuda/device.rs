@@ -56,7 +56,7 @@ pub struct GpuDevice {
     pub arch: String,
     pub sm_count: u32,
     /// Dynamic shared memory every kernel may use (the opt-in limit less static use).
-    pub max_dynamic_smem: u32,
+    pub(crate) max_dynamic_smem: u32,
     /// Where the kernels came from.
     pub origin: Origin,
     funcs: HashMap<&'static str, CudaFunction>,

@@ -38,7 +38,7 @@ pub(crate) fn symbol(handle: *mut c_void, name: &str) -> Result<*mut c_void, Str
 }
 
 /// `nvidia/cu13/<sub>` of the pip wheels, asked of `python3` (None when there is none).
-pub fn python_nvidia_dir(sub: &str) -> Option<PathBuf> {
+pub(crate) fn python_nvidia_dir(sub: &str) -> Option<PathBuf> {
     let code = "import nvidia, os, sys\nfor p in nvidia.__path__:\n    d = os.path.join(p, 'cu13')\n    if os.path.isdir(d):\n        print(d); sys.exit(0)\n";
     let out = std::process::Command::new("python3").args(["-c", code]).output().ok()?;
     let dir = String::from_utf8(out.stdout).ok()?.trim().to_owned();
@@ -52,19 +52,19 @@ pub(crate) fn never_panics(probe: impl FnOnce() -> bool + std::panic::UnwindSafe
 }
 
 /// Whether `libcuda` (the driver) can be loaded. Never panics.
-pub fn driver_present() -> bool {
+pub(crate) fn driver_present() -> bool {
     // SAFETY: this only tries to dlopen the library by name and drops the handle.
     never_panics(|| unsafe { cudarc::driver::sys::is_culib_present() })
 }
 
 /// Whether `libcublasLt` can be loaded by name. Never panics.
-pub fn cublaslt_present() -> bool {
+pub(crate) fn cublaslt_present() -> bool {
     // SAFETY: as above.
     never_panics(|| unsafe { cudarc::cublaslt::sys::is_culib_present() })
 }
 
 /// The driver's CUDA version as `(major, minor)`, when a driver loads.
-pub fn driver_version() -> Option<(i32, i32)> {
+pub(crate) fn driver_version() -> Option<(i32, i32)> {
     if !driver_present() {
         return None;
     }

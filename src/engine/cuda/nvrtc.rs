@@ -26,7 +26,7 @@ pub struct Candidate {
 /// Which NVRTC library file a folder holds and its version, from the folder's file names
 /// (`libnvrtc.so.13` + `libnvrtc-builtins.so.13.0` in the pip wheel; `libnvrtc.so.13.0.88` in
 /// the toolkit). None when the folder holds no `libnvrtc.so.<major>…`.
-pub fn pick_in_folder(names: &[String]) -> Option<(String, Option<(i32, i32)>)> {
+pub(crate) fn pick_in_folder(names: &[String]) -> Option<(String, Option<(i32, i32)>)> {
     let parse = |rest: &str| -> Option<(i32, i32)> {
         let mut it = rest.split('.');
         Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
@@ -57,7 +57,7 @@ pub fn choose(candidates: &[Candidate], driver: Option<(i32, i32)>) -> Option<Ca
 
 /// Folders searched for NVRTC, in order: `LD_LIBRARY_PATH`, `$CUDA_HOME`, `/usr/local/cuda*`,
 /// the nvidia-* Python wheels, the system library folder.
-pub fn search_dirs() -> Vec<PathBuf> {
+pub(crate) fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(h) = std::env::var_os(var) {

@@ -39,7 +39,7 @@ impl Library {
 }
 
 /// Fail with [`CudaError::MissingLibrary`] unless every library in `libs` loads.
-pub fn require(libs: &[Library]) -> Result<(), CudaError> {
+pub(crate) fn require(libs: &[Library]) -> Result<(), CudaError> {
     for &lib in libs {
         if !lib.present() {
             let hint = match lib {
@@ -132,7 +132,7 @@ pub fn loaded_cuda_libraries() -> Vec<std::path::PathBuf> {
 }
 
 /// The distinct `libcuda`, `libnvrtc*` and `libcublas*` files named in a `/proc/<pid>/maps` text.
-pub fn cuda_libraries_in_maps(maps: &str) -> Vec<std::path::PathBuf> {
+pub(crate) fn cuda_libraries_in_maps(maps: &str) -> Vec<std::path::PathBuf> {
     let mut out: Vec<std::path::PathBuf> = Vec::new();
     for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
         let file = path.rsplit('/').next().unwrap_or_default();
