@@ -367,10 +367,11 @@ fn load_stage(
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(ordinal) => {
             use crate::engine::cuda::precision::Precision;
+            use crate::engine::cuda::stage::{CudaStage, LoadPath};
             let vb = Vb::new(weights, DType::F32, Device::Cpu);
             let precision = if dtype == Dtype::Fp8 { Precision::Fp8 } else { Precision::Bf16 };
             let (max_tokens, max_seqs) = (limits.max_tokens, limits.max_events);
-            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, precision, max_tokens, max_seqs, opts.attention)
+            CudaStage::load(LoadPath::Device, ordinal, &vb, cfg, range, opts.reward_row, attr, precision, max_tokens, max_seqs, opts.attention)
                 .map(|s| AnyStage::Cuda(Box::new(s)))
                 .map_err(|e| ModelError::Backend { device: format!("cuda:{ordinal}"), source: Box::new(e) })
         }

@@ -182,30 +182,14 @@ fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
 }
 
 impl CudaStage {
-    /// Load layers `range` onto GPU `ordinal`; `vb` is the checkpoint root read as f32 on the
+    /// Load layers `range` onto GPU `ordinal` by `path` (the engine's is [`LoadPath::Device`];
+    /// the GPU check loads both and compares); `vb` is the checkpoint root read as f32 on the
     /// CPU (`Vb::new(weights, DType::F32, Device::Cpu)`). Activation buffers are sized once for
     /// `max_tokens` tokens in up to `max_seqs` sequences. The linear layers run in `precision`
     /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too);
     /// attention with the `attention` kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        ordinal: usize,
-        vb: &Vb,
-        cfg: &ArchConfig,
-        range: Range<usize>,
-        reward_row: usize,
-        attribute_weights: Option<&[f32]>,
-        precision: Precision,
-        max_tokens: usize,
-        max_seqs: usize,
-        attention: AttentionKernel,
-    ) -> Result<Self> {
-        Self::load_via(LoadPath::Device, ordinal, vb, cfg, range, reward_row, attribute_weights, precision, max_tokens, max_seqs, attention)
-    }
-
-    /// [`CudaStage::load`] by the path given (the GPU check loads both and compares).
-    #[allow(clippy::too_many_arguments)]
-    pub fn load_via(
         path: LoadPath,
         ordinal: usize,
         vb: &Vb,
