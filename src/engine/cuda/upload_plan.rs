@@ -373,6 +373,14 @@ mod tests {
         (vec![a, b, c], stored)
     }
 
+    /// The device memory once every chunk of [`pieces`] landed at its place: a and b as
+    /// stored, c converted to bf16.
+    fn landed(stored: &[Vec<u8>]) -> Vec<u8> {
+        let mut c_bf16 = vec![0u8; 40];
+        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
+        [stored[0].clone(), stored[1].clone(), c_bf16].concat()
+    }
+
     fn fake(log: &Arc<Mutex<Vec<String>>>, fail_at: Option<usize>) -> Fake {
         Fake { memory: vec![0; 248], log: log.clone(), fail_at, in_flight: 0, most_in_flight: 0, finished: Vec::new() }
     }
@@ -422,12 +430,7 @@ mod tests {
         let mut up = fake(&log, None);
         let buffers = vec![vec![0u8; 48]; 3];
         let stats = run(&p, &c, buffers, 1, reader_of(&stored, &p, &log), &mut up).unwrap();
-        // Every byte at its place: a and b as stored, c converted to bf16.
-        let mut want = [stored[0].clone(), stored[1].clone()].concat();
-        let mut c_bf16 = vec![0u8; 40];
-        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
-        want.extend(c_bf16);
-        assert_eq!(up.memory, want);
+        assert_eq!(up.memory, landed(&stored));
         assert_eq!(up.finished, (0..c.len()).collect::<Vec<_>>());
         assert_eq!(stats, LoadStats { seconds: stats.seconds, read_seconds: stats.read_seconds, wait_seconds: stats.wait_seconds, ..LoadStats::of(&p, &c) });
         // Overlap: chunk i + 1 was read before the upload of chunk i was waited for, and no
@@ -486,11 +489,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut up = fake(&log, None);
         run(&p, &c, vec![vec![0u8; 16]; 5], 3, reader_of(&stored, &p, &log), &mut up).unwrap();
-        let mut want = [stored[0].clone(), stored[1].clone()].concat();
-        let mut c_bf16 = vec![0u8; 40];
-        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
-        want.extend(c_bf16);
-        assert_eq!(up.memory, want);
+        assert_eq!(up.memory, landed(&stored));
         assert_eq!(up.finished, (0..c.len()).collect::<Vec<_>>());
         assert!(up.most_in_flight <= 2, "5 buffers less 3 readers");
         let raw = log.lock().unwrap().clone();
