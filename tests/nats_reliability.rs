@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use nats_support::{
-    consumer_state, count, create_streams, events, free_port, metrics_text, publish_all, read_all, setup_streams, spawn_worker,
+    consumer_state, count, create_streams, events, free_port, metrics_text, publish_all, read_all, setup_streams, setup_streams_as, spawn_worker,
     terminate, wait_for_outputs, write_config, write_config_with, NatsServer,
 };
 use serde_json::Value;
@@ -239,8 +239,7 @@ async fn credentials_in_the_url_authenticate_and_are_never_logged() {
         .connect(server.url())
         .await
         .unwrap();
-    let js = jetstream::new(client);
-    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
+    let js = setup_streams_as(client).await;
     let events = events(10);
     publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();

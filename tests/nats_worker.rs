@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use nats_support::{count, create_streams, events, publish_all, read_all, setup_streams, spawn_worker, write_config, NatsServer};
+use nats_support::{count, create_streams, events, publish_all, read_all, setup_streams, setup_streams_as, spawn_worker, write_config, NatsServer};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,8 +183,7 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
         .connect(server.url())
         .await
         .unwrap();
-    let js = jetstream::new(client);
-    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
+    let js = setup_streams_as(client).await;
     let events = events(20);
     publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();

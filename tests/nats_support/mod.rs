@@ -150,7 +150,12 @@ pub fn write_config_with(dir: &Path, url: &str, auth: &str, port: u16, edit: imp
 /// Connect to `url` and create the streams CONV (`conv.in`), SCORED (`conv.scored`) and DEAD
 /// (`conv.dead`).
 pub async fn setup_streams(url: &str) -> jetstream::Context {
-    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    setup_streams_as(async_nats::connect(url).await.unwrap()).await
+}
+
+/// [`setup_streams`] through `client` (connected with credentials or TLS).
+pub async fn setup_streams_as(client: async_nats::Client) -> jetstream::Context {
+    let js = jetstream::new(client);
     create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
     js
 }
