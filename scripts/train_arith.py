@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
+from fixture_reference import references
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "arith")
 SPECIALS = ["<pad>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -72,8 +74,7 @@ def write_eval():
     with open(os.path.join(OUT, "examples.jsonl"), "w") as f:
         for e in examples:
             f.write(json.dumps(e) + "\n")
-    import make_fixtures
-    make_fixtures.references(OUT, events)
+    references(OUT, events)
 
 
 def main():

@@ -75,19 +75,19 @@ pub struct Metrics {
     pub events_consumed: IntCounterVec,
     /// Events whose score was published and acknowledged, by delivery: "first", "replay" (the
     /// broker redelivered the input: JetStream's delivery count), "unknown" (Kafka cannot tell).
-    pub events_scored: IntCounterVec,
+    pub(crate) events_scored: IntCounterVec,
     /// Events dead-lettered, by reason (an `ErrorKind` wire name).
     pub events_failed: IntCounterVec,
     /// Tokens of scored events (after templating and truncation).
-    pub tokens_scored: IntCounter,
+    pub(crate) tokens_scored: IntCounter,
     /// Conversations per forward pass.
-    pub batch_events: Histogram,
+    pub(crate) batch_events: Histogram,
     /// Tokens per forward pass.
-    pub batch_tokens: Histogram,
+    pub(crate) batch_tokens: Histogram,
     /// Time of one forward pass, as seen by the worker.
-    pub forward_seconds: Histogram,
+    pub(crate) forward_seconds: Histogram,
     /// From consuming an event to its output's broker acknowledgement.
-    pub event_latency_seconds: Histogram,
+    pub(crate) event_latency_seconds: Histogram,
     /// Events consumed and not yet acknowledged.
     pub inflight_events: IntGauge,
     /// Kafka consumer lag per assigned partition (high watermark minus position).
@@ -95,22 +95,22 @@ pub struct Metrics {
     /// Published rewards, by attribute ("reward" is the scalar reward).
     pub reward: HistogramVec,
     /// Always 1; labels describe the loaded model.
-    pub model_info: IntGaugeVec,
+    pub(crate) model_info: IntGaugeVec,
     /// Seconds each engine stage spent computing; its rate is the stage's utilisation.
     pub stage_busy_seconds: CounterVec,
     /// Kafka exactly-once: producer transactions, by outcome ("committed", "aborted").
-    pub kafka_transactions: IntCounterVec,
+    pub(crate) kafka_transactions: IntCounterVec,
     /// Publishes retried after a transient error, by output ("scored", "dead_letter").
-    pub publish_retries: IntCounterVec,
+    pub(crate) publish_retries: IntCounterVec,
     /// Messages the broker refused for good (too large, invalid), by output.
-    pub publish_rejected: IntCounterVec,
+    pub(crate) publish_rejected: IntCounterVec,
     /// First publishes of an output that a de-duplicating broker reported as duplicates: an id
     /// collision, the output may be lost.
-    pub dedup_collisions: IntCounter,
+    pub(crate) dedup_collisions: IntCounter,
     /// Always 1; labels describe this binary (`version`, git `revision`, cargo `features`).
-    pub build_info: IntGaugeVec,
+    pub(crate) build_info: IntGaugeVec,
     /// Seconds the model (tokenizer, weights onto every device) took to load at start.
-    pub model_load_seconds: Gauge,
+    pub(crate) model_load_seconds: Gauge,
     /// Scored events delivered, by route: a `[sinks.<name>]` name, "drop" or "default".
     pub routed: IntCounterVec,
     /// Tokens not recomputed because a batch's sequences shared a prefix.
@@ -120,28 +120,28 @@ pub struct Metrics {
 }
 
 /// Every metric name, declared once.
-pub const EVENTS_CONSUMED_TOTAL: &str = "scorestream_events_consumed_total";
-pub const EVENTS_SCORED_TOTAL: &str = "scorestream_events_scored_total";
-pub const EVENTS_FAILED_TOTAL: &str = "scorestream_events_failed_total";
-pub const TOKENS_SCORED_TOTAL: &str = "scorestream_tokens_scored_total";
-pub const BATCH_EVENTS: &str = "scorestream_batch_events";
-pub const BATCH_TOKENS: &str = "scorestream_batch_tokens";
-pub const FORWARD_SECONDS: &str = "scorestream_forward_seconds";
-pub const EVENT_LATENCY_SECONDS: &str = "scorestream_event_latency_seconds";
-pub const INFLIGHT_EVENTS: &str = "scorestream_inflight_events";
-pub const CONSUMER_LAG: &str = "scorestream_consumer_lag";
-pub const REWARD: &str = "scorestream_reward";
-pub const MODEL_INFO: &str = "scorestream_model_info";
-pub const STAGE_BUSY_SECONDS_TOTAL: &str = "scorestream_stage_busy_seconds_total";
-pub const KAFKA_TRANSACTIONS_TOTAL: &str = "scorestream_kafka_transactions_total";
-pub const PUBLISH_RETRIES_TOTAL: &str = "scorestream_publish_retries_total";
-pub const PUBLISH_REJECTED_TOTAL: &str = "scorestream_publish_rejected_total";
-pub const DEDUP_COLLISIONS_TOTAL: &str = "scorestream_dedup_collisions_total";
-pub const BUILD_INFO: &str = "scorestream_build_info";
-pub const MODEL_LOAD_SECONDS: &str = "scorestream_model_load_seconds";
-pub const ROUTED_TOTAL: &str = "scorestream_routed_total";
-pub const PREFIX_TOKENS_SHARED_TOTAL: &str = "scorestream_prefix_tokens_shared_total";
-pub const CANDIDATES: &str = "scorestream_candidates";
+pub(crate) const EVENTS_CONSUMED_TOTAL: &str = "scorestream_events_consumed_total";
+pub(crate) const EVENTS_SCORED_TOTAL: &str = "scorestream_events_scored_total";
+pub(crate) const EVENTS_FAILED_TOTAL: &str = "scorestream_events_failed_total";
+pub(crate) const TOKENS_SCORED_TOTAL: &str = "scorestream_tokens_scored_total";
+pub(crate) const BATCH_EVENTS: &str = "scorestream_batch_events";
+pub(crate) const BATCH_TOKENS: &str = "scorestream_batch_tokens";
+pub(crate) const FORWARD_SECONDS: &str = "scorestream_forward_seconds";
+pub(crate) const EVENT_LATENCY_SECONDS: &str = "scorestream_event_latency_seconds";
+pub(crate) const INFLIGHT_EVENTS: &str = "scorestream_inflight_events";
+pub(crate) const CONSUMER_LAG: &str = "scorestream_consumer_lag";
+pub(crate) const REWARD: &str = "scorestream_reward";
+pub(crate) const MODEL_INFO: &str = "scorestream_model_info";
+pub(crate) const STAGE_BUSY_SECONDS_TOTAL: &str = "scorestream_stage_busy_seconds_total";
+pub(crate) const KAFKA_TRANSACTIONS_TOTAL: &str = "scorestream_kafka_transactions_total";
+pub(crate) const PUBLISH_RETRIES_TOTAL: &str = "scorestream_publish_retries_total";
+pub(crate) const PUBLISH_REJECTED_TOTAL: &str = "scorestream_publish_rejected_total";
+pub(crate) const DEDUP_COLLISIONS_TOTAL: &str = "scorestream_dedup_collisions_total";
+pub(crate) const BUILD_INFO: &str = "scorestream_build_info";
+pub(crate) const MODEL_LOAD_SECONDS: &str = "scorestream_model_load_seconds";
+pub(crate) const ROUTED_TOTAL: &str = "scorestream_routed_total";
+pub(crate) const PREFIX_TOKENS_SHARED_TOTAL: &str = "scorestream_prefix_tokens_shared_total";
+pub(crate) const CANDIDATES: &str = "scorestream_candidates";
 
 /// Every metric name, for tests and dashboards.
 pub const NAMES: [&str; 22] = [
@@ -171,7 +171,7 @@ pub const NAMES: [&str; 22] = [
 
 /// This binary's version, git revision ("unknown" outside a git checkout) and enabled cargo
 /// features (comma separated), as recorded by build.rs.
-pub const BUILD: [&str; 3] = [env!("CARGO_PKG_VERSION"), env!("SCORESTREAM_GIT_REVISION"), env!("SCORESTREAM_FEATURES")];
+pub(crate) const BUILD: [&str; 3] = [env!("CARGO_PKG_VERSION"), env!("SCORESTREAM_GIT_REVISION"), env!("SCORESTREAM_FEATURES")];
 
 /// `route` label values of `scorestream_routed_total` whatever the config: events no `[[route]]`
 /// rule matched, and events a rule dropped (`to = "drop"`, the destination's name too). Each
@@ -180,11 +180,11 @@ pub const ROUTE_DEFAULT: &str = "default";
 pub const ROUTE_DROP: &str = "drop";
 
 /// The `delivery` label values of `scorestream_events_scored_total`.
-pub const DELIVERIES: [&str; 3] = ["first", "replay", "unknown"];
+pub(crate) const DELIVERIES: [&str; 3] = ["first", "replay", "unknown"];
 
 /// The `delivery` label of an input that was (`Some(true)`), was not, or may have been
 /// (`None`) delivered before.
-pub fn delivery_label(redelivered: Option<bool>) -> &'static str {
+pub(crate) fn delivery_label(redelivered: Option<bool>) -> &'static str {
     match redelivered {
         Some(false) => DELIVERIES[0],
         Some(true) => DELIVERIES[1],
@@ -202,7 +202,7 @@ impl Metrics {
         Self::with_config(&MetricsConfig::default())
     }
 
-    pub fn with_config(config: &MetricsConfig) -> Result<Self, MetricsError> {
+    pub(crate) fn with_config(config: &MetricsConfig) -> Result<Self, MetricsError> {
         let r = |e| MetricsError::Register(e);
         let seconds = LATENCY_BUCKETS.to_vec();
         let sizes = exponential_buckets(1.0, 2.0, 12).map_err(r)?;
@@ -349,18 +349,18 @@ impl Metrics {
     }
 
     /// Bring `scorestream_prefix_tokens_shared_total` up to the engine's total.
-    pub fn update_prefix_tokens_shared(&self, total: u64) {
+    pub(crate) fn update_prefix_tokens_shared(&self, total: u64) {
         let delta = total.saturating_sub(self.prefix_tokens_shared.get());
         self.prefix_tokens_shared.inc_by(delta);
     }
 
     /// Events scored, whatever their delivery.
-    pub fn events_scored_total(&self) -> u64 {
+    pub(crate) fn events_scored_total(&self) -> u64 {
         DELIVERIES.iter().map(|d| self.events_scored.with_label_values(&[d]).get()).sum()
     }
 
     /// Events dead-lettered, whatever their reason.
-    pub fn events_failed_total(&self) -> u64 {
+    pub(crate) fn events_failed_total(&self) -> u64 {
         ErrorKind::ALL.iter().map(|k| self.events_failed.with_label_values(&[k.as_str()]).get()).sum()
     }
 

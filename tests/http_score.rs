@@ -66,7 +66,7 @@ fn close(a: f64, b: f64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_clients_while_a_stream_runs_get_what_score_gives() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let stream_events = events(3_000);
     publish_all(&js, &stream_events).await;
@@ -267,7 +267,7 @@ fn consumed_http(metrics: &str) -> u64 {
 /// the stream are served; once the slow ones go on, their events are scored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_clients_stall_neither_other_clients_nor_the_stream() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

@@ -139,7 +139,7 @@ async fn workers_stopped_during_rebalances_exit_0_and_lag_follows_the_assignment
     let logs = names.map(|name| _dir.path().join(format!("{name}.log")));
     let configs = names.map(|name| _dir.path().join(format!("{name}.toml")));
     for (config, port) in configs.iter().zip(ports) {
-        write_config_as(config, &bootstrap, r#"lag_interval = "500ms""#, "", port);
+        WorkerConfig { source_extra: r#"lag_interval = "500ms""#, http_port: port, ..WorkerConfig::new(&bootstrap) }.write(config);
     }
     let lag = |i: usize| -> BTreeMap<i32, i64> { lag_series(ports[i]) };
 

@@ -36,15 +36,18 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const TOPICS: [(&str, i32); 3] = [("conv-in", PARTITIONS), ("conv-scored", PARTITIONS), ("conv-dead", PARTITIONS)];
 
-/// The exactly-once sink settings; `linger.ms` keeps each transaction open ~100 ms, so that a
-/// stopped worker is often caught inside one.
-fn exactly_once(transactional_id: &str) -> String {
+/// The exactly-once sink settings, `sink_options` the body of `[sink]`'s librdkafka `options`.
+fn exactly_once(transactional_id: &str, sink_options: &str) -> String {
     format!(
         r#"delivery = "exactly_once"
         transactional_id = "{transactional_id}"
-        options = {{ "linger.ms" = "100" }}"#
+        options = {{ {sink_options} }}"#
     )
 }
+
+/// `linger.ms` keeps each transaction open ~100 ms, so that a stopped worker is often caught
+/// inside one.
+const LINGER: &str = r#""linger.ms" = "100""#;
 
 /// Outputs per input id.
 fn counts(outputs: &[Output]) -> HashMap<String, usize> {
@@ -120,14 +123,11 @@ async fn check_offsets_follow_outputs(bootstrap: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_once_across_kills_inside_transactions_and_a_broker_restart() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut broker) = Broker::start(&TOPICS).await else { return };
-    let bootstrap = broker.bootstrap.clone();
     let n = 3_000;
-    produce(&bootstrap, &keyed_events(n)).await;
+    let Some((mut broker, bootstrap, dir)) = broker_with_events(&TOPICS, n).await else { return };
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
     producer.send(FutureRecord::to("conv-in").key("user-0").payload("{broken"), Duration::from_secs(5)).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &bootstrap, &exactly_once("scorestream-eos"), 0);
+    let config = write_config(dir.path(), &bootstrap, &exactly_once("scorestream-eos", LINGER), 0);
     let log = dir.path().join("worker.log");
 
     let mut at_kill = Vec::new();
@@ -197,12 +197,9 @@ async fn every_input_once_across_kills_inside_transactions_and_a_broker_restart(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_worker_with_the_same_transactional_id_fences_the_first() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(broker) = Broker::start(&TOPICS).await else { return };
-    let bootstrap = broker.bootstrap.clone();
     let n = 2_000;
-    produce(&bootstrap, &keyed_events(n)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &bootstrap, &exactly_once("scorestream-zombie"), 0);
+    let Some((_broker, bootstrap, dir)) = broker_with_events(&TOPICS, n).await else { return };
+    let config = write_config(dir.path(), &bootstrap, &exactly_once("scorestream-zombie", LINGER), 0);
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
 
     let mut a = spawn(&config, &log_a);
@@ -233,57 +230,6 @@ async fn a_second_worker_with_the_same_transactional_id_fences_the_first() {
     assert_eq!(committed_sum(&bootstrap) as usize, n);
 }
 
-/// An exactly-once worker's config at `path`: `source_options` and `sink_options` are the
-/// librdkafka options of `[source]` and `[sink]` (TOML inline-table bodies), `extra` is appended
-/// (named sinks, routes).
-fn eos_config(path: &std::path::Path, bootstrap: &str, id: &str, (source_options, sink_options): (&str, &str), extra: &str) -> std::path::PathBuf {
-    eos_config_with(path, bootstrap, id, (source_options, sink_options), extra, INFLIGHT)
-}
-
-/// [`eos_config`] with `max_inflight_events` = `inflight`.
-fn eos_config_with(
-    path: &std::path::Path,
-    bootstrap: &str,
-    id: &str,
-    (source_options, sink_options): (&str, &str),
-    extra: &str,
-    inflight: usize,
-) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-        [model]
-        path = "{model}"
-        [batch]
-        max_batch_events = 64
-        max_wait = "5ms"
-        max_inflight_events = {inflight}
-        [source]
-        type = "kafka"
-        brokers = "{bootstrap}"
-        topics = ["conv-in"]
-        group_id = "scorestream"
-        options = {{ {source_options} }}
-        [sink]
-        type = "kafka"
-        brokers = "{bootstrap}"
-        topic = "conv-scored"
-        delivery = "exactly_once"
-        transactional_id = "{id}"
-        options = {{ {sink_options} }}
-        [dead_letter]
-        type = "kafka"
-        brokers = "{bootstrap}"
-        topic = "conv-dead"
-        [http]
-        listen = "127.0.0.1:0"
-        {extra}
-        "#,
-        model = common_fixtures::dir("arith").display()
-    );
-    std::fs::write(path, text).unwrap();
-    path.to_owned()
-}
-
 /// The sum of `key=N` over the lines of `log`.
 fn log_sum(log: &std::path::Path, key: &str) -> usize {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -309,20 +255,16 @@ fn duplicates_and_order(outputs: &[Output]) -> (usize, Vec<String>) {
 async fn three_workers_on_six_partitions_one_killed_one_added_commit_every_input_once_in_order() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topics = [("conv-in", 6), ("conv-scored", 6), ("conv-dead", 6)];
-    let Some(broker) = Broker::start(&topics).await else { return };
-    let bootstrap = broker.bootstrap.clone();
     let n = 6_000;
-    produce(&bootstrap, &keyed_events(n)).await;
-    let dir = tempfile::tempdir().unwrap();
+    let Some((_broker, bootstrap, dir)) = broker_with_events(&topics, n).await else { return };
     // Each member its own stable transactional.id. The killed member's open transaction (and
     // the offsets in it) holds its partitions back until the broker aborts it: 10 s here.
-    let source = r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000""#;
     let sink = r#""linger.ms" = "100", "transaction.timeout.ms" = "10000""#;
     // 1,024 in flight per member (~20 s of scoring here): a revoked partition still has hundreds
     // of inputs in the pipeline when its new owner fetches the committed offset.
     let member = |name: &str| {
-        let path = dir.path().join(format!("{name}.toml"));
-        let config = eos_config_with(&path, &bootstrap, &format!("scorestream-{name}"), (source, sink), "", 1_024);
+        let sink_extra = exactly_once(&format!("scorestream-{name}"), sink);
+        let config = WorkerConfig { sink_extra: &sink_extra, inflight: 1_024, ..WorkerConfig::new(&bootstrap) }.write(&dir.path().join(format!("{name}.toml")));
         spawn(&config, &dir.path().join(format!("{name}.log")))
     };
     let mut workers: Vec<Worker> = ["a", "b", "c"].iter().map(|name| member(name)).collect();
@@ -376,7 +318,8 @@ async fn a_transaction_the_broker_aborts_for_its_timeout_is_replayed_on_a_new_pr
     // A session that outlasts the pause: only the transaction times out.
     let source = r#""session.timeout.ms" = "30000", "heartbeat.interval.ms" = "3000""#;
     let sink = r#""linger.ms" = "100", "transaction.timeout.ms" = "4000""#;
-    let config = eos_config(&dir.path().join("worker.toml"), &bootstrap, "scorestream-stall", (source, sink), "");
+    let sink_extra = exactly_once("scorestream-stall", sink);
+    let config = WorkerConfig { source_options: source, sink_extra: &sink_extra, ..WorkerConfig::new(&bootstrap) }.write(&dir.path().join("worker.toml"));
     let log = dir.path().join("worker.log");
     let mut worker = spawn(&config, &log);
     wait_for(&bootstrap, "conv-scored", &mut worker, Duration::from_secs(300), |o| o.len() >= 300).await;
@@ -459,8 +402,8 @@ async fn routes_to_two_kafka_topics_and_drop_commit_each_input_once_where_its_ru
         to = "drop"
         "#
     );
-    let source = r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000""#;
-    let config = eos_config(&dir.path().join("worker.toml"), &bootstrap, "scorestream-routes", (source, r#""linger.ms" = "100""#), &routes);
+    let sink_extra = exactly_once("scorestream-routes", LINGER);
+    let config = WorkerConfig { sink_extra: &sink_extra, extra: &routes, ..WorkerConfig::new(&bootstrap) }.write(&dir.path().join("worker.toml"));
     let log = dir.path().join("worker.log");
     const OUT: &[&str] = &["conv-scored", "conv-low", "conv-high"];
     let committed = |b: String| -> HashMap<&'static str, Vec<Output>> { OUT.iter().map(|t| (*t, read_topic(&b, t))).collect() };

@@ -16,7 +16,6 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kafka_common::broker::Broker;
 use kafka_common::*;
 
 /// The worker tests each run models on both cores: one at a time.
@@ -45,11 +44,8 @@ async fn wait_ready(port: u16, want: bool, within: Duration) -> Duration {
 async fn a_broker_restart_turns_readyz_503_then_200_and_loses_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topics = [("conv-in", PARTITIONS), ("conv-scored", PARTITIONS), ("conv-dead", PARTITIONS)];
-    let Some(mut broker) = Broker::start(&topics).await else { return };
-    let bootstrap = broker.bootstrap.clone();
     let n = 3_000;
-    produce(&bootstrap, &keyed_events(n)).await;
-    let dir = tempfile::tempdir().unwrap();
+    let Some((mut broker, bootstrap, dir)) = broker_with_events(&topics, n).await else { return };
     let port = free_port();
     let config = write_config(dir.path(), &bootstrap, "", port);
     let log = dir.path().join("worker.log");
@@ -89,11 +85,8 @@ async fn a_broker_restart_turns_readyz_503_then_200_and_loses_nothing() {
 async fn three_workers_on_six_partitions_one_killed_one_added_score_every_input_in_order() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topics = [("conv-in", 6), ("conv-scored", 6), ("conv-dead", 6)];
-    let Some(broker) = Broker::start(&topics).await else { return };
-    let bootstrap = broker.bootstrap.clone();
     let n = 6_000;
-    produce(&bootstrap, &keyed_events(n)).await;
-    let dir = tempfile::tempdir().unwrap();
+    let Some((_broker, bootstrap, dir)) = broker_with_events(&topics, n).await else { return };
     let config = write_config(dir.path(), &bootstrap, "", 0);
     let log = |name: &str| dir.path().join(format!("{name}.log"));
     let mut workers: Vec<Worker> = ["a", "b", "c"].iter().map(|name| spawn(&config, &log(name))).collect();

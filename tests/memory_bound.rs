@@ -53,7 +53,7 @@ impl Bounds {
 /// Run the worker over `payloads` (published once it is ready) with `bounds`; print the figures
 /// and assert the peak RSS bound.
 async fn backlog(name: &str, payloads: Vec<Vec<u8>>, bounds: Bounds) {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
     // In memory: the 1 GB backlog (and its outputs, which carry the metadata) stays off the disk.
     for (name, subject) in [("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")] {

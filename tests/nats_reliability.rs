@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use nats_support::{
-    consumer_state, count, create_streams, events, free_port, metrics_text, publish_all, read_all, setup_streams, spawn_worker,
+    consumer_state, count, create_streams, events, free_port, metrics_text, publish_all, read_all, setup_streams, setup_streams_as, spawn_worker,
     terminate, wait_for_outputs, write_config, write_config_with, NatsServer,
 };
 use serde_json::Value;
@@ -29,7 +29,7 @@ fn poison_pill() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_over_the_servers_limit_is_cut_to_fit_and_nothing_stalls() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let events = events(1_100);
     let lines: Vec<&str> = events.iter().map(String::as_str).collect();
@@ -61,7 +61,7 @@ async fn a_dead_letter_over_the_servers_limit_is_cut_to_fit_and_nothing_stalls()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scored_outputs_the_stream_refuses_go_to_the_dead_letters_with_the_reason() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
     for (name, subject, max_message_size) in [("CONV", "conv.in", -1), ("SCORED", "conv.scored", 64), ("DEAD", "conv.dead", -1)] {
@@ -93,7 +93,7 @@ async fn scored_outputs_the_stream_refuses_go_to_the_dead_letters_with_the_reaso
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_output_stream_fails_at_start_naming_the_subject() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
     create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored")]).await;
@@ -111,7 +111,7 @@ async fn a_missing_output_stream_fails_at_start_naming_the_subject() {
 /// one output stream: each publishes all of its outputs; none is taken for the other's duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_deployments_on_one_stream_each_publish_every_output() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
     for (name, subjects) in [("CONV", vec!["conv.in"]), ("SCORED", vec!["conv.scored", "conv.scored.b"]), ("DEAD", vec!["conv.dead"])] {
@@ -140,7 +140,7 @@ async fn two_deployments_on_one_stream_each_publish_every_output() {
 /// not taken for duplicates of the old ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_input_stream_gets_new_output_ids() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let events = events(100);
     let lines: Vec<&str> = events.iter().map(String::as_str).collect();
@@ -166,7 +166,7 @@ async fn a_recreated_input_stream_gets_new_output_ids() {
 /// as a duplicate, and the worker counts and reports the collision instead of staying silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_collision_is_counted() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let created = js.get_stream("CONV").await.unwrap().info().await.unwrap().created.unix_timestamp_nanos();
     let mut headers = async_nats::HeaderMap::new();
@@ -197,7 +197,7 @@ async fn an_id_collision_is_counted() {
 async fn prefetched_messages_are_kept_alive_and_bounded_in_bytes() {
     use scorestream::source::NatsSourceConfig;
     use scorestream::source::{nats::NatsSource, Source, SourceContext};
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let big = "x".repeat(500_000);
     for _ in 0..40 {
@@ -233,14 +233,13 @@ async fn prefetched_messages_are_kept_alive_and_bounded_in_bytes() {
 /// `nats://user:password@host`: used to authenticate, and never printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_the_url_authenticate_and_are_never_logged() {
-    let server = NatsServer::start("authorization { user: scorer, password: s3cr3tpw }");
+    let Some(server) = NatsServer::start("authorization { user: scorer, password: s3cr3tpw }") else { return };
     let client = async_nats::ConnectOptions::new()
         .user_and_password("scorer".into(), "s3cr3tpw".into())
         .connect(server.url())
         .await
         .unwrap();
-    let js = jetstream::new(client);
-    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
+    let js = setup_streams_as(client).await;
     let events = events(10);
     publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();

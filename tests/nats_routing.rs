@@ -111,7 +111,7 @@ impl Routing {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_lands_on_exactly_one_route_and_is_acked_after_its_sink_confirms() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     create_streams(&js, &[("REVIEW", "conv.review")]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -195,7 +195,7 @@ async fn published_ids(js: &jetstream::Context, stream: &str) -> HashMap<String,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing_and_routes_every_input_once() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     create_streams(&js, &[("REVIEW", "conv.review")]).await;
     let dir = tempfile::tempdir().unwrap();

@@ -10,13 +10,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use nats_support::{count, create_streams, events, publish_all, read_all, setup_streams, spawn_worker, write_config, NatsServer};
+use nats_support::{count, create_streams, events, publish_all, read_all, setup_streams, setup_streams_as, spawn_worker, write_config, NatsServer};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_is_scored_or_dead_lettered_and_acked() {
     // Room for a 10 MB input and its dead letter (the server's default limit is 1 MB).
-    let server = NatsServer::start("max_payload: 16MB");
+    let Some(server) = NatsServer::start("max_payload: 16MB") else { return };
     let js = setup_streams(&server.url()).await;
     let events = events(10_000);
     let good: Vec<&str> = events.iter().map(String::as_str).collect();
@@ -85,7 +85,7 @@ async fn every_input_is_scored_or_dead_lettered_and_acked() {
 /// A worker with `auth` against a server with `server_auth` fails at start, saying the NATS
 /// server refused the authorization, and never prints the secret `secret`.
 fn assert_refused(server_auth: &str, auth: &str, secret: &str) {
-    let server = NatsServer::start(server_auth);
+    let Some(server) = NatsServer::start(server_auth) else { return };
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &server.url(), auth, 0);
     let out = Command::new(env!("CARGO_BIN_EXE_scorestream")).args(["run", "--config"]).arg(&config).output().unwrap();
@@ -102,7 +102,7 @@ fn wrong_credentials_fail_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing_and_replays_are_deduplicated() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let events = events(3_000);
     let lines: Vec<&str> = events.iter().map(String::as_str).collect();
@@ -171,11 +171,11 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
     let p = |f: &str| certs.path().join(f).display().to_string();
-    let server = NatsServer::start(&format!(
+    let Some(server) = NatsServer::start(&format!(
         "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\nauthorization {{ user: scorer, password: s3cret }}",
         p("server.pem"),
         p("server.key")
-    ));
+    )) else { return };
     let client = async_nats::ConnectOptions::new()
         .user_and_password("scorer".into(), "s3cret".into())
         .add_root_certificates(certs.path().join("ca.pem"))
@@ -183,8 +183,7 @@ async fn tls_with_user_and_password_works_and_a_wrong_ca_fails_clearly() {
         .connect(server.url())
         .await
         .unwrap();
-    let js = jetstream::new(client);
-    create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
+    let js = setup_streams_as(client).await;
     let events = events(20);
     publish_all(&js, &events).await;
     let dir = tempfile::tempdir().unwrap();
@@ -222,7 +221,7 @@ async fn exported_lag(port: u16) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_pending_count_is_exported_as_lag() {
-    let server = NatsServer::start("");
+    let Some(server) = NatsServer::start("") else { return };
     let js = setup_streams(&server.url()).await;
     let dir = tempfile::tempdir().unwrap();
     let port = nats_support::free_port();

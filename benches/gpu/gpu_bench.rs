@@ -32,7 +32,7 @@ use scorestream::engine::cuda::device::GpuDevice;
 use scorestream::engine::cuda::gemm::Gemm;
 use scorestream::engine::cuda::launch::AttentionKernel;
 use scorestream::engine::cuda::precision::{GpuFacts, Precision};
-use scorestream::engine::cuda::probe::preload_from;
+use scorestream::engine::cuda::libraries::preload_from;
 use scorestream::engine::reference::attention::AttnShape;
 use scorestream::engine::reference::{fp8, kernels as r};
 
@@ -366,7 +366,7 @@ fn check_bf16_gemm(c: &mut Check, rng: &mut Rng) -> Result<()> {
 /// The CUDA stage against the CPU stage on each committed fixture, same packed batch, in each
 /// of `precisions`: FP8 against the CPU's FP8 emulation, bf16 against the CPU's bf16.
 fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> {
-    use scorestream::engine::cuda::stage::CudaStage;
+    use scorestream::engine::cuda::stage::{CudaStage, LoadPath};
     use scorestream::model::packed::Packed;
     use scorestream::model::stage::{Activations, Stage, StageOutput};
     use scorestream::model::weights::{Vb, Weights};
@@ -395,7 +395,7 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
         for precision in precisions {
             let f32_vb = Vb::new(weights.clone(), f32, candle_core::Device::Cpu);
             let p = format!("{precision:?}").to_lowercase();
-            let gpu = match CudaStage::load(0, &f32_vb, &cfg, 0..n, 0, None, *precision, packed.num_tokens().max(1), seqs.len().max(1), AttentionKernel::V1) {
+            let gpu = match CudaStage::load(LoadPath::Device, 0, &f32_vb, &cfg, 0..n, 0, None, *precision, packed.num_tokens().max(1), seqs.len().max(1), AttentionKernel::V1) {
                 Ok(mut stage) => match stage.forward(&packed, Activations::Tokens)? {
                     StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
                     StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
@@ -438,7 +438,7 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
 /// GPU's own arithmetic (the gated row of [`parity`]). Rows `"layout":"tree"`.
 fn tree_parity(name: &str, weights: &std::sync::Arc<scorestream::model::weights::Weights>, cfg: &scorestream::model::ArchConfig,
                seqs: &[Vec<u32>], precision: Precision) -> Result<bool> {
-    use scorestream::engine::cuda::stage::CudaStage;
+    use scorestream::engine::cuda::stage::{CudaStage, LoadPath};
     use scorestream::model::packed::Packed;
     use scorestream::model::stage::{Activations, Stage, StageOutput};
     use scorestream::model::weights::Vb;
@@ -459,7 +459,7 @@ fn tree_parity(name: &str, weights: &std::sync::Arc<scorestream::model::weights:
     for kernel in [AttentionKernel::V1, AttentionKernel::V2] {
         let a = format!("{kernel:?}").to_lowercase();
         let f32_vb = Vb::new(weights.clone(), candle_core::DType::F32, candle_core::Device::Cpu);
-        let gpu = match CudaStage::load(0, &f32_vb, cfg, 0..n, 0, None, precision, tree.num_tokens().max(1), seqs.len().max(1), kernel) {
+        let gpu = match CudaStage::load(LoadPath::Device, 0, &f32_vb, cfg, 0..n, 0, None, precision, tree.num_tokens().max(1), seqs.len().max(1), kernel) {
             Ok(mut stage) => match stage.forward(&tree, Activations::Tokens)? {
                 StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
                 StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),

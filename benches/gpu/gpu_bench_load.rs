@@ -57,7 +57,7 @@ pub fn load_parity(dir: &Path, precisions: &[Precision]) -> Result<bool> {
         let vb = Vb::new(Arc::new(Weights::open(&dir)?), candle_core::DType::F32, candle_core::Device::Cpu);
         for &p in precisions {
             let label = format!("{p:?}").to_lowercase();
-            let load = |path| CudaStage::load_via(path, 0, &vb, &cfg, 0..cfg.num_layers, 0, None, p, 64, 4, AttentionKernel::default());
+            let load = |path| CudaStage::load(path, 0, &vb, &cfg, 0..cfg.num_layers, 0, None, p, 64, 4, AttentionKernel::default());
             let (device, host) = match (load(LoadPath::Device), load(LoadPath::Host)) {
                 (Ok(d), Ok(h)) => (d, h),
                 (Err(e), _) | (_, Err(e)) => {
@@ -222,7 +222,7 @@ fn load_bench_in(dir: &Path, max_layers: usize, precisions: &[Precision]) -> Res
     for (path, p, range) in runs {
         let cold = drop_cache(dir);
         let t = Instant::now();
-        let stage = CudaStage::load_via(path, 0, &vb, &cfg, range.clone(), 0, None, p, 4096, 16, AttentionKernel::default())?;
+        let stage = CudaStage::load(path, 0, &vb, &cfg, range.clone(), 0, None, p, 4096, 16, AttentionKernel::default())?;
         let seconds = t.elapsed().as_secs_f64();
         let read: usize = match &stage.load_stats {
             Some(st) => st.read_bytes,

@@ -23,7 +23,7 @@ pub struct StageInfo {
     /// Bytes of weights on disk for this stage.
     pub weight_bytes: usize,
     /// Peak bytes of activations for one batch of `max_batch_tokens` tokens (estimate).
-    pub activation_bytes: usize,
+    pub(crate) activation_bytes: usize,
 }
 
 /// What `inspect` prints and what the worker labels its metrics with.
@@ -33,13 +33,13 @@ pub struct ModelInfo {
     pub name: String,
     pub architecture: String,
     pub model_type: String,
-    pub num_parameters: u64,
+    pub(crate) num_parameters: u64,
     pub num_layers: usize,
     pub hidden_size: usize,
     pub head: String,
     pub labels: Vec<String>,
     /// Weight dtypes found on disk (e.g. ["BF16"]).
-    pub stored_dtypes: Vec<String>,
+    pub(crate) stored_dtypes: Vec<String>,
     pub dtype: Dtype,
     /// The length limit in force: the smaller of the configured `max_tokens` and
     /// `max_position_embeddings` ([`length_limit`]).
@@ -65,7 +65,7 @@ pub fn parse_device(name: &str) -> Result<DeviceSpec, ModelError> {
 
 /// The longest conversation the model runs on: `max_tokens`, capped by the positions the model
 /// was built for (`max_position_embeddings`).
-pub fn length_limit(max_tokens: usize, cfg: &ArchConfig) -> usize {
+pub(crate) fn length_limit(max_tokens: usize, cfg: &ArchConfig) -> usize {
     max_tokens.min(cfg.max_position_embeddings)
 }
 
@@ -105,7 +105,7 @@ fn gpu_dtype(requested: Dtype, ordinals: &[usize]) -> Result<Dtype, ModelError> 
     let backend = |e: crate::engine::cuda::CudaError| ModelError::Backend { device: device.clone(), source: Box::new(e) };
     let gpus = probe::gpu_facts(ordinals).map_err(backend)?;
     let chosen = precision::choose(requested, &gpus).map_err(|e| backend(e.into()))?;
-    let driver = crate::engine::cuda::nvrtc::driver_version().map_or("unknown".to_owned(), |(a, b)| format!("CUDA {a}.{b}"));
+    let driver = crate::engine::cuda::libraries::driver_version().map_or("unknown".to_owned(), |(a, b)| format!("CUDA {a}.{b}"));
     for g in &gpus {
         tracing::info!(
             gpu = %g.name, ordinal = g.ordinal, capability = %format!("{}.{}", g.major, g.minor), driver = %driver,
@@ -138,7 +138,7 @@ pub struct Plan {
 /// Peak activation bytes of one layer for a batch of `tokens` tokens whose longest sequence has
 /// `max_len` tokens: the residual stream and its normalized copy, q/k/v, the attention output,
 /// the MLP's intermediate tensors, and one chunk of f32 attention scores.
-pub fn activation_bytes(cfg: &ArchConfig, dtype: Dtype, tokens: usize, max_len: usize) -> usize {
+pub(crate) fn activation_bytes(cfg: &ArchConfig, dtype: Dtype, tokens: usize, max_len: usize) -> usize {
     let b = compute_dtype(dtype).size_in_bytes();
     let per_token = 3 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size;
     let scores = cfg.num_heads * 512 * max_len.min(tokens) * 4;
@@ -183,14 +183,14 @@ pub fn plan(opts: &ModelOptions, max_batch_tokens: usize) -> Result<Plan, ModelE
 }
 
 /// The precision a CUDA stage runs for a resolved dtype.
-pub fn gpu_precision(dtype: Dtype) -> crate::engine::cuda::precision::Precision {
+pub(crate) fn gpu_precision(dtype: Dtype) -> crate::engine::cuda::precision::Precision {
     use crate::engine::cuda::precision::Precision;
     if dtype == Dtype::Fp8 { Precision::Fp8 } else { Precision::Bf16 }
 }
 
 /// Each GPU stage's device bytes ([`crate::engine::cuda::fit`]) for `plan`'s stages in
 /// `dtype`, with batches of `limits`.
-pub fn gpu_needs(plan: &Plan, dtype: Dtype, limits: BatchLimits) -> Vec<crate::engine::cuda::fit::StageNeed> {
+pub(crate) fn gpu_needs(plan: &Plan, dtype: Dtype, limits: BatchLimits) -> Vec<crate::engine::cuda::fit::StageNeed> {
     let names: Vec<String> = plan.info.stages.iter().map(|s| s.device.clone()).collect();
     let on_device = plan.cfg.quantization_config.is_none();
     crate::engine::cuda::fit::stage_needs(&plan.cfg, gpu_precision(dtype), &plan.ranges, &names, limits, on_device)
@@ -236,10 +236,10 @@ fn device_free_bytes(ordinal: usize) -> Result<usize, ModelError> {
 }
 
 /// Loads one stage; run on the stage's own thread (a GPU context belongs to its thread).
-pub type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
+pub(crate) type StageLoader = Box<dyn FnOnce() -> Result<AnyStage, ModelError> + Send>;
 
 /// Plan the model described by `opts` and return one loader per stage.
-pub fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
+pub(crate) fn loaders(opts: &ModelOptions, limits: BatchLimits) -> Result<(Vec<StageLoader>, ModelInfo), ModelError> {
     let mut plan = plan(opts, limits.max_tokens)?;
     let dtype = resolve_dtype(opts.dtype, &plan.devices)?;
     if plan.devices.iter().any(|d| *d != DeviceSpec::Cpu) {
@@ -293,14 +293,14 @@ mod hops {
 
     /// One stage's ends of the hops before and after it.
     #[derive(Default)]
-    pub struct Ends {
+    pub(crate) struct Ends {
         /// The hop into this stage and where to hand its slots.
         pub input: Option<(HopKind, std::sync::mpsc::SyncSender<Slots>)>,
         /// Where the next stage's slots arrive.
         pub output: Option<std::sync::mpsc::Receiver<Slots>>,
     }
 
-    pub struct Wiring {
+    pub(crate) struct Wiring {
         ends: Vec<Ends>,
     }
 
@@ -367,10 +367,11 @@ fn load_stage(
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(ordinal) => {
             use crate::engine::cuda::precision::Precision;
+            use crate::engine::cuda::stage::{CudaStage, LoadPath};
             let vb = Vb::new(weights, DType::F32, Device::Cpu);
             let precision = if dtype == Dtype::Fp8 { Precision::Fp8 } else { Precision::Bf16 };
             let (max_tokens, max_seqs) = (limits.max_tokens, limits.max_events);
-            crate::engine::cuda::stage::CudaStage::load(ordinal, &vb, cfg, range, opts.reward_row, attr, precision, max_tokens, max_seqs, opts.attention)
+            CudaStage::load(LoadPath::Device, ordinal, &vb, cfg, range, opts.reward_row, attr, precision, max_tokens, max_seqs, opts.attention)
                 .map(|s| AnyStage::Cuda(Box::new(s)))
                 .map_err(|e| ModelError::Backend { device: format!("cuda:{ordinal}"), source: Box::new(e) })
         }

@@ -23,7 +23,8 @@ use crate::model::packed::Packed;
 use crate::model::stage::{Activations, Stage, StageOutput};
 use crate::model::{ModelError, ModelOptions};
 
-pub use loader::{gpu_needs, gpu_precision, length_limit, parse_device, plan, ModelInfo, Plan, StageInfo};
+pub use loader::{parse_device, plan, ModelInfo, Plan, StageInfo};
+pub(crate) use loader::{gpu_needs, length_limit};
 pub use scorer::Scorer;
 
 /// Errors of the engine.

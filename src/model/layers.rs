@@ -30,7 +30,7 @@ pub(crate) enum InputQuant {
 /// `y = x Wᵀ + b` over `[tokens, in]`. In FP8 mode the weight holds its dequantized E4M3
 /// values (per-channel scales already applied) and the input is quantized before the product.
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub(crate) struct Linear {
     /// `[out, in]`: the weight itself, or its E4M3 codes when `weight_scale` is set.
     weight: Tensor,
     /// `[out, 1]` per-channel scales of an FP8 weight (kept as codes to hold 1 byte per weight).
@@ -161,11 +161,11 @@ pub struct Attention {
 /// The attention proper, after the projections and rotary: each packed segment attends
 /// causally to its own keys, a suffix segment (tree layout) to its shared prefix's keys first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PackedAttention {
-    pub num_heads: usize,
+pub(crate) struct PackedAttention {
+    pub(crate) num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    pub sliding_window: Option<usize>,
+    pub(crate) sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -184,10 +184,6 @@ impl Attention {
             k_norm: qk_norm("k_norm")?,
             core: PackedAttention { num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, head_dim: d, sliding_window },
         })
-    }
-
-    pub fn linears(&self) -> [&Linear; 4] {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
 
     /// `x: [tokens, hidden]` → `[tokens, hidden]`.
@@ -291,10 +287,6 @@ impl Mlp {
             down_proj: Linear::load(&vb.pp("down_proj"), i, h, b)?,
             activation: cfg.activation,
         })
-    }
-
-    pub fn linears(&self) -> Vec<&Linear> {
-        self.gate_proj.iter().chain([&self.up_proj, &self.down_proj]).collect()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -20,6 +20,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 use crate::common_fixtures;
+use broker::Broker;
 
 pub const PARTITIONS: i32 = 4;
 pub const INFLIGHT: usize = 256;
@@ -148,6 +149,15 @@ pub fn keyed_events(n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
+/// An Apache Kafka broker holding `topics` and `n` [`keyed_events`] in `conv-in`, its bootstrap
+/// servers and a folder for the workers' files; `None` where [`Broker::start`] skips.
+pub async fn broker_with_events(topics: &[(&str, i32)], n: usize) -> Option<(Broker, String, tempfile::TempDir)> {
+    let broker = Broker::start(topics).await?;
+    let bootstrap = broker.bootstrap.clone();
+    produce(&bootstrap, &keyed_events(n)).await;
+    Some((broker, bootstrap, tempfile::tempdir().unwrap()))
+}
+
 pub fn cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
     let cluster = MockCluster::new(3).unwrap();
     for topic in ["conv-in", "conv-scored", "conv-dead"] {
@@ -175,45 +185,79 @@ pub async fn produce(bootstrap: &str, events: &[(String, String)]) {
 
 /// The worker's config; `sink_extra` goes into `[sink]`; /metrics on `http_port` (0: any).
 pub fn write_config(dir: &Path, bootstrap: &str, sink_extra: &str, http_port: u16) -> PathBuf {
-    write_config_as(&dir.join("worker.toml"), bootstrap, "", sink_extra, http_port)
+    WorkerConfig { sink_extra, http_port, ..WorkerConfig::new(bootstrap) }.write(&dir.join("worker.toml"))
 }
 
-/// The worker's config at `config`, with the worker's own commit settings (no commit option
-/// overridden); `source_extra` goes into `[source]`, `sink_extra` into `[sink]`.
-pub fn write_config_as(config: &Path, bootstrap: &str, source_extra: &str, sink_extra: &str, http_port: u16) -> PathBuf {
-    let config = config.to_owned();
-    let text = format!(
-        r#"
-        [model]
-        path = "{model}"
-        [batch]
-        max_batch_events = 64
-        max_wait = "5ms"
-        max_inflight_events = {INFLIGHT}
-        [source]
-        type = "kafka"
-        brokers = "{bootstrap}"
-        topics = ["conv-in"]
-        group_id = "scorestream"
-        # A killed member leaves the group after 6 s instead of librdkafka's default 45 s.
-        options = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
-        {source_extra}
-        [sink]
-        type = "kafka"
-        brokers = "{bootstrap}"
-        topic = "conv-scored"
-        {sink_extra}
-        [dead_letter]
-        type = "kafka"
-        brokers = "{bootstrap}"
-        topic = "conv-dead"
-        [http]
-        listen = "127.0.0.1:{http_port}"
-        "#,
-        model = common_fixtures::dir("arith").display()
-    );
-    std::fs::write(&config, text).unwrap();
-    config
+/// What a Kafka worker test sets in the worker's config (`conv-in` → the arith model →
+/// `conv-scored`, dead letters to `conv-dead`, group `scorestream`); the rest is fixed.
+pub struct WorkerConfig<'a> {
+    pub bootstrap: &'a str,
+    /// The body of `[source]`'s librdkafka `options` table.
+    pub source_options: &'a str,
+    /// More lines of `[source]`.
+    pub source_extra: &'a str,
+    /// More lines of `[sink]`.
+    pub sink_extra: &'a str,
+    /// Lines after `[http]`: named sinks, routes.
+    pub extra: &'a str,
+    /// `max_inflight_events`.
+    pub inflight: usize,
+    /// /metrics on this port (0: any).
+    pub http_port: u16,
+}
+
+impl<'a> WorkerConfig<'a> {
+    /// The worker's own commit settings (no commit option overridden), [`INFLIGHT`] events in
+    /// flight, and a 6 s group session: a killed member leaves the group after 6 s instead of
+    /// librdkafka's default 45 s.
+    pub fn new(bootstrap: &'a str) -> Self {
+        Self {
+            bootstrap,
+            source_options: r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000""#,
+            source_extra: "",
+            sink_extra: "",
+            extra: "",
+            inflight: INFLIGHT,
+            http_port: 0,
+        }
+    }
+
+    /// Write the config to `path`; returns `path`.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        let Self { bootstrap, source_options, source_extra, sink_extra, extra, inflight, http_port } = self;
+        let text = format!(
+            r#"
+            [model]
+            path = "{model}"
+            [batch]
+            max_batch_events = 64
+            max_wait = "5ms"
+            max_inflight_events = {inflight}
+            [source]
+            type = "kafka"
+            brokers = "{bootstrap}"
+            topics = ["conv-in"]
+            group_id = "scorestream"
+            options = {{ {source_options} }}
+            {source_extra}
+            [sink]
+            type = "kafka"
+            brokers = "{bootstrap}"
+            topic = "conv-scored"
+            {sink_extra}
+            [dead_letter]
+            type = "kafka"
+            brokers = "{bootstrap}"
+            topic = "conv-dead"
+            [http]
+            listen = "127.0.0.1:{http_port}"
+            {extra}
+            "#,
+            model = common_fixtures::dir("arith").display()
+        );
+        std::fs::write(path, text).unwrap();
+        path.to_owned()
+    }
 }
 
 /// A worker process, killed if the test fails before stopping it.

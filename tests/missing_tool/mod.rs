@@ -1,7 +1,7 @@
-//! The one policy for a tool or file a test needs and cannot find (helm, Apache Kafka, a current
-//! nats-server, NVRTC, the Llama-3 tokenizer): outside CI the test is skipped, saying what is
-//! missing and how to get it; when `CI` is set the absence is a failure, so that CI never passes
-//! a test it did not run.
+//! The one policy for a tool or file a test needs and cannot find (helm, Apache Kafka,
+//! nats-server (Debian's or a current one), NVRTC, bash and python3, the Llama-3 tokenizer):
+//! outside CI the test is skipped, saying what is missing and how to get it; when `CI` is set
+//! the absence is a failure, so that CI never passes a test it did not run.
 
 /// `what` is missing (`how`: how to install it). Fails the test when `CI` is set; else prints
 /// why it is skipped, and the caller returns without testing.

@@ -12,6 +12,9 @@ use serde_json::Value;
 
 use crate::common_fixtures;
 
+#[path = "../missing_tool/mod.rs"]
+pub mod missing_tool;
+
 /// The nats-server to test against: `SCORESTREAM_NATS_SERVER` when set (scripts/test.sh runs the
 /// NATS tests again with a current release, installed by .ci/run), else `nats-server` (Debian's).
 pub fn server_binary() -> std::ffi::OsString {
@@ -28,13 +31,19 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    pub fn start(extra_config: &str) -> Self {
+    /// The server of [`server_binary`] with `extra_config`; `None` when it is not installed
+    /// outside CI (a missing tool fails under `CI`: `tests/missing_tool`).
+    pub fn start(extra_config: &str) -> Option<Self> {
         Self::start_binary(server_binary(), extra_config)
     }
 
     /// [`NatsServer::start`] with a given nats-server binary.
-    pub fn start_binary(binary: impl Into<std::ffi::OsString>, extra_config: &str) -> Self {
+    pub fn start_binary(binary: impl Into<std::ffi::OsString>, extra_config: &str) -> Option<Self> {
         let binary = binary.into();
+        if Command::new(&binary).arg("--version").output().is_err() {
+            missing_tool::skip_or_fail(&format!("no nats-server at {binary:?}"), "install Debian's nats-server package (.ci/run does)");
+            return None;
+        }
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let conf = dir.path().join("nats.conf");
@@ -45,7 +54,7 @@ impl NatsServer {
         )
         .unwrap();
         let child = spawn_server(&binary, &conf, port);
-        Self { child, port, _dir: dir, conf, binary }
+        Some(Self { child, port, _dir: dir, conf, binary })
     }
 
     /// SIGKILL the server (what JetStream wrote stays in its store directory).
@@ -141,7 +150,12 @@ pub fn write_config_with(dir: &Path, url: &str, auth: &str, port: u16, edit: imp
 /// Connect to `url` and create the streams CONV (`conv.in`), SCORED (`conv.scored`) and DEAD
 /// (`conv.dead`).
 pub async fn setup_streams(url: &str) -> jetstream::Context {
-    let js = jetstream::new(async_nats::connect(url).await.unwrap());
+    setup_streams_as(async_nats::connect(url).await.unwrap()).await
+}
+
+/// [`setup_streams`] through `client` (connected with credentials or TLS).
+pub async fn setup_streams_as(client: async_nats::Client) -> jetstream::Context {
+    let js = jetstream::new(client);
     create_streams(&js, &[("CONV", "conv.in"), ("SCORED", "conv.scored"), ("DEAD", "conv.dead")]).await;
     js
 }

@@ -8,11 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
+use super::libraries::python_nvidia_dir;
 use super::nvrtc;
+use super::precision::arch_has_fp8;
 use super::CudaError;
 
 /// Every kernel source every architecture compiles, in the order they are concatenated.
-pub const SOURCES: [(&str, &str); 7] = [
+pub(crate) const SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("rotary.cu", include_str!("../../../kernels/rotary.cu")),
@@ -24,13 +26,13 @@ pub const SOURCES: [(&str, &str); 7] = [
 ];
 
 /// The FP8-only source, appended for architectures with FP8 tensor cores.
-pub const FP8_SOURCE: (&str, &str) = ("fp8.cu", include_str!("../../../kernels/fp8.cu"));
+pub(crate) const FP8_SOURCE: (&str, &str) = ("fp8.cu", include_str!("../../../kernels/fp8.cu"));
 
 /// The `extern "C"` kernels of `fp8.cu`.
 pub const FP8_KERNELS: [&str; 3] = ["quant_rows_bf16", "scale_epilogue_bf16", "fill_uniform_e4m3"];
 
 /// Every `extern "C"` kernel every architecture loads.
-pub const KERNELS: [&str; 27] = [
+pub(crate) const KERNELS: [&str; 27] = [
     "rmsnorm_bf16",
     "layernorm1p_bf16",
     "head_rmsnorm_bf16",
@@ -68,7 +70,7 @@ pub fn kernels_for(arch: &str) -> Vec<&'static str> {
 
 /// The whole program for `arch`: `common.cuh` then every `.cu` (`fp8.cu` last, where FP8
 /// exists), each preceded by a `#line` marker so compiler messages name the original file.
-pub fn program_source(arch: &str) -> String {
+pub(crate) fn program_source(arch: &str) -> String {
     let mut s = String::new();
     let fp8 = arch_has_fp8(arch).then_some(FP8_SOURCE);
     for (name, src) in SOURCES.into_iter().chain(fp8) {
@@ -107,17 +109,9 @@ pub fn include_dirs() -> Vec<PathBuf> {
     dirs.into_iter().filter(|d| d.join("cuda_fp8.h").is_file()).collect()
 }
 
-/// `nvidia/cu13/<sub>` of the pip wheels, asked of `python3` (None when there is none).
-pub fn python_nvidia_dir(sub: &str) -> Option<PathBuf> {
-    let code = "import nvidia, os, sys\nfor p in nvidia.__path__:\n    d = os.path.join(p, 'cu13')\n    if os.path.isdir(d):\n        print(d); sys.exit(0)\n";
-    let out = std::process::Command::new("python3").args(["-c", code]).output().ok()?;
-    let dir = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (!dir.is_empty()).then(|| PathBuf::from(dir).join(sub))
-}
-
 /// NVRTC's options for `arch` (a real architecture such as `sm_90a`, so NVRTC emits CUBIN;
 /// ptxas's `-v` puts each kernel's registers and spills in the log).
-pub fn compile_options(arch: &str, includes: &[PathBuf]) -> Vec<String> {
+pub(crate) fn compile_options(arch: &str, includes: &[PathBuf]) -> Vec<String> {
     let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".into(),
@@ -168,7 +162,7 @@ pub struct KernelResources {
 
 /// Parse ptxas's verbose report: "Compiling entry function 'k'", then "N bytes stack frame,
 /// N bytes spill stores, N bytes spill loads" and "Used N registers".
-pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
+pub(crate) fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     let number_before = |line: &str, word: &str| -> Option<u32> {
         let at = line.find(word)?;
         line[..at].split_whitespace().last()?.parse().ok()
@@ -247,9 +241,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CudaError> {
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
-
-pub use super::precision::arch_for;
-use super::precision::arch_has_fp8;
 
 #[cfg(test)]
 mod tests {

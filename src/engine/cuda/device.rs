@@ -10,9 +10,9 @@ use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum as FuncAttr};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use super::compile::{arch_for, kernels_for};
+use super::compile::kernels_for;
 use super::launch::{self, Arg, Limits, Planned};
-use super::precision::{GpuFacts, Precision, PrecisionError};
+use super::precision::{arch_for, GpuFacts, Precision, PrecisionError};
 use super::prebuilt::{kernel_image, Origin};
 use super::probe::{require, Library};
 use super::CudaError;
@@ -56,7 +56,7 @@ pub struct GpuDevice {
     pub arch: String,
     pub sm_count: u32,
     /// Dynamic shared memory every kernel may use (the opt-in limit less static use).
-    pub max_dynamic_smem: u32,
+    pub(crate) max_dynamic_smem: u32,
     /// Where the kernels came from.
     pub origin: Origin,
     funcs: HashMap<&'static str, CudaFunction>,

@@ -14,18 +14,18 @@ use crate::model::config::{Activation, ArchConfig, NormKind};
 
 /// Bytes every stage keeps free beyond what it allocates: cuBLASLt's handle and plans, the
 /// kernel module, and the allocator's rounding of a few hundred allocations.
-pub const RESERVE_BYTES: usize = 512 << 20;
+pub(crate) const RESERVE_BYTES: usize = 512 << 20;
 
 /// Device bytes of one staging buffer of the on-device load ([`super::upload_plan`]): a
 /// chunk of bf16 rows on its way to the quantization kernel. Two are used in turn.
-pub const LOAD_CHUNK_BYTES: usize = 64 << 20;
+pub(crate) const LOAD_CHUNK_BYTES: usize = 64 << 20;
 
 /// cuBLASLt's workspace per stage (`gemm::WORKSPACE_BYTES`, which is behind the `cuda` feature).
-pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+pub(crate) const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// One stage's device memory, by use.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct StageNeed {
+pub(crate) struct StageNeed {
     pub stage: usize,
     pub device: String,
     pub layers: (usize, usize),
@@ -36,10 +36,10 @@ pub struct StageNeed {
     /// rotary table and cuBLASLt's workspace.
     pub activations: usize,
     /// The double-buffered input of a CUDA stage fed by a CUDA stage before it (0 otherwise).
-    pub hop_inputs: usize,
+    pub(crate) hop_inputs: usize,
     /// Device staging of the on-device quantization while loading (0 in bf16).
-    pub load_staging: usize,
-    pub reserve: usize,
+    pub(crate) load_staging: usize,
+    pub(crate) reserve: usize,
 }
 
 impl StageNeed {
@@ -79,12 +79,12 @@ impl std::fmt::Display for FitError {
 impl std::error::Error for FitError {}
 
 /// `bytes` as GiB with two decimals.
-pub fn gib(bytes: usize) -> String {
+pub(crate) fn gib(bytes: usize) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// The decoder layer's dimensions from the model config.
-pub fn layer_shape(cfg: &ArchConfig) -> LayerShape {
+pub(crate) fn layer_shape(cfg: &ArchConfig) -> LayerShape {
     LayerShape {
         hidden: cfg.hidden_size,
         heads: cfg.num_heads,
@@ -97,7 +97,7 @@ pub fn layer_shape(cfg: &ArchConfig) -> LayerShape {
 
 /// Device bytes of one decoder layer in `precision`: the four linears with their scales, the
 /// biases the family has (f32), the norms (f32, LayerNorm1P with bias) and Qwen3's head norms.
-pub fn layer_device_bytes(cfg: &ArchConfig, precision: Precision) -> usize {
+pub(crate) fn layer_device_bytes(cfg: &ArchConfig, precision: Precision) -> usize {
     let s = layer_shape(cfg);
     let f = 4;
     let mut bytes = s.layer_bytes(precision);
@@ -122,7 +122,7 @@ pub fn layer_device_bytes(cfg: &ArchConfig, precision: Precision) -> usize {
 /// What each stage of `ranges` (on `devices`, by name) needs on its GPU to run batches of
 /// `limits` in `precision`. `quantize_on_device`: the load quantizes bf16 weights on the GPU
 /// (FP8 from a bf16 checkpoint), which needs the staging buffers while it runs.
-pub fn stage_needs(
+pub(crate) fn stage_needs(
     cfg: &ArchConfig,
     precision: Precision,
     ranges: &[Range<usize>],
@@ -164,7 +164,7 @@ pub fn stage_needs(
 /// Check `needs` against each device's free bytes (`free(device)`; `None`: not a GPU, or not
 /// known, and not checked). Stages on one device share its memory: a stage is refused when it
 /// and the stages before it on that device need more than it has free.
-pub fn check_fit(needs: &[StageNeed], free: impl Fn(&str) -> Option<usize>) -> Result<(), FitError> {
+pub(crate) fn check_fit(needs: &[StageNeed], free: impl Fn(&str) -> Option<usize>) -> Result<(), FitError> {
     let mut used: std::collections::HashMap<&str, (usize, Vec<usize>)> = std::collections::HashMap::new();
     for n in needs {
         let Some(free) = free(&n.device) else { continue };
@@ -195,7 +195,7 @@ pub fn check_fit(needs: &[StageNeed], free: impl Fn(&str) -> Option<usize>) -> R
 
 /// Parse a memory size: a number with an optional unit, binary (`KiB`, `MiB`, `GiB`, `TiB`) or
 /// decimal (`KB`, `MB`, `GB`, `TB`, `B`); `80GiB`, `79.5 GB`, `1000000`.
-pub fn parse_bytes(text: &str) -> Result<usize, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = (t[..split].trim(), t[split..].trim());

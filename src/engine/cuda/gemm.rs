@@ -22,7 +22,7 @@ use super::CudaError;
 type Result<T> = std::result::Result<T, CudaError>;
 
 /// Workspace for cuBLASLt (32 MiB is NVIDIA's advice for Hopper).
-pub const WORKSPACE_BYTES: usize = 32 << 20;
+pub(crate) const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Cached GEMM plans before the cache is emptied.
 const MAX_PLANS: usize = 512;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::model::DeviceSpec;
 
 /// Input slots per receiving stage.
-pub const SLOTS: usize = 2;
+pub(crate) const SLOTS: usize = 2;
 
 /// How hidden states travel from one stage to the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl HopKind {
 }
 
 /// The hop from a stage on `from` to one on `to`.
-pub fn hop_kind(from: DeviceSpec, to: DeviceSpec) -> HopKind {
+pub(crate) fn hop_kind(from: DeviceSpec, to: DeviceSpec) -> HopKind {
     match (from, to) {
         (DeviceSpec::Cuda(a), DeviceSpec::Cuda(b)) if a == b => HopKind::SameDevice { ordinal: a },
         (DeviceSpec::Cuda(from), DeviceSpec::Cuda(to)) => HopKind::Peer { from, to },
@@ -46,7 +46,7 @@ pub fn hop_kind(from: DeviceSpec, to: DeviceSpec) -> HopKind {
 }
 
 /// The hop after each stage but the last.
-pub fn hop_kinds(devices: &[DeviceSpec]) -> Vec<HopKind> {
+pub(crate) fn hop_kinds(devices: &[DeviceSpec]) -> Vec<HopKind> {
     devices.windows(2).map(|w| hop_kind(w[0], w[1])).collect()
 }
 
@@ -62,7 +62,7 @@ pub enum HopError {
 /// The host-side order of the slots: the sender numbers its hops `0, 1, 2, …`; hop `n` uses
 /// slot `n % SLOTS` once the receiver has released hop `n - SLOTS`.
 #[derive(Debug, Default)]
-pub struct SlotGate {
+pub(crate) struct SlotGate {
     /// Hops released by the receiver (their slot's `free` event recorded), and whether the
     /// receiver is gone.
     state: Mutex<(u64, bool)>,
@@ -72,7 +72,7 @@ pub struct SlotGate {
 impl SlotGate {
     /// The sender: the slot of hop `n`, once hop `n - SLOTS` is released. Waits at most
     /// `limit` (the receiver releases a slot as soon as it starts on the batch in it).
-    pub fn acquire(&self, n: u64, limit: Duration) -> Result<usize, HopError> {
+    pub(crate) fn acquire(&self, n: u64, limit: Duration) -> Result<usize, HopError> {
         let need = (n + 1).saturating_sub(SLOTS as u64);
         let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (guard, timeout) = self
@@ -145,7 +145,7 @@ mod gpu {
         free: [Event; SLOTS],
         /// Recorded by the sender once its copy into a slot is queued; set when it attaches.
         ready: std::sync::OnceLock<[Event; SLOTS]>,
-        pub gate: SlotGate,
+        pub(crate) gate: SlotGate,
         receiver_ctx: cudarc::driver::sys::CUcontext,
     }
 

@@ -8,12 +8,18 @@
 //! the hand-off of hidden states between stages ([`hop`]) are plain Rust, compiled and tested
 //! without the feature.
 
+// Without the `cuda` feature the plain-Rust parts are compiled for their tests; what only the
+// GPU modules use is then unused, and the dead-code check is the `cuda` build's.
 pub mod fit;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub mod hop;
 pub mod launch;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub mod plan;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub mod precision;
-pub mod upload_plan;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) mod upload_plan;
 
 #[cfg(feature = "cuda")]
 pub mod compile;
@@ -23,6 +29,8 @@ pub mod device;
 pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod layer;
+#[cfg(feature = "cuda")]
+pub mod libraries;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]

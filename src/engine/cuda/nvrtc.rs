@@ -10,6 +10,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use super::libraries::{dlopen_path, driver_version, python_nvidia_dir, symbol, RTLD_GLOBAL, RTLD_NOW};
 use super::CudaError;
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -25,7 +26,7 @@ pub struct Candidate {
 /// Which NVRTC library file a folder holds and its version, from the folder's file names
 /// (`libnvrtc.so.13` + `libnvrtc-builtins.so.13.0` in the pip wheel; `libnvrtc.so.13.0.88` in
 /// the toolkit). None when the folder holds no `libnvrtc.so.<major>…`.
-pub fn pick_in_folder(names: &[String]) -> Option<(String, Option<(i32, i32)>)> {
+pub(crate) fn pick_in_folder(names: &[String]) -> Option<(String, Option<(i32, i32)>)> {
     let parse = |rest: &str| -> Option<(i32, i32)> {
         let mut it = rest.split('.');
         Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
@@ -56,7 +57,7 @@ pub fn choose(candidates: &[Candidate], driver: Option<(i32, i32)>) -> Option<Ca
 
 /// Folders searched for NVRTC, in order: `LD_LIBRARY_PATH`, `$CUDA_HOME`, `/usr/local/cuda*`,
 /// the nvidia-* Python wheels, the system library folder.
-pub fn search_dirs() -> Vec<PathBuf> {
+pub(crate) fn search_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(h) = std::env::var_os(var) {
@@ -74,7 +75,7 @@ pub fn search_dirs() -> Vec<PathBuf> {
         versioned.sort();
         dirs.extend(versioned);
     }
-    if let Some(d) = super::compile::python_nvidia_dir("lib") {
+    if let Some(d) = python_nvidia_dir("lib") {
         dirs.push(d);
     }
     dirs.push(PathBuf::from("/usr/lib/x86_64-linux-gnu"));
@@ -127,30 +128,8 @@ pub struct Compiled {
     pub log: String,
 }
 
-extern "C" {
-    fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    fn dlerror() -> *const c_char;
-}
-
-const RTLD_NOW: c_int = 2;
-const RTLD_GLOBAL: c_int = 0x100;
-
 fn missing(path: &Path, why: String) -> CudaError {
     CudaError::MissingLibrary { library: "libnvrtc", hint: format!("{}: {why}", path.display()) }
-}
-
-/// `dlopen` by full path; the error names the path and dlerror's reason.
-pub(crate) fn dlopen_path(path: &Path, flags: c_int) -> std::result::Result<*mut c_void, String> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path holds a NUL byte".to_owned())?;
-    // SAFETY: a valid C string; the handle is kept for the process's life.
-    let h = unsafe { dlopen(c.as_ptr(), flags) };
-    if h.is_null() {
-        // SAFETY: dlerror returns null or a C string valid until the next dl* call.
-        let e = unsafe { dlerror() };
-        return Err(if e.is_null() { "dlopen failed".into() } else { unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned() });
-    }
-    Ok(h)
 }
 
 impl Nvrtc {
@@ -170,12 +149,7 @@ impl Nvrtc {
             }
         }
         let handle = dlopen_path(path, RTLD_NOW | RTLD_GLOBAL).map_err(|e| missing(path, e))?;
-        let sym = |name: &str| -> Result<*mut c_void> {
-            let c = CString::new(name).map_err(|_| missing(path, format!("bad symbol {name}")))?;
-            // SAFETY: a valid handle and C string.
-            let p = unsafe { dlsym(handle, c.as_ptr()) };
-            if p.is_null() { Err(missing(path, format!("no symbol {name}"))) } else { Ok(p) }
-        };
+        let sym = |name: &str| -> Result<*mut c_void> { symbol(handle, name).map_err(|e| missing(path, e)) };
         // SAFETY: each symbol has the signature of NVRTC's C API (nvrtc.h), stable since CUDA 11.
         let (version, nv) = unsafe {
             let version: VersionFn = std::mem::transmute(sym("nvrtcVersion")?);
@@ -252,17 +226,6 @@ impl Nvrtc {
         }
         Ok(Compiled { cubin, log })
     }
-}
-
-/// The driver's CUDA version as `(major, minor)`, when a driver loads.
-pub fn driver_version() -> Option<(i32, i32)> {
-    if !super::probe::Library::Driver.present() {
-        return None;
-    }
-    let mut v = 0;
-    // SAFETY: one out-parameter; the library was probed above.
-    let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
-    (rc == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some((v / 1000, (v % 1000) / 10))
 }
 
 /// The NVRTC this process uses, chosen and loaded once (see the module doc).

@@ -9,10 +9,10 @@ use super::precision::Precision;
 
 /// Bytes every buffer in the arena is aligned to (cuBLASLt wants 16; 256 keeps rows of
 /// different buffers off shared cache lines).
-pub const ALIGN: usize = 256;
+pub(crate) const ALIGN: usize = 256;
 
 /// Queries per attention block, as in `kernels/attention.cu`.
-pub const ATTN_QUERY_TILE: usize = 64;
+pub(crate) const ATTN_QUERY_TILE: usize = 64;
 
 /// The dimensions of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +51,6 @@ impl LayerShape {
     pub fn linear_params(&self) -> usize {
         self.linears().iter().map(|(o, i)| o * i).sum()
     }
-    /// Device bytes of one FP8 layer: E4M3 weights, f32 per-channel scales, two f32 norms.
-    pub fn fp8_layer_bytes(&self) -> usize {
-        self.layer_bytes(Precision::Fp8)
-    }
     /// Device bytes of one layer: weights (E4M3 + f32 per-channel scales, or bf16), two f32 norms.
     pub fn layer_bytes(&self, precision: Precision) -> usize {
         let scales: usize = match precision {
@@ -79,7 +75,7 @@ impl LayerShape {
 /// `k` (one byte per E4M3 value in A and B) a multiple of 16 and the bf16 output's `n` a
 /// multiple of 8. Checked before planning, so a bad shape reads as itself instead of
 /// cuBLASLt's "no algorithm". `tokens` is free.
-pub fn check_fp8_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), String> {
+pub(crate) fn check_fp8_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), String> {
     let mut bad = Vec::new();
     if k == 0 || k % 16 != 0 {
         bad.push(format!("the inner dimension k = {k} must be a positive multiple of 16"));
@@ -94,7 +90,7 @@ pub fn check_fp8_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), Str
 }
 
 /// cuBLASLt's bf16 GEMM takes any positive shape (unaligned ones run slower kernels).
-pub fn check_bf16_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), String> {
+pub(crate) fn check_bf16_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), String> {
     if n == 0 || k == 0 {
         return Err(format!("bf16 GEMM {tokens}x{n}x{k} (tokens x out x in): empty weight"));
     }
@@ -102,13 +98,8 @@ pub fn check_bf16_gemm_shape(tokens: usize, n: usize, k: usize) -> Result<(), St
 }
 
 impl LayerShape {
-    /// [`check_fp8_gemm_shape`] for each of the layer's four projections.
-    pub fn check_fp8(&self) -> Result<(), String> {
-        self.check_gemms(Precision::Fp8)
-    }
-
     /// The GEMM shape check of `precision` for each of the layer's four projections.
-    pub fn check_gemms(&self, precision: Precision) -> Result<(), String> {
+    pub(crate) fn check_gemms(&self, precision: Precision) -> Result<(), String> {
         let names = ["qkv", "o", "gate|up", "down"];
         for (name, (out, inp)) in names.iter().zip(self.linears()) {
             let check = match precision {
@@ -138,7 +129,7 @@ impl Region {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BufferPlan {
     pub max_tokens: usize,
-    pub max_seqs: usize,
+    pub(crate) max_seqs: usize,
     /// `[tokens, hidden]` bf16: the residual stream.
     pub x: Region,
     /// `[tokens, hidden]` bf16: a block's output before it is added to `x`.
@@ -162,25 +153,25 @@ pub struct BufferPlan {
     /// `[tiles, 2]` i32 attention schedule.
     pub tiles: Region,
     /// `[seqs]` u32 row indices of the last tokens, and `[seqs, hidden]` bf16 rows.
-    pub last_idx: Region,
-    pub last_rows: Region,
+    pub(crate) last_idx: Region,
+    pub(crate) last_rows: Region,
     pub total: usize,
 }
 
 /// Most segments of a batch of `max_seqs` sequences: one per sequence, plus one per shared
 /// prefix in the tree layout (a prefix is shared by two sequences or more).
-pub fn max_segments(max_seqs: usize) -> usize {
+pub(crate) fn max_segments(max_seqs: usize) -> usize {
     max_seqs + max_seqs / 2
 }
 
 /// Most attention tiles a batch can need: one partial tile per segment plus full ones.
-pub fn max_tiles(max_tokens: usize, max_seqs: usize) -> usize {
+pub(crate) fn max_tiles(max_tokens: usize, max_seqs: usize) -> usize {
     max_tokens / ATTN_QUERY_TILE + max_segments(max_seqs)
 }
 
 /// Lay out the buffers for batches of up to `max_tokens` tokens in `max_seqs` sequences, with
 /// GEMM inputs in `precision`.
-pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, precision: Precision) -> BufferPlan {
+pub(crate) fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, precision: Precision) -> BufferPlan {
     let t = max_tokens;
     let mut next = 0usize;
     let mut take = |bytes: usize| {
@@ -223,7 +214,9 @@ pub fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usize, prec
 }
 
 impl BufferPlan {
-    pub fn regions(&self) -> [Region; 13] {
+    /// Every buffer (the tests check they are disjoint).
+    #[cfg(test)]
+    fn regions(&self) -> [Region; 13] {
         [
             self.x,
             self.h,
@@ -264,12 +257,12 @@ pub fn attention_tiles_tree(cu_seqlens: &[u32], prefix_len: &[u32]) -> Vec<[i32;
 }
 
 /// Threads for a one-block-per-row kernel over `cols` columns: a multiple of 32 in 32..=1024.
-pub fn row_block(cols: usize) -> u32 {
+pub(crate) fn row_block(cols: usize) -> u32 {
     (cols.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
 /// `(grid, block)` for a grid-stride loop over `n` elements: at most `max_blocks` blocks.
-pub fn grid_stride(n: usize, block: u32, max_blocks: u32) -> (u32, u32) {
+pub(crate) fn grid_stride(n: usize, block: u32, max_blocks: u32) -> (u32, u32) {
     let blocks = n.div_ceil(block as usize).clamp(1, max_blocks as usize) as u32;
     (blocks, block)
 }
@@ -304,7 +297,6 @@ mod tests {
     fn bf16_layers_hold_two_bytes_per_weight_and_take_any_shape() {
         let s = LayerShape::LLAMA_70B;
         assert_eq!(s.layer_bytes(Precision::Bf16), 2 * s.linear_params() + 2 * 8192 * 4);
-        assert_eq!(s.layer_bytes(Precision::Fp8), s.fp8_layer_bytes());
         let odd = LayerShape { hidden: 100, heads: 4, kv_heads: 2, head_dim: 25, inter: 300, gated: true };
         assert!(odd.check_gemms(Precision::Fp8).is_err());
         assert_eq!(odd.check_gemms(Precision::Bf16), Ok(()));
@@ -317,7 +309,7 @@ mod tests {
         // 80 layers of these linears are ~68.5 B of the model's 70.6 B parameters.
         assert_eq!(s.linear_params(), 8192 * 10240 + 8192 * 8192 + 2 * 28672 * 8192 + 8192 * 28672);
         assert!((s.linear_params() * 80) as f64 > 68e9);
-        assert!(s.fp8_layer_bytes() > s.linear_params());
+        assert!(s.layer_bytes(Precision::Fp8) > s.linear_params());
     }
 
     #[test]
@@ -344,9 +336,9 @@ mod tests {
         let e = check_fp8_gemm_shape(7, 96, 1000).unwrap_err();
         assert!(e.contains("k = 1000 must be a positive multiple of 16") && e.contains("7x96x1000"), "{e}");
         assert!(check_fp8_gemm_shape(1, 0, 0).unwrap_err().contains("n = 0"));
-        assert_eq!(LayerShape::LLAMA_70B.check_fp8(), Ok(()));
+        assert_eq!(LayerShape::LLAMA_70B.check_gemms(Precision::Fp8), Ok(()));
         let odd = LayerShape { hidden: 100, heads: 4, kv_heads: 2, head_dim: 25, inter: 300, gated: true };
-        assert!(odd.check_fp8().unwrap_err().starts_with("qkv projection: "));
+        assert!(odd.check_gemms(Precision::Fp8).unwrap_err().starts_with("qkv projection: "));
     }
 
     #[test]

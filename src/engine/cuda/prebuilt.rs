@@ -95,7 +95,7 @@ pub enum Origin {
 
 /// The kernels' CUBIN for `arch`: prebuilt when [`ENV`] is set (an error if they are missing or
 /// stale: no silent fallback to compiling), else compiled with the cache in `cache_dir`.
-pub fn kernel_image(arch: &str, cache_dir: Option<&Path>) -> Result<(Vec<u8>, Origin)> {
+pub(crate) fn kernel_image(arch: &str, cache_dir: Option<&Path>) -> Result<(Vec<u8>, Origin)> {
     if let Some(dir) = std::env::var_os(ENV).filter(|v| !v.is_empty()).map(PathBuf::from) {
         let (bytes, m) = load(arch, &dir)?;
         return Ok((bytes, Origin::Prebuilt { cubin: paths(&dir, arch).0, nvrtc: m.nvrtc }));

@@ -53,7 +53,7 @@ pub struct GpuFacts {
 
 impl GpuFacts {
     /// bf16 tensor cores (`mma.sync` bf16, cuBLASLt bf16): Ampere, compute capability 8.0.
-    pub fn has_bf16(&self) -> bool {
+    pub(crate) fn has_bf16(&self) -> bool {
         self.major >= 8
     }
 
@@ -63,7 +63,7 @@ impl GpuFacts {
     }
 
     /// What this GPU can run, for error messages.
-    pub fn supports(&self) -> &'static str {
+    pub(crate) fn supports(&self) -> &'static str {
         match (self.has_bf16(), self.has_fp8()) {
             (_, true) => "fp8 and bf16",
             (true, false) => "bf16 only (no FP8 tensor cores before compute capability 8.9)",
@@ -113,12 +113,12 @@ pub fn choose(requested: Dtype, gpus: &[GpuFacts]) -> Result<Precision, Precisio
 
 /// The NVRTC architecture of a compute capability: the `a` variant on Hopper and later (wgmma,
 /// setmaxnreg), the plain one before.
-pub fn arch_for(major: i32, minor: i32) -> String {
+pub(crate) fn arch_for(major: i32, minor: i32) -> String {
     if major >= 9 { format!("sm_{major}{minor}a") } else { format!("sm_{major}{minor}") }
 }
 
 /// Whether the kernels for `arch` (`sm_XY` or `sm_XYa`) include the FP8 ones.
-pub fn arch_has_fp8(arch: &str) -> bool {
+pub(crate) fn arch_has_fp8(arch: &str) -> bool {
     let digits: String = arch.trim_start_matches("sm_").chars().take_while(char::is_ascii_digit).collect();
     digits.parse::<u32>().is_ok_and(|v| v >= 89)
 }

@@ -4,6 +4,7 @@
 //! [`environment`] reports the driver, NVRTC and cuBLASLt versions and the library files this
 //! process actually mapped, for the start-up log and the GPU check's first step.
 
+use super::libraries;
 use super::CudaError;
 
 /// The libraries the engine loads.
@@ -28,19 +29,17 @@ impl Library {
 
     /// Whether the library can be loaded. Never panics.
     pub fn present(self) -> bool {
-        let probe = match self {
-            // SAFETY: these only try to dlopen the library by name and drop the handle.
-            Self::Driver => || unsafe { cudarc::driver::sys::is_culib_present() },
+        match self {
+            Self::Driver => libraries::driver_present(),
             // The NVRTC the engine would choose (see nvrtc.rs), not cudarc's by-name one.
-            Self::Nvrtc => || super::nvrtc::global().is_ok(),
-            Self::CublasLt => || unsafe { cudarc::cublaslt::sys::is_culib_present() },
-        };
-        std::panic::catch_unwind(probe).unwrap_or(false)
+            Self::Nvrtc => libraries::never_panics(|| super::nvrtc::global().is_ok()),
+            Self::CublasLt => libraries::cublaslt_present(),
+        }
     }
 }
 
 /// Fail with [`CudaError::MissingLibrary`] unless every library in `libs` loads.
-pub fn require(libs: &[Library]) -> Result<(), CudaError> {
+pub(crate) fn require(libs: &[Library]) -> Result<(), CudaError> {
     for &lib in libs {
         if !lib.present() {
             let hint = match lib {
@@ -123,7 +122,7 @@ pub fn environment() -> Environment {
     };
     // SAFETY: cuBLASLt was probed; the call only returns a number.
     let cublaslt = Library::CublasLt.present().then(|| unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() });
-    Environment { driver: super::nvrtc::driver_version(), nvrtc, cublaslt, loaded: loaded_cuda_libraries() }
+    Environment { driver: libraries::driver_version(), nvrtc, cublaslt, loaded: loaded_cuda_libraries() }
 }
 
 /// The CUDA libraries mapped into this process, from `/proc/self/maps` (empty elsewhere).
@@ -133,7 +132,7 @@ pub fn loaded_cuda_libraries() -> Vec<std::path::PathBuf> {
 }
 
 /// The distinct `libcuda`, `libnvrtc*` and `libcublas*` files named in a `/proc/<pid>/maps` text.
-pub fn cuda_libraries_in_maps(maps: &str) -> Vec<std::path::PathBuf> {
+pub(crate) fn cuda_libraries_in_maps(maps: &str) -> Vec<std::path::PathBuf> {
     let mut out: Vec<std::path::PathBuf> = Vec::new();
     for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
         let file = path.rsplit('/').next().unwrap_or_default();
@@ -143,28 +142,6 @@ pub fn cuda_libraries_in_maps(maps: &str) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-extern "C" {
-    fn dlopen(filename: *const std::ffi::c_char, flag: std::ffi::c_int) -> *mut std::ffi::c_void;
-}
-
-/// Load the cuBLAS libraries found in `dir` (e.g. the pip wheels' `nvidia/cu13/lib`) by full
-/// path, so that the by-name loads cudarc does later find them even though `dir` is not on
-/// `LD_LIBRARY_PATH`. Returns the libraries loaded. (NVRTC is chosen by [`super::nvrtc`].)
-pub fn preload_from(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    const RTLD_NOW: std::ffi::c_int = 2;
-    const RTLD_GLOBAL: std::ffi::c_int = 0x100;
-    let mut loaded = Vec::new();
-    for name in ["libcublasLt.so.13", "libcublas.so.13"] {
-        let path = dir.join(name);
-        let Some(c) = path.to_str().and_then(|s| std::ffi::CString::new(s).ok()) else { continue };
-        // SAFETY: dlopen with a valid C string; the handle is kept for the process's life.
-        if path.is_file() && !unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) }.is_null() {
-            loaded.push(path);
-        }
-    }
-    loaded
 }
 
 #[cfg(test)]

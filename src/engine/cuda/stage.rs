@@ -66,14 +66,14 @@ pub struct CudaStage {
 
 /// What a CUDA stage takes: token ids or hidden states from the host, or hidden states waiting
 /// in its input slot ([`super::hop`]).
-pub enum StageInput {
+pub(crate) enum StageInput {
     Host(Activations),
     Device(Arrived),
 }
 
 /// What a CUDA stage passes on: scores or hidden states on the host, or hidden states copied
 /// into the next stage's input slot.
-pub enum Sent {
+pub(crate) enum Sent {
     Host(StageOutput),
     Device(Arrived),
 }
@@ -107,7 +107,7 @@ fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 
 /// The layer's shape and switches from the model config, checked for GEMMs in `precision`
 /// and for an `attention` kernel of its head size.
-pub fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision, attention: AttentionKernel) -> Result<LayerConfig> {
+pub(crate) fn layer_config(cfg: &ArchConfig, index: usize, precision: Precision, attention: AttentionKernel) -> Result<LayerConfig> {
     attention_kernel(attention, cfg.head_dim).map_err(CudaError::Unsupported)?;
     let gated = !matches!(cfg.activation, Activation::Relu2);
     let shape = LayerShape {
@@ -182,30 +182,14 @@ fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
 }
 
 impl CudaStage {
-    /// Load layers `range` onto GPU `ordinal`; `vb` is the checkpoint root read as f32 on the
+    /// Load layers `range` onto GPU `ordinal` by `path` (the engine's is [`LoadPath::Device`];
+    /// the GPU check loads both and compares); `vb` is the checkpoint root read as f32 on the
     /// CPU (`Vb::new(weights, DType::F32, Device::Cpu)`). Activation buffers are sized once for
     /// `max_tokens` tokens in up to `max_seqs` sequences. The linear layers run in `precision`
     /// (chosen by [`super::precision::choose`]; a GPU that cannot run it is refused here too);
     /// attention with the `attention` kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        ordinal: usize,
-        vb: &Vb,
-        cfg: &ArchConfig,
-        range: Range<usize>,
-        reward_row: usize,
-        attribute_weights: Option<&[f32]>,
-        precision: Precision,
-        max_tokens: usize,
-        max_seqs: usize,
-        attention: AttentionKernel,
-    ) -> Result<Self> {
-        Self::load_via(LoadPath::Device, ordinal, vb, cfg, range, reward_row, attribute_weights, precision, max_tokens, max_seqs, attention)
-    }
-
-    /// [`CudaStage::load`] by the path given (the GPU check loads both and compares).
-    #[allow(clippy::too_many_arguments)]
-    pub fn load_via(
         path: LoadPath,
         ordinal: usize,
         vb: &Vb,
@@ -351,10 +335,6 @@ impl CudaStage {
         Ok(w)
     }
 
-    pub fn device_name(&self) -> &str {
-        &self.dev.name
-    }
-
     /// What the linear layers compute in.
     pub fn precision(&self) -> Precision {
         self.precision
@@ -362,21 +342,16 @@ impl CudaStage {
 
     /// Input slots for hidden states from a CUDA stage before this one (`kind`: on this GPU or
     /// from another), sized for the largest batch.
-    pub fn make_inbox(&mut self, kind: HopKind) -> Result<Arc<Inbox>> {
+    pub(crate) fn make_inbox(&mut self, kind: HopKind) -> Result<Arc<Inbox>> {
         let inbox = Inbox::new(&self.dev, self.ws.plan.max_tokens * self.hidden * 2, kind)?;
         self.inbox = Some(inbox.clone());
         Ok(inbox)
     }
 
     /// Send hidden states to the next stage's `inbox` on the device from now on.
-    pub fn attach_outbox(&mut self, inbox: Arc<Inbox>) -> Result<()> {
+    pub(crate) fn attach_outbox(&mut self, inbox: Arc<Inbox>) -> Result<()> {
         self.outbox = Some(Outbox::attach(&self.dev, inbox)?);
         Ok(())
-    }
-
-    /// How hidden states leave this stage.
-    pub fn hop_out(&self) -> HopKind {
-        self.outbox.as_ref().map_or(HopKind::Host, Outbox::kind)
     }
 
     /// Run the packed batch through this stage.
@@ -389,7 +364,7 @@ impl CudaStage {
 
     /// Run the packed batch through this stage, taking and passing hidden states on the device
     /// where the stages around it are CUDA stages.
-    pub fn forward_hop(&mut self, packed: &Packed, input: StageInput) -> Result<Sent> {
+    pub(crate) fn forward_hop(&mut self, packed: &Packed, input: StageInput) -> Result<Sent> {
         let (t, h) = (packed.num_tokens(), self.hidden);
         let x = self.ws.at(self.ws.plan.x);
         // First of all, so the slot is released whatever happens to the batch afterwards.

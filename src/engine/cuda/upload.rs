@@ -27,7 +27,7 @@ const HOST_BUFFERS: usize = 6;
 const READERS: usize = 3;
 
 /// Page-locked host memory, freed on drop.
-pub struct PinnedBuf {
+pub(crate) struct PinnedBuf {
     ptr: *mut u8,
     len: usize,
     ctx: std::sync::Arc<cudarc::driver::CudaContext>,
@@ -169,14 +169,14 @@ fn fused(dev: &GpuDevice, vb: &Vb, parts: &[(&str, usize)], inp: usize, precisio
 /// The stage's weights loaded through the device pipeline: each layer's linears (norms and
 /// biases, small, by the host path in `finish_layer`), and the bf16 embedding table when
 /// `embed` is `Some((vocab, hidden))`. `None` when a tensor needs the host path.
-pub struct DeviceLoad {
+pub(crate) struct DeviceLoad {
     pub layers: Vec<LayerWeights>,
     pub embed: Option<DeviceBuf>,
-    pub stats: LoadStats,
+    pub(crate) stats: LoadStats,
 }
 
 /// Load `layers` (their index and config) of the checkpoint under `model` (`vb.pp("model")`).
-pub fn load_on_device(
+pub(crate) fn load_on_device(
     dev: &GpuDevice,
     model: &Vb,
     cfg: &crate::model::config::ArchConfig,
@@ -230,7 +230,7 @@ pub fn load_on_device(
 
 /// Run `pieces` through the pipeline: a reader thread over the mapped shards, pinned buffers,
 /// uploads (and quantization) on the device's stream.
-pub fn upload_pieces(dev: &GpuDevice, weights: &Weights, pieces: &[Piece]) -> Result<LoadStats> {
+pub(crate) fn upload_pieces(dev: &GpuDevice, weights: &Weights, pieces: &[Piece]) -> Result<LoadStats> {
     let chunks = chunks(pieces, LOAD_CHUNK_BYTES);
     let largest = chunks.iter().map(|c| c.rows * pieces[c.piece].row_upload_bytes()).max().unwrap_or(0);
     let buffers = (0..HOST_BUFFERS).map(|_| PinnedBuf::new(dev, largest)).collect::<Result<Vec<_>>>()?;

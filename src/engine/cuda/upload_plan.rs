@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 /// What the device does with a chunk's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// The bytes are the weight as it runs (bf16, or an FP8 checkpoint's E4M3 codes): copied to
     /// their rows.
     Copy,
@@ -30,7 +30,7 @@ pub enum Op {
 
 /// How the reader turns stored bytes into uploaded bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Convert {
+pub(crate) enum Convert {
     AsIs,
     /// f16 → bf16, rounding to nearest even (what the host path's f32 → bf16 gives).
     F16ToBf16,
@@ -49,7 +49,7 @@ impl Convert {
     }
 
     /// Convert `src` (whole elements) into `dst` (`src.len() / stored * uploaded` bytes).
-    pub fn apply(self, src: &[u8], dst: &mut [u8]) {
+    pub(crate) fn apply(self, src: &[u8], dst: &mut [u8]) {
         match self {
             Convert::AsIs => dst.copy_from_slice(src),
             Convert::F16ToBf16 => {
@@ -77,25 +77,25 @@ pub struct Piece {
     pub cols: usize,
     /// Bytes per stored element.
     pub stored: usize,
-    pub convert: Convert,
-    pub op: Op,
+    pub(crate) convert: Convert,
+    pub(crate) op: Op,
     /// Device address of the piece's first row: bf16 values or E4M3 codes.
-    pub dest: u64,
+    pub(crate) dest: u64,
     /// Device address of the first row's f32 scale ([`Op::Quantize`] only).
     pub scales: u64,
 }
 
 impl Piece {
     /// Bytes of one row uploaded (bf16 staged for quantization, or as it runs).
-    pub fn row_upload_bytes(&self) -> usize {
+    pub(crate) fn row_upload_bytes(&self) -> usize {
         self.cols * self.convert.sizes(self.stored).1
     }
     /// Bytes of one row on disk.
-    pub fn row_stored_bytes(&self) -> usize {
+    pub(crate) fn row_stored_bytes(&self) -> usize {
         self.cols * self.stored
     }
     /// Bytes of one row as it stays on the device (E4M3 + its scale after quantization).
-    pub fn row_device_bytes(&self) -> usize {
+    pub(crate) fn row_device_bytes(&self) -> usize {
         match self.op {
             Op::Copy => self.row_upload_bytes(),
             Op::Quantize => self.cols + 4,
@@ -107,7 +107,7 @@ impl Piece {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {
     pub piece: usize,
-    pub first_row: usize,
+    pub(crate) first_row: usize,
     pub rows: usize,
 }
 
@@ -133,9 +133,9 @@ pub struct LoadStats {
     /// Bytes read from the checkpoint.
     pub read_bytes: usize,
     /// Bytes copied to the device.
-    pub uploaded_bytes: usize,
+    pub(crate) uploaded_bytes: usize,
     /// Bytes the weights take on the device.
-    pub device_bytes: usize,
+    pub(crate) device_bytes: usize,
     pub seconds: f64,
     /// Time the readers spent filling buffers (summed over them), and the stage's thread
     /// waiting for uploads.
@@ -145,7 +145,7 @@ pub struct LoadStats {
 
 impl LoadStats {
     /// Checkpoint bytes read per second (decimal GB/s).
-    pub fn read_gb_per_s(&self) -> f64 {
+    pub(crate) fn read_gb_per_s(&self) -> f64 {
         self.read_bytes as f64 / 1e9 / self.seconds.max(1e-9)
     }
 
@@ -163,7 +163,7 @@ impl LoadStats {
 }
 
 /// The device side of the pipeline.
-pub trait Uploader {
+pub(crate) trait Uploader {
     type Ticket;
     type Error;
     /// Queue the upload (and, for [`Op::Quantize`], the quantization) of `chunk` from `host`
@@ -373,6 +373,14 @@ mod tests {
         (vec![a, b, c], stored)
     }
 
+    /// The device memory once every chunk of [`pieces`] landed at its place: a and b as
+    /// stored, c converted to bf16.
+    fn landed(stored: &[Vec<u8>]) -> Vec<u8> {
+        let mut c_bf16 = vec![0u8; 40];
+        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
+        [stored[0].clone(), stored[1].clone(), c_bf16].concat()
+    }
+
     fn fake(log: &Arc<Mutex<Vec<String>>>, fail_at: Option<usize>) -> Fake {
         Fake { memory: vec![0; 248], log: log.clone(), fail_at, in_flight: 0, most_in_flight: 0, finished: Vec::new() }
     }
@@ -422,12 +430,7 @@ mod tests {
         let mut up = fake(&log, None);
         let buffers = vec![vec![0u8; 48]; 3];
         let stats = run(&p, &c, buffers, 1, reader_of(&stored, &p, &log), &mut up).unwrap();
-        // Every byte at its place: a and b as stored, c converted to bf16.
-        let mut want = [stored[0].clone(), stored[1].clone()].concat();
-        let mut c_bf16 = vec![0u8; 40];
-        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
-        want.extend(c_bf16);
-        assert_eq!(up.memory, want);
+        assert_eq!(up.memory, landed(&stored));
         assert_eq!(up.finished, (0..c.len()).collect::<Vec<_>>());
         assert_eq!(stats, LoadStats { seconds: stats.seconds, read_seconds: stats.read_seconds, wait_seconds: stats.wait_seconds, ..LoadStats::of(&p, &c) });
         // Overlap: chunk i + 1 was read before the upload of chunk i was waited for, and no
@@ -486,11 +489,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut up = fake(&log, None);
         run(&p, &c, vec![vec![0u8; 16]; 5], 3, reader_of(&stored, &p, &log), &mut up).unwrap();
-        let mut want = [stored[0].clone(), stored[1].clone()].concat();
-        let mut c_bf16 = vec![0u8; 40];
-        Convert::F32ToBf16.apply(&stored[2], &mut c_bf16);
-        want.extend(c_bf16);
-        assert_eq!(up.memory, want);
+        assert_eq!(up.memory, landed(&stored));
         assert_eq!(up.finished, (0..c.len()).collect::<Vec<_>>());
         assert!(up.most_in_flight <= 2, "5 buffers less 3 readers");
         let raw = log.lock().unwrap().clone();

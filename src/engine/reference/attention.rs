@@ -30,7 +30,7 @@ pub fn attention(qkv: &[f32], cu_seqlens: &[u32], s: &AttnShape) -> Vec<f32> {
 
 /// The keys of segment `seg`: `(first token of its prefix, prefix length, first own token,
 /// own length)`; `prefix_of` as the kernels take it (−1 or empty: no prefix).
-pub fn key_range(cu_seqlens: &[u32], prefix_of: &[i32], seg: usize) -> (usize, usize, usize, usize) {
+pub(crate) fn key_range(cu_seqlens: &[u32], prefix_of: &[i32], seg: usize) -> (usize, usize, usize, usize) {
     let (s0, len) = (cu_seqlens[seg] as usize, (cu_seqlens[seg + 1] - cu_seqlens[seg]) as usize);
     match prefix_of.get(seg).copied().filter(|&p| p >= 0) {
         Some(p) => {
