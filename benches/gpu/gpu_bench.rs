@@ -221,10 +221,28 @@ fn check_fp8_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
     let (rs, cs, bias) = (rng.vec(t, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
     let (drs, dcs, dbias) = (c.upload(&rs)?, c.upload(&cs)?, c.upload(&bias)?);
     let y = c.upload_bf16(&a)?;
-    dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr)?;
+    dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr, None)?;
     let mut want = a.clone();
     r::scale_epilogue(&mut want, n, &rs, &cs, Some(&bias));
     c.report("scale_epilogue_bf16", r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    // With rotary fused (the QKV projection's epilogue): a QKV row of 6 q/k heads and 2 v heads
+    // of 128, partial (64) and full rotary, against the epilogue then rotary_bf16's reference;
+    // exact equality is expected, the tolerance is the other kernels'.
+    for rot in [64usize, 128] {
+        let (heads, d) = (6usize, 128usize);
+        let n = (heads + 2) * d;
+        let (a, rs, cs, bias) = (rng.vec(t * n, 3.0), rng.vec(t, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let pos: Vec<u32> = (0..t as u32).map(|i| (i * 977) % 70000).collect();
+        let inv = scorestream::model::rope::inv_freq(500_000.0, rot, &scorestream::model::config::RopeScaling::None);
+        let (drs, dcs, dbias, dp, di) = (c.upload(&rs)?, c.upload(&cs)?, c.upload(&bias)?, c.upload(&pos)?, c.upload(&inv)?);
+        let y = c.upload_bf16(&a)?;
+        let fused = scorestream::engine::cuda::launch::Rotary { heads, head_dim: d, rot_dim: rot, positions: dp.ptr, inv_freq: di.ptr };
+        dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr, Some(&fused))?;
+        let mut want = a.clone();
+        r::scale_epilogue(&mut want, n, &rs, &cs, Some(&bias));
+        r::rotary(&mut want, t, heads, d, n, rot, &pos, &inv);
+        c.report(&format!("scale_epilogue_bf16/rotary{rot}"), r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    }
     Ok(())
 }
 

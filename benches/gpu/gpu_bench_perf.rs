@@ -146,7 +146,7 @@ pub fn kernel_times(dev: &GpuDevice, fp8: bool) -> Result<()> {
         kernel_line("quant_rows_bf16", t, ms, 3.0 * (t * s.attn_width()) as f64);
         let ones = dev.alloc(hid * 4)?;
         dev.upload(ones.ptr, &vec![1.0f32; hid])?;
-        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, ones.ptr, 0)?))?;
+        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, ones.ptr, 0, None)?))?;
         kernel_line("scale_epilogue_bf16", t, ms, 4.0 * th);
     }
     let ms = time_ms(dev, 2, 20, || Ok(dev.act_quant("swiglu_quant_bf16", up, t, s.inter, q8, 0, 0)?))?;

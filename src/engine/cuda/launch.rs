@@ -173,9 +173,33 @@ pub fn quant_rows(x: u64, rows: usize, cols: usize, q: u64, q_scale: u64) -> Pla
     one_per_row("quant_rows_bf16", rows, cols, args, 0)
 }
 
-/// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply them.
-pub fn scale_epilogue(limits: &Limits, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64) -> Planned {
-    let args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(rs), Arg::Ptr(cs), Arg::Ptr(bias)];
+/// Rotary over the first `heads` heads of each row (rotate_half layout, `rot_dim` of each
+/// head's `head_dim` dims), as [`rotary`] applies it: what a fused epilogue rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotary {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub rot_dim: usize,
+    /// `[rows]` u32.
+    pub positions: u64,
+    /// `[rot_dim / 2]` f32.
+    pub inv_freq: u64,
+}
+
+/// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply them;
+/// with `rot`, rotary on its heads in the same pass (equal to [`rotary`] afterwards).
+#[allow(clippy::too_many_arguments)]
+pub fn scale_epilogue(limits: &Limits, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64, rot: Option<&Rotary>) -> Planned {
+    let mut args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(rs), Arg::Ptr(cs), Arg::Ptr(bias)];
+    match rot {
+        Some(r) => {
+            if r.rot_dim > r.head_dim || r.rot_dim % 2 != 0 || r.heads * r.head_dim > cols {
+                return Err(format!("rotary over {} of {} dims of {} heads in rows of {cols}", r.rot_dim, r.head_dim, r.heads));
+            }
+            args.extend([i32_of(r.heads, "heads")?, i32_of(r.head_dim, "head_dim")?, i32_of(r.rot_dim, "rot_dim")?, Arg::Ptr(r.positions), Arg::Ptr(r.inv_freq)]);
+        }
+        None => args.extend([Arg::I32(0), Arg::I32(1), Arg::I32(0), Arg::Ptr(0), Arg::Ptr(0)]),
+    }
     strided("scale_epilogue_bf16", limits, rows * cols, args)
 }
 

@@ -117,7 +117,8 @@ fn every_launch() -> Vec<Launch> {
         head_norm_rotary(l, 1, 16, 64, 8, 128, 10240, 2, 3, 1e-6, 64, 4, 5),
         add(l, 1, 2, 1000),
         quant_rows(1, 4, 8192, 2, 3),
-        scale_epilogue(l, 1, 4, 8192, 2, 3, 0),
+        scale_epilogue(l, 1, 4, 8192, 2, 3, 0, None),
+        scale_epilogue(l, 1, 4, 10240, 2, 3, 4, Some(&Rotary { heads: 72, head_dim: 128, rot_dim: 64, positions: 5, inv_freq: 6 })),
         add_bias(l, 1, 4, 8192, 2),
         gather_rows(l, 1, 100, 8192, 2, 4, 3),
         fill_uniform(l, false, 1, 1000, 7, 1.0),
@@ -180,6 +181,13 @@ fn launches_are_clamped_and_bad_shapes_refused() {
     assert_eq!((big.grid, big.block), ((8, 1), 256));
     assert!(rotary(l, 1, 1 << 31, 1, 128, 128, 128, 2, 3).unwrap_err().contains("tokens"));
     assert!(head_norm_rotary(l, 1, 16, 64, 8, 128, 10240, 2, 3, 1e-6, 130, 4, 5).unwrap_err().contains("rotary"));
+    // The fused epilogue's rotary: its heads inside the row, an even rot_dim within a head.
+    let rot = Rotary { heads: 72, head_dim: 128, rot_dim: 128, positions: 5, inv_freq: 6 };
+    assert!(scale_epilogue(l, 1, 4, 10240, 2, 3, 0, Some(&rot)).is_ok());
+    assert!(scale_epilogue(l, 1, 4, 9000, 2, 3, 0, Some(&rot)).unwrap_err().contains("rows of 9000"));
+    assert!(scale_epilogue(l, 1, 4, 10240, 2, 3, 0, Some(&Rotary { rot_dim: 63, ..rot })).unwrap_err().contains("rotary"));
+    let plain = scale_epilogue(l, 1, 4, 10240, 2, 3, 0, None).unwrap().unwrap();
+    assert_eq!(plain.args[6..], [Arg::I32(0), Arg::I32(1), Arg::I32(0), Arg::Ptr(0), Arg::Ptr(0)], "no rotary: zero heads");
 }
 
 /// Most dynamic shared memory per block (opt-in) of each architecture the kernels are built

@@ -10,7 +10,7 @@
 
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
-use super::launch::{AttentionKernel, AttnArgs};
+use super::launch::{AttentionKernel, AttnArgs, Rotary};
 use super::plan::{attention_tiles, attention_tiles_tree, max_segments, max_tiles, plan_buffers, BufferPlan, LayerShape};
 use super::precision::Precision;
 use super::CudaError;
@@ -319,14 +319,22 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     let [qkv_w, o_w, up_w, down_w] = shape.linears();
     let res = if pending { h } else { 0 };
     dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, y, q, s)?;
-    linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
-    let rot_heads = shape.heads + shape.kv_heads;
-    let (positions, inv_freq) = (ws.at(p.positions), ws.inv_freq.ptr);
-    match &w.qk_norm {
+    let rot = Rotary { heads: shape.heads + shape.kv_heads, head_dim: shape.head_dim, rot_dim: cfg.rot_dim, positions: ws.at(p.positions), inv_freq: ws.inv_freq.ptr };
+    match (&w.qk_norm, w.precision) {
         // Qwen3: rotary fused into the head norm (one pass over q and k).
-        Some((qn, kn)) => dev.head_norm_rotary(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps,
-                                               cfg.rot_dim, positions, inv_freq)?,
-        None => dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, positions, inv_freq)?,
+        (Some((qn, kn)), _) => {
+            linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
+            dev.head_norm_rotary(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps,
+                                 cfg.rot_dim, rot.positions, rot.inv_freq)?
+        }
+        // FP8: rotary fused into the GEMM's scale epilogue when that runs.
+        (None, Precision::Fp8) => {
+            gemm.matmul_rotary(dev, xin, qs, w.w[0].ptr, w.scale[0].ptr, qkv, ptr(&w.bias[0]), t, qkv_w.0, qkv_w.1, &rot)?;
+        }
+        (None, Precision::Bf16) => {
+            linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
+            dev.rotary(qkv, t, rot.heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, rot.positions, rot.inv_freq)?
+        }
     }
     dev.attention(ws.attention, &ws.attn_args(shape, cfg.window))?;
     let o_in = match w.precision {
