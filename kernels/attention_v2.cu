@@ -12,8 +12,11 @@
 //    an odd number of chunks;
 //  - head sizes that are not a multiple of 16 (Qwen3's fixture: 24) are zero-padded to one.
 // Work split: block = (schedule tile of 64 tokens of one segment, KV head, head chunk, sub-tile
-// of 64 / G tokens), 4 warps of 16 rows. Key tiles: 64 keys for padded head sizes up to 128,
+// of 64 / G tokens), 4 warps of 16 rows; grid (tiles, blocks per tile), or tile-major
+// (blocks per tile, tiles) when the output is quantized in the kernel. Key tiles: 64 keys for padded head sizes up to 128,
 // 32 above (so two buffers of K and V fit sm_86/sm_89's 99 KB at head size 256).
+//
+// Optionally the output's per-token FP8 quantization too (attention_v2_quantize_tile).
 //
 // CPU mirror: src/engine/reference/attention.rs `attention_tree` with key_tile = AV2 key tile.
 
@@ -74,7 +77,7 @@ __device__ __forceinline__ void av2_load_kv(uint4* sk, uint4* sv, const bf16* qk
 template <int D>
 __device__ void attention_v2_body(const bf16* qkv, bf16* out, const int* tiles, const int* cu_seqlens,
                                   const int* prefix_of, int qkv_stride, int heads, int kv_heads, float softmax_scale,
-                                  int window) {
+                                  int window, unsigned* amax, int tile, int by) {
     constexpr int DP = (D + 15) / 16 * 16;  // padded head size: the mma's k step
     constexpr int C = DP / 8;               // 16-byte chunks per row
     constexpr int BK = DP <= 128 ? 64 : 32; // keys per tile
@@ -89,8 +92,8 @@ __device__ void attention_v2_body(const bf16* qkv, bf16* out, const int* tiles, 
     // Which rows: group geometry as the host computes it (launch.rs attention_v2_grid).
     const int group = heads / kv_heads, G = min(group, AV2_ROWS), hc = (group + G - 1) / G;
     const int Qt = AV2_ROWS / G, S = (AV2_TILE + Qt - 1) / Qt;
-    const int kvh = blockIdx.y / (hc * S), chunk = blockIdx.y % (hc * S) / S, sub = blockIdx.y % S;
-    const int seg = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
+    const int kvh = by / (hc * S), chunk = by % (hc * S) / S, sub = by % S;
+    const int seg = tiles[2 * tile], q0 = tiles[2 * tile + 1];
     const KeyRange kr = key_range(cu_seqlens, prefix_of, seg);
     const int P = kr.P;
     const int qb = q0 + sub * Qt, qb_end = min(qb + Qt, min(q0 + AV2_TILE, kr.len));
@@ -207,26 +210,106 @@ __device__ void attention_v2_body(const bf16* qkv, bf16* out, const int* tiles, 
         __syncthreads();  // everyone is done with buffer `buf` before iteration it + 1 refills it
     }
 
+    // O rows → out (bf16); with `amax`, each row's |O| (of the bf16 values written) max-ed into
+    // its token's amax. Every lane of the warp reaches the shuffles (rvalid is per quad).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        if (!rvalid[r]) continue;
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         const int tok = kr.s0 + qb + rrow[r] / G, head = head0 + rrow[r] % G;
-        bf16* dst = out + (size_t)tok * heads * D + (size_t)head * D;
+        float mx = 0.0f;
+        if (rvalid[r]) {
+            bf16* dst = out + (size_t)tok * heads * D + (size_t)head * D;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-            *reinterpret_cast<unsigned*>(dst + j * 8 + 2 * t) = pack_floats(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+            for (int j = 0; j < D / 8; ++j) {
+                const unsigned u = pack_floats(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+                *reinterpret_cast<unsigned*>(dst + j * 8 + 2 * t) = u;
+                mx = fmaxf(mx, fmaxf(fabsf(__uint_as_float(u << 16)), fabsf(__uint_as_float(u & 0xffff0000u))));
+            }
+        }
+        if (amax) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // Floats ≥ 0 order like their bit patterns: an integer max is the float max.
+            if (rvalid[r] && t == 0) atomicMax(amax + tok, __float_as_uint(mx));
+        }
     }
 }
 
+// The attention output's per-token FP8 quantization, fused ("last block quantizes", the CUDA
+// threadFenceReduction pattern). A token's scale spans all its heads, which several blocks
+// compute: each block has max-ed its rows' |O| into amax[token] (above); it then counts itself
+// in arrived[tile] after a fence, and the block that arrives last for a schedule tile (all
+// blocks of the tile, those past the segment's end included) quantizes the tile's
+// tokens, reading O back from L2, with quant_rows_bf16's arithmetic (scale = max(amax, 1e-12) /
+// 448, q = e4m3(x / scale)), then zeroes the tile's amax and counter for the next launch. The
+// max does not depend on the blocks' order, so q and q_scale equal quant_rows_bf16 of the same
+// O bit for bit. Each token lies in exactly one schedule tile.
+// CPU mirror: src/engine/reference/attn_quant.rs.
+// Not inlined: inlined, ptxas spilled 12 bytes at d16 on sm_89 (NVRTC 13.0); apart, every head
+// size compiles without spills (tests/nvrtc_compile.rs).
+// The grid is tile-major here (grid = (blocks per tile, tiles)), so a tile's blocks run close
+// together and the tile's O is still in L2 when its last block reads it back.
+__device__ __noinline__ void attention_v2_quantize_tile(const bf16* out, int width, const int* tiles, const int* cu_seqlens,
+                                           fp8* q, float* q_scale, unsigned* amax, unsigned* arrived, int tile,
+                                           unsigned blocks) {
+    __shared__ bool last;
+    __threadfence();  // this thread's O and amax writes are visible device-wide before the count
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(arrived + tile, 1u) == blocks - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int seg = tiles[2 * tile], q0 = tiles[2 * tile + 1];
+    const int s0 = cu_seqlens[seg], end = min(q0 + AV2_TILE, cu_seqlens[seg + 1] - s0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool vec = width % 8 == 0 && aligned16(out) && ((size_t)q & 7) == 0;
+    // One warp per token row; O and amax come from L2 (__ldcg): other blocks wrote them.
+    for (int tok = s0 + q0 + warp; tok < s0 + end; tok += AV2_WARPS) {
+        const float scale = fmaxf(__uint_as_float(__ldcg(amax + tok)), MIN_AMAX) / E4M3_MAX;
+        const bf16* x = out + (size_t)tok * width;
+        fp8* qr = q + (size_t)tok * width;
+        int done = 0;
+        if (vec) {
+            for (int c = lane; c < width / 8; c += 32) {
+                float f[8];
+                unpack8(__ldcg(reinterpret_cast<const uint4*>(x) + c), f);
+                unsigned lo = 0, hi = 0;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    lo |= (unsigned)to_e4m3(f[k] / scale) << (8 * k);
+                    hi |= (unsigned)to_e4m3(f[k + 4] / scale) << (8 * k);
+                }
+                reinterpret_cast<uint2*>(qr)[c] = make_uint2(lo, hi);
+            }
+            done = width;
+        }
+        for (int i = done + lane; i < width; i += 32) {
+            const unsigned short b = __ldcg(reinterpret_cast<const unsigned short*>(x) + i);
+            qr[i] = to_e4m3(__uint_as_float((unsigned)b << 16) / scale);
+        }
+        if (lane == 0) q_scale[tok] = scale;
+    }
+    __syncthreads();  // every warp has read its rows' amax
+    for (int tok = s0 + q0 + threadIdx.x; tok < s0 + end; tok += blockDim.x) amax[tok] = 0u;
+    if (threadIdx.x == 0) arrived[tile] = 0u;
+}
+
+// q == null: bf16 output only; grid = (tiles, blocks per tile). Else also the per-token E4M3
+// output q [tokens, heads * D] and q_scale [tokens] (attention_v2_quantize_tile), with amax
+// [tokens] and arrived [num_tiles] zero at launch (they are left zero); grid = (blocks per
+// tile, tiles).
 #define ATTENTION_V2_KERNEL(D)                                                                                  \
     extern "C" __global__ void __launch_bounds__(AV2_WARPS * 32) attention_v2_d##D##_bf16(                      \
         const bf16* qkv /* [tokens, qkv_stride] */, bf16* out /* [tokens, heads * D] */,                        \
         const int* tiles /* [num_tiles, 2] */, const int* cu_seqlens /* [segments + 1] */,                      \
         const int* prefix_of /* [segments] or null */, int qkv_stride, int heads, int kv_heads,                 \
-        float softmax_scale, int window) {                                                                      \
+        float softmax_scale, int window, fp8* q /* [tokens, heads * D] or null */,                              \
+        float* q_scale /* [tokens] */, unsigned* amax /* [tokens] */, unsigned* arrived /* [num_tiles] */) {    \
+        const int tile = q ? blockIdx.y : blockIdx.x, by = q ? blockIdx.x : blockIdx.y;                         \
         attention_v2_body<D>(qkv, out, tiles, cu_seqlens, prefix_of, qkv_stride, heads, kv_heads, softmax_scale, \
-                             window);                                                                           \
+                             window, q ? amax : nullptr, tile, by);                                             \
+        if (q) attention_v2_quantize_tile(out, heads * D, tiles, cu_seqlens, q, q_scale, amax, arrived, tile,    \
+                                          gridDim.x);                                                           \
     }
 
 ATTENTION_V2_KERNEL(16)

@@ -7,6 +7,14 @@
 // CPU mirror: c = bf16(cos(p·f)), s = bf16(sin(p·f)); x1' = bf16(bf16(x1·c) − bf16(x2·s)),
 // x2' = bf16(bf16(x2·c) + bf16(x1·s)).
 
+// One rotated pair (x1, x2) at `angle`, rounded as the CPU mirror; also the rotary half of
+// fp8.cu's scale epilogue, so the fused and unfused paths share one arithmetic.
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float angle, float& y1, float& y2) {
+    const float c = bfr(cosf(angle)), s = bfr(sinf(angle));
+    y1 = bfr(x1 * c) - bfr(x2 * s);
+    y2 = bfr(x2 * c) + bfr(x1 * s);
+}
+
 __device__ void rotary_body(bf16* x, int tokens, int heads, int head_dim, int row_stride, int rot_dim,
                             const unsigned int* positions, const float* inv_freq) {
     const int half = rot_dim / 2;
@@ -26,10 +34,7 @@ __device__ void rotary_body(bf16* x, int tokens, int heads, int head_dim, int ro
             unpack8(*reinterpret_cast<const uint4*>(p + i0 + half), x2);
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
-                const float angle = (float)positions[t] * inv_freq[i0 + k];
-                const float c = bfr(cosf(angle)), s = bfr(sinf(angle));
-                y1[k] = bfr(x1[k] * c) - bfr(x2[k] * s);
-                y2[k] = bfr(x2[k] * c) + bfr(x1[k] * s);
+                rotate_pair(x1[k], x2[k], (float)positions[t] * inv_freq[i0 + k], y1[k], y2[k]);
             }
             *reinterpret_cast<uint4*>(p + i0) = pack8(y1);
             *reinterpret_cast<uint4*>(p + i0 + half) = pack8(y2);
@@ -43,12 +48,11 @@ __device__ void rotary_body(bf16* x, int tokens, int heads, int head_dim, int ro
         const long long th = idx / half;
         const int h = (int)(th % heads);
         const int t = (int)(th / heads);
-        const float angle = (float)positions[t] * inv_freq[i];
-        const float c = bfr(cosf(angle)), s = bfr(sinf(angle));
         bf16* p = x + (size_t)t * row_stride + (size_t)h * head_dim;
-        const float x1 = bf(p[i]), x2 = bf(p[i + half]);
-        p[i] = to_bf(bfr(x1 * c) - bfr(x2 * s));
-        p[i + half] = to_bf(bfr(x2 * c) + bfr(x1 * s));
+        float y1, y2;
+        rotate_pair(bf(p[i]), bf(p[i + half]), (float)positions[t] * inv_freq[i], y1, y2);
+        p[i] = to_bf(y1);
+        p[i + half] = to_bf(y2);
     }
 }
 

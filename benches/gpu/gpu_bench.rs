@@ -221,10 +221,28 @@ fn check_fp8_small(c: &mut Check, rng: &mut Rng, t: usize) -> Result<()> {
     let (rs, cs, bias) = (rng.vec(t, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
     let (drs, dcs, dbias) = (c.upload(&rs)?, c.upload(&cs)?, c.upload(&bias)?);
     let y = c.upload_bf16(&a)?;
-    dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr)?;
+    dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr, None)?;
     let mut want = a.clone();
     r::scale_epilogue(&mut want, n, &rs, &cs, Some(&bias));
     c.report("scale_epilogue_bf16", r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    // With rotary fused (the QKV projection's epilogue): a QKV row of 6 q/k heads and 2 v heads
+    // of 128, partial (64) and full rotary, against the epilogue then rotary_bf16's reference;
+    // exact equality is expected, the tolerance is the other kernels'.
+    for rot in [64usize, 128] {
+        let (heads, d) = (6usize, 128usize);
+        let n = (heads + 2) * d;
+        let (a, rs, cs, bias) = (rng.vec(t * n, 3.0), rng.vec(t, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let pos: Vec<u32> = (0..t as u32).map(|i| (i * 977) % 70000).collect();
+        let inv = scorestream::model::rope::inv_freq(500_000.0, rot, &scorestream::model::config::RopeScaling::None);
+        let (drs, dcs, dbias, dp, di) = (c.upload(&rs)?, c.upload(&cs)?, c.upload(&bias)?, c.upload(&pos)?, c.upload(&inv)?);
+        let y = c.upload_bf16(&a)?;
+        let fused = scorestream::engine::cuda::launch::Rotary { heads, head_dim: d, rot_dim: rot, positions: dp.ptr, inv_freq: di.ptr };
+        dev.scale_epilogue(y.ptr, t, n, drs.ptr, dcs.ptr, dbias.ptr, Some(&fused))?;
+        let mut want = a.clone();
+        r::scale_epilogue(&mut want, n, &rs, &cs, Some(&bias));
+        r::rotary(&mut want, t, heads, d, n, rot, &pos, &inv);
+        c.report(&format!("scale_epilogue_bf16/rotary{rot}"), r::rel_err(&c.bf16_out(y.ptr, t * n)?, &want), 1e-2);
+    }
     Ok(())
 }
 
@@ -308,12 +326,49 @@ fn check_attention(c: &mut Check, rng: &mut Rng) -> Result<()> {
             kv_heads: s.kv_heads,
             head_dim: s.head_dim,
             window: s.window,
+            quant: None,
         };
         dev.attention(case.kernel, &args)?;
         let name = attention_kernel(case.kernel, s.head_dim).map_err(anyhow::Error::msg)?;
-        let err = r::rel_err(&c.bf16_out(out.ptr, want.len())?, want);
-        c.report(&format!("{name}/{layout}/heads{}kv{}/window{}", s.heads, s.kv_heads, s.window), err, 1e-2);
+        let got = c.bf16_out(out.ptr, want.len())?;
+        let label = format!("{name}/{layout}/heads{}kv{}/window{}", s.heads, s.kv_heads, s.window);
+        c.report(&label, r::rel_err(&got, want), 1e-2);
+        if case.kernel == AttentionKernel::V2 {
+            check_attention_quant(c, &args, &got, want, &label, tiles.len() / 2)?;
+        }
     }
+    Ok(())
+}
+
+/// Attention v2 with its output quantized in the kernel ("last block quantizes"), launched
+/// twice on the same bookkeeping (so the second launch relies on the first leaving it zero):
+/// the bf16 output must equal the unfused launch's, the E4M3 codes and scales must equal
+/// `quant_rows_bf16`'s arithmetic (the CPU's) on that output exactly, and the dequantized rows
+/// must be within the FP8 tolerance of the reference.
+fn check_attention_quant(c: &mut Check, args: &scorestream::engine::cuda::launch::AttnArgs, got: &[f32], want: &[f32], label: &str,
+                         tiles: usize) -> Result<()> {
+    let dev = c.dev;
+    let (tokens, width) = (got.len() / (args.heads * args.head_dim), args.heads * args.head_dim);
+    let (q, qs, out) = (c.poisoned(tokens * width)?, c.poisoned(tokens * 4)?, c.poisoned(tokens * width * 2)?);
+    let (amax, arrived) = (c.upload(&vec![0u32; tokens])?, c.upload(&vec![0u32; tiles])?);
+    let quant = scorestream::engine::cuda::launch::AttnQuant { q: q.ptr, q_scale: qs.ptr, amax: amax.ptr, arrived: arrived.ptr };
+    let fused = scorestream::engine::cuda::launch::AttnArgs { out: out.ptr, quant: Some(quant), ..*args };
+    dev.attention(AttentionKernel::V2, &fused)?;
+    dev.fill_bytes(q.ptr, tokens * width, 0xFF)?;
+    dev.fill_bytes(qs.ptr, tokens * 4, 0xFF)?;
+    dev.attention(AttentionKernel::V2, &fused)?;
+    let o = c.bf16_out(out.ptr, got.len())?;
+    let same_o = o.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
+    let (codes, scales) = (dev.download::<u8>(q.ptr, tokens * width)?, dev.download::<f32>(qs.ptr, tokens)?);
+    let (want_codes, want_scales) = fp8::quantize_rows(&o, width);
+    let left: Vec<u32> = dev.download::<u32>(amax.ptr, tokens)?.into_iter().chain(dev.download::<u32>(arrived.ptr, tiles)?).collect();
+    let wrong = codes.iter().zip(&want_codes).filter(|(a, b)| a != b).count()
+        + scales.iter().zip(&want_scales).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+        + usize::from(!same_o) * o.len()
+        + left.iter().filter(|&&v| v != 0).count();
+    c.report(&format!("{label}/fp8_exact"), wrong as f64 / (codes.len() + scales.len()) as f64, 0.0);
+    let e = c.fp8_err(q.ptr, qs.ptr, tokens, width, want)?;
+    c.report(&format!("{label}/fp8"), e, 7e-2);
     Ok(())
 }
 
@@ -413,6 +468,7 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
                 Precision::Bf16 => vec![("cpu_bf16", cpu(bf16, false)?), ("cpu_f32", cpu(f32, false)?)],
             };
             let gated = wants[0].0;
+            let gated_want = wants[0].1.clone();
             for (label, want) in wants {
                 let diff = gpu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -421,6 +477,11 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
                 ok &= pass;
                 println!(r#"{{"kind":"parity","fixture":"{name}","precision":"{p}","against":"{label}","seqs":{},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#, seqs.len());
             }
+            // FP8 with attention v2: its output quantized inside the kernel (the fused
+            // "last block quantizes" path), against the same gated row.
+            if *precision == Precision::Fp8 {
+                ok &= fp8_v2_parity(&name, &f32_vb, &cfg, &packed, &gated_want, gated)?;
+            }
             // The tree rows in bf16 only (every GPU from sm_80), to keep the step short.
             if *precision == Precision::Bf16 {
                 ok &= tree_parity(&name, &weights, &cfg, &seqs, *precision)?;
@@ -428,6 +489,32 @@ fn parity(fixtures: &std::path::Path, precisions: &[Precision]) -> Result<bool> 
         }
     }
     Ok(ok)
+}
+
+/// The CUDA stage in FP8 with attention v2 (the attention output quantized per token inside
+/// the kernel) on the plain batch, against `want`, the gated CPU row of [`parity`].
+fn fp8_v2_parity(name: &str, f32_vb: &scorestream::model::weights::Vb, cfg: &scorestream::model::ArchConfig,
+                 packed: &scorestream::model::packed::Packed, want: &[f32], against: &str) -> Result<bool> {
+    use scorestream::engine::cuda::stage::{CudaStage, LoadPath};
+    use scorestream::model::stage::{Activations, StageOutput};
+    let seqs = packed.cu_seqlens.len().saturating_sub(1);
+    let gpu = match CudaStage::load(LoadPath::Device, 0, f32_vb, cfg, 0..cfg.num_layers, 0, None, Precision::Fp8, packed.num_tokens().max(1), seqs.max(1), AttentionKernel::V2) {
+        Ok(mut stage) => match stage.forward(packed, Activations::Tokens)? {
+            StageOutput::Scores(s) => s.iter().map(|s| s.reward).collect::<Vec<f32>>(),
+            StageOutput::Hidden(_) => bail!("the CUDA stage returned no scores"),
+        },
+        Err(e) => {
+            println!(r#"{{"kind":"parity","fixture":"{name}","precision":"fp8","attention":"v2","skipped":{}}}"#, json_str(&e.to_string()));
+            return Ok(true);
+        }
+    };
+    let diff = gpu.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let pass = gpu.iter().all(|v| v.is_finite()) && gpu.len() == want.len() && diff <= 2e-2 * scale + 1e-3;
+    println!(
+        r#"{{"kind":"parity","fixture":"{name}","precision":"fp8","attention":"v2","against":"{against}","seqs":{seqs},"max_abs_diff":{diff:.3e},"max_abs_reward":{scale:.3e},"pass":{pass}}}"#
+    );
+    Ok(pass)
 }
 
 // ---- tree layout and attention v2 through the engine (attn-v2) ----

@@ -146,14 +146,25 @@ pub fn kernel_times(dev: &GpuDevice, fp8: bool) -> Result<()> {
         kernel_line("quant_rows_bf16", t, ms, 3.0 * (t * s.attn_width()) as f64);
         let ones = dev.alloc(hid * 4)?;
         dev.upload(ones.ptr, &vec![1.0f32; hid])?;
-        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, ones.ptr, 0)?))?;
+        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(h, t, hid, qs, ones.ptr, 0, None)?))?;
         kernel_line("scale_epilogue_bf16", t, ms, 4.0 * th);
+        // The QKV projection's epilogue alone, and with rotary fused (same bytes: read and
+        // write each value once); against it, the epilogue then rotary_bf16.
+        let qkv_n = s.qkv_width();
+        let ones = dev.alloc(qkv_n * 4)?;
+        dev.upload(ones.ptr, &vec![1.0f32; qkv_n])?;
+        let qkv_bytes = 4.0 * (t * qkv_n) as f64;
+        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(qkv, t, qkv_n, qs, ones.ptr, 0, None)?))?;
+        kernel_line("scale_epilogue_bf16 (qkv)", t, ms, qkv_bytes);
+        let rot = scorestream::engine::cuda::launch::Rotary { heads: rot_heads, head_dim: s.head_dim, rot_dim: s.head_dim, positions: ws.at(p.positions), inv_freq: ws.inv_freq.ptr };
+        let ms = time_ms(dev, 2, 20, || Ok(dev.scale_epilogue(qkv, t, qkv_n, qs, ones.ptr, 0, Some(&rot))?))?;
+        kernel_line("scale_epilogue_bf16+rotary (qkv)", t, ms, qkv_bytes);
     }
     let ms = time_ms(dev, 2, 20, || Ok(dev.act_quant("swiglu_quant_bf16", up, t, s.inter, q8, 0, 0)?))?;
     kernel_line("swiglu_quant_bf16 (bf16 out)", t, ms, 6.0 * (t * s.inter) as f64);
     let ms = time_ms(dev, 2, 20, || Ok(dev.add(x, h, t * hid)?))?;
     kernel_line("add_bf16", t, ms, 6.0 * th);
-    attention_times(dev, &mut ws, &cu)
+    attention_times(dev, &mut ws, &cu, fp8)
 }
 
 // ---- attention kernels (attn-v2): each kernel alone, head size 128, causal ----
@@ -161,8 +172,9 @@ pub fn kernel_times(dev: &GpuDevice, fp8: bool) -> Result<()> {
 /// Each attention kernel (v1, v2) alone at the 70B shape (64 query heads, 8 KV heads, head
 /// size 128, causal) over 16,384 tokens: 512–4096-token sequences, and 4 sequences of 4096
 /// (the goal: ≥ 300 TFLOP/s on H100/H200), plus v2's tree layout (best-of-4 over a
-/// 3,072-token prompt, 1,024-token answers).
-fn attention_times(dev: &GpuDevice, ws: &mut Workspace, mixed: &[u32]) -> Result<()> {
+/// 3,072-token prompt, 1,024-token answers). With `fp8`, also v2 with its output quantized per
+/// token in the kernel (against it: v2, then `quant_rows_bf16` timed above).
+fn attention_times(dev: &GpuDevice, ws: &mut Workspace, mixed: &[u32], fp8: bool) -> Result<()> {
     use scorestream::engine::cuda::launch::{attention_kernel, AttentionKernel};
     let (s, t) = (LayerShape::LLAMA_70B, ws.tokens);
     let uniform: Vec<u32> = (0..=4u32).map(|i| i * 4096).collect();
@@ -170,15 +182,21 @@ fn attention_times(dev: &GpuDevice, ws: &mut Workspace, mixed: &[u32]) -> Result
         ws.set_batch(dev, &cu)?;
         let flops: f64 = cu.windows(2).map(|w| s.attention_flops((w[1] - w[0]) as usize)).sum();
         let tiles = attention_tiles(&cu).len();
-        for kernel in [AttentionKernel::V1, AttentionKernel::V2] {
-            let args = ws.attn_args(&s, 0);
+        for (kernel, quant) in [(AttentionKernel::V1, false), (AttentionKernel::V2, false), (AttentionKernel::V2, true)] {
+            if quant && !fp8 {
+                continue;
+            }
+            ws.attention = kernel;
+            let args = ws.attn_args(&s, 0, quant);
             let ms = time_ms(dev, 2, 10, || Ok(dev.attention(kernel, &args)?))?;
             let name = attention_kernel(kernel, s.head_dim).map_err(anyhow::Error::msg)?;
+            let name = if quant { format!("{name}+fp8") } else { name.to_owned() };
             println!(
                 r#"{{"kind":"kernel_time","kernel":"{name}","seqs":"{label}","tokens":{t},"tiles":{tiles},"ms":{ms:.4},"tflops":{:.1}}}"#,
                 flops / ms / 1e9
             );
         }
+        ws.attention = AttentionKernel::default();
     }
     // Tree layout: a 3,072-token prefix once, four 1,024-token suffixes after it (16,384 tokens
     // laid out as 7,168). FLOPs counted as the work done (each suffix over prefix + itself).
@@ -187,7 +205,7 @@ fn attention_times(dev: &GpuDevice, ws: &mut Workspace, mixed: &[u32]) -> Result
     ws.set_packed(dev, &packed)?;
     let flops = s.attention_flops(3072) + 4.0 * (s.attention_flops(4096) - s.attention_flops(3072));
     for kernel in [AttentionKernel::V1, AttentionKernel::V2] {
-        let args = ws.attn_args(&s, 0);
+        let args = ws.attn_args(&s, 0, false);
         let ms = time_ms(dev, 2, 10, || Ok(dev.attention(kernel, &args)?))?;
         let name = attention_kernel(kernel, s.head_dim).map_err(anyhow::Error::msg)?;
         println!(

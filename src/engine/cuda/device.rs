@@ -222,9 +222,11 @@ impl GpuDevice {
         self.run(launch::quant_rows(x, rows, cols, q, q_scale))
     }
 
-    /// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply them.
-    pub fn scale_epilogue(&self, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64) -> Result<()> {
-        self.run(launch::scale_epilogue(&self.limits(), y, rows, cols, rs, cs, bias))
+    /// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply
+    /// them; with `rot`, followed by rotary on its heads in the same pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scale_epilogue(&self, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64, rot: Option<&launch::Rotary>) -> Result<()> {
+        self.run(launch::scale_epilogue(&self.limits(), y, rows, cols, rs, cs, bias, rot))
     }
 
     /// `y = bf16(y + bf16(bias))` over `[rows, cols]` (f32 bias): a bf16 GEMM's bias.

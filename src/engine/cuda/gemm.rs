@@ -4,7 +4,8 @@
 //! `w`, f32 accumulation, the bias added by `add_bias_bf16`. FP8 per-channel scales use
 //! cuBLASLt's outer-vector scale mode when the library offers an algorithm for it; otherwise
 //! the GEMM runs unscaled and `scale_epilogue_bf16` applies both vectors (bf16 keeps its
-//! relative precision, so only one extra rounding).
+//! relative precision, so only one extra rounding). The QKV projection's rotary rides in that
+//! epilogue when it runs ([`Gemm::matmul_rotary`]).
 //!
 //! Layout: cuBLASLt is column-major and FP8 wants "TN" (bf16 uses the same). Row-major
 //! `w [n, k]` is a column-major `[k, n]`, used transposed as A (m = n); row-major `x [tokens, k]` is column-major
@@ -17,6 +18,7 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 
 use super::device::{DeviceBuf, GpuDevice};
+use super::launch::Rotary;
 use super::CudaError;
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -80,6 +82,26 @@ impl Gemm {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(&mut self, dev: &GpuDevice, x: u64, x_scale: u64, w: u64, w_scale: u64, y: u64, bias: u64,
                   tokens: usize, n: usize, k: usize) -> Result<ScaleMode> {
+        self.matmul_then(dev, x, x_scale, w, w_scale, y, bias, tokens, n, k, None)
+    }
+
+    /// [`Self::matmul`], then rotary on `rot`'s heads of `y`: inside the epilogue kernel when
+    /// the epilogue runs (one pass over `y` instead of two), else by `rotary_bf16` after
+    /// cuBLASLt applied the scales. Either way `y` ends as the epilogue then `rotary_bf16`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_rotary(&mut self, dev: &GpuDevice, x: u64, x_scale: u64, w: u64, w_scale: u64, y: u64, bias: u64,
+                         tokens: usize, n: usize, k: usize, rot: &Rotary) -> Result<ScaleMode> {
+        let mode = self.matmul_then(dev, x, x_scale, w, w_scale, y, bias, tokens, n, k, Some(rot))?;
+        if mode == ScaleMode::OuterVector {
+            dev.rotary(y, tokens, rot.heads, rot.head_dim, n, rot.rot_dim, rot.positions, rot.inv_freq)?;
+        }
+        Ok(mode)
+    }
+
+    /// [`Self::matmul`] with `rot` fused into the epilogue when the epilogue runs.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_then(&mut self, dev: &GpuDevice, x: u64, x_scale: u64, w: u64, w_scale: u64, y: u64, bias: u64,
+                   tokens: usize, n: usize, k: usize, rot: Option<&Rotary>) -> Result<ScaleMode> {
         if tokens == 0 {
             return Ok(ScaleMode::OuterVector);
         }
@@ -99,10 +121,10 @@ impl Gemm {
             // epilogue from now on.
             tracing::warn!(error = %e, "cuBLASLt refused outer-vector FP8 scales; using the epilogue kernel");
             self.prefer_outer_vector = false;
-            return self.matmul(dev, x, x_scale, w, w_scale, y, bias, tokens, n, k);
+            return self.matmul_then(dev, x, x_scale, w, w_scale, y, bias, tokens, n, k, rot);
         }
         if mode == ScaleMode::Epilogue {
-            dev.scale_epilogue(y, tokens, n, x_scale, w_scale, bias)?;
+            dev.scale_epilogue(y, tokens, n, x_scale, w_scale, bias, rot)?;
         }
         Ok(mode)
     }

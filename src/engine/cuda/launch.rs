@@ -173,9 +173,33 @@ pub fn quant_rows(x: u64, rows: usize, cols: usize, q: u64, q_scale: u64) -> Pla
     one_per_row("quant_rows_bf16", rows, cols, args, 0)
 }
 
-/// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply them.
-pub fn scale_epilogue(limits: &Limits, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64) -> Planned {
-    let args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(rs), Arg::Ptr(cs), Arg::Ptr(bias)];
+/// Rotary over the first `heads` heads of each row (rotate_half layout, `rot_dim` of each
+/// head's `head_dim` dims), as [`rotary`] applies it: what a fused epilogue rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotary {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub rot_dim: usize,
+    /// `[rows]` u32.
+    pub positions: u64,
+    /// `[rot_dim / 2]` f32.
+    pub inv_freq: u64,
+}
+
+/// `y = bf16(bf16(y · rs · cs) + bias)`: the FP8 GEMM's scales when cuBLASLt cannot apply them;
+/// with `rot`, rotary on its heads in the same pass (equal to [`rotary`] afterwards).
+#[allow(clippy::too_many_arguments)]
+pub fn scale_epilogue(limits: &Limits, y: u64, rows: usize, cols: usize, rs: u64, cs: u64, bias: u64, rot: Option<&Rotary>) -> Planned {
+    let mut args = vec![Arg::Ptr(y), Arg::I64(rows as i64), i32_of(cols, "cols")?, Arg::Ptr(rs), Arg::Ptr(cs), Arg::Ptr(bias)];
+    match rot {
+        Some(r) => {
+            if r.rot_dim > r.head_dim || r.rot_dim % 2 != 0 || r.heads * r.head_dim > cols {
+                return Err(format!("rotary over {} of {} dims of {} heads in rows of {cols}", r.rot_dim, r.head_dim, r.heads));
+            }
+            args.extend([i32_of(r.heads, "heads")?, i32_of(r.head_dim, "head_dim")?, i32_of(r.rot_dim, "rot_dim")?, Arg::Ptr(r.positions), Arg::Ptr(r.inv_freq)]);
+        }
+        None => args.extend([Arg::I32(0), Arg::I32(1), Arg::I32(0), Arg::Ptr(0), Arg::Ptr(0)]),
+    }
     strided("scale_epilogue_bf16", limits, rows * cols, args)
 }
 
@@ -214,6 +238,23 @@ pub struct AttnArgs {
     pub head_dim: usize,
     /// Sliding window in tokens, 0 for none.
     pub window: usize,
+    /// Also write the output quantized per token (attention v2 only).
+    pub quant: Option<AttnQuant>,
+}
+
+/// The attention output's per-token FP8 quantization, fused into attention v2: where it goes
+/// and the kernel's bookkeeping, which must be zero at launch and is left zero (the workspace
+/// zeroes it once, [`super::plan::BufferPlan::attn_amax`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnQuant {
+    /// `[tokens, heads · head_dim]` E4M3.
+    pub q: u64,
+    /// `[tokens]` f32.
+    pub q_scale: u64,
+    /// `[tokens]` u32: each token's |O| max (f32 bits) while its tile is in flight.
+    pub amax: u64,
+    /// `[num_tiles]` u32: the blocks of each tile that are done.
+    pub arrived: u64,
 }
 
 /// Dynamic shared memory of `attention_varlen_d*_bf16` for `head_dim` (mirrors
@@ -276,7 +317,8 @@ pub fn attention_kernel(kernel: AttentionKernel, head_dim: usize) -> Result<&'st
     })
 }
 
-/// Causal varlen attention (tree layout when `a.prefix_of` is set) with `kernel`.
+/// Causal varlen attention (tree layout when `a.prefix_of` is set) with `kernel`; grid
+/// `(tiles, blocks per tile)`, or `(blocks per tile, tiles)` with v2's fused quantization.
 pub fn attention(limits: &Limits, kernel: AttentionKernel, a: &AttnArgs) -> Planned {
     if a.num_tiles == 0 {
         return Ok(None);
@@ -289,14 +331,21 @@ pub fn attention(limits: &Limits, kernel: AttentionKernel, a: &AttnArgs) -> Plan
     if a.qkv_stride % 8 != 0 || a.qkv_stride < (a.heads + 2 * a.kv_heads) * a.head_dim {
         return Err(format!("qkv rows of {} elements do not hold {} heads of {} in 16-byte steps", a.qkv_stride, a.heads + 2 * a.kv_heads, a.head_dim));
     }
+    if kernel == AttentionKernel::V1 && a.quant.is_some() {
+        return Err("attention v1 does not quantize its output (quant_rows_bf16 does)".into());
+    }
     let (bytes, grid_y, what) = match kernel {
         AttentionKernel::V1 => (attention_smem(a.head_dim), a.heads, "attention"),
         AttentionKernel::V2 => (attention_v2_smem(a.head_dim), attention_v2_grid_y(a.heads, a.kv_heads), "attention v2"),
     };
     let smem = smem(limits, bytes, what)?;
-    let grid_y = u32::try_from(grid_y).ok().filter(|&h| h <= 65_535).ok_or_else(|| format!("{what}: grid.y of {grid_y} exceeds 65535"))?;
-    let tiles_x = u32::try_from(a.num_tiles).map_err(|_| format!("{} attention tiles exceed one grid", a.num_tiles))?;
-    let args = vec![
+    // Tile-major with the fused quantization (a tile's blocks close together, so its last
+    // block reads O back from L2): blocks per tile along x, tiles along y.
+    let (per_tile, tiles) = (grid_y, a.num_tiles);
+    let (gx, gy) = if a.quant.is_some() { (per_tile, tiles) } else { (tiles, per_tile) };
+    let grid_y = u32::try_from(gy).ok().filter(|&h| h <= 65_535).ok_or_else(|| format!("{what}: grid.y of {gy} exceeds 65535"))?;
+    let tiles_x = u32::try_from(gx).map_err(|_| format!("{what}: grid.x of {gx} exceeds one grid"))?;
+    let mut args = vec![
         Arg::Ptr(a.qkv),
         Arg::Ptr(a.out),
         Arg::Ptr(a.tiles),
@@ -308,6 +357,10 @@ pub fn attention(limits: &Limits, kernel: AttentionKernel, a: &AttnArgs) -> Plan
         Arg::F32(1.0 / (a.head_dim as f32).sqrt()),
         i32_of(a.window, "window")?,
     ];
+    if kernel == AttentionKernel::V2 {
+        let qz = a.quant.unwrap_or(AttnQuant { q: 0, q_scale: 0, amax: 0, arrived: 0 });
+        args.extend([Arg::Ptr(qz.q), Arg::Ptr(qz.q_scale), Arg::Ptr(qz.amax), Arg::Ptr(qz.arrived)]);
+    }
     Ok(Some(Launch { kernel: name, args, grid: (tiles_x, grid_y), block: 128, smem }))
 }
 

@@ -103,7 +103,7 @@ const V2_HEAD_DIMS: [usize; 9] = [16, 24, 32, 64, 80, 96, 128, 192, 256];
 /// An attention call with placeholder pointers.
 fn attn(num_tiles: usize, heads: usize, kv_heads: usize, head_dim: usize, window: usize) -> AttnArgs {
     let qkv_stride = (heads + 2 * kv_heads) * head_dim;
-    AttnArgs { qkv: 1, out: 2, tiles: 3, num_tiles, cu_seqlens: 4, prefix_of: 5, qkv_stride, heads, kv_heads, head_dim, window }
+    AttnArgs { qkv: 1, out: 2, tiles: 3, num_tiles, cu_seqlens: 4, prefix_of: 5, qkv_stride, heads, kv_heads, head_dim, window, quant: None }
 }
 
 /// One launch of every kernel, through the launchers the engine calls.
@@ -117,7 +117,8 @@ fn every_launch() -> Vec<Launch> {
         head_norm_rotary(l, 1, 16, 64, 8, 128, 10240, 2, 3, 1e-6, 64, 4, 5),
         add(l, 1, 2, 1000),
         quant_rows(1, 4, 8192, 2, 3),
-        scale_epilogue(l, 1, 4, 8192, 2, 3, 0),
+        scale_epilogue(l, 1, 4, 8192, 2, 3, 0, None),
+        scale_epilogue(l, 1, 4, 10240, 2, 3, 4, Some(&Rotary { heads: 72, head_dim: 128, rot_dim: 64, positions: 5, inv_freq: 6 })),
         add_bias(l, 1, 4, 8192, 2),
         gather_rows(l, 1, 100, 8192, 2, 4, 3),
         fill_uniform(l, false, 1, 1000, 7, 1.0),
@@ -133,6 +134,8 @@ fn every_launch() -> Vec<Launch> {
     for d in V2_HEAD_DIMS {
         all.push(attention(l, AttentionKernel::V2, &attn(10, 64, 8, d, 0)));
     }
+    let quant = Some(AttnQuant { q: 6, q_scale: 7, amax: 8, arrived: 9 });
+    all.push(attention(l, AttentionKernel::V2, &AttnArgs { quant, ..attn(10, 64, 8, 128, 0) }));
     all.into_iter().map(|p| p.expect("plannable").expect("work to do")).collect()
 }
 
@@ -160,7 +163,10 @@ fn the_signature_parser_sees_types_and_macros() {
     );
     assert_eq!(signatures(&src), vec![("k".into(), vec![Kind::Ptr, Kind::I64, Kind::U8, Kind::F32]), ("k_d##D##_x".into(), vec![Kind::I32, Kind::U64])]);
     assert!(kernel_table()["attention_varlen_d128_bf16"].len() == 10);
-    assert_eq!(kernel_table()["attention_varlen_d128_bf16"], kernel_table()["attention_v2_d24_bf16"]);
+    // v2 takes v1's parameters, then the fused quantization's four pointers.
+    let v2 = &kernel_table()["attention_v2_d24_bf16"];
+    assert_eq!(v2[..10], kernel_table()["attention_varlen_d128_bf16"][..]);
+    assert_eq!(v2[10..], [Kind::Ptr; 4]);
 }
 
 #[test]
@@ -172,6 +178,17 @@ fn launches_are_clamped_and_bad_shapes_refused() {
     assert!(attention(l, AttentionKernel::V1, &attn(5, 64, 8, 96, 0)).unwrap_err().contains("head_dim"));
     assert!(attention(l, AttentionKernel::V2, &attn(5, 64, 8, 40, 0)).unwrap_err().contains("head_dim"));
     assert_eq!(attention(l, AttentionKernel::V1, &attn(0, 64, 8, 128, 0)), Ok(None));
+    // The fused FP8 output: v2 passes its buffers (null without it); v1 refuses it.
+    let quant = Some(AttnQuant { q: 6, q_scale: 7, amax: 8, arrived: 9 });
+    let fused = attention(l, AttentionKernel::V2, &AttnArgs { quant, ..attn(5, 64, 8, 128, 0) }).unwrap().unwrap();
+    assert_eq!(fused.args[10..], [Arg::Ptr(6), Arg::Ptr(7), Arg::Ptr(8), Arg::Ptr(9)]);
+    // Tile-major: blocks of a tile along x (64 for 64/8 heads), tiles along y.
+    assert_eq!(fused.grid, (64, 5));
+    let many = AttnArgs { quant, ..attn(70_000, 64, 8, 128, 0) };
+    assert!(attention(l, AttentionKernel::V2, &many).unwrap_err().contains("grid.y of 70000"));
+    let plain = attention(l, AttentionKernel::V2, &attn(5, 64, 8, 128, 0)).unwrap().unwrap();
+    assert_eq!((plain.args[10..].to_vec(), plain.grid), (vec![Arg::Ptr(0); 4], (5, 64)));
+    assert!(attention(l, AttentionKernel::V1, &AttnArgs { quant, ..attn(5, 64, 8, 128, 0) }).unwrap_err().contains("v1"));
     let unaligned = AttnArgs { qkv_stride: 10241, ..attn(5, 64, 8, 128, 0) };
     assert!(attention(l, AttentionKernel::V2, &unaligned).unwrap_err().contains("16-byte"));
     let small = Limits { max_blocks: 8, max_dynamic_smem: 48 * 1024 };
@@ -180,6 +197,13 @@ fn launches_are_clamped_and_bad_shapes_refused() {
     assert_eq!((big.grid, big.block), ((8, 1), 256));
     assert!(rotary(l, 1, 1 << 31, 1, 128, 128, 128, 2, 3).unwrap_err().contains("tokens"));
     assert!(head_norm_rotary(l, 1, 16, 64, 8, 128, 10240, 2, 3, 1e-6, 130, 4, 5).unwrap_err().contains("rotary"));
+    // The fused epilogue's rotary: its heads inside the row, an even rot_dim within a head.
+    let rot = Rotary { heads: 72, head_dim: 128, rot_dim: 128, positions: 5, inv_freq: 6 };
+    assert!(scale_epilogue(l, 1, 4, 10240, 2, 3, 0, Some(&rot)).is_ok());
+    assert!(scale_epilogue(l, 1, 4, 9000, 2, 3, 0, Some(&rot)).unwrap_err().contains("rows of 9000"));
+    assert!(scale_epilogue(l, 1, 4, 10240, 2, 3, 0, Some(&Rotary { rot_dim: 63, ..rot })).unwrap_err().contains("rotary"));
+    let plain = scale_epilogue(l, 1, 4, 10240, 2, 3, 0, None).unwrap().unwrap();
+    assert_eq!(plain.args[6..], [Arg::I32(0), Arg::I32(1), Arg::I32(0), Arg::Ptr(0), Arg::Ptr(0)], "no rotary: zero heads");
 }
 
 /// Most dynamic shared memory per block (opt-in) of each architecture the kernels are built
@@ -235,6 +259,8 @@ fn v2_blocks_cover_every_query_of_every_head_once() {
             let grid_y = attention_v2_grid_y(heads, kv);
             for q0 in (0..len).step_by(64) {
                 for y in 0..grid_y {
+                    // The CPU emulation of the fused FP8 output walks the same rows.
+                    assert_eq!(crate::engine::reference::attn_quant::v2_block_rows(heads, kv, y, q0, len), v2_rows(heads, kv, y, q0, len));
                     for (tok, head) in v2_rows(heads, kv, y, q0, len) {
                         assert!(tok < len && head < heads && tok >= q0 && tok < q0 + 64, "{heads}/{kv} len {len}: ({tok}, {head})");
                         // A row's head reads its own group's K/V head.

@@ -10,7 +10,7 @@
 
 use super::device::{DeviceBuf, GpuDevice};
 use super::gemm::Gemm;
-use super::launch::{AttentionKernel, AttnArgs};
+use super::launch::{AttentionKernel, AttnArgs, AttnQuant, Rotary};
 use super::plan::{attention_tiles, attention_tiles_tree, max_segments, max_tiles, plan_buffers, BufferPlan, LayerShape};
 use super::precision::Precision;
 use super::CudaError;
@@ -184,6 +184,10 @@ impl Workspace {
     pub fn new(dev: &GpuDevice, shape: &LayerShape, max_tokens: usize, max_seqs: usize, inv_freq: &[f32], precision: Precision) -> Result<Self> {
         let plan = plan_buffers(shape, max_tokens, max_seqs, precision);
         let arena = dev.alloc(plan.total)?;
+        // Attention v2's fused quantization finds its bookkeeping zero and leaves it so.
+        for r in [plan.attn_amax, plan.attn_arrived] {
+            dev.fill_bytes(arena.at(r.offset), r.bytes, 0)?;
+        }
         let inv = dev.alloc(inv_freq.len() * 4)?;
         dev.upload(inv.ptr, inv_freq)?;
         Ok(Self { plan, arena, inv_freq: inv, tokens: 0, seqs: 0, tiles: 0, tree: false, attention: AttentionKernel::default() })
@@ -216,9 +220,17 @@ impl Workspace {
         Ok(())
     }
 
-    /// The attention call of a layer of `shape` over the current batch.
-    pub fn attn_args(&self, shape: &LayerShape, window: usize) -> AttnArgs {
+    /// The attention call of a layer of `shape` over the current batch; with `fp8`, attention
+    /// v2 also writes its output quantized per token into `q8` / `q_scale` (the o projection's
+    /// input), where v1 leaves that to `quant_rows_bf16` ([`Self::fuses_attn_quant`]).
+    pub fn attn_args(&self, shape: &LayerShape, window: usize, fp8: bool) -> AttnArgs {
         let p = &self.plan;
+        let quant = (fp8 && self.fuses_attn_quant()).then(|| AttnQuant {
+            q: self.at(p.q8),
+            q_scale: self.at(p.q_scale),
+            amax: self.at(p.attn_amax),
+            arrived: self.at(p.attn_arrived),
+        });
         AttnArgs {
             qkv: self.at(p.qkv),
             out: self.at(p.attn),
@@ -231,7 +243,13 @@ impl Workspace {
             kv_heads: shape.kv_heads,
             head_dim: shape.head_dim,
             window,
+            quant,
         }
+    }
+
+    /// Whether the attention kernel quantizes its own output (v2) for an FP8 o projection.
+    pub fn fuses_attn_quant(&self) -> bool {
+        self.attention == AttentionKernel::V2
     }
 }
 
@@ -319,19 +337,30 @@ pub fn forward(dev: &GpuDevice, gemm: &mut Gemm, cfg: &LayerConfig, w: &LayerWei
     let [qkv_w, o_w, up_w, down_w] = shape.linears();
     let res = if pending { h } else { 0 };
     dev.norm(cfg.ln1p, x, res, w.norm1.ptr, ptr(&w.norm1_bias), cfg.eps, t, shape.hidden, y, q, s)?;
-    linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
-    let rot_heads = shape.heads + shape.kv_heads;
-    let (positions, inv_freq) = (ws.at(p.positions), ws.inv_freq.ptr);
-    match &w.qk_norm {
+    let rot = Rotary { heads: shape.heads + shape.kv_heads, head_dim: shape.head_dim, rot_dim: cfg.rot_dim, positions: ws.at(p.positions), inv_freq: ws.inv_freq.ptr };
+    match (&w.qk_norm, w.precision) {
         // Qwen3: rotary fused into the head norm (one pass over q and k).
-        Some((qn, kn)) => dev.head_norm_rotary(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps,
-                                               cfg.rot_dim, positions, inv_freq)?,
-        None => dev.rotary(qkv, t, rot_heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, positions, inv_freq)?,
+        (Some((qn, kn)), _) => {
+            linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
+            dev.head_norm_rotary(qkv, t, shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_width(), qn.ptr, kn.ptr, cfg.eps,
+                                 cfg.rot_dim, rot.positions, rot.inv_freq)?
+        }
+        // FP8: rotary fused into the GEMM's scale epilogue when that runs.
+        (None, Precision::Fp8) => {
+            gemm.matmul_rotary(dev, xin, qs, w.w[0].ptr, w.scale[0].ptr, qkv, ptr(&w.bias[0]), t, qkv_w.0, qkv_w.1, &rot)?;
+        }
+        (None, Precision::Bf16) => {
+            linear(dev, gemm, w, 0, xin, qs, qkv, t, qkv_w)?;
+            dev.rotary(qkv, t, rot.heads, shape.head_dim, shape.qkv_width(), cfg.rot_dim, rot.positions, rot.inv_freq)?
+        }
     }
-    dev.attention(ws.attention, &ws.attn_args(shape, cfg.window))?;
+    let fp8 = w.precision == Precision::Fp8;
+    dev.attention(ws.attention, &ws.attn_args(shape, cfg.window, fp8))?;
     let o_in = match w.precision {
         Precision::Fp8 => {
-            dev.quant_rows(attn, t, shape.attn_width(), xin, qs)?;
+            if !ws.fuses_attn_quant() {
+                dev.quant_rows(attn, t, shape.attn_width(), xin, qs)?;
+            }
             xin
         }
         Precision::Bf16 => attn,

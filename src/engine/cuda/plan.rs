@@ -155,6 +155,11 @@ pub struct BufferPlan {
     /// `[seqs]` u32 row indices of the last tokens, and `[seqs, hidden]` bf16 rows.
     pub(crate) last_idx: Region,
     pub(crate) last_rows: Region,
+    /// `[tokens]` u32 and `[tiles]` u32: attention v2's fused FP8 output's per-token |O| max
+    /// and per-tile arrival count; zeroed once when the arena is made, and every launch leaves
+    /// them zero.
+    pub(crate) attn_amax: Region,
+    pub(crate) attn_arrived: Region,
     pub total: usize,
 }
 
@@ -193,6 +198,8 @@ pub(crate) fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usiz
     let tiles = take(max_tiles(t, max_seqs) * 8);
     let last_idx = take(max_seqs * 4);
     let last_rows = take(max_seqs * shape.hidden * 2);
+    let attn_amax = take(t * 4);
+    let attn_arrived = take(max_tiles(t, max_seqs) * 4);
     BufferPlan {
         max_tokens,
         max_seqs,
@@ -209,6 +216,8 @@ pub(crate) fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usiz
         tiles,
         last_idx,
         last_rows,
+        attn_amax,
+        attn_arrived,
         total: next,
     }
 }
@@ -216,7 +225,7 @@ pub(crate) fn plan_buffers(shape: &LayerShape, max_tokens: usize, max_seqs: usiz
 impl BufferPlan {
     /// Every buffer (the tests check they are disjoint).
     #[cfg(test)]
-    fn regions(&self) -> [Region; 13] {
+    fn regions(&self) -> [Region; 15] {
         [
             self.x,
             self.h,
@@ -231,6 +240,8 @@ impl BufferPlan {
             self.tiles,
             self.last_idx,
             self.last_rows,
+            self.attn_amax,
+            self.attn_arrived,
         ]
     }
 }
@@ -284,6 +295,7 @@ mod tests {
         assert_eq!(p.up.bytes, 16384 * 2 * 28672 * 2);
         assert_eq!(p.q8.bytes, 16384 * 28672);
         assert_eq!(p.qkv.bytes, 16384 * 10240 * 2);
+        assert_eq!((p.attn_amax.bytes, p.attn_arrived.bytes), (16384 * 4, max_tiles(16384, 64) * 4));
         assert!(p.total >= regions.last().unwrap().range().end);
         // 70B at 16k tokens stays under 4 GiB of activations.
         assert!(p.total < 4 << 30, "{}", p.total);

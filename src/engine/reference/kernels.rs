@@ -124,6 +124,36 @@ pub fn scale_epilogue(y: &mut [f32], cols: usize, row_scale: &[f32], col_scale: 
     }
 }
 
+/// `scale_epilogue_bf16` with rotary over the first `heads` heads of each row, in the kernel's
+/// order: each pair `(j, j + rot_dim / 2)` of a rotated head goes through the epilogue and is
+/// rotated at once; other columns only through the epilogue. Equal, bit for bit, to
+/// [`scale_epilogue`] then [`rotary`] (the engine's unfused order, which parity is held to).
+#[allow(clippy::too_many_arguments)]
+pub fn scale_epilogue_rotary(y: &mut [f32], cols: usize, row_scale: &[f32], col_scale: &[f32], bias: Option<&[f32]>,
+                             (heads, head_dim, rot_dim): (usize, usize, usize), positions: &[u32], inv_freq: &[f32]) {
+    let epi = |v: f32, t: usize, n: usize| {
+        let r = bf16r(v * (row_scale[t] * col_scale[n]));
+        bias.map_or(r, |b| bf16r(r + bf16r(b[n])))
+    };
+    let half = rot_dim / 2;
+    for (t, row) in y.chunks_mut(cols).enumerate() {
+        for c in 0..cols {
+            let j = c % head_dim.max(1);
+            if c < heads * head_dim && j < rot_dim {
+                if j < half {
+                    let (x1, x2) = (epi(row[c], t, c), epi(row[c + half], t, c + half));
+                    let angle = positions[t] as f32 * inv_freq[j];
+                    let (co, si) = (bf16r(angle.cos()), bf16r(angle.sin()));
+                    row[c] = bf16r(bf16r(x1 * co) - bf16r(x2 * si));
+                    row[c + half] = bf16r(bf16r(x2 * co) + bf16r(x1 * si));
+                }
+                continue;
+            }
+            row[c] = epi(row[c], t, c);
+        }
+    }
+}
+
 /// `head_rmsnorm_bf16`: Qwen3's per-head RMSNorm in place on the first `q_heads + kv_heads`
 /// heads of each `row_stride`-wide row (q heads with `q_w`, k heads with `k_w`).
 #[allow(clippy::too_many_arguments)]
@@ -258,6 +288,35 @@ mod tests {
         let r = (12.5f32).sqrt();
         assert_eq!(x[..2], [bf16r(bf16r(3.0 / r)), bf16r(bf16r(4.0 / r) * 2.0)]);
         assert_eq!(x[2..], [0.5, 0.5, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn the_fused_epilogue_rotary_equals_the_epilogue_then_rotary_bit_for_bit() {
+        // 3 tokens; q, k, v heads of 8 dims (2 q heads + 1 k head rotated), partial rotary
+        // (6 of 8 dims), a bias; values of a GEMM's scale so every rounding matters.
+        let (tokens, heads, d, rot) = (3usize, 3usize, 8usize, 6usize);
+        let cols = (heads + 1) * d;
+        let wave = |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| bf16r(((i as f32 * k).sin() * 37.0).fract() * 300.0)).collect() };
+        let (y, rs, cs, bias) = (wave(tokens * cols, 1.7), wave(tokens, 0.3), wave(cols, 0.9), wave(cols, 2.3));
+        let (rs, cs): (Vec<f32>, Vec<f32>) = (rs.iter().map(|v| v / 3e4).collect(), cs.iter().map(|v| v / 7e3).collect());
+        let pos = [0u32, 5, 4099];
+        let inv: Vec<f32> = (0..rot / 2).map(|i| 10_000f32.powf(-((2 * i) as f32) / rot as f32)).collect();
+        let mut want = y.clone();
+        scale_epilogue(&mut want, cols, &rs, &cs, Some(&bias));
+        rotary(&mut want, tokens, heads, d, cols, rot, &pos, &inv);
+        let mut got = y.clone();
+        scale_epilogue_rotary(&mut got, cols, &rs, &cs, Some(&bias), (heads, d, rot), &pos, &inv);
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        // The v head and each head's unrotated tail only went through the epilogue.
+        let mut plain = y.clone();
+        scale_epilogue(&mut plain, cols, &rs, &cs, Some(&bias));
+        assert_eq!(got[heads * d..cols], plain[heads * d..cols]);
+        assert_eq!(got[cols + rot..cols + d], plain[cols + rot..cols + d]);
+        assert_ne!(got[cols..cols + rot], plain[cols..cols + rot], "position 5 turns the pairs");
+        // Zero heads: the plain epilogue.
+        let mut none = y.clone();
+        scale_epilogue_rotary(&mut none, cols, &rs, &cs, Some(&bias), (0, d, rot), &pos, &inv);
+        assert_eq!(none, plain);
     }
 
     #[test]

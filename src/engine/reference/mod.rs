@@ -4,6 +4,7 @@
 //! as f32 slices holding bf16-exact numbers.
 
 pub mod attention;
+pub mod attn_quant;
 pub mod kernels;
 
 /// The one E4M3 module, under the name the references and the GPU stage use.
