@@ -266,6 +266,7 @@ pub async fn run(parts: Parts, settings: Settings, stop: watch::Receiver<bool>) 
         max_failed: settings.max_failed_batches.max(1),
         faults: settings.engine_faults,
         abort: abort_tx.clone(),
+        commit: commit.clone(),
     };
     let score = tokio::spawn(scoring.run(batch_rx, done_tx));
     let publisher = publish::Publisher {

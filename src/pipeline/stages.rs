@@ -14,6 +14,8 @@ use super::candidates::{BestOfNEvent, Event};
 use crate::event::{ErrorKind, EventError, InputEvent, Score};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::record::Origin;
+use crate::sink::BatchCommit;
 use crate::source::Source;
 
 /// First wait before a failed batch is retried; it doubles up to [`MAX_BACKOFF`].
@@ -175,6 +177,9 @@ pub(super) struct Scoring {
     pub faults: EngineFaults,
     /// Set when scoring gives up, so that fetching stops.
     pub abort: watch::Sender<bool>,
+    /// Exactly-once: which inputs the worker still owns. An input of a partition revoked since
+    /// it was read is its new owner's, which reads it again: it is not scored here.
+    pub commit: Option<Arc<dyn BatchCommit>>,
 }
 
 impl Scoring {
@@ -203,11 +208,34 @@ impl Scoring {
                 },
                 batch = rx.recv(), if open && running.len() < depth => match batch {
                     None => open = false,
-                    Some(batch) => running.push_back(this.clone().score_one(split(batch))),
+                    Some(batch) => {
+                        let batch = this.scoring.owned(batch);
+                        if !batch.is_empty() {
+                            running.push_back(this.clone().score_one(split(batch)));
+                        }
+                    }
                 },
             }
         }
         Ok(())
+    }
+}
+
+impl Scoring {
+    /// The batch without the inputs the worker no longer owns ([`BatchCommit::owned`]): under
+    /// exactly-once their transaction would leave them out anyway, so scoring them would be
+    /// wasted work (up to the whole in-flight window at each rebalance).
+    fn owned(&self, mut batch: Vec<Work>) -> Vec<Work> {
+        let Some(commit) = &self.commit else { return batch };
+        let origins: Vec<Origin> = batch.iter().map(|w| w.input.origin.clone()).collect();
+        let owned = commit.owned(&origins);
+        let left_out = owned.iter().filter(|o| !**o).count();
+        if left_out > 0 {
+            let mut keep = owned.iter();
+            batch.retain(|_| keep.next().copied().unwrap_or(true));
+            tracing::info!(left_out, "inputs of revoked partitions not scored: their new owner reads them again");
+        }
+        batch
     }
 }
 

@@ -297,6 +297,22 @@ async fn exactly_once_replays_a_batch_without_the_inputs_of_a_revoked_partition(
     assert_eq!(metrics.events_scored_total(), 2, "the revoked input is its new owner's");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_does_not_score_the_inputs_of_a_partition_revoked_before_scoring() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (_go_tx, go) = watch::channel(true);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::new(Stuck(go, Default::default()));
+    // Revoked from the start: the second input's partition is already another worker's.
+    let commit = Revoking(log.clone(), std::sync::atomic::AtomicBool::new(true));
+    let parts = exactly_once_parts(Arc::new(commit), &sink, &metrics);
+    let (_stop_tx, stop) = watch::channel(false);
+    run(parts, settings(8, 50, 8), stop).await.unwrap();
+    assert_eq!(*log.lock().unwrap(), ["begin", "commit 2"]);
+    assert_eq!(metrics.batch_events.get_sample_sum(), 2.0, "the revoked input never reaches the model");
+    assert_eq!(metrics.inflight_events.get(), 0, "its in-flight slot is given back");
+}
+
 /// Arbitrary lines: bytes, JSON shapes of every kind, near-miss events.
 fn any_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
     use proptest::prelude::*;
