@@ -114,7 +114,7 @@ impl ConsumerContext for Context {
             // progress, then end the partitions' epochs. Their inputs still in flight are left
             // out of every later transaction.
             let revoked: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-            ownership.revoke(&revoked);
+            crate::kafka::blocking_callback(|| ownership.revoke(&revoked));
             return;
         }
         if consumer.assignment_lost() {
@@ -122,7 +122,7 @@ impl ConsumerContext for Context {
         }
         // What is confirmed so far is committed before the partitions go to another member.
         let snapshot = self.shared.to_commit();
-        match consumer.commit_consumer_state(CommitMode::Sync) {
+        match crate::kafka::blocking_callback(|| consumer.commit_consumer_state(CommitMode::Sync)) {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => self.shared.committed(&snapshot),
             Err(e) => tracing::warn!(error = %reason(e), "cannot commit the offsets of the revoked partitions"),
         }
