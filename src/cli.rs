@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::batch::policy::BatchLimits;
 use crate::model::{Dtype, ModelOptions};
 use crate::prompt::TruncationPolicy;
 
@@ -137,10 +138,10 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub errors: Option<PathBuf>,
     /// Most tokens in one forward pass.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_TOKENS)]
     pub(crate) batch_tokens: usize,
     /// Most conversations in one forward pass (with `--url`: in one request).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_EVENTS)]
     pub(crate) batch_events: usize,
     /// Conversations of a batch beginning with this many or more identical tokens compute
     /// that prefix once (same scores; 0 = off).
@@ -156,10 +157,10 @@ pub struct InspectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Plan activation memory for batches of this many tokens.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_TOKENS)]
     pub batch_tokens: usize,
     /// Plan GPU buffers for batches of at most this many conversations.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_EVENTS)]
     pub batch_events: usize,
     /// Free memory of the GPUs in --devices, to check the plan against without a GPU: one size
     /// for all, or one per device, comma separated (e.g. 80GiB or 79GB,79GB).

@@ -91,10 +91,10 @@ const fn default_min_shared_prefix() -> usize {
     128
 }
 const fn default_max_batch_tokens() -> usize {
-    16_384
+    BatchLimits::DEFAULT_MAX_TOKENS
 }
 const fn default_max_batch_events() -> usize {
-    256
+    BatchLimits::DEFAULT_MAX_EVENTS
 }
 fn default_max_wait() -> Duration {
     Duration::from_millis(20)

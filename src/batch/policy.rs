@@ -14,8 +14,14 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        Self { max_tokens: 16_384, max_events: 256 }
+        Self { max_tokens: Self::DEFAULT_MAX_TOKENS, max_events: Self::DEFAULT_MAX_EVENTS }
     }
+}
+
+impl BatchLimits {
+    /// The defaults of `[batch]`, `score` and `inspect` (one place for all three).
+    pub const DEFAULT_MAX_TOKENS: usize = 16_384;
+    pub const DEFAULT_MAX_EVENTS: usize = 256;
 }
 
 impl BatchLimits {
