@@ -26,7 +26,9 @@ pub struct HttpConfig {
     /// idles between keep-alive requests) is closed.
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// Most open HTTP connections; a connection beyond it is closed at once.
+    /// Most open HTTP connections per listener; a connection beyond it is closed at once. With
+    /// `api_listen`, the API port and the probe/metrics port each have this many, so that API
+    /// clients can never take the connections of the kubelet's probes.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Serve `POST /v1/score` on this listener (`scorestream serve` always does).
