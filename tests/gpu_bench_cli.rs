@@ -55,7 +55,7 @@ fn no_event_is_created_with_timing_disabled() {
     // cudarc's `new_event(None)` means CU_EVENT_DISABLE_TIMING: nothing in the bench or the
     // engine may create an event that way, or spell the flag out.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = vec![root.join("benches/gpu/gpu_bench.rs"), root.join("benches/gpu/gpu_bench_perf.rs"), root.join("benches/gpu/gpu_bench_load.rs")];
+    let mut files: Vec<_> = std::fs::read_dir(root.join("benches/gpu")).expect("benches/gpu").map(|e| e.expect("entry").path()).collect();
     files.extend(std::fs::read_dir(root.join("src/engine/cuda")).expect("src/engine/cuda").map(|e| e.expect("entry").path()));
     for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "rs")) {
         let text = std::fs::read_to_string(f).expect("source");

@@ -23,11 +23,7 @@ use scorestream::engine::cuda::stage::{CudaStage, LoadPath};
 use scorestream::model::options::AttentionKernel;
 use scorestream::model::weights::{Vb, Weights};
 
-use crate::perf::{batch, time_ms, Rng};
-
-fn json_str(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
-}
+use crate::perf::{batch, json_str, time_ms, Rng};
 
 /// Every byte of a stage's device weights, in a fixed order.
 fn weight_bytes(stage: &CudaStage) -> Result<Vec<u8>> {

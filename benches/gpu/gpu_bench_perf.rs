@@ -21,6 +21,11 @@ impl Rng {
     }
 }
 
+/// `s` as a JSON string literal (quoted and escaped), for the printed lines.
+pub fn json_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
 /// Median milliseconds of `reps` runs of `f` after `warm` untimed ones.
 pub fn time_ms(dev: &GpuDevice, warm: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let (start, stop) = dev.timing_events()?;
