@@ -26,6 +26,10 @@
 //! revocation callback ends a partition's epoch, after any commit in progress, so that inputs
 //! read before a revocation are never committed (see [`crate::kafka::ownership`]).
 //!
+//! The revocation callback blocks (a commit, or a transaction's commit in progress): it runs in
+//! the task that polls the consumer, through [`crate::kafka::blocking_callback`], so that the
+//! runtime's other tasks move to another thread meanwhile.
+//!
 //! Connection (`/readyz`): [`connection`] asks the brokers for a subscribed topic's metadata
 //! every second; `connected` turns false when none answers and true again when one does.
 //!
