@@ -84,6 +84,8 @@ fn every_step_runs_and_the_table_comes_last() {
     assert!(table.contains("| 4096 | scorestream bf16 | 16 |") && table.contains("| 4096 | torch bf16 |"), "{table}");
     assert!(table.contains("| square | bf16 | 8192×8192×8192 |") && table.contains("bf16 ceiling: 578.7 TFLOP/s"), "{table}");
     assert!(table.contains("parity arith bf16 vs cpu_bf16") && table.contains("Layer loop (bf16): 16 layers"), "{table}");
+    // The attention v2 and shared-prefix (tree) parity rows say what they ran.
+    assert!(table.contains("parity arith fp8 attention v2 vs cpu_fp8_bf16") && table.contains("parity arith bf16 layout tree attention v2 vs cpu_plain"), "{table}");
     assert!(table.contains("| probe | ok | 0 |") && table.contains("| torch | ok | 0 |"), "{table}");
     assert!(table.contains("FP8 ceiling: 845.8 TFLOP/s"), "{table}");
     // The on-device load (bit-for-bit against the host load, GB/s) and the device hop.

@@ -94,6 +94,8 @@ def checks(rows):
               f"rel err {worst['rel_err']:.2e}" + (f"; FAILED: {', '.join(bad)}" if bad else "") + "\n")
     for p in of(rows, "parity"):
         prec = f" {p['precision']}" if "precision" in p else ""
+        # The v2 attention rows and the shared-prefix (tree) rows name what they ran.
+        prec += "".join(f" {key} {p[key]}" for key in ("layout", "attention") if key in p)
         if "skipped" in p:
             print(f"- parity {p['fixture']}{prec}: skipped ({p['skipped']})")
         else:
