@@ -7,9 +7,8 @@
 # it printed), a failed or timed-out step never stops the later ones, and the table printed last.
 #
 # Build here (no CUDA toolkit, no GPU), then run there with the binary and the CUBINs carried:
-#   cargo build --release --locked --features cuda --bin gpu_bench
-#   target/release/gpu_bench kernels --arch sm_90a --out target/kernels   # NVRTC 13.0 here
-#   scripts/gpu_check.sh target/release/gpu_bench
+#   scripts/gpu_check_prepare.sh     # target/gpu/gpu_bench (stripped) and target/kernels
+#   scripts/gpu_check.sh             # there, with target/gpu and target/kernels carried
 #
 # Steps (file under $OUT, default timeout in seconds; GPU_CHECK_TIMEOUT_<STEP> overrides):
 #   probe.jsonl   40  nvidia-smi; driver, NVRTC, cuBLASLt versions and files; GPU; free memory
@@ -40,7 +39,10 @@
 # of $1), TORCH_REF (the PyTorch command), GPU_CHECK_SKIP_SETUP=1 (no library path set-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-${GPU_BENCH:-target/release/gpu_bench}}
+# The stripped bench of scripts/gpu_check_prepare.sh, else the release build's.
+default_bin=target/gpu/gpu_bench
+[ -x "$default_bin" ] || default_bin=target/release/gpu_bench
+BIN=${1:-${GPU_BENCH:-$default_bin}}
 TORCH_REF=${TORCH_REF:-python3 benches/gpu/torch_ref.py}
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
