@@ -297,55 +297,9 @@ pub fn reason(e: KafkaError) -> Box<dyn std::error::Error + Send + Sync> {
     }
 }
 
-/// Run `f`, which blocks (a rebalance callback waiting for a commit), without stalling the
-/// runtime that polls the consumer: librdkafka calls the rebalance callbacks from the consumer's
-/// poll, which runs in a tokio task, so on a multi-threaded runtime the worker thread's other
-/// tasks are handed to another thread for the time `f` blocks (`block_in_place`). Elsewhere
-/// (outside a runtime, or on a current-thread runtime, where that is not possible) `f` runs as
-/// is.
-pub(crate) fn blocking_callback<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The longest pause of a 10 ms ticker on a one-worker runtime while another task runs
-    /// `block` (which sleeps 600 ms) through `call`.
-    fn longest_tick_gap(call: fn(fn())) -> Duration {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let ticker = tokio::spawn(async {
-                let (mut last, mut gap) = (Instant::now(), Duration::ZERO);
-                for _ in 0..80 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    gap = gap.max(last.elapsed());
-                    last = Instant::now();
-                }
-                gap
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            tokio::spawn(async move { call(|| std::thread::sleep(Duration::from_millis(600))) }).await.unwrap();
-            ticker.await.unwrap()
-        })
-    }
-
-    #[test]
-    fn a_blocking_rebalance_callback_does_not_stall_the_runtime() {
-        let direct = longest_tick_gap(|f| f());
-        assert!(direct >= Duration::from_millis(500), "the test's premise: blocking in a task stalls a one-worker runtime ({direct:?})");
-        let handed_off = longest_tick_gap(|f| blocking_callback(f));
-        assert!(handed_off < Duration::from_millis(300), "the other tasks were stalled for {handed_off:?}");
-        // Outside a runtime and on a current-thread runtime it simply runs.
-        assert_eq!(blocking_callback(|| 7), 7);
-        let current = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert_eq!(current.block_on(async { blocking_callback(|| 8) }), 8);
-    }
 
     #[test]
     fn debug_redacts_secrets() {

@@ -26,10 +26,6 @@
 //! revocation callback ends a partition's epoch, after any commit in progress, so that inputs
 //! read before a revocation are never committed (see [`crate::kafka::ownership`]).
 //!
-//! The revocation callback blocks (a commit, or a transaction's commit in progress): it runs in
-//! the task that polls the consumer, through [`crate::kafka::blocking_callback`], so that the
-//! runtime's other tasks move to another thread meanwhile.
-//!
 //! Connection (`/readyz`): [`connection`] asks the brokers for a subscribed topic's metadata
 //! every second; `connected` turns false when none answers and true again when one does.
 //!
@@ -118,7 +114,7 @@ impl ConsumerContext for Context {
             // progress, then end the partitions' epochs. Their inputs still in flight are left
             // out of every later transaction.
             let revoked: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-            crate::kafka::blocking_callback(|| ownership.revoke(&revoked));
+            ownership.revoke(&revoked);
             return;
         }
         if consumer.assignment_lost() {
@@ -126,7 +122,7 @@ impl ConsumerContext for Context {
         }
         // What is confirmed so far is committed before the partitions go to another member.
         let snapshot = self.shared.to_commit();
-        match crate::kafka::blocking_callback(|| consumer.commit_consumer_state(CommitMode::Sync)) {
+        match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => self.shared.committed(&snapshot),
             Err(e) => tracing::warn!(error = %reason(e), "cannot commit the offsets of the revoked partitions"),
         }
