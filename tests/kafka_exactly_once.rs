@@ -251,12 +251,34 @@ fn duplicates_and_order(outputs: &[Output]) -> (usize, Vec<String>) {
     (duplicates, out_of_order)
 }
 
+/// How many times the three-worker scenario is played, each time on a fresh broker, until its
+/// join revokes a partition with inputs in flight. Whether it does depends on timing: when the
+/// members join at different moments (a coordinator still loading), the first takes every
+/// partition and gives most back at once, and a slow start can leave the later triggers after
+/// the revoked partitions' backlog is gone (seen in about 1 run of 5 here). Every play checks
+/// every correctness assertion.
+const SCALE_OUT_PLAYS: usize = 3;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_on_six_partitions_one_killed_one_added_commit_every_input_once_in_order() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut left_out = 0;
+    for play in 1..=SCALE_OUT_PLAYS {
+        let Some(l) = scale_out_play(play).await else { return };
+        left_out = l;
+        if left_out > 0 {
+            break;
+        }
+    }
+    assert!(left_out > 0, "the join revoked partitions with inputs in flight (in none of {SCALE_OUT_PLAYS} plays)");
+}
+
+/// One play: every correctness assertion, then the inputs of revoked partitions left out (None
+/// when the broker cannot start outside CI).
+async fn scale_out_play(play: usize) -> Option<usize> {
     let topics = [("conv-in", 6), ("conv-scored", 6), ("conv-dead", 6)];
     let n = 6_000;
-    let Some((_broker, bootstrap, dir)) = broker_with_events(&topics, n).await else { return };
+    let (_broker, bootstrap, dir) = broker_with_events(&topics, n).await?;
     // Each member its own stable transactional.id. The killed member's open transaction (and
     // the offsets in it) holds its partitions back until the broker aborts it: 10 s here.
     let sink = r#""linger.ms" = "100", "transaction.timeout.ms" = "10000""#;
@@ -293,7 +315,7 @@ async fn three_workers_on_six_partitions_one_killed_one_added_commit_every_input
     let (duplicates, out_of_order) = duplicates_and_order(&outputs);
     let left_out: usize = ["a", "b", "c", "d"].iter().map(|m| log_sum(&dir.path().join(format!("{m}.log")), "left_out")).sum();
     println!(
-        "3 exactly-once workers, 1 killed, 1 added: {} committed outputs for {n} inputs, {duplicates} duplicates; \
+        "play {play}: 3 exactly-once workers, 1 killed, 1 added: {} committed outputs for {n} inputs, {duplicates} duplicates; \
          {} aborted outputs seen only read_uncommitted; {left_out} in-flight inputs of revoked partitions left out of transactions",
         outputs.len(),
         all.len() - outputs.len()
@@ -302,7 +324,7 @@ async fn three_workers_on_six_partitions_one_killed_one_added_commit_every_input
     assert_eq!(duplicates, 0, "read_committed: each output exactly once");
     assert!(out_of_order.is_empty(), "per key in input order: {out_of_order:?}");
     assert_eq!(committed_sum(&bootstrap) as usize, n, "every input's offset committed, once");
-    assert!(left_out > 0, "the join revoked partitions with inputs in flight");
+    Some(left_out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
