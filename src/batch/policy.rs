@@ -22,9 +22,7 @@ impl BatchLimits {
     /// The defaults of `[batch]`, `score` and `inspect` (one place for all three).
     pub const DEFAULT_MAX_TOKENS: usize = 16_384;
     pub const DEFAULT_MAX_EVENTS: usize = 256;
-}
 
-impl BatchLimits {
     /// Whether an item of `len` tokens can join a batch already holding `events` items and
     /// `tokens` tokens. An empty batch accepts anything.
     pub(crate) fn admits(&self, events: usize, tokens: usize, len: usize) -> bool {

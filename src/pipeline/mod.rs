@@ -124,6 +124,14 @@ pub(crate) enum Verdict {
     Failed(EventError),
 }
 
+/// Exactly-once: drop from `items` those whose input the worker no longer owns (`owned[i]`
+/// false, from [`BatchCommit::owned`] over the items' origins, in order); how many were dropped.
+fn keep_owned<T>(items: &mut Vec<T>, owned: &[bool]) -> usize {
+    let mut keep = owned.iter();
+    items.retain(|_| keep.next().copied().unwrap_or(true));
+    owned.iter().filter(|o| !**o).count()
+}
+
 /// A prepared record on its way to the batcher.
 pub(crate) struct Work {
     pub input: InFlight,

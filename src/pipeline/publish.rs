@@ -380,11 +380,8 @@ impl Publisher {
         let mut delay = FIRST_BACKOFF;
         loop {
             let origins: Vec<Origin> = units.iter().map(|u| u.done.input.origin.clone()).collect();
-            let owned = commit.owned(&origins);
-            if owned.contains(&false) {
-                let mut keep = owned.iter();
-                units.retain(|_| keep.next().copied().unwrap_or(true));
-                let left_out = owned.iter().filter(|o| !**o).count();
+            let left_out = super::keep_owned(&mut units, &commit.owned(&origins));
+            if left_out > 0 {
                 tracing::info!(left_out, "inputs no longer this worker's left out of the transaction: their new owner reads them again");
                 continue;
             }

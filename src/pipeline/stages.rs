@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use super::{EngineFaults, InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
+use super::{keep_owned, EngineFaults, InFlight, Limits, Outcome, Permit, PipelineError, Preparer, ScoreError, Scorer, Verdict, Work};
 use crate::error::Chain;
 use super::candidates::{BestOfNEvent, Event};
 use crate::event::{ErrorKind, EventError, InputEvent, Score};
@@ -219,20 +219,15 @@ impl Scoring {
         }
         Ok(())
     }
-}
 
-impl Scoring {
     /// The batch without the inputs the worker no longer owns ([`BatchCommit::owned`]): under
     /// exactly-once their transaction would leave them out anyway, so scoring them would be
     /// wasted work (up to the whole in-flight window at each rebalance).
     fn owned(&self, mut batch: Vec<Work>) -> Vec<Work> {
         let Some(commit) = &self.commit else { return batch };
         let origins: Vec<Origin> = batch.iter().map(|w| w.input.origin.clone()).collect();
-        let owned = commit.owned(&origins);
-        let left_out = owned.iter().filter(|o| !**o).count();
+        let left_out = keep_owned(&mut batch, &commit.owned(&origins));
         if left_out > 0 {
-            let mut keep = owned.iter();
-            batch.retain(|_| keep.next().copied().unwrap_or(true));
             tracing::info!(left_out, "inputs of revoked partitions not scored: their new owner reads them again");
         }
         batch
