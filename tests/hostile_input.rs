@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nats_support::{
-    consumer_state, count, events, free_port, read_all, setup_streams, spawn_logged_worker, terminate, write_config_with, KillOnFailure,
-    NatsServer,
+    count, events, free_port, read_all, setup_streams, spawn_logged_worker, terminate, wait_all_acked, write_config_with,
+    KillOnFailure, NatsServer,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -155,16 +155,7 @@ async fn hostile_events_through_nats_each_end_scored_or_dead_lettered_with_their
     assert_eq!(scored + dead.len() as u64, n, "each input scored or dead-lettered once");
     assert!(!show_log().contains("panicked"), "{}", show_log());
     // Every input acked (after the last acks land), and how often JetStream delivered.
-    let mut state = consumer_state(&js, "CONV", "scorestream").await;
-    for _ in 0..20 {
-        if state.0 == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        state = consumer_state(&js, "CONV", "scorestream").await;
-    }
-    let (ack_pending, _, deliveries) = state;
-    assert_eq!(ack_pending, 0, "every input acked");
+    let (.., deliveries) = wait_all_acked(&js, "CONV", "scorestream", Duration::from_secs(5), "every input acked").await;
     println!(
         "nats: {n} hostile events in {seconds:.1} s: {scored} scored, {} dead-lettered {:?} ({cut} cut to fit, with length and SHA-256), lost 0, {deliveries} deliveries",
         dead.len(),

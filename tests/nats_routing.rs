@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use nats_support::{
     consumer_state, count, create_streams, events, free_port, metrics_text, publish_all, read_all, setup_streams,
-    spawn_worker, terminate, wait_for_outputs, write_config_with, NatsServer,
+    spawn_worker, terminate, wait_all_acked, wait_for_outputs, write_config_with, NatsServer,
 };
 use serde_json::Value;
 
@@ -126,11 +126,7 @@ async fn every_input_lands_on_exactly_one_route_and_is_acked_after_its_sink_conf
     let published = landing("review") + landing("default") + landing("dead");
     wait_for_outputs(&js, &["REVIEW", "SCORED", "DEAD"], published, &mut worker, Duration::from_secs(180)).await;
     // Dropped inputs are acked too: nothing is pending once the published ones are in.
-    let start = std::time::Instant::now();
-    while consumer_state(&js, "CONV", "scorestream").await.0 > 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "inputs left unacknowledged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_all_acked(&js, "CONV", "scorestream", Duration::from_secs(30), "inputs left unacknowledged").await;
     let ids = |v: &[Value]| v.iter().map(|o| o["id"].as_str().unwrap().to_owned()).collect::<BTreeSet<_>>();
     let expected = |route: &str| routing.expected(route);
     let review = read_all(&js, "REVIEW").await;
@@ -166,11 +162,7 @@ async fn every_input_lands_on_exactly_one_route_and_is_acked_after_its_sink_conf
     assert_eq!(count(&js, "SCORED").await, landing("default"));
     create_streams(&js, &[("REVIEW", "conv.review")]).await;
     wait_for_outputs(&js, &["REVIEW"], 20, &mut worker, Duration::from_secs(60)).await;
-    let start = std::time::Instant::now();
-    while consumer_state(&js, "CONV", "scorestream").await.0 > 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "late inputs left unacknowledged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_all_acked(&js, "CONV", "scorestream", Duration::from_secs(30), "late inputs left unacknowledged").await;
     let status = terminate(worker);
     assert!(status.success(), "{status}");
     let mut consumer: jetstream::consumer::PullConsumer =

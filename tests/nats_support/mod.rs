@@ -271,6 +271,20 @@ pub async fn consumer_state(js: &jetstream::Context, stream: &str, durable: &str
     (info.num_ack_pending, info.num_pending, info.delivered.consumer_sequence)
 }
 
+/// Wait until the durable consumer has no delivered message left unacknowledged, failing with
+/// `what` after `limit`; then its [`consumer_state`].
+pub async fn wait_all_acked(js: &jetstream::Context, stream: &str, durable: &str, limit: Duration, what: &str) -> (usize, u64, u64) {
+    let start = Instant::now();
+    loop {
+        let state = consumer_state(js, stream, durable).await;
+        if state.0 == 0 {
+            return state;
+        }
+        assert!(start.elapsed() < limit, "{what}: {} unacknowledged", state.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The worker's `/metrics` text.
 pub async fn metrics_text(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
